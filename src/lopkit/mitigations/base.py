@@ -1,0 +1,84 @@
+"""The hook protocol every mitigation implements, so they compose and plug into any training loop."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+class Mitigation:
+    """A plasticity intervention expressed as a few optional hooks (all no-ops by default).
+
+    A training loop calls, in order: ``on_task_start`` when the data distribution changes,
+    ``loss_term`` to add a regulariser to the loss, ``before_step`` after ``backward`` and before
+    ``optimizer.step()`` (e.g. to add gradient noise), and ``after_step`` after the update
+    (e.g. to reset units). Hooks receive the model and optimizer so they work on any ``nn.Module``.
+    """
+
+    name: str = "none"
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called once before training so the method can record initial weights or build state."""
+
+    def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
+        """Called when a new task begins."""
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """Extra differentiable loss (e.g. L2-init), or None."""
+        return None
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called after backward() and before optimizer.step()."""
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called after optimizer.step()."""
+
+    def state_dict(self) -> dict:
+        """Serializable state, so a run can be resumed exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+class Compose(Mitigation):
+    """Apply several mitigations in order; loss terms add up."""
+
+    def __init__(self, methods: Sequence[Mitigation]):
+        self.methods = list(methods)
+        self.name = "+".join(m.name for m in self.methods) or "none"
+
+    def attach(self, model, optimizer):
+        for m in self.methods:
+            m.attach(model, optimizer)
+
+    def on_task_start(self, model, optimizer, task):
+        for m in self.methods:
+            m.on_task_start(model, optimizer, task)
+
+    def loss_term(self, model):
+        terms = [t for t in (m.loss_term(model) for m in self.methods) if t is not None]
+        return sum(terms) if terms else None
+
+    def before_step(self, model, optimizer, step):
+        for m in self.methods:
+            m.before_step(model, optimizer, step)
+
+    def after_step(self, model, optimizer, step):
+        for m in self.methods:
+            m.after_step(model, optimizer, step)
+
+    def state_dict(self):
+        return {str(i): m.state_dict() for i, m in enumerate(self.methods)}
+
+    def load_state_dict(self, state):
+        for i, m in enumerate(self.methods):
+            m.load_state_dict(state.get(str(i), {}))
+
+
+def compose(methods: Iterable[Mitigation] | None) -> Mitigation:
+    """One object standing for any number of mitigations (no-op for none)."""
+    methods = list(methods or [])
+    return methods[0] if len(methods) == 1 else Compose(methods)
