@@ -1,0 +1,139 @@
+"""The contract between a benchmark and the runner: a resumable, steppable, seeded experiment.
+
+A benchmark is built from ``(config, seed, method)`` and is advanced in chunks with ``run(n_steps)``,
+which returns tidy metric rows. The runner checkpoints ``state_dict()`` together with the rows of each chunk
+in one transaction, so a killed run resumes from its last checkpoint and produces exactly the same rows as an
+uninterrupted one. For that, a benchmark must:
+
+- derive everything (model init, data order, noise) from its seed, and keep every random generator and
+  every running accumulator in ``state_dict()``;
+- emit rows that do not depend on how the steps were chunked (e.g. emit a binned average only when its bin
+  is complete, keeping the partial sums in the state).
+
+Rows are dicts with keys ``step, task, layer, metric, value`` (``layer`` is ``"model"`` for whole-model
+metrics such as loss or accuracy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from lopkit.configs import ConfigError, build_config
+from lopkit.mitigations.base import Mitigation, compose
+
+ROW_KEYS = ("step", "task", "layer", "metric", "value")
+PRESET_NAMES = ("smoke", "default", "paper")
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """Base class of every benchmark config; subclasses add typed fields and override ``validate``."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible values (called by ``build_config``)."""
+
+
+def make_row(step: int, task: int, layer: str, metric: str, value: float) -> dict[str, Any]:
+    """One tidy metric row."""
+    return {"step": int(step), "task": int(task), "layer": str(layer), "metric": str(metric), "value": float(value)}
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global random states (python, numpy, torch) so a resumed run draws the same numbers."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch global generators and return a dedicated torch Generator for data."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed + 1_000_003)
+    return generator
+
+
+class Benchmark(ABC):
+    """A resumable experiment; subclasses set ``name``, ``Config``, ``presets`` and implement the abstract methods."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BenchmarkConfig]]
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: BenchmarkConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
+        if not isinstance(config, self.Config):
+            raise ConfigError(f"{self.name} expects a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.seed = int(seed)
+        self.method = method if isinstance(method, Mitigation) else compose(method)
+        self.step = 0
+
+    @classmethod
+    def make_config(cls, preset: str = "default", overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
+        """The typed config of a preset with overrides applied, validated (ConfigError on bad input)."""
+        if preset not in cls.presets:
+            raise ConfigError(
+                f"benchmark {cls.name!r} has no preset {preset!r}; choose one of {', '.join(cls.presets)}"
+            )
+        return build_config(cls.Config, cls.presets[preset], overrides or {})
+
+    @property
+    @abstractmethod
+    def total_steps(self) -> int:
+        """Number of optimiser steps of the whole run."""
+
+    @abstractmethod
+    def run(self, n_steps: int) -> list[dict[str, Any]]:
+        """Advance by at most ``n_steps`` steps (never past ``total_steps``); return the metric rows produced."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: model, optimizer, method, data position, RNGs, accumulators."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def progress(self) -> dict[str, Any]:
+        """Short live status for the progress bar (e.g. task, loss, accuracy)."""
+        return {}
+
+    @property
+    def done(self) -> bool:
+        """True once every step has run."""
+        return self.step >= self.total_steps
+
+
+BENCHMARKS: dict[str, type[Benchmark]] = {}
+
+
+def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
+    """Class decorator adding a benchmark to the registry under ``cls.name``."""
+    missing = [p for p in PRESET_NAMES if p not in cls.presets]
+    if missing:
+        raise TypeError(f"benchmark {cls.__name__} lacks presets {missing}")
+    BENCHMARKS[cls.name] = cls
+    return cls
+
+
+def get_benchmark(name: str) -> type[Benchmark]:
+    """Look up a registered benchmark by name, with a helpful error listing the known ones."""
+    import lopkit.benchmarks.registry  # noqa: F401  (imports every benchmark module so they register)
+
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}")
+    return BENCHMARKS[name]

@@ -1,0 +1,132 @@
+"""Typed configs: build a dataclass config from presets and ``key=value`` overrides, validated at the door."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A config is invalid: unknown key, wrong type or impossible value. The message says which and how to fix it."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _parse_scalar(text: str, kind: Any, key: str) -> Any:
+    """Parse one string value into ``kind`` (bool, int, float, str, or Optional/Union/tuple/list of those)."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if type(None) in options and text.strip().lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _parse_scalar(text, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot parse {text!r}")
+    if origin in (tuple, list):
+        (item_kind, *_rest) = typing.get_args(kind) or (str,)
+        parts = [p for p in text.strip("[]() ").split(",") if p.strip()]
+        values = [_parse_scalar(p.strip(), item_kind, key) for p in parts]
+        return tuple(values) if origin is tuple else values
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+    if kind is str:
+        return text
+    if typing.get_origin(kind) is typing.Literal:
+        allowed = typing.get_args(kind)
+        if text not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {text!r}")
+        return text
+    raise ConfigError(f"{key}: values of type {kind} cannot be set from the command line")
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check (and gently convert) a Python value given in a preset or dict against the field type."""
+    if isinstance(value, str) and kind is not str:
+        return _parse_scalar(value, kind, key)
+    origin = typing.get_origin(kind)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, bool, str) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        (item_kind, *_rest) = typing.get_args(kind) or (Any,)
+        items = [value_i if item_kind is Any else _coerce(value_i, item_kind, key) for value_i in value]
+        return tuple(items) if origin is tuple else items
+    if origin is typing.Literal and value not in typing.get_args(kind):
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, typing.get_args(kind)))}; got {value!r}")
+    return value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
+    """Turn ``["lr=0.01", "width=50"]`` into a dict; a malformed pair is a ConfigError."""
+    result: dict[str, str] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        result[key.strip()] = value.strip()
+    return result
+
+
+def build_config(cls: type, *layers: Mapping[str, Any]) -> Any:
+    """Instantiate dataclass ``cls`` from dict layers (later wins), rejecting unknown keys and wrong types.
+
+    The dataclass may define ``validate(self)`` raising ConfigError for impossible values; it is called here.
+    """
+    fields = _field_types(cls)
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key not in fields:
+                close = [name for name in fields if key.lower() in name.lower() or name.lower() in key.lower()]
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(
+                    f"unknown config key {key!r} for {cls.__name__}.{hint} Valid keys: {', '.join(sorted(fields))}"
+                )
+            values[key] = _coerce(value, fields[key], key)
+    try:
+        config = cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{cls.__name__}: {err}") from None
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a dataclass config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds; used in configs' ``validate`` methods."""
+    if not condition:
+        raise ConfigError(message)
