@@ -1,0 +1,112 @@
+"""Build the experiment report: PNG per metric plus one self-contained HTML page with a summary table."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from lopkit.report import aggregate, html, plots
+
+PERFORMANCE_METRICS = [
+    "task_test_accuracy", "task_final_train_accuracy", "online_accuracy", "online_loss", "online_mse",
+    "task_final_loss", "base_loss", "clone_loss",
+]
+PLASTICITY_METRICS = [
+    "dead_fraction", "frozen_fraction", "dormant_fraction", "duplicate_fraction", "effective_rank", "stable_rank",
+    "correlation_rank", "cloning_r2_forward", "cloning_r2_backward", "base_effective_rank", "clone_effective_rank",
+]
+
+
+@dataclasses.dataclass
+class ReportResult:
+    """What ``build_report`` wrote."""
+
+    html_path: Path
+    png_paths: list[Path]
+    summary: pd.DataFrame
+
+
+def _load(experiment_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from lopkit.runner.store import ResultStore, store_path
+
+    path = store_path(experiment_dir)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no results store at {path}; run an experiment first, e.g. 'lopkit run bitflip --out {experiment_dir}'"
+        )
+    store = ResultStore(path)
+    try:
+        return store.runs(), store.metrics()
+    finally:
+        store.close()
+
+
+def task_or_step_values(metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Layer-averaged values on the x axis the data calls for: per task (end-of-task) if runs have tasks, else per step.
+
+    Per task, ``online_*`` metrics are averaged over the task and every other metric takes its end-of-task value.
+    """
+    values = aggregate.layer_mean(metrics)
+    if values.empty or values.groupby("run_id")["task"].nunique().max() <= 1:
+        return values, "step"
+    online = values["metric"].str.startswith("online_")
+    averaged = values[online].groupby(["run_id", "task", "metric"], as_index=False).agg(
+        step=("step", "max"), value=("value", "mean"))
+    last = aggregate.per_task_last(values[~online])
+    return pd.concat([averaged, last], ignore_index=True), "task"
+
+
+def build_report(experiment_dir: str | Path, output: str | Path | None = None, png_dir: str | Path | None = None,
+                 title: str | None = None) -> ReportResult:
+    """Read ``EXPERIMENT_DIR/results.sqlite`` and write PNGs and ``report.html`` (paths returned)."""
+    experiment_dir = Path(experiment_dir)
+    runs, metrics = _load(experiment_dir)
+    output = Path(output) if output else experiment_dir / "report.html"
+    png_dir = Path(png_dir) if png_dir else output.parent / (output.stem + "_png")
+    png_dir.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    runs = runs.set_index("run_id", drop=False)
+    labels = aggregate.config_labels(runs)
+    values, x_axis = task_or_step_values(metrics)
+    present = set(values["metric"].unique()) if not values.empty else set()
+    colours = plots.colour_map(sorted(set(labels.tolist())))
+
+    sections: list[tuple[str, list[Path]]] = []
+    pngs: list[Path] = []
+    for heading, names in (("Performance", PERFORMANCE_METRICS), ("Plasticity diagnostics", PLASTICITY_METRICS)):
+        images = []
+        for metric in [m for m in names if m in present]:
+            curve = aggregate.curves(values, labels, metric, x_axis)
+            images.append(plots.plot_curves(curve, metric, x_axis, colours, png_dir / f"{metric}.png"))
+        sections.append((heading, images))
+        pngs += images
+    other = sorted(present - set(PERFORMANCE_METRICS) - set(PLASTICITY_METRICS))
+    if other:
+        images = [plots.plot_curves(aggregate.curves(values, labels, m, x_axis), m, x_axis, colours,
+                                    png_dir / f"{m}.png") for m in other]
+        sections.append(("Other metrics", images))
+        pngs += images
+
+    summary = aggregate.summary_table(values.sort_values("step"), labels,
+                                      [m for m in PERFORMANCE_METRICS + PLASTICITY_METRICS if m in present])
+    status = runs.groupby("status").size().to_dict() if not runs.empty else {}
+    notes = [
+        f"Runs: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in sorted(status.items()))}); "
+        f"benchmarks: {', '.join(sorted(runs['benchmark'].unique())) if not runs.empty else '-'}.",
+        "Curves: mean over seeds with a 95 % t-interval band; layer metrics are averaged over monitored layers. "
+        + ("x axis = task (online metrics averaged over the task, others at its end)." if x_axis == "task"
+           else "x axis = optimiser step."),
+        "Summary: each metric averaged over the final 10 % of each run, then mean [95 % CI] over seeds.",
+    ]
+    failed = runs[runs["status"] == "failed"] if not runs.empty else runs
+    for _, run in failed.iterrows():
+        error = str(run.get("error") or "").strip().splitlines()
+        notes.append(f"FAILED run {run['run_id']} (seed {run['seed']}): {error[-1] if error else 'no message'}")
+    page = html.render_page(title or f"lopkit report: {experiment_dir.name}",
+                            f"Experiment folder {experiment_dir.resolve()}", sections,
+                            [("Summary (final 10 % of each run)", summary)], notes)
+    output.write_text(page, encoding="utf-8")
+    return ReportResult(output, pngs, summary)

@@ -1,0 +1,33 @@
+"""``lopkit report EXPERIMENT_DIR -o report.html``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lopkit.report.build import build_report
+
+    try:
+        result = build_report(args.experiment_dir, args.output, args.png_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.html_path} and {len(result.png_paths)} PNGs in {result.png_paths[0].parent if result.png_paths else '-'}")
+    if not result.summary.empty:
+        with __import__("pandas").option_context("display.width", 200, "display.max_columns", 20):
+            print(result.summary.to_string())
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``report`` sub-command."""
+    parser = subparsers.add_parser(
+        "report", help="write an HTML report with plots from an experiment folder",
+        description="Read EXPERIMENT_DIR/results.sqlite and write a self-contained HTML report (images inlined) "
+                    "plus one PNG per metric: mean and 95%% interval over seeds, one colour per configuration.")
+    parser.add_argument("experiment_dir", help="folder written by 'lopkit run' (holds results.sqlite)")
+    parser.add_argument("-o", "--output", default=None, help="HTML file to write (default: EXPERIMENT_DIR/report.html)")
+    parser.add_argument("--png-dir", default=None, help="folder for the PNGs (default: next to the HTML file)")
+    parser.set_defaults(func=_report)
