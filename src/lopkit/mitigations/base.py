@@ -11,13 +11,18 @@ from torch import nn
 class Mitigation:
     """A plasticity intervention expressed as a few optional hooks (all no-ops by default).
 
-    A training loop calls, in order: ``on_task_start`` when the data distribution changes,
+    A training loop calls ``prepare_model`` once before building the optimizer and ``attach`` once after,
+    then, in order: ``on_task_start`` when the data distribution changes,
     ``loss_term`` to add a regulariser to the loss, ``before_step`` after ``backward`` and before
     ``optimizer.step()`` (e.g. to add gradient noise), and ``after_step`` after the update
     (e.g. to reset units). Hooks receive the model and optimizer so they work on any ``nn.Module``.
     """
 
     name: str = "none"
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Called once before the optimizer is built; architectural methods (norm, dropout, CReLU) return a new model."""
+        return model
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called once before training so the method can record initial weights or build state."""
@@ -49,6 +54,11 @@ class Compose(Mitigation):
     def __init__(self, methods: Sequence[Mitigation]):
         self.methods = list(methods)
         self.name = "+".join(m.name for m in self.methods) or "none"
+
+    def prepare_model(self, model):
+        for m in self.methods:
+            model = m.prepare_model(model)
+        return model
 
     def attach(self, model, optimizer):
         for m in self.methods:
