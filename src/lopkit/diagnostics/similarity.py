@@ -1,0 +1,119 @@
+"""Duplicate (cloned) units: pairwise unit similarity, the paper's duplicate fraction and duplicate clusters.
+
+Paper rule (App. B.1.2 and the authors' code): normalise each unit's column of H (no centring), take the
+cosine similarity of every pair, and count unit j as a duplicate if *some* later unit k > j has similarity
+above 0.95 (0.98 in the bit-flipping runs). A cluster of m identical units therefore counts m - 1.
+Options: ``centered=True`` (Pearson correlation) and ``absolute=True`` (|similarity|, so anti-correlated
+units count too; they are also fixed points of the rank dynamics). Units with zero norm (or, centred,
+constant units) have no direction and are never duplicates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .errors import warn
+from .units import check_finite, normalised_unit_columns, to_float_unit_matrix
+
+__all__ = [
+    "cosine_similarity_matrix",
+    "degenerate_unit_mask",
+    "duplicate_unit_mask",
+    "duplicate_fraction",
+    "duplicate_clusters",
+]
+
+
+def degenerate_unit_mask(h: torch.Tensor, centered: bool = False) -> torch.Tensor:
+    """Units without a direction: all-zero columns (or, with ``centered=True``, constant columns)."""
+    return normalised_unit_columns(to_float_unit_matrix(h), centered)[1]
+
+
+def cosine_similarity_matrix(h: torch.Tensor, centered: bool = False) -> torch.Tensor:
+    """(D, D) cosine similarity of unit columns (Pearson correlation if ``centered``); degenerate units get 0 rows."""
+    m = to_float_unit_matrix(h)
+    x, _ = normalised_unit_columns(m, centered)
+    return (x.T @ x).clamp_(-1.0, 1.0)
+
+
+def _duplicate_graph(
+    m: torch.Tensor, threshold: float, centered: bool, absolute: bool
+) -> torch.Tensor:
+    """Boolean (D, D) adjacency: pairs of distinct, non-degenerate units with similarity > threshold."""
+    x, degenerate = normalised_unit_columns(m, centered)
+    sim = x.T @ x
+    if absolute:
+        sim = sim.abs()
+    adjacency = sim > threshold
+    adjacency.fill_diagonal_(False)
+    adjacency &= ~degenerate.unsqueeze(0)
+    adjacency &= ~degenerate.unsqueeze(1)
+    return adjacency
+
+
+def _check_input(m: torch.Tensor) -> bool:
+    if m.shape[0] == 0 or m.shape[1] == 0:
+        warn(
+            f"activations have shape {tuple(m.shape)} (samples, units); duplicates need at least one sample "
+            "and one unit. Pass a non-empty probe batch.",
+            stacklevel=4,
+        )
+        return False
+    return check_finite(m, "activations")
+
+
+def _check_threshold(threshold: float) -> None:
+    if not -1.0 <= threshold < 1.0:
+        raise ValueError(
+            f"threshold must be in [-1, 1) because similarities lie in [-1, 1], got {threshold} "
+            "(paper: 0.95, bit-flipping: 0.98)"
+        )
+
+
+def duplicate_unit_mask(
+    h: torch.Tensor, threshold: float = 0.95, centered: bool = False, absolute: bool = False
+) -> torch.Tensor:
+    """Units j with similarity > ``threshold`` to some unit k > j (paper rule; m identical units mark m - 1)."""
+    _check_threshold(threshold)
+    m = to_float_unit_matrix(h)
+    if not _check_input(m):
+        return torch.zeros(m.shape[1], dtype=torch.bool, device=m.device)
+    adjacency = _duplicate_graph(m, threshold, centered, absolute)
+    return torch.triu(adjacency, diagonal=1).any(dim=1)
+
+
+def duplicate_fraction(
+    h: torch.Tensor, threshold: float = 0.95, centered: bool = False, absolute: bool = False
+) -> float:
+    """Fraction of duplicate units in the layer (see :func:`duplicate_unit_mask`)."""
+    _check_threshold(threshold)
+    m = to_float_unit_matrix(h)
+    if not _check_input(m):
+        return float("nan")
+    adjacency = _duplicate_graph(m, threshold, centered, absolute)
+    return torch.triu(adjacency, diagonal=1).any(dim=1).float().mean().item()
+
+
+def duplicate_clusters(
+    h: torch.Tensor, threshold: float = 0.95, centered: bool = False, absolute: bool = False
+) -> list[list[int]]:
+    """Connected components (size >= 2) of the duplicate-similarity graph: a candidate clone partition.
+
+    Each cluster is a sorted list of unit indices; clusters are ordered largest first, ties by smallest
+    index. Returns ``[]`` (with a warning) for unusable input.
+    """
+    _check_threshold(threshold)
+    m = to_float_unit_matrix(h)
+    if not _check_input(m):
+        return []
+    adjacency = _duplicate_graph(m, threshold, centered, absolute).cpu().numpy()
+    n_components, labels = connected_components(csr_matrix(adjacency), directed=False)
+    sizes = np.bincount(labels, minlength=n_components)
+    order = np.argsort(labels, kind="stable")  # unit indices grouped by label, ascending inside each group
+    groups = np.split(order, np.cumsum(sizes)[:-1])
+    clusters = [g.tolist() for g in groups if g.size >= 2]
+    clusters.sort(key=lambda c: (-len(c), c[0]))
+    return clusters
