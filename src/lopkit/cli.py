@@ -11,6 +11,8 @@ import sys
 COMMAND_MODULES = [
     "lopkit.demo",
     "lopkit.runner.cli",
+    "lopkit.runner.compare_cli",
+    "lopkit.runner.sweep_cli",
     "lopkit.report.cli",
 ]
 

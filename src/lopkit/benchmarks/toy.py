@@ -1,0 +1,263 @@
+"""A seconds-long continual regression used to test the runner: a small ReLU MLP chases a teacher that changes every task.
+
+Each task draws a new random teacher ``y = v . relu(W x) / sqrt(teacher_width)`` (seeded by the run seed and the
+task index); inputs are standard normal batches drawn from a seeded ``torch.Generator`` whose state is part of
+the checkpoint. The learner is a 2-layer ReLU MLP trained with plain SGD on the MSE, calling every mitigation
+hook (``prepare_model``, ``attach``, ``on_task_start``, ``loss_term``, ``before_step``, ``after_step``).
+
+Rows (``layer="model"``):
+
+- ``loss`` every ``log_every`` steps within a task (and at the task's last step if ``steps_per_task`` is not a
+  multiple): the mean training loss of the bin. The partial sums live in the state, so rows do not depend on
+  how ``run`` is chunked;
+- ``task_final_loss`` at each task's last step: the loss on a fixed probe batch of that task's data.
+
+``step`` in a row is the number of optimiser steps done; ``task`` the task those steps belong to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lopkit.benchmarks.base import (
+    Benchmark,
+    BenchmarkConfig,
+    capture_rng_state,
+    make_row,
+    register_benchmark,
+    restore_rng_state,
+    seed_everything,
+)
+from lopkit.configs import require
+from lopkit.data.seeding import seeded_generator
+from lopkit.mitigations.base import Mitigation
+
+__all__ = ["ToyBenchmark", "ToyConfig", "build_toy_model", "toy_teacher"]
+
+# keys of the independent random streams derived from the run seed
+_INIT_KEY, _DATA_KEY, _TEACHER_KEY, _PROBE_KEY = 1, 2, 3, 4
+
+
+@dataclasses.dataclass
+class ToyConfig(BenchmarkConfig):
+    """Sizes and schedule of the toy regression."""
+
+    num_tasks: int = 4
+    """Number of teachers the learner is trained on, one after the other."""
+    steps_per_task: int = 100
+    """SGD steps per task."""
+    input_dim: int = 8
+    """Input features."""
+    width: int = 32
+    """Hidden ReLU units of the learner."""
+    teacher_width: int = 16
+    """Hidden ReLU units of each random teacher."""
+    lr: float = 0.05
+    """SGD step size."""
+    batch_size: int = 16
+    """Samples per SGD step."""
+    log_every: int = 10
+    """Steps per ``loss`` row (bins restart at each task)."""
+    probe_size: int = 128
+    """Samples of the fixed probe batch for ``task_final_loss``."""
+    step_sleep: float = 0.0
+    """Seconds to sleep after every step: slows the toy down so tests can interrupt it mid-run (rows unchanged)."""
+
+    def validate(self) -> None:
+        """Reject impossible sizes and step sizes with a message naming the field."""
+        for name in ("num_tasks", "steps_per_task", "input_dim", "width", "teacher_width", "batch_size",
+                     "log_every", "probe_size"):
+            value = getattr(self, name)
+            require(value >= 1, f"{name} must be >= 1, got {value}")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive finite number, got {self.lr}")
+        require(math.isfinite(self.step_sleep) and self.step_sleep >= 0,
+                f"step_sleep must be >= 0 seconds, got {self.step_sleep}")
+
+
+def build_toy_model(config: ToyConfig, seed: int) -> nn.Sequential:
+    """The learner: Linear(input_dim, width) -> ReLU -> Linear(width, 1), initialised from the seed only."""
+    with torch.random.fork_rng(devices=[]):  # the default init draws from the global RNG; leave it untouched
+        model = nn.Sequential(nn.Linear(config.input_dim, config.width), nn.ReLU(), nn.Linear(config.width, 1))
+    generator = seeded_generator(seed, _INIT_KEY)
+    with torch.no_grad():
+        for layer, gain in ((model[0], "relu"), (model[2], "linear")):
+            nn.init.kaiming_uniform_(layer.weight, a=0.0, nonlinearity=gain, generator=generator)
+            nn.init.zeros_(layer.bias)
+    return model
+
+
+def toy_teacher(config: ToyConfig, seed: int, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random teacher of ``task``: hidden weights ``(teacher_width, input_dim)`` and output weights ``(teacher_width,)``."""
+    generator = seeded_generator(seed, _TEACHER_KEY, task)
+    hidden = torch.randn(config.teacher_width, config.input_dim, generator=generator) / math.sqrt(config.input_dim)
+    output = torch.randn(config.teacher_width, generator=generator)
+    return hidden, output
+
+
+def teacher_targets(teacher: tuple[torch.Tensor, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """Teacher outputs ``(N, 1)`` for inputs ``(N, input_dim)``."""
+    hidden, output = teacher
+    return (torch.relu(inputs @ hidden.T) @ output / math.sqrt(hidden.shape[0])).unsqueeze(1)
+
+
+class _PrivateRNG:
+    """Global RNG state owned by the benchmark, swapped in while it trains (mitigations may draw from it)."""
+
+    def __init__(self, seed: int):
+        outer = capture_rng_state()
+        seed_everything(seed)
+        self.state = capture_rng_state()
+        restore_rng_state(outer)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Install the private state for the body, keep what it advanced to, restore the caller's state."""
+        outer = capture_rng_state()
+        restore_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = capture_rng_state()
+            restore_rng_state(outer)
+
+
+@register_benchmark
+class ToyBenchmark(Benchmark):
+    """Toy continual regression (a new random teacher per task); about a second per run, for runner tests."""
+
+    name = "toy"
+    Config = ToyConfig
+    description = "Tiny continual regression (new random teacher every task); runs in about a second, for tests."
+    presets = {
+        "smoke": {"num_tasks": 3, "steps_per_task": 40, "width": 16, "log_every": 10},
+        "default": {},
+        "paper": {"num_tasks": 10, "steps_per_task": 200, "width": 64},
+    }
+
+    def __init__(self, config: ToyConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
+        super().__init__(config, seed, method)
+        self.rng = _PrivateRNG(self.seed)
+        self.data_generator = seeded_generator(self.seed, _DATA_KEY)
+        with self.rng.active():
+            self.model = self.method.prepare_model(build_toy_model(config, self.seed))
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr)
+            self.method.attach(self.model, self.optimizer)
+        self._teacher_task = -1
+        self._teacher: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bin_sum = 0.0
+        self._bin_count = 0
+        self._last_loss = float("nan")
+
+    @property
+    def total_steps(self) -> int:
+        """``num_tasks * steps_per_task``."""
+        return self.config.num_tasks * self.config.steps_per_task
+
+    def teacher(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cached) teacher of ``task``."""
+        if task != self._teacher_task:
+            self._teacher, self._teacher_task = toy_teacher(self.config, self.seed, task), task
+        assert self._teacher is not None
+        return self._teacher
+
+    def run(self, n_steps: int) -> list[dict[str, Any]]:
+        """Train for up to ``n_steps`` SGD steps; return the rows completed on the way."""
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
+            raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
+        rows: list[dict[str, Any]] = []
+        end = min(self.step + n_steps, self.total_steps)
+        self.model.train()
+        with self.rng.active():
+            while self.step < end:
+                rows += self._train_step()
+        return rows
+
+    def _train_step(self) -> list[dict[str, Any]]:
+        """One SGD step with every mitigation hook; returns the rows due after it."""
+        cfg, model, optimizer, method = self.config, self.model, self.optimizer, self.method
+        index = self.step
+        task, within = divmod(index, cfg.steps_per_task)
+        if within == 0:
+            method.on_task_start(model, optimizer, task)
+        inputs = torch.randn(cfg.batch_size, cfg.input_dim, generator=self.data_generator)
+        targets = teacher_targets(self.teacher(task), inputs)
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"toy: the training loss became {loss.item()} at step {index} (task {task}); lower lr (now {cfg.lr})"
+            )
+        extra = method.loss_term(model)
+        optimizer.zero_grad(set_to_none=True)
+        (loss if extra is None else loss + extra).backward()
+        method.before_step(model, optimizer, index)
+        optimizer.step()
+        method.after_step(model, optimizer, index)
+        self.step += 1
+        self._bin_sum += float(loss.detach())
+        self._bin_count += 1
+        if cfg.step_sleep > 0:
+            time.sleep(cfg.step_sleep)
+        return self._rows_due(task, within + 1)
+
+    def _rows_due(self, task: int, done_in_task: int) -> list[dict[str, Any]]:
+        """A completed loss bin and, at the task's end, the probe loss."""
+        cfg = self.config
+        rows = []
+        task_over = done_in_task == cfg.steps_per_task
+        if done_in_task % cfg.log_every == 0 or task_over:
+            self._last_loss = self._bin_sum / self._bin_count
+            rows.append(make_row(self.step, task, "model", "loss", self._last_loss))
+            self._bin_sum, self._bin_count = 0.0, 0
+        if task_over:
+            rows.append(make_row(self.step, task, "model", "task_final_loss", self.probe_loss(task)))
+        return rows
+
+    @torch.no_grad()
+    def probe_loss(self, task: int) -> float:
+        """MSE of the model on the fixed probe batch of ``task`` (eval mode, restored afterwards)."""
+        generator = seeded_generator(self.seed, _PROBE_KEY, task)
+        inputs = torch.randn(self.config.probe_size, self.config.input_dim, generator=generator)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return float(nn.functional.mse_loss(self.model(inputs), teacher_targets(self.teacher(task), inputs)))
+        finally:
+            self.model.train(was_training)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, method, data generator, global RNGs, step and the loss-bin accumulator (copies)."""
+        return {
+            "step": self.step,
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "data_generator": self.data_generator.get_state(),
+            "rng": self.rng.state,
+            "bin_sum": self._bin_sum,
+            "bin_count": self._bin_count,
+            "last_loss": self._last_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.data_generator.set_state(state["data_generator"])
+        self.rng.state = state["rng"]
+        self.step = int(state["step"])
+        self._bin_sum = float(state["bin_sum"])
+        self._bin_count = int(state["bin_count"])
+        self._last_loss = float(state["last_loss"])
+
+    def progress(self) -> dict[str, Any]:
+        """Current task and the last binned training loss."""
+        return {"task": min(self.step // self.config.steps_per_task, self.config.num_tasks - 1), "loss": self._last_loss}

@@ -1,0 +1,273 @@
+"""``lopkit run BENCHMARK ...`` (seeds one after the other, resumable) and ``lopkit list`` (benchmarks, presets, fields)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import shlex
+import sys
+import textwrap
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from lopkit.configs import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_SEEDS = 5  # spec section 8, item 12
+
+
+def _error(message: str) -> int:
+    """Print one ``error: ...`` line on stderr and return the usage exit code."""
+    flat = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"error: {flat}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------------------- seeds
+
+
+def parse_seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; ConfigError unless a non-empty list of distinct non-negative integers."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seed-list expects comma-separated integers such as 0,1,2; got {text!r}") from None
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"--seed-list must hold distinct non-negative integers, e.g. 0,1,2; got {text!r}")
+    return values
+
+
+def resolve_seeds(count: int | None, seed_list: str | None, offset: int) -> list[int]:
+    """The seeds to run: ``offset + i`` for ``i < count``, or ``offset + s`` for each listed ``s``."""
+    if offset < 0:
+        raise ConfigError(f"--seed-offset must be >= 0, got {offset}")
+    if seed_list is not None:
+        return [offset + s for s in parse_seed_list(seed_list)]
+    count = DEFAULT_SEEDS if count is None else count
+    if count < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {count}")
+    return list(range(offset, offset + count))
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+def resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The ``lopkit run`` command line that resumes the same experiment (rebuilt from the parsed arguments)."""
+    parts = ["lopkit", "run", args.benchmark, "--preset", args.preset]
+    if args.seed_list is not None:
+        parts += ["--seed-list", args.seed_list]
+    elif args.seeds is not None:
+        parts += ["--seeds", str(args.seeds)]
+    if args.seed_offset:
+        parts += ["--seed-offset", str(args.seed_offset)]
+    if args.overrides:
+        parts += ["--set", *args.overrides]
+    for method in args.methods:
+        parts += ["--method", method]
+    parts += ["--out", str(out)]
+    if args.checkpoint_every is not None:
+        parts += ["--checkpoint-every", str(args.checkpoint_every)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Validate everything first, then run each seed in turn; exit 0, 1 (a run failed), 2 (bad input) or 130."""
+    from lopkit.benchmarks.base import get_benchmark
+    from lopkit.configs import config_to_dict, parse_overrides
+    from lopkit.runner.execute import execute_run, method_label, resolve_methods
+    from lopkit.runner.store import ResultStore
+
+    try:
+        cls = get_benchmark(args.benchmark)
+        config = cls.make_config(args.preset, parse_overrides(args.overrides))
+        seeds = resolve_seeds(args.seeds, args.seed_list, args.seed_offset)
+        method_names = args.methods or ["sgd"]
+        resolve_methods(method_names)  # unknown methods / bad hyper-parameters fail before anything runs
+        if args.checkpoint_every is not None and args.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    except ConfigError as err:
+        return _error(str(err))
+
+    out = Path(args.out) if args.out else Path("runs") / cls.name
+    label = method_label(method_names)
+    progress = "always" if args.progress else ("never" if args.no_progress else True)
+    print(f"experiment {out}: {cls.name} preset={args.preset} method={label} seeds={','.join(map(str, seeds))}")
+    print(f"config: {json.dumps(config_to_dict(config), sort_keys=True)}")
+    try:
+        store = ResultStore(out)
+    except OSError as err:
+        return _error(f"cannot open the results store in {out}: {err}")
+    failures = 0
+    try:
+        for seed in seeds:
+            try:
+                result = execute_run(store, cls, config, seed, method_names, args.checkpoint_every, progress,
+                                     preset=args.preset, raise_on_error=False)
+            except ConfigError as err:  # raised by a benchmark's constructor for a bad combination of values
+                return _error(str(err))
+            except KeyboardInterrupt:
+                result = None
+            if result is None or result.status == "interrupted":
+                where = f" at step {result.step}/{result.total_steps}" if result is not None else ""
+                print(f"seed {seed}: interrupted{where}; completed chunks are saved in {store.path}", file=sys.stderr)
+                print(f"to resume, run the same command again: {resume_command(args, out)}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            print(_describe(seed, result))
+            if result.status == "failed":
+                failures += 1
+                print(f"error: seed {seed} failed: {result.error_line} (full traceback in the store, runs.error)",
+                      file=sys.stderr)
+    finally:
+        store.close()
+    print(f"results: {store.path}")
+    print(f"next: lopkit report {shlex.quote(str(out))}")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _describe(seed: int, result: Any) -> str:
+    """One line about a finished, skipped or failed run."""
+    if result.status == "skipped":
+        return f"seed {seed}: already finished (run {result.run_id}), skipped"
+    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+    return (f"seed {seed}: {result.status} at step {result.step}/{result.total_steps} in {result.seconds:.1f}s"
+            f"{resumed} (run {result.run_id})")
+
+
+# -------------------------------------------------------------------------------------------------- list
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after a field) of a dataclass and its bases, by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _type_name(kind: Any) -> str:
+    """Short readable name of a field type (``int``, ``tuple[str, ...]``, ``Literal['a', 'b']``)."""
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+
+
+def describe_benchmark(cls: Any) -> str:
+    """The ``lopkit list`` block of one benchmark: description, presets (with their overrides) and fields."""
+    lines = [f"{cls.name}: {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}"]
+    lines.append("  presets:")
+    for preset, values in cls.presets.items():
+        shown = ", ".join(f"{k}={v}" for k, v in values.items()) or "(field defaults)"
+        lines.append(f"    {preset}: {shown}")
+    lines.append("  config fields (--set key=value):")
+    hints = typing.get_type_hints(cls.Config)
+    docs = field_docs(cls.Config)
+    for field in dataclasses.fields(cls.Config):
+        if not field.init:
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = field.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        doc = f"  {docs[field.name]}" if field.name in docs else ""
+        lines.append(f"    {field.name}: {_type_name(hints.get(field.name, field.type))} = {default!r}{doc}")
+    return "\n".join(lines)
+
+
+def _list(args: argparse.Namespace) -> int:
+    """Print benchmarks (or one), their presets and config fields, and the known methods."""
+    from lopkit.benchmarks.base import BENCHMARKS, get_benchmark
+
+    try:
+        if args.benchmark:
+            classes = [get_benchmark(args.benchmark)]
+        else:
+            get_benchmark("toy")  # imports the registry so every benchmark is registered
+            classes = [BENCHMARKS[name] for name in sorted(BENCHMARKS)]
+    except ConfigError as err:
+        return _error(str(err))
+    print("\n\n".join(describe_benchmark(cls) for cls in classes))
+    methods = _available_methods()
+    print(f"\nmethods (--method NAME[:key=value...][,NAME...]): {', '.join(methods)}")
+    return EXIT_OK
+
+
+def _available_methods() -> list[str]:
+    """Method names from the mitigation registry if it exists, else the no-op baselines."""
+    from lopkit.runner.execute import _registry
+
+    registry = _registry()
+    if registry is not None and callable(getattr(registry, "available_methods", None)):
+        return list(registry.available_methods())
+    return ["none", "sgd"]
+
+
+# ----------------------------------------------------------------------------------------------- parsers
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``run`` and ``list`` sub-commands."""
+    run = subparsers.add_parser(
+        "run", help="run a benchmark for several seeds into EXPERIMENT_DIR/results.sqlite (resumable)",
+        description=textwrap.fill(
+            "Run BENCHMARK for each seed, one after the other, storing tidy metric rows and checkpoints in "
+            "OUT/results.sqlite. Rerunning the same command skips finished seeds and resumes an interrupted one "
+            "from its last checkpoint, giving exactly the rows of an uninterrupted run.", width=78),
+        epilog="examples:\n"
+               "  lopkit run toy --preset smoke --seeds 2\n"
+               "  lopkit run bitflip --set width=50 --method cbp --out runs/e3\n"
+               "  lopkit run class_split --seed-list 40,41,42 --set norm=layer\n"
+               "exit codes: 0 ok, 1 a run failed (traceback kept in the store), 2 bad input, 130 interrupted\n"
+               "see the config fields with 'lopkit list BENCHMARK'; plot with 'lopkit report OUT'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("benchmark", metavar="BENCHMARK", help="registered benchmark name (see 'lopkit list')")
+    run.add_argument("--preset", default="default", help="config preset: smoke, default or paper (default: %(default)s)")
+    seeds = run.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=None, metavar="N",
+                       help=f"run seeds OFFSET..OFFSET+N-1 (default: {DEFAULT_SEEDS})")
+    seeds.add_argument("--seed-list", default=None, metavar="S,S,...", help="explicit seeds, e.g. 0,1,2")
+    run.add_argument("--seed-offset", type=int, default=0, metavar="K", help="added to every seed (default: 0)")
+    run.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set width=50 lr=0.01 (repeatable)")
+    run.add_argument("--method", dest="methods", action="append", default=[], metavar="NAME[,NAME...]",
+                     help="mitigation(s) to apply, composed in order, e.g. cbp or cbp:replacement_rate=1e-4,l2init "
+                          "(default: sgd, i.e. none)")
+    run.add_argument("--out", default=None, metavar="DIR", help="experiment folder (default: runs/BENCHMARK)")
+    run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                     help="steps between checkpoints (default: a twentieth of the run; also at least every 30 s)")
+    bars = run.add_mutually_exclusive_group()
+    bars.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bars.add_argument("--progress", action="store_true", help="draw the progress bar even when stderr is not a terminal")
+    run.set_defaults(func=_run)
+
+    listing = subparsers.add_parser(
+        "list", help="list benchmarks with their presets and config fields",
+        description="Show every registered benchmark (or only BENCHMARK): its description, presets and each "
+                    "config field with its type, default and meaning, plus the available methods.")
+    listing.add_argument("benchmark", nargs="?", default=None, metavar="BENCHMARK", help="show only this benchmark")
+    listing.set_defaults(func=_list)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lopkit`` CLI (for ``python -m lopkit.runner.cli``)."""
+    from lopkit.cli import main as lopkit_main
+
+    return lopkit_main(list(argv) if argv is not None else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

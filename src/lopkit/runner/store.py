@@ -1,0 +1,486 @@
+"""The results store: one SQLite file per experiment folder holding runs, tidy metric rows and checkpoints.
+
+``EXPERIMENT_DIR/results.sqlite`` has three tables:
+
+- ``runs``: one row per (benchmark, method, config, seed) with its status (``running``, ``finished`` or
+  ``failed``), the error traceback of a failed run, the resolved config as JSON, the code version and progress;
+- ``metrics``: tidy rows ``(run_id, step, task, layer, metric, value)``;
+- ``checkpoints``: the latest ``state_dict()`` of each unfinished run, serialised with ``torch.save``.
+
+The rows of a chunk and the checkpoint taken right after it are written in ONE transaction
+(:meth:`ResultStore.commit_chunk`), so after a crash the store holds exactly the rows produced up to the saved
+state: resuming from it neither repeats nor loses a row.
+
+The database runs in WAL mode with a busy timeout and a retry loop around every write, so several processes
+(parallel seeds, sweep workers) can write into the same file at once. SQLite stores NaN as NULL; the
+DataFrames returned here show it as NaN again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import functools
+import hashlib
+import io
+import json
+import random
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+if TYPE_CHECKING:  # torch and pandas are imported only when needed (keeps the store light to import)
+    import pandas as pd
+
+__all__ = [
+    "RUN_STATUSES",
+    "STORE_FILENAME",
+    "ResultStore",
+    "RunRecord",
+    "canonical_config_json",
+    "code_version",
+    "deserialize_state",
+    "make_run_id",
+    "serialize_state",
+    "store_path",
+]
+
+STORE_FILENAME = "results.sqlite"
+RUN_STATUSES = ("running", "finished", "failed")
+BUSY_TIMEOUT_SECONDS = 30.0
+_STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+_RUN_COLUMNS = (
+    "run_id", "benchmark", "preset", "method", "seed", "config_json", "code_version", "status", "error",
+    "created_at", "updated_at", "step", "total_steps",
+)
+_METRIC_COLUMNS = ("run_id", "benchmark", "preset", "method", "seed", "step", "task", "layer", "metric", "value")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    benchmark TEXT NOT NULL,
+    preset TEXT,
+    method TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    config_json TEXT NOT NULL,
+    code_version TEXT,
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
+    error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    task INTEGER NOT NULL,
+    layer TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    value REAL
+);
+CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics (run_id, metric, step);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT PRIMARY KEY,
+    step INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    saved_at TEXT NOT NULL
+);
+"""
+
+T = TypeVar("T")
+
+
+def store_path(experiment_dir: str | Path) -> Path:
+    """The results file of an experiment folder: ``EXPERIMENT_DIR/results.sqlite``."""
+    return Path(experiment_dir) / STORE_FILENAME
+
+
+def _resolve_store_file(path: str | Path) -> Path:
+    """A path ending in .sqlite/.sqlite3/.db is the file itself; anything else is an experiment folder."""
+    path = Path(path)
+    return path if path.suffix.lower() in _STORE_SUFFIXES else store_path(path)
+
+
+def _now() -> str:
+    """UTC time as ISO 8601 text (what the ``*_at`` columns hold)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def canonical_config_json(config: Any) -> str:
+    """The config as compact JSON with sorted keys, so equal configs always give the same text."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dataclass instance or a mapping, got {type(config).__name__}")
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def make_run_id(benchmark: str, method: str, config: Any, seed: int) -> str:
+    """Stable id of one run: a hash of (benchmark, method, canonical config JSON, seed)."""
+    identity = json.dumps(
+        {"benchmark": str(benchmark), "method": str(method), "config": json.loads(canonical_config_json(config)),
+         "seed": int(seed)},
+        sort_keys=True, separators=(",", ":"),
+    )
+    return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``lopkit.__version__`` plus the git commit of the source tree (with ``-dirty``) when it is a git checkout."""
+    import lopkit
+
+    version = str(getattr(lopkit, "__version__", "unknown"))
+    source_dir = Path(lopkit.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source_dir), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source_dir), "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}{'-dirty' if dirty else ''}" if commit else version
+
+
+def serialize_state(state: Any) -> bytes:
+    """A benchmark ``state_dict()`` as bytes (``torch.save`` into memory)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def deserialize_state(data: bytes) -> Any:
+    """Inverse of :func:`serialize_state`.
+
+    ``weights_only=False`` because states hold numpy and python RNG states and plain python objects; this is
+    safe only because the blob is our own checkpoint, written by :meth:`ResultStore.commit_chunk` into the
+    experiment's own store. Do not open stores from untrusted sources (unpickling can run code).
+    """
+    import torch
+
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    """True for the transient 'database is locked/busy' errors worth retrying."""
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What :meth:`ResultStore.start_run` found: the run's id, its status and step before this call, and whether it is new."""
+
+    run_id: str
+    status: str
+    step: int
+    is_new: bool
+    total_steps: int | None = None
+
+
+class ResultStore:
+    """One experiment's SQLite results file (WAL mode, safe for several writing processes)."""
+
+    def __init__(self, path: str | Path, timeout: float = BUSY_TIMEOUT_SECONDS, retries: int = 20):
+        """Open (creating if needed) ``path``: an experiment folder or a ``.sqlite`` file."""
+        self.path = _resolve_store_file(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        # isolation_level=None: autocommit; transactions are opened explicitly with BEGIN IMMEDIATE
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            str(self.path), timeout=self.timeout, isolation_level=None
+        )
+        self._retry(self._initialise)
+
+    # ------------------------------------------------------------------------------------------- plumbing
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The open connection (raises once the store is closed)."""
+        if self._conn is None:
+            raise RuntimeError(f"the results store {self.path} is closed")
+        return self._conn
+
+    def _initialise(self) -> None:
+        """Switch to WAL, set the busy timeout and create the tables if missing."""
+        conn = self.conn
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"could not switch {self.path} to WAL mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode against process crashes
+        conn.execute("PRAGMA foreign_keys = OFF")
+        with self._transaction():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+    def _retry(self, action: Callable[[], T]) -> T:
+        """Run ``action``, retrying with jittered back-off while another process holds the write lock."""
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                return action()
+            except sqlite3.OperationalError as err:
+                if not _is_busy(err) or attempt == self.retries:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    class _Transaction:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error) on a connection in autocommit mode."""
+
+        def __init__(self, conn: sqlite3.Connection):
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is None:
+                try:
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            else:
+                self._rollback()
+
+        def _rollback(self) -> None:
+            # SQLite may already have rolled back by itself (e.g. on SQLITE_FULL); never mask the first error
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+
+    def _transaction(self) -> "ResultStore._Transaction":
+        """A write transaction taking the lock up front (so it never fails half-way on a lock upgrade)."""
+        return ResultStore._Transaction(self.conn)
+
+    def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body(conn)`` inside one write transaction, retried as a whole if the database is busy."""
+
+        def attempt() -> T:
+            with self._transaction() as conn:
+                return body(conn)
+
+        return self._retry(attempt)
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ResultStore({str(self.path)!r})"
+
+    # ------------------------------------------------------------------------------------------------ runs
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """The ``runs`` row of ``run_id`` as a dict, or None if the run is unknown."""
+        row = self._retry(
+            lambda: self.conn.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        )
+        return dict(zip(_RUN_COLUMNS, row)) if row else None
+
+    def start_run(
+        self,
+        benchmark: str,
+        method: str,
+        config: Any,
+        seed: int,
+        *,
+        preset: str | None = None,
+        total_steps: int | None = None,
+        run_id: str | None = None,
+    ) -> RunRecord:
+        """Register a run (status ``running``) or find it; returns its id and the status/step it had before.
+
+        An existing unfinished (``running`` or ``failed``) run is marked ``running`` again with its error
+        cleared; its committed rows and checkpoint are kept. A ``finished`` run is left untouched.
+        """
+        config_json = canonical_config_json(config)
+        run_id = run_id or make_run_id(benchmark, method, json.loads(config_json), seed)
+        version = code_version()
+
+        def body(conn: sqlite3.Connection) -> RunRecord:
+            found = conn.execute("SELECT status, step, total_steps FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            now = _now()
+            if found is None:
+                conn.execute(
+                    "INSERT INTO runs (run_id, benchmark, preset, method, seed, config_json, code_version, status, "
+                    "error, created_at, updated_at, step, total_steps) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', NULL, "
+                    "?, ?, 0, ?)",
+                    (run_id, benchmark, preset, method, int(seed), config_json, version, now, now, total_steps),
+                )
+                return RunRecord(run_id, "running", 0, True, total_steps)
+            status, step, stored_total = found
+            if status != "finished":
+                conn.execute(
+                    "UPDATE runs SET status = 'running', error = NULL, updated_at = ?, code_version = ?, "
+                    "total_steps = COALESCE(?, total_steps), preset = COALESCE(preset, ?) WHERE run_id = ?",
+                    (now, version, total_steps, preset, run_id),
+                )
+            return RunRecord(run_id, status, int(step), False, stored_total if total_steps is None else total_steps)
+
+        return self._write(body)
+
+    def set_total_steps(self, run_id: str, total_steps: int) -> None:
+        """Record the run's total number of steps (known once the benchmark is built)."""
+        self._write(
+            lambda conn: conn.execute(
+                "UPDATE runs SET total_steps = ?, updated_at = ? WHERE run_id = ?", (int(total_steps), _now(), run_id)
+            )
+        )
+
+    def commit_chunk(
+        self, run_id: str, rows: Sequence[Mapping[str, Any]], state_bytes: bytes | None, step: int
+    ) -> None:
+        """Write a chunk's metric rows, the checkpoint taken after it and the run's step in ONE transaction.
+
+        ``state_bytes`` None writes the rows and the step without touching the checkpoint (for writers that do
+        not checkpoint). Raises ValueError if ``step`` is behind what the store already holds for the run (a
+        second process running the same run), so rows are never written twice.
+        """
+        records = [
+            (run_id, int(r["step"]), int(r["task"]), str(r["layer"]), str(r["metric"]), _as_real(r["value"]))
+            for r in rows
+        ]
+        now = _now()
+
+        def body(conn: sqlite3.Connection) -> None:
+            found = conn.execute("SELECT step, status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if found is None:
+                raise ValueError(f"unknown run {run_id!r}; call start_run first")
+            stored_step, status = found
+            if status == "finished":
+                raise ValueError(f"run {run_id} is already finished; it takes no more rows")
+            if int(step) < int(stored_step) or (int(step) == int(stored_step) and records):
+                raise ValueError(
+                    f"run {run_id}: chunk ending at step {step} is not after the stored step {stored_step}; "
+                    "is another process running the same run?"
+                )
+            if records:
+                conn.executemany(
+                    "INSERT INTO metrics (run_id, step, task, layer, metric, value) VALUES (?, ?, ?, ?, ?, ?)", records
+                )
+            if state_bytes is not None:
+                conn.execute(
+                    "INSERT INTO checkpoints (run_id, step, state, saved_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(run_id) DO UPDATE SET step = excluded.step, state = excluded.state, "
+                    "saved_at = excluded.saved_at",
+                    (run_id, int(step), sqlite3.Binary(state_bytes), now),
+                )
+            conn.execute("UPDATE runs SET step = ?, updated_at = ? WHERE run_id = ?", (int(step), now, run_id))
+
+        self._write(body)
+
+    def load_checkpoint_bytes(self, run_id: str) -> tuple[int, bytes] | None:
+        """``(step, raw state bytes)`` of the run's checkpoint, or None."""
+        row = self._retry(
+            lambda: self.conn.execute("SELECT step, state FROM checkpoints WHERE run_id = ?", (run_id,)).fetchone()
+        )
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def load_checkpoint(self, run_id: str) -> tuple[int, Any] | None:
+        """``(step, state)`` of the run's checkpoint (deserialised, see :func:`deserialize_state`), or None."""
+        found = self.load_checkpoint_bytes(run_id)
+        return None if found is None else (found[0], deserialize_state(found[1]))
+
+    def finish_run(self, run_id: str, keep_checkpoint: bool = False) -> None:
+        """Mark the run finished; its checkpoint is deleted unless ``keep_checkpoint`` (it is no longer needed)."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE runs SET status = 'finished', error = NULL, updated_at = ? WHERE run_id = ?", (_now(), run_id)
+            )
+            if not keep_checkpoint:
+                conn.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+
+        self._write(body)
+
+    def fail_run(self, run_id: str, traceback_text: str) -> None:
+        """Mark the run failed with its traceback; committed rows and the checkpoint are kept for a resume."""
+        self._write(
+            lambda conn: conn.execute(
+                "UPDATE runs SET status = 'failed', error = ?, updated_at = ? WHERE run_id = ?",
+                (str(traceback_text), _now(), run_id),
+            )
+        )
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run with its rows and checkpoint (to start it again from scratch)."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            for table in ("metrics", "checkpoints", "runs"):
+                conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+
+        self._write(body)
+
+    # ------------------------------------------------------------------------------------------- reading
+
+    def runs(self) -> "pd.DataFrame":
+        """Every run as a DataFrame (columns as in the ``runs`` table), in creation order."""
+        import pandas as pd
+
+        rows = self._retry(
+            lambda: self.conn.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs ORDER BY rowid").fetchall()
+        )
+        return pd.DataFrame(rows, columns=list(_RUN_COLUMNS))
+
+    def metrics(
+        self,
+        run_id: str | Iterable[str] | None = None,
+        metric: str | Iterable[str] | None = None,
+        layer: str | Iterable[str] | None = None,
+        benchmark: str | None = None,
+    ) -> "pd.DataFrame":
+        """Metric rows (optionally filtered) joined with their run's benchmark, preset, method and seed.
+
+        Columns: run_id, benchmark, preset, method, seed, step, task, layer, metric, value (NaN where the
+        value was NaN). Rows come per run in the order they were written.
+        """
+        clauses, params = [], []
+        for column, wanted in (("m.run_id", run_id), ("m.metric", metric), ("m.layer", layer), ("r.benchmark", benchmark)):
+            if wanted is None:
+                continue
+            values = [wanted] if isinstance(wanted, str) else list(wanted)
+            clauses.append(f"{column} IN ({', '.join('?' for _ in values)})" if values else "0")
+            params.extend(values)
+        import pandas as pd
+
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = (
+            "SELECT m.run_id, r.benchmark, r.preset, r.method, r.seed, m.step, m.task, m.layer, m.metric, m.value "
+            f"FROM metrics AS m JOIN runs AS r ON r.run_id = m.run_id {where} ORDER BY r.rowid, m.rowid"
+        )
+        rows = self._retry(lambda: self.conn.execute(query, params).fetchall())
+        frame = pd.DataFrame(rows, columns=list(_METRIC_COLUMNS))
+        frame["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
+        for column in ("seed", "step", "task"):
+            frame[column] = frame[column].astype("int64")
+        return frame
+
+
+def _as_real(value: Any) -> float | None:
+    """A row value as a float for SQLite (NaN is stored as NULL, which SQLite would do anyway)."""
+    value = float(value)
+    return None if value != value else value

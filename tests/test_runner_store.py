@@ -1,0 +1,253 @@
+"""ResultStore: WAL mode, concurrent writers, atomic chunk commits, DataFrames, run ids and checkpoints.
+
+numpy and torch are imported inside the tests that need them: the spawned writer processes import this
+module, and the store itself needs neither, so they start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from lopkit.runner import store as store_module
+from lopkit.runner.store import (
+    ResultStore,
+    canonical_config_json,
+    code_version,
+    deserialize_state,
+    make_run_id,
+    serialize_state,
+    store_path,
+)
+
+RUN_COLUMNS = ["run_id", "benchmark", "preset", "method", "seed", "config_json", "code_version", "status", "error",
+               "created_at", "updated_at", "step", "total_steps"]
+METRIC_COLUMNS = ["run_id", "benchmark", "preset", "method", "seed", "step", "task", "layer", "metric", "value"]
+
+
+def chunk_rows(worker: int, chunk: int, per_chunk: int) -> list[dict]:
+    """Rows whose values encode (worker, chunk, index) so the reader can check every one came back intact."""
+    return [
+        {"step": chunk + 1, "task": chunk // 5, "layer": f"l{i % 3}", "metric": "m", "value": worker * 1e6 + chunk * 1e3 + i}
+        for i in range(per_chunk)
+    ]
+
+
+def concurrent_writer(path: str, worker: int, chunks: int, per_chunk: int, start) -> None:
+    """Process body: register one run and commit ``chunks`` chunks (rows + checkpoint) as fast as possible."""
+    store = ResultStore(path)
+    record = store.start_run("bench", "sgd", {"worker": worker}, seed=worker, preset="smoke", total_steps=chunks)
+    start.wait(60)  # both processes are connected and registered: now write at the same time
+    for chunk in range(chunks):
+        state = json.dumps({"chunk": chunk, "weights": [float(chunk)] * 64}).encode()
+        store.commit_chunk(record.run_id, chunk_rows(worker, chunk, per_chunk), state, chunk + 1)
+        time.sleep(0.005)  # leave the other writer room, so that the two processes' commits interleave
+    store.finish_run(record.run_id, keep_checkpoint=True)
+    store.close()
+
+
+def test_wal_mode_busy_timeout_and_tables(tmp_path):
+    store = ResultStore(tmp_path / "exp")
+    assert store.path == store_path(tmp_path / "exp") == tmp_path / "exp" / "results.sqlite"
+    assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 10_000
+    store.close()
+    with sqlite3.connect(tmp_path / "exp" / "results.sqlite") as conn:  # WAL is a property of the file
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(runs)")]
+    assert {"runs", "metrics", "checkpoints"} <= tables
+    assert any("metrics" in name for name in indexes)
+    assert columns == RUN_COLUMNS
+    # a path ending in .sqlite is used as the file itself
+    direct = ResultStore(tmp_path / "other.sqlite")
+    assert direct.path == tmp_path / "other.sqlite"
+    direct.close()
+    direct.close()  # idempotent
+
+
+def test_two_processes_write_into_one_file_concurrently(tmp_path):
+    path = str(tmp_path / "shared")
+    chunks, per_chunk = 40, 25
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    workers = [ctx.Process(target=concurrent_writer, args=(path, w, chunks, per_chunk, start)) for w in (1, 2)]
+    for process in workers:
+        process.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until both runs are registered, then release them together
+        with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(path + "/results.sqlite") as conn:
+            if conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2:
+                break
+        time.sleep(0.02)
+    start.set()
+    for process in workers:
+        process.join(90)
+    assert [p.exitcode for p in workers] == [0, 0]
+
+    store = ResultStore(path)
+    runs = store.runs()
+    assert sorted(runs["seed"]) == [1, 2] and set(runs["status"]) == {"finished"}
+    assert list(runs["step"]) == [chunks, chunks]
+    metrics = store.metrics()
+    assert len(metrics) == 2 * chunks * per_chunk
+    with sqlite3.connect(store.path) as conn:  # the commits really were concurrent: the writers interleaved
+        order = [row[0] for row in conn.execute("SELECT run_id FROM metrics ORDER BY rowid")]
+    assert sum(a != b for a, b in zip(order, order[1:])) >= 2
+    for worker in (1, 2):
+        run_id = runs.loc[runs["seed"] == worker, "run_id"].item()
+        got = store.metrics(run_id=run_id)
+        expected = [r["value"] for c in range(chunks) for r in chunk_rows(worker, c, per_chunk)]
+        assert got["value"].tolist() == expected  # every row, in commit order, none from the other worker
+        step, raw = store.load_checkpoint_bytes(run_id)
+        assert step == chunks and json.loads(raw) == {"chunk": chunks - 1, "weights": [float(chunks - 1)] * 64}
+    store.close()
+
+
+def test_dataframe_columns_dtypes_and_nan(tmp_path):
+    import numpy as np
+
+    store = ResultStore(tmp_path)
+    config = {"width": 5, "lr": 0.1, "sizes": [1, 2]}
+    record = store.start_run("toy", "cbp", config, seed=3, preset="smoke", total_steps=10)
+    rows = [
+        {"step": 2, "task": 0, "layer": "model", "metric": "loss", "value": 0.5},
+        {"step": 2, "task": 0, "layer": "act1", "metric": "effective_rank", "value": float("nan")},
+        {"step": 4, "task": 1, "layer": "model", "metric": "loss", "value": float("inf")},
+    ]
+    store.commit_chunk(record.run_id, rows, serialize_state({"a": 1}), 4)
+    runs = store.runs()
+    assert list(runs.columns) == RUN_COLUMNS
+    row = runs.iloc[0]
+    assert (row["benchmark"], row["method"], row["preset"], row["seed"], row["status"]) == ("toy", "cbp", "smoke", 3, "running")
+    assert (row["step"], row["total_steps"]) == (4, 10)
+    assert json.loads(row["config_json"]) == config
+    assert row["code_version"].startswith(__import__("lopkit").__version__)
+
+    metrics = store.metrics()
+    assert list(metrics.columns) == METRIC_COLUMNS
+    assert metrics["value"].dtype == np.float64 and metrics["step"].dtype == np.int64
+    assert metrics["metric"].tolist() == ["loss", "effective_rank", "loss"]
+    assert metrics["value"].iloc[0] == 0.5 and math.isnan(metrics["value"].iloc[1]) and metrics["value"].iloc[2] == math.inf
+    assert set(metrics["benchmark"]) == {"toy"} and set(metrics["method"]) == {"cbp"} and set(metrics["seed"]) == {3}
+    assert store.metrics(metric="loss")["step"].tolist() == [2, 4]
+    assert store.metrics(layer=["act1"])["metric"].tolist() == ["effective_rank"]
+    assert store.metrics(run_id="nope").empty and list(store.metrics(run_id="nope").columns) == METRIC_COLUMNS
+    store.close()
+
+
+def test_commit_chunk_is_atomic(tmp_path):
+    store = ResultStore(tmp_path)
+    run_id = store.start_run("toy", "sgd", {"x": 1}, seed=0).run_id
+    store.commit_chunk(run_id, [{"step": 1, "task": 0, "layer": "model", "metric": "loss", "value": 1.0}],
+                       serialize_state({"step": 1}), 1)
+    # make the checkpoint write fail inside the transaction, after the rows were inserted
+    store.conn.execute(
+        "CREATE TEMP TRIGGER fail_checkpoint BEFORE UPDATE ON checkpoints BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    )
+    new_rows = [{"step": 2, "task": 0, "layer": "model", "metric": "loss", "value": v} for v in (2.0, 3.0)]
+    with pytest.raises(sqlite3.DatabaseError, match="disk full"):
+        store.commit_chunk(run_id, new_rows, serialize_state({"step": 2}), 2)
+    store.conn.execute("DROP TRIGGER fail_checkpoint")
+    assert store.metrics()["value"].tolist() == [1.0]  # the new rows were rolled back with the checkpoint
+    assert store.load_checkpoint(run_id)[0] == 1 and store.get_run(run_id)["step"] == 1
+    # and a chunk that does commit writes both
+    store.commit_chunk(run_id, new_rows, serialize_state({"step": 2}), 2)
+    assert store.metrics()["value"].tolist() == [1.0, 2.0, 3.0]
+    assert store.load_checkpoint(run_id) == (2, {"step": 2}) and store.get_run(run_id)["step"] == 2
+    store.close()
+
+
+def test_commit_chunk_rejects_stale_steps_and_finished_runs(tmp_path):
+    store = ResultStore(tmp_path)
+    run_id = store.start_run("toy", "sgd", {"x": 1}, seed=0).run_id
+    row = {"step": 5, "task": 0, "layer": "model", "metric": "loss", "value": 1.0}
+    store.commit_chunk(run_id, [row], b"state", 5)
+    for step in (5, 4):  # a second writer of the same run would duplicate rows
+        with pytest.raises(ValueError, match="another process"):
+            store.commit_chunk(run_id, [row], b"state", step)
+    store.commit_chunk(run_id, [], b"state", 5)  # an empty chunk at the same step is a harmless no-op
+    with pytest.raises(ValueError, match="unknown run"):
+        store.commit_chunk("missing", [row], b"state", 9)
+    store.finish_run(run_id)
+    with pytest.raises(ValueError, match="finished"):
+        store.commit_chunk(run_id, [row], b"state", 9)
+    assert len(store.metrics()) == 1
+    assert store.load_checkpoint(run_id) is None  # dropped at finish
+    store.close()
+
+
+def test_start_run_statuses(tmp_path):
+    store = ResultStore(tmp_path)
+    first = store.start_run("toy", "sgd", {"b": 2, "a": 1}, seed=1, total_steps=7)
+    assert first.is_new and first.status == "running" and first.step == 0
+    store.commit_chunk(first.run_id, [], b"s", 3)
+    store.fail_run(first.run_id, "Traceback ...\nFloatingPointError: nan")
+    failed = store.get_run(first.run_id)
+    assert failed["status"] == "failed" and failed["error"].endswith("nan")
+    again = store.start_run("toy", "sgd", {"a": 1, "b": 2}, seed=1)  # key order does not matter
+    assert (again.run_id, again.is_new, again.status, again.step, again.total_steps) == (first.run_id, False, "failed", 3, 7)
+    resumed = store.get_run(first.run_id)
+    assert resumed["status"] == "running" and resumed["error"] is None
+    store.finish_run(first.run_id)
+    done = store.start_run("toy", "sgd", {"a": 1, "b": 2}, seed=1)
+    assert done.status == "finished" and store.get_run(first.run_id)["status"] == "finished"
+    store.delete_run(first.run_id)
+    assert store.get_run(first.run_id) is None and store.runs().empty
+    store.close()
+
+
+def test_run_id_is_a_stable_hash_of_the_identity():
+    base = make_run_id("toy", "sgd", {"lr": 0.1, "width": 5}, 0)
+    assert len(base) == 16 and int(base, 16) >= 0
+    assert make_run_id("toy", "sgd", {"width": 5, "lr": 0.1}, 0) == base
+    changed = [
+        make_run_id("bitflip", "sgd", {"lr": 0.1, "width": 5}, 0),
+        make_run_id("toy", "cbp", {"lr": 0.1, "width": 5}, 0),
+        make_run_id("toy", "sgd", {"lr": 0.1, "width": 6}, 0),
+        make_run_id("toy", "sgd", {"lr": 0.1, "width": 5}, 1),
+    ]
+    assert len(set(changed + [base])) == 5
+    assert canonical_config_json({"b": (1, 2), "a": 1}) == '{"a":1,"b":[1,2]}'
+    # independent computation of the documented recipe
+    import hashlib
+
+    identity = json.dumps({"benchmark": "toy", "method": "sgd", "config": {"lr": 0.1, "width": 5}, "seed": 0},
+                          sort_keys=True, separators=(",", ":"))
+    assert base == hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def test_checkpoint_round_trip_keeps_tensors_and_rng_states():
+    import numpy as np
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+    state = {"w": torch.randn(3, 4), "gen": generator.get_state(), "np": np.random.RandomState(1).get_state(),
+             "step": 7, "nested": {"x": [1.5, float("inf")]}}
+    back = deserialize_state(serialize_state(state))
+    assert torch.equal(back["w"], state["w"]) and torch.equal(back["gen"], state["gen"])
+    assert back["np"][0] == state["np"][0] and np.array_equal(back["np"][1], state["np"][1])
+    assert back["step"] == 7 and back["nested"] == {"x": [1.5, float("inf")]}
+
+
+def test_code_version_without_git(monkeypatch):
+    import lopkit
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    code_version.cache_clear()
+    monkeypatch.setattr(store_module.subprocess, "run", no_git)
+    try:
+        assert code_version() == lopkit.__version__
+    finally:
+        code_version.cache_clear()
+    monkeypatch.setattr(store_module.subprocess, "run", subprocess.run)
+    assert code_version().startswith(lopkit.__version__)
