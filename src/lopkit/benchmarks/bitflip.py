@@ -1,0 +1,511 @@
+"""Experiment E3, bit-flipping ("slowly-changing regression"): online SGD on a drifting teacher-student task.
+
+The learner is a two-layer ReLU network (one hidden layer of ``width`` units, Kaiming-uniform weights, zero
+biases) trained online with SGD (batch 1, lr 0.01, MSE) on :class:`lopkit.data.bitflip.BitFlipStream`.
+Loss of plasticity shows as an online error that *rises* over time while the effective rank of the hidden
+representation falls and, for wide learners, duplicate units appear (spec ``lop_paper.md`` section 4.4,
+checklist T5).
+
+Rows (``layer="model"`` unless stated):
+
+- ``online_mse`` at every multiple of ``bin_size``: the mean squared error of the online predictions made
+  during the bin (each prediction is made *before* the update on that sample). A last, shorter bin is emitted
+  at the final step when ``num_steps`` is not a multiple of ``bin_size``. The running sum is accumulated one
+  step at a time in float64 and kept in the state, so rows do not depend on how ``run`` is chunked.
+- Monitor metrics at step 0 and every ``monitor_every`` steps, on a fixed probe of ``probe_size`` inputs drawn
+  from the *current* distribution (current flipping bits, random bits from a fixed seed; ``probe="uniform"``
+  instead draws all m bits once, uniformly, which is about what the authors' probe holds: 128 samples picked
+  at random from the inputs of the whole run, so from all flip states): for the hidden ReLU
+  layer ``"act1"`` the dead, dormant, saturated and duplicate fractions and the effective and stable ranks;
+  for the hidden Linear layer ``"fc1"`` its weight and gradient norms and the ranks and duplicates of the
+  pre-activations; and the probe ``loss``. Thresholds follow the paper's bit-flipping code: duplicate cosine
+  > 0.98, saturation ratio < 0.05 on > 80 % of samples.
+
+``task`` in every row is ``step // flip_period`` (the number of flips that happened before the step's
+distribution).
+
+Two training engines give the same trajectory up to float rounding:
+
+- ``"lean"``: a hand-written forward/backward/update of the two-layer net in NumPy float32 on views of the
+  model's parameters (no autograd, no optimizer object). About 15x faster than eager autograd at batch 1.
+  It is used only when no mitigation is attached, because it calls no mitigation hooks.
+- ``"autograd"``: the generic loop (``torch.optim.SGD`` and autograd) that calls every mitigation hook:
+  ``on_task_start`` at step 0 and at every flip, ``loss_term`` (added to the loss; the online MSE excludes it),
+  ``before_step`` between ``backward`` and ``optimizer.step`` and ``after_step`` after it. Hooks receive the
+  0-based index of the step being taken.
+
+``engine="auto"`` (the default) picks ``"lean"`` without a method and ``"autograd"`` with one.
+
+Presets. ``paper`` is the paper's run (5M steps, T = 10,000, metrics every 1000 steps). ``default`` keeps the
+paper's sizes and T but runs 2M steps (200 flips) with metrics every 2000 steps: about a minute per width on
+one core with the lean engine (~50k steps/s at width 100 without the Monitor). Run widths as separate runs,
+e.g. ``--set width=5``. ``smoke`` takes a second (T = 500 so that flips happen).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from lopkit.benchmarks.base import (
+    Benchmark,
+    BenchmarkConfig,
+    capture_rng_state,
+    make_row,
+    register_benchmark,
+    restore_rng_state,
+    seed_everything,
+)
+from lopkit.configs import ConfigError, require
+from lopkit.data.bitflip import THRESHOLD_RULES, BitFlipConfig, BitFlipStream
+from lopkit.data.seeding import seeded_generator
+from lopkit.diagnostics.monitor import METRIC_NAMES, Monitor, MonitorConfig
+from lopkit.mitigations.base import Compose, Mitigation
+
+__all__ = [
+    "BITFLIP_MONITOR_METRICS",
+    "BitFlipBenchmark",
+    "BitFlipBenchmarkConfig",
+    "PrivateRNG",
+    "bin_due",
+    "build_learner",
+    "lean_sgd_block",
+    "learner_layers",
+    "make_bitflip_monitor",
+    "method_is_noop",
+    "monitor_rows",
+    "probe_batch",
+    "next_block_length",
+    "stream_config",
+]
+
+#: Monitor metrics measured by default in the bit-flipping benchmark.
+BITFLIP_MONITOR_METRICS: tuple[str, ...] = (
+    "dead_fraction",
+    "dormant_fraction",
+    "saturated_fraction",
+    "duplicate_fraction",
+    "effective_rank",
+    "stable_rank",
+    "weight_norm",
+    "gradient_norm",
+    "loss",
+)
+
+_INIT_STREAM = 11  # seeded_generator key of the learner initialisation (the data stream uses keys 1..4)
+_UNIFORM_PROBE_STREAM = 12  # key of the uniform probe's bits
+
+
+@dataclasses.dataclass
+class BitFlipBenchmarkConfig(BenchmarkConfig):
+    """Sizes of the stream and the learner, schedule of the metrics and the training engine."""
+
+    width: int = 100
+    """Hidden units of the learner (the paper uses 5, 10, 50 and 100)."""
+    num_bits: int = 20
+    """m: input bits, excluding the constant bias input."""
+    num_flipping_bits: int = 15
+    """f: slowly changing bits; one of them is inverted every ``flip_period`` steps."""
+    flip_period: int = 10_000
+    """T: steps between two flips."""
+    teacher_width: int = 100
+    """LTUs in the teacher ("size of the data generating function")."""
+    beta: float = 0.7
+    """Teacher LTU threshold parameter."""
+    threshold_rule: str = "count_with_bias"
+    """How the teacher counts S_i (see :mod:`lopkit.data.bitflip`)."""
+    lr: float = 0.01
+    """SGD step size."""
+    num_steps: int = 2_000_000
+    """Online samples (= SGD steps of batch 1)."""
+    bin_size: int = 1000
+    """Steps per ``online_mse`` bin."""
+    monitor_every: int = 2000
+    """Steps between Monitor measurements (0 turns the Monitor off)."""
+    probe_size: int = 128
+    """Inputs in the Monitor's probe batch."""
+    probe_seed: int = 0
+    """Seed of the probe's random bits."""
+    probe: Literal["current", "uniform"] = "current"
+    """Probe inputs: ``current`` distribution (current flipping bits, fixed random bits), or ``uniform`` (all m
+    bits fixed uniform draws, about what the authors' probe of 128 samples drawn from the whole run holds)."""
+    duplicate_threshold: float = 0.98
+    """Cosine similarity above which two hidden units are duplicates (paper's bit-flipping value)."""
+    saturation_ratio: float = 0.05
+    """|dL/dh| / mean|h| below this counts a sample as saturated (paper's bit-flipping value)."""
+    saturation_sample_fraction: float = 0.8
+    """A unit is saturated when more than this fraction of probe samples is saturated."""
+    monitor_metrics: tuple[str, ...] = BITFLIP_MONITOR_METRICS
+    """Monitor metric names to record."""
+    engine: Literal["auto", "lean", "autograd"] = "auto"
+    """Training loop: hand-written NumPy (``lean``), generic autograd with hooks, or ``auto``."""
+    block_size: int = 4096
+    """Steps of input pulled from the stream at once (speed only; rows do not depend on it)."""
+
+    def validate(self) -> None:
+        """Reject impossible sizes and unknown names with a message saying what to change."""
+        for name in ("width", "num_bits", "flip_period", "teacher_width", "num_steps", "bin_size", "block_size"):
+            value = getattr(self, name)
+            require(value >= 1, f"{name} must be >= 1, got {value}")
+        require(self.num_flipping_bits >= 0, f"num_flipping_bits must be >= 0, got {self.num_flipping_bits}")
+        require(
+            self.num_flipping_bits <= self.num_bits,
+            f"num_flipping_bits={self.num_flipping_bits} cannot exceed num_bits={self.num_bits}",
+        )
+        require(math.isfinite(self.beta), f"beta must be finite, got {self.beta}")
+        require(
+            self.threshold_rule in THRESHOLD_RULES,
+            f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {self.threshold_rule!r}",
+        )
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
+        require(
+            self.monitor_every >= 0, f"monitor_every must be >= 0 (0 turns the Monitor off), got {self.monitor_every}"
+        )
+        require(self.probe_size >= 2, f"probe_size must be >= 2 for rank metrics, got {self.probe_size}")
+        require(self.probe_seed >= 0, f"probe_seed must be >= 0, got {self.probe_seed}")
+        require(
+            -1.0 <= self.duplicate_threshold <= 1.0,
+            f"duplicate_threshold must be a cosine similarity in [-1, 1], got {self.duplicate_threshold}",
+        )
+        require(self.saturation_ratio >= 0, f"saturation_ratio must be >= 0, got {self.saturation_ratio}")
+        require(
+            0.0 <= self.saturation_sample_fraction <= 1.0,
+            f"saturation_sample_fraction must be in [0, 1], got {self.saturation_sample_fraction}",
+        )
+        unknown = [m for m in self.monitor_metrics if m not in METRIC_NAMES]
+        require(not unknown, f"unknown monitor_metrics {unknown}; valid names: {', '.join(METRIC_NAMES)}")
+        require(
+            len(self.monitor_metrics) > 0 or self.monitor_every == 0,
+            "monitor_metrics is empty; set monitor_every=0 to turn the Monitor off instead",
+        )
+
+
+class PrivateRNG:
+    """Global (python, numpy, torch) RNG state owned by one benchmark and swapped in only while it trains.
+
+    Dropout and mitigations draw from the global generators; keeping a private copy makes a benchmark's
+    numbers independent of whatever else runs in the process, and lets ``state_dict`` save them exactly.
+    """
+
+    def __init__(self, seed: int):
+        outer = capture_rng_state()
+        seed_everything(seed)
+        self.state = capture_rng_state()
+        restore_rng_state(outer)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Install the private state, run the body, save the advanced state and restore the caller's."""
+        outer = capture_rng_state()
+        restore_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = capture_rng_state()
+            restore_rng_state(outer)
+
+
+def stream_config(config: BitFlipBenchmarkConfig) -> BitFlipConfig:
+    """The data stream's config from the benchmark config."""
+    return BitFlipConfig(
+        num_bits=config.num_bits,
+        num_flipping_bits=config.num_flipping_bits,
+        flip_period=config.flip_period,
+        hidden_units=config.teacher_width,
+        beta=config.beta,
+        threshold_rule=config.threshold_rule,
+    )
+
+
+def learner_layers(model: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
+    """The (hidden Linear, activation, output Linear) modules of the two-layer learner."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    activations = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    if len(linears) != 2 or len(activations) != 1:
+        raise ValueError(
+            f"the bit-flipping learner must have exactly two nn.Linear layers and one nn.ReLU, got "
+            f"{len(linears)} Linear and {len(activations)} ReLU"
+        )
+    return linears[0], activations[0], linears[1]
+
+
+def build_learner(config: BitFlipBenchmarkConfig, seed: int) -> nn.Module:
+    """The seeded two-layer ReLU learner: Kaiming-uniform weights (ReLU gain / linear gain), zero biases."""
+    from lopkit.benchmarks.models import build_mlp
+
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG; keep it untouched
+        model = build_mlp(config.num_bits + 1, (config.width,), 1, activation="relu", norm=None, dropout=0.0)
+    hidden, _activation, output = learner_layers(model)
+    generator = seeded_generator(seed, _INIT_STREAM)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(hidden.weight, a=0.0, mode="fan_in", nonlinearity="relu", generator=generator)
+        nn.init.kaiming_uniform_(output.weight, a=0.0, mode="fan_in", nonlinearity="linear", generator=generator)
+        nn.init.zeros_(hidden.bias)
+        nn.init.zeros_(output.bias)
+    return model
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    """Name of ``module`` inside ``model`` (as in ``named_modules``)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError("module is not part of the model")
+
+
+def make_bitflip_monitor(model: nn.Module, config: BitFlipBenchmarkConfig) -> Monitor:
+    """A Monitor on the learner's hidden Linear and ReLU layers with the paper's bit-flipping thresholds."""
+    hidden, activation, _output = learner_layers(model)
+    monitor_config = MonitorConfig(
+        every=max(1, config.monitor_every),
+        duplicate_threshold=config.duplicate_threshold,
+        saturation_ratio=config.saturation_ratio,
+        saturation_sample_fraction=config.saturation_sample_fraction,
+    )
+    layers = [_module_name(model, hidden), _module_name(model, activation)]
+    return Monitor(model, layers=layers, metrics=config.monitor_metrics, config=monitor_config)
+
+
+def method_is_noop(method: Mitigation) -> bool:
+    """True when ``method`` is the empty composition or the base no-op Mitigation (no hook does anything)."""
+    if isinstance(method, Compose):
+        return all(method_is_noop(m) for m in method.methods)
+    return type(method) is Mitigation
+
+
+def next_block_length(step: int, end: int, block_size: int, *periods: int) -> int:
+    """Steps until the earliest of ``end``, ``step + block_size`` and the next multiple of each period > 0."""
+    stop = min(end, step + block_size)
+    for period in periods:
+        if period > 0:
+            stop = min(stop, (step // period + 1) * period)
+    return stop - step
+
+
+def probe_batch(stream: BitFlipStream, config: BitFlipBenchmarkConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Monitor's probe (inputs, teacher targets): current distribution or fixed uniform bits (``config.probe``)."""
+    if config.probe == "current":
+        return stream.probe_batch(config.probe_size, seed=config.probe_seed)
+    generator = seeded_generator(config.probe_seed, _UNIFORM_PROBE_STREAM)
+    bits = torch.randint(0, 2, (config.probe_size, config.num_bits), generator=generator, dtype=torch.float32)
+    inputs = torch.cat([bits, torch.ones(config.probe_size, 1)], dim=1)
+    return inputs, stream.targets(inputs)
+
+
+def monitor_rows(
+    monitor: Monitor, stream: BitFlipStream, config: BitFlipBenchmarkConfig, step: int
+) -> list[dict[str, Any]]:
+    """Benchmark rows of one Monitor measurement on the fixed probe (see :func:`probe_batch`)."""
+    probe_inputs, probe_targets = probe_batch(stream, config)
+    raw = monitor.measure(probe_inputs, probe_targets, mse_loss, step=step)
+    monitor.rows.clear()  # rows go to the caller; do not keep every measurement in memory
+    task = step // config.flip_period
+    return [make_row(r["step"], task, r["layer"], r["metric"], r["value"]) for r in raw]
+
+
+def bin_due(step: int, total_steps: int, bin_size: int, bin_count: int) -> bool:
+    """Whether an ``online_mse`` row is due after ``step``: a bin is complete, or the run ends mid-bin."""
+    return bin_count > 0 and (step % bin_size == 0 or step == total_steps)
+
+
+def mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error (the benchmark's training and probe loss)."""
+    return nn.functional.mse_loss(prediction, target)
+
+
+def lean_sgd_block(
+    params: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    lr: float,
+    loss_sum: float,
+) -> float:
+    """Online SGD (batch 1, MSE) of a 2-layer ReLU net over ``inputs`` in place; returns the updated loss sum.
+
+    ``params`` are float32 NumPy views ``(W1 (H, D), b1 (H,), w2 (H,), b2 (1,))`` of the model's parameters.
+    Per step: ``z = W1 x + b1``, ``h = relu(z)``, ``y = w2.h + b2``, ``e = y - t``; the gradient of ``e^2`` is
+    ``2e`` times (``h`` for w2, ``1`` for b2, ``w2 * 1[z > 0]`` times (``x`` for W1, ``1`` for b1)), exactly
+    what autograd computes for ``mse_loss`` with ReLU'(0) = 0. The squared errors are added one by one in
+    float64 to ``loss_sum``, so the sum does not depend on how the steps are split into blocks.
+    """
+    w1, b1, w2, b2 = params
+    two_lr = np.float32(2.0 * lr)
+    for x, t in zip(inputs, targets):
+        z = w1 @ x
+        z += b1
+        h = np.maximum(z, np.float32(0.0))
+        error = (w2 @ h + b2[0]) - t
+        loss_sum += float(error * error)
+        scale = two_lr * error
+        dz = w2 * (z > 0)
+        dz *= scale
+        w2 -= scale * h
+        b2 -= scale
+        w1 -= np.multiply.outer(dz, x)
+        b1 -= dz
+    return loss_sum
+
+
+def _numpy_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy views sharing memory with the learner's parameters (W1, b1, w2, b2); checks float32 CPU."""
+    hidden, _activation, output = learner_layers(model)
+    tensors = (hidden.weight, hidden.bias, output.weight, output.bias)
+    for tensor in tensors:
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError("the lean engine needs contiguous float32 CPU parameters; use engine='autograd'")
+    w1, b1, w2, b2 = (t.detach().numpy() for t in tensors)
+    return w1, b1, w2.reshape(-1), b2
+
+
+@register_benchmark
+class BitFlipBenchmark(Benchmark):
+    """E3: online regression on a bit-flipping stream; emits binned online MSE and Monitor metrics."""
+
+    name = "bitflip"
+    Config = BitFlipBenchmarkConfig
+    description = "Bit-flipping online regression (E3): online MSE rises, rank falls, duplicates grow with width."
+    presets = {
+        # A few seconds: the code paths, not the trend.
+        "smoke": {"width": 10, "num_steps": 4000, "flip_period": 500, "bin_size": 500, "monitor_every": 1000},
+        # Paper sizes and T = 10k (200 flips), 2M steps instead of 5M: about a minute per width (lean engine).
+        "default": {
+            "width": 100, "num_steps": 2_000_000, "flip_period": 10_000, "bin_size": 1000, "monitor_every": 2000,
+        },
+        # The paper: 5M steps, T = 10k, metrics every 1000 steps on 128 probe samples.
+        "paper": {"width": 100, "num_steps": 5_000_000, "flip_period": 10_000, "bin_size": 1000, "monitor_every": 1000},
+    }
+
+    def __init__(self, config: BitFlipBenchmarkConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
+        super().__init__(config, seed, method)
+        self.rng = PrivateRNG(self.seed)
+        self.stream = BitFlipStream(stream_config(config), self.seed)
+        self.model = build_learner(config, self.seed)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr)
+        self.engine = self._resolve_engine(config.engine)
+        self.method.attach(self.model, self.optimizer)
+        self.monitor = make_bitflip_monitor(self.model, config) if config.monitor_every > 0 else None
+        self._bin_sum = 0.0
+        self._bin_count = 0
+        self._initial_measured = False
+        self._last_mse = float("nan")
+
+    def _resolve_engine(self, engine: str) -> str:
+        """``auto`` -> ``lean`` without a method, ``autograd`` with one; ``lean`` with a method is an error."""
+        noop = method_is_noop(self.method)
+        if engine == "auto":
+            return "lean" if noop else "autograd"
+        if engine == "lean" and not noop:
+            raise ConfigError(
+                f"engine='lean' calls no mitigation hooks, but method {self.method.name!r} is attached; "
+                "use engine='auto' or engine='autograd'"
+            )
+        return engine
+
+    @property
+    def total_steps(self) -> int:
+        """``num_steps``."""
+        return self.config.num_steps
+
+    def task_at(self, step: int) -> int:
+        """Number of flips before the distribution of ``step`` (the ``task`` of rows at that step)."""
+        return step // self.config.flip_period
+
+    def run(self, n_steps: int) -> list[dict[str, Any]]:
+        """Train for up to ``n_steps`` online steps; return bin and Monitor rows completed on the way."""
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        rows: list[dict[str, Any]] = []
+        cfg = self.config
+        if self.monitor is not None and self.step == 0 and not self._initial_measured:
+            rows += self._measure()
+            self._initial_measured = True
+        end = min(self.step + n_steps, self.total_steps)
+        views = _numpy_views(self.model) if self.engine == "lean" else None
+        with self.rng.active():
+            while self.step < end:
+                length = next_block_length(self.step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
+                inputs, targets = self.stream.next_batches(length)
+                if views is not None:
+                    self._bin_sum = lean_sgd_block(views, inputs.numpy(), targets.numpy()[:, 0], cfg.lr, self._bin_sum)
+                else:
+                    self._bin_sum = self._autograd_block(inputs, targets, self._bin_sum)
+                self._bin_count += length
+                self.step += length
+                rows += self._after_block()
+        return rows
+
+    def _autograd_block(self, inputs: torch.Tensor, targets: torch.Tensor, loss_sum: float) -> float:
+        """Generic online SGD over a block with every mitigation hook called; returns the updated loss sum."""
+        model, optimizer, method, period = self.model, self.optimizer, self.method, self.config.flip_period
+        model.train()
+        for i in range(inputs.shape[0]):
+            index = self.step + i
+            if index % period == 0:
+                method.on_task_start(model, optimizer, index // period)
+            loss = mse_loss(model(inputs[i : i + 1]), targets[i : i + 1])
+            extra = method.loss_term(model)
+            total = loss if extra is None else loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            method.before_step(model, optimizer, index)
+            optimizer.step()
+            method.after_step(model, optimizer, index)
+            loss_sum += float(loss.detach())
+        return loss_sum
+
+    def _after_block(self) -> list[dict[str, Any]]:
+        """Rows due at the current step: a completed (or final) MSE bin and a Monitor measurement."""
+        rows: list[dict[str, Any]] = []
+        cfg = self.config
+        if bin_due(self.step, self.total_steps, cfg.bin_size, self._bin_count):
+            self._last_mse = self._bin_sum / self._bin_count
+            rows.append(make_row(self.step, self.task_at(self.step), "model", "online_mse", self._last_mse))
+            self._bin_sum, self._bin_count = 0.0, 0
+        if self.monitor is not None and self.step % cfg.monitor_every == 0:
+            rows += self._measure()
+        return rows
+
+    def _measure(self) -> list[dict[str, Any]]:
+        """Monitor rows on the fixed probe of the current distribution."""
+        assert self.monitor is not None
+        return monitor_rows(self.monitor, self.stream, self.config, self.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, method, stream, bin accumulator, flags and global RNGs (copies, not views)."""
+        return {
+            "step": self.step,
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "stream": self.stream.state_dict(),
+            "bin_sum": self._bin_sum,
+            "bin_count": self._bin_count,
+            "initial_measured": self._initial_measured,
+            "last_mse": self._last_mse,
+            "rng": self.rng.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (parameters are copied in place)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.stream.load_state_dict(state["stream"])
+        self.step = int(state["step"])
+        self._bin_sum = float(state["bin_sum"])
+        self._bin_count = int(state["bin_count"])
+        self._initial_measured = bool(state["initial_measured"])
+        self._last_mse = float(state["last_mse"])
+        self.rng.state = state["rng"]
+
+    def progress(self) -> dict[str, Any]:
+        """Current flip count and the last completed bin's online MSE."""
+        return {"task": self.task_at(self.step), "online_mse": round(self._last_mse, 4)}
+
