@@ -1,0 +1,168 @@
+"""Overhead of lopkit's Monitor on a training loop: ms/step without and with a Monitor, and their ratio.
+
+Trains a 784-1000-1000-10 ReLU MLP with plain SGD on random data (random inputs and labels: the point is
+the cost per step, not learning, so no dataset is needed). Each repeat runs the same number of steps twice
+from the same initial weights: once without diagnostics and once with a Monitor that measures every default
+metric (including the gradient-based ones, so a probe loss is given) on a fixed probe batch every ``--every``
+steps. Repeats interleave the two variants to spread machine noise evenly. Target: ratio <= 1.05.
+
+Both wall-clock time and process CPU time are reported. On a machine shared with other jobs the wall clock
+mostly measures the neighbours; with ``--threads 1`` the CPU-time ratio is the steadier figure.
+
+Usage: python benchmarks/monitor_overhead.py [--steps 1000] [--every 100] [--probe 512] [--batch 256] [--repeats 3]
+       [--threads N] [--profile] [--no-weight-layer-outputs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lopkit.diagnostics.errors import LopkitWarning
+from lopkit.diagnostics.monitor import Monitor, MonitorConfig
+
+
+@dataclass
+class Timing:
+    """Wall-clock and process-CPU seconds of one piece of work."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def __iadd__(self, other: "Timing") -> "Timing":
+        self.wall += other.wall
+        self.cpu += other.cpu
+        return self
+
+
+class Stopwatch:
+    """Context manager measuring wall-clock and process CPU time together."""
+
+    def __enter__(self) -> "Stopwatch":
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timing = Timing(time.perf_counter() - self._wall, time.process_time() - self._cpu)
+
+
+def make_model(seed: int) -> nn.Sequential:
+    """The 784-1000-1000-10 ReLU MLP of the benchmark."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 1000), nn.ReLU(), nn.Linear(1000, 10))
+
+
+def make_batches(count: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A pool of random (input, label) minibatches, made before timing starts."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(count)]
+
+
+def train(steps: int, batches: list, monitor: Monitor | None, probe: tuple, model: nn.Module) -> tuple[Timing, Timing]:
+    """Run ``steps`` SGD steps; return (time of the whole loop, time spent inside the Monitor)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    inside = Timing()
+    with Stopwatch() as total:
+        for step in range(steps):
+            x, y = batches[step % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if monitor is not None and step % monitor.config.every == 0:
+                with Stopwatch() as measuring:
+                    monitor.maybe_measure(step, probe[0], probe[1], loss_fn)
+                inside += measuring.timing
+    return total.timing, inside
+
+
+def profile_metrics(model: nn.Module, probe: tuple, config: MonitorConfig, repeats: int = 5) -> dict[str, float]:
+    """Fastest CPU ms of a measure call computing one metric at a time (probe pass included)."""
+    loss_fn = nn.CrossEntropyLoss()
+    names = ["loss", *sorted({m for layer in Monitor(model, config=config).layers for m in layer.metrics})]
+    timings: dict[str, float] = {}
+    for metric in [*names, "all"]:
+        monitor = Monitor(model, metrics=None if metric == "all" else [metric], config=config)
+        runs = []
+        for _ in range(repeats):
+            with Stopwatch() as watch:
+                monitor.measure(probe[0], probe[1], loss_fn)
+            runs.append(watch.timing.cpu * 1e3)
+        timings[metric] = min(runs)
+    return timings
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per run")
+    parser.add_argument("--every", type=int, default=100, help="Monitor probe interval in steps")
+    parser.add_argument("--probe", type=int, default=512, help="probe batch size")
+    parser.add_argument("--batch", type=int, default=256, help="training batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of (without, with)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--profile", action="store_true", help="also time each metric on its own (CPU time)")
+    parser.add_argument(
+        "--no-weight-layer-outputs",
+        action="store_true",
+        help="MonitorConfig(weight_layer_output_metrics=False): skip rank/duplicate metrics on Linear outputs",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Run the interleaved repeats and print ms/step (wall and CPU), the measurement cost and the ratio."""
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", LopkitWarning)  # e.g. "dropped constant units": informative, not timing
+    config = MonitorConfig(every=args.every, weight_layer_output_metrics=not args.no_weight_layer_outputs)
+
+    batches = make_batches(min(args.steps, 50), args.batch, seed=1)
+    g = torch.Generator().manual_seed(2)
+    probe = (torch.randn(args.probe, 784, generator=g), torch.randint(0, 10, (args.probe,), generator=g))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, random data (no dataset needed)")
+    print(f"steps={args.steps} every={args.every} probe={args.probe} batch={args.batch} repeats={args.repeats} "
+          f"weight_layer_output_metrics={config.weight_layer_output_metrics}")
+
+    warm = make_model(0)  # first calls pay one-off allocation and kernel-selection costs
+    train(20, batches, Monitor(warm, config=MonitorConfig(every=10)), probe, warm)
+
+    per_step: dict[str, list[Timing]] = defaultdict(list)
+    per_measure: list[Timing] = []
+    for repeat in range(args.repeats):
+        for variant in (["without", "with"] if repeat % 2 == 0 else ["with", "without"]):
+            model = make_model(seed=repeat)
+            monitor = Monitor(model, config=config) if variant == "with" else None
+            total, inside = train(args.steps, batches, monitor, probe, model)
+            per_step[variant].append(Timing(total.wall * 1e3 / args.steps, total.cpu * 1e3 / args.steps))
+            if monitor is not None:
+                n = len({r["step"] for r in monitor.rows})
+                per_measure.append(Timing(inside.wall * 1e3 / n, inside.cpu * 1e3 / n))
+            last = per_step[variant][-1]
+            print(f"  repeat {repeat} {variant:>7}: {last.wall:7.2f} ms/step wall, {last.cpu:7.2f} ms/step cpu")
+
+    print(f"medians over {args.repeats} repeats ({-(-args.steps // args.every)} measurements per run):")
+    for clock in ("wall", "cpu"):
+        without = statistics.median(getattr(t, clock) for t in per_step["without"])
+        with_monitor = statistics.median(getattr(t, clock) for t in per_step["with"])
+        measure = statistics.median(getattr(t, clock) for t in per_measure)
+        print(f"  {clock:>4}: without {without:6.2f} ms/step, with {with_monitor:6.2f} ms/step, "
+              f"one measurement {measure:7.1f} ms = {measure / without:4.1f} steps; "
+              f"ratio {with_monitor / without:.3f} (target <= 1.05)")
+
+    if args.profile:
+        print("CPU ms of one measure call computing a single metric (fastest of 5; probe pass included):")
+        for metric, ms in profile_metrics(make_model(0), probe, config).items():
+            print(f"  {metric:<22} {ms:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,936 @@
+"""Monitor: measure loss-of-plasticity diagnostics of a live model on a fixed probe batch.
+
+The Monitor attaches forward hooks only while :meth:`Monitor.measure` runs, so the training steps in
+between pay nothing. Each measurement runs the model in eval mode on the probe, never touches
+``param.grad`` (it uses :func:`torch.autograd.grad`) and never updates BatchNorm running statistics.
+Results are tidy rows ``{"step", "layer", "metric", "value"}`` that :mod:`pandas` reads directly.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lopkit.diagnostics.activations import (
+    dead_fraction,
+    dormant_fraction,
+    frozen_fraction,
+    saturated_fraction,
+)
+from lopkit.diagnostics.cloning import cloning_r2
+from lopkit.diagnostics.curvature import gradient_norm, parameter_norm, top_hessian_eigenvalue
+from lopkit.diagnostics.errors import LopkitWarning
+from lopkit.diagnostics.rank import (
+    correlation_rank,
+    effective_rank,
+    numerical_rank,
+    shannon_rank,
+    singular_values,
+    stable_rank,
+)
+from lopkit.diagnostics.similarity import duplicate_fraction
+from lopkit.diagnostics.units import as_unit_matrix, to_float_unit_matrix
+
+__all__ = [
+    "ACTIVATION_TYPES",
+    "METRIC_NAMES",
+    "MODEL_LAYER",
+    "PARAMETRIC_TYPES",
+    "Monitor",
+    "MonitorConfig",
+]
+
+#: Elementwise activation modules monitored by default (post-activation ``h`` = output, ``z`` = input).
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+)
+
+#: Weight layers monitored by default (metrics on their outputs and on their parameters).
+PARAMETRIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: Layer name used for whole-model rows (probe loss, top Hessian eigenvalue).
+MODEL_LAYER = "model"
+
+_ACTIVATION_ONLY_METRICS = ("dead_fraction", "dormant_fraction", "frozen_fraction", "saturated_fraction")
+_RANK_METRICS = ("effective_rank", "stable_rank", "correlation_rank", "numerical_rank")
+_OUTPUT_METRICS = ("duplicate_fraction", *_RANK_METRICS)
+_PARAMETER_METRICS = ("weight_norm", "gradient_norm")
+_CLONING_METRICS = ("cloning_r2_forward", "cloning_r2_backward")
+_MODEL_METRICS = ("loss", "hessian_top_eigenvalue")
+
+#: Every metric name the Monitor can produce, in the order rows are written for one layer.
+METRIC_NAMES: tuple[str, ...] = (
+    *_ACTIVATION_ONLY_METRICS,
+    *_OUTPUT_METRICS,
+    *_PARAMETER_METRICS,
+    *_CLONING_METRICS,
+    *_MODEL_METRICS,
+)
+
+#: Metrics that need a probe loss (``probe_targets`` and ``loss_fn``).
+_LOSS_METRICS = frozenset(
+    {"saturated_fraction", "gradient_norm", "cloning_r2_backward", "loss", "hessian_top_eigenvalue"}
+)
+
+_ROW_COLUMNS = ("step", "layer", "metric", "value")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a positive int (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"MonitorConfig.{name} must be a positive integer, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a real number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"MonitorConfig.{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_non_negative(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a finite real number >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(float(value))
+        or float(value) < 0.0
+    ):
+        raise ValueError(f"MonitorConfig.{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass
+class MonitorConfig:
+    """Probe interval and metric thresholds of a :class:`Monitor` (defaults follow the paper, App. B.1.2)."""
+
+    every: int = 100
+    """Probe interval in steps for :meth:`Monitor.maybe_measure`."""
+    dead_threshold: float = 1e-7
+    """A sample counts as "off" for a unit when ``|h| < dead_threshold``."""
+    dead_sample_fraction: float = 0.95
+    """A unit is dead when it is off on more than this fraction of probe samples."""
+    saturation_ratio: float = 1e-4
+    """A sample counts as saturated when ``|dL/dh| / max(mean|h|, eps) < saturation_ratio``."""
+    saturation_sample_fraction: float = 0.99
+    """A unit is saturated when it is saturated on more than this fraction of probe samples."""
+    frozen_eps: float = 0.01
+    """A sample counts as frozen for a unit when ``|f'(z)| < frozen_eps``."""
+    frozen_sample_fraction: float = 0.99
+    """A unit is frozen when it is frozen on more than this fraction of probe samples."""
+    dormant_tau: float = 0.0
+    """ReDo threshold: a unit is dormant when its normalised score ``s_i <= dormant_tau``."""
+    duplicate_threshold: float = 0.95
+    """Cosine similarity above which two units count as duplicates (0.98 for bit-flipping)."""
+    duplicate_centered: bool = False
+    """Use Pearson (mean-centred) similarity for duplicates instead of raw cosine."""
+    duplicate_absolute: bool = False
+    """Count anti-correlated units as duplicates too (``|similarity| > threshold``)."""
+    rank_max_samples: int = 1024
+    """At most this many rows (samples, or sample x position for conv) feed the rank and duplicate metrics."""
+    weight_layer_output_metrics: bool = True
+    """Compute the duplicate and rank metrics on Linear/Conv outputs too (False roughly halves the cost of a
+    measurement on an MLP; their norms and the activation modules' metrics are kept)."""
+    cloning_legacy_std_ratio: bool = False
+    """Use the authors' code's std-ratio cloning R^2 instead of the paper's variance ratio."""
+    channels_last: bool = False
+    """Treat the last axis of >2-D activation outputs as units (sequences ``(N, T, D)``)."""
+    hessian: bool = False
+    """Opt in to the top Hessian eigenvalue of the probe loss (power iteration, costly)."""
+    hessian_iterations: int = 20
+    """Power-iteration steps for the top Hessian eigenvalue."""
+    hessian_tol: float = 1e-3
+    """Relative tolerance that stops the power iteration early."""
+    seed: int = 0
+    """Seed for the row subsample of the rank metrics and for the Hessian power iteration."""
+
+    def __post_init__(self) -> None:
+        """Validate every field and raise ValueError naming the bad one."""
+        _check_positive_int("every", self.every)
+        _check_positive_int("rank_max_samples", self.rank_max_samples)
+        _check_positive_int("hessian_iterations", self.hessian_iterations)
+        for name in (
+            "dead_sample_fraction",
+            "saturation_sample_fraction",
+            "frozen_sample_fraction",
+        ):
+            _check_fraction(name, getattr(self, name))
+        for name in ("dead_threshold", "saturation_ratio", "frozen_eps", "dormant_tau", "hessian_tol"):
+            _check_non_negative(name, getattr(self, name))
+        if (
+            isinstance(self.duplicate_threshold, bool)
+            or not isinstance(self.duplicate_threshold, (int, float))
+            or not -1.0 <= float(self.duplicate_threshold) < 1.0
+        ):
+            raise ValueError(
+                f"MonitorConfig.duplicate_threshold must be a similarity in [-1, 1), got {self.duplicate_threshold!r}"
+            )
+        for name in (
+            "duplicate_centered",
+            "duplicate_absolute",
+            "weight_layer_output_metrics",
+            "cloning_legacy_std_ratio",
+            "channels_last",
+            "hessian",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MonitorConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"MonitorConfig.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class _Layer:
+    """One monitored module: its name, the module, its kind and the metrics computed on it."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "activation", "parametric" or "other"
+    metrics: tuple[str, ...]
+    block_ids: Tensor | None = None
+
+
+@dataclass
+class _Capture:
+    """What the hooks saw during one call of a monitored module in the probe forward pass."""
+
+    output: Tensor
+    pre_activation: Tensor | None = None
+
+
+@dataclass
+class _ProbeResult:
+    """Everything the probe pass produced: captures per layer, the loss, and requested gradients."""
+
+    captures: dict[str, list[_Capture]] = field(default_factory=dict)
+    loss: float | None = None
+    output_grads: dict[tuple[str, int], Tensor | None] = field(default_factory=dict)
+    parameter_grads: dict[str, list[Tensor]] = field(default_factory=dict)
+    non_tensor: set[str] = field(default_factory=set)
+    hessian_top: float | None = None
+
+
+def _layer_kind(module: nn.Module, extra_activation_types: tuple[type[nn.Module], ...]) -> str:
+    """Classify a module as an elementwise activation, a weight layer, or anything else."""
+    if isinstance(module, ACTIVATION_TYPES + extra_activation_types):
+        return "activation"
+    if isinstance(module, PARAMETRIC_TYPES):
+        return "parametric"
+    return "other"
+
+
+def _metrics_for_kind(kind: str, module: nn.Module, in_partition: bool, weight_layer_outputs: bool) -> tuple[str, ...]:
+    """All metric names that apply to a layer of this kind (before the user's ``metrics`` filter)."""
+    names: list[str] = []
+    if kind == "activation":
+        names += _ACTIVATION_ONLY_METRICS
+    if kind != "parametric" or weight_layer_outputs:
+        names += _OUTPUT_METRICS
+    if kind != "activation" and any(True for _ in module.parameters()):
+        names += _PARAMETER_METRICS
+    if in_partition:
+        names += _CLONING_METRICS
+    return tuple(names)
+
+
+def _has_inplace_module(model: nn.Module) -> bool:
+    """True when any submodule works in place (its output may overwrite a captured tensor)."""
+    return any(getattr(m, "inplace", False) is True for m in model.modules())
+
+
+def _tensor_or_none(output: Any) -> Tensor | None:
+    """The module output if it is a tensor, else None (tuples and dicts are not monitored)."""
+    return output if isinstance(output, Tensor) else None
+
+
+def _row_subsample(matrix: Tensor, max_rows: int, seed: int) -> Tensor:
+    """At most ``max_rows`` rows of ``matrix``, chosen by a seeded random draw (kept in order)."""
+    n_rows = matrix.shape[0]
+    if n_rows <= max_rows:
+        return matrix
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(n_rows, generator=generator)[:max_rows].sort().values
+    return matrix.index_select(0, index.to(matrix.device))
+
+
+def _run_model(model: nn.Module, probe_inputs: Any) -> Any:
+    """Call the model on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    if isinstance(probe_inputs, Mapping):
+        return model(**probe_inputs)
+    if isinstance(probe_inputs, (tuple, list)):
+        return model(*probe_inputs)
+    return model(probe_inputs)
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """True when every entry is finite; a sum is a cheap exact test (NaN/inf make it non-finite)."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())  # the sum may overflow with finite entries
+
+
+def _warn(message: str) -> None:
+    """Emit a LopkitWarning attributed to the first caller outside this module (the user's code)."""
+    frame = sys._getframe(1)
+    level = 2  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, LopkitWarning, stacklevel=level)
+
+
+def _format_value(value: float) -> str:
+    """Compact fixed-width rendering of one metric value for text tables."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    if float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+class Monitor:
+    """Measure LoP diagnostics (dead/frozen/duplicate units, ranks, norms, cloning R^2) on a probe batch.
+
+    Which metrics go where:
+
+    - Activation modules (ReLU, GELU, Tanh, ... see :data:`ACTIVATION_TYPES`): with ``h`` the module output
+      and ``z`` its input (the pre-activation): ``dead_fraction``, ``dormant_fraction``, ``frozen_fraction``
+      (derivative of the module itself at ``z``), ``duplicate_fraction``, the four rank metrics, and
+      ``saturated_fraction`` (needs ``dL/dh``, so only when a probe loss is given).
+    - Linear and Conv1d/2d/3d modules: ``duplicate_fraction`` and the rank metrics on their outputs,
+      ``weight_norm`` of their parameters and ``gradient_norm`` of the probe-loss gradient w.r.t. them.
+    - Any other module named in ``layers`` (e.g. a residual block): the output metrics, plus the norms when it
+      has parameters.
+    - Layers in ``partition``: ``cloning_r2_forward`` on ``h`` and ``cloning_r2_backward`` on ``dL/dh``.
+    - Layer ``"model"``: ``loss`` (probe loss) and, when ``config.hessian``, ``hessian_top_eigenvalue``.
+
+    Conv outputs ``(N, C, *spatial)`` treat channels as units and every (sample, position) as a sample;
+    set ``config.channels_last=True`` to read ``(N, T, D)`` activation outputs as ``N*T`` samples of ``D``
+    units (Linear outputs always use their last axis). Rank and duplicate metrics use at most
+    ``config.rank_max_samples`` rows (a seeded random subset). A module called several times in one forward
+    pass gives one layer per call, named ``"name#0"``, ``"name#1"``, ...
+
+    Metrics that need a gradient are skipped when ``measure`` gets no ``probe_targets``/``loss_fn``. A layer
+    whose output holds NaN/inf gets NaN for all its metrics (except ``weight_norm``) and one
+    :class:`~lopkit.diagnostics.errors.LopkitWarning` naming it. Extra elementwise activation classes can be
+    declared with ``activation_types``.
+
+    Cost: hooks exist only inside ``measure``; one measurement costs a probe forward/backward plus, per
+    layer, a few Gram matrices and one eigendecomposition (``probe x probe``). On a 784-1000-1000-10 MLP
+    with a 512 probe and every metric that is about 18 SGD steps of batch 256 (one CPU thread; see
+    ``benchmarks/monitor_overhead.py``); ``MonitorConfig(weight_layer_output_metrics=False)`` brings it to
+    about 10, and ``metrics=`` / ``layers=`` cut it further.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str | type[nn.Module]] | None = None,
+        *,
+        metrics: Iterable[str] | None = None,
+        partition: Mapping[str, Tensor] | None = None,
+        config: MonitorConfig | None = None,
+        activation_types: Sequence[type[nn.Module]] = (),
+    ) -> None:
+        """Pick the layers and metrics to monitor and validate the partition; attaches nothing yet."""
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Monitor needs a torch.nn.Module, got {type(model).__name__}")
+        if config is None:
+            config = MonitorConfig()
+        if not isinstance(config, MonitorConfig):
+            raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
+        self.model = model
+        self.config = config
+        self._extra_activation_types = tuple(activation_types)
+        self._explicit_metrics = metrics is not None
+        self.metrics: frozenset[str] = self._validate_metrics(metrics)
+        modules = self._select_modules(layers)
+        block_ids = self._validate_partition(partition, {name for name, _ in modules})
+        self.layers: list[_Layer] = [self._make_layer(name, module, block_ids.get(name)) for name, module in modules]
+        self.rows: list[dict[str, Any]] = []
+        self._calls = 0
+        self._warned_once: set[str] = set()
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _validate_metrics(metrics: Iterable[str] | None) -> frozenset[str]:
+        """The chosen metric names (all by default); unknown names raise ValueError listing valid ones."""
+        if metrics is None:
+            return frozenset(METRIC_NAMES)
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        chosen = list(metrics)
+        unknown = [m for m in chosen if m not in METRIC_NAMES]
+        if unknown:
+            raise ValueError(f"unknown metric name(s) {unknown}; valid names are: {', '.join(METRIC_NAMES)}")
+        if not chosen:
+            raise ValueError(f"metrics is empty; pass None for all metrics or a subset of: {', '.join(METRIC_NAMES)}")
+        return frozenset(chosen)
+
+    def _select_modules(self, layers: Sequence[str | type[nn.Module]] | None) -> list[tuple[str, nn.Module]]:
+        """Resolve ``layers`` (None, names and/or module types) to (name, module) pairs in model order."""
+        named = list(self.model.named_modules())
+        if layers is None:
+            default_types = ACTIVATION_TYPES + self._extra_activation_types + PARAMETRIC_TYPES
+            selected = [(name, m) for name, m in named if isinstance(m, default_types)]
+            if not selected:
+                raise ValueError(
+                    f"{type(self.model).__name__} has no module to monitor by default (no elementwise activation "
+                    "module such as nn.ReLU and no nn.Linear/nn.Conv layer). Pass layers=[...] with module names "
+                    "from model.named_modules() or module types, e.g. Monitor(model, layers=['encoder.block1'])."
+                )
+            return [(name or MODEL_LAYER, m) for name, m in selected]
+        if isinstance(layers, (str, type)):
+            layers = [layers]
+        by_name = dict(named)
+        wanted_names: set[str] = set()
+        wanted_types: list[type] = []
+        for item in layers:
+            if isinstance(item, str):
+                if item not in by_name:
+                    available = ", ".join(repr(n) for n, _ in named if n) or "(none)"
+                    raise ValueError(
+                        f"layer {item!r} is not a module of the model; available names from "
+                        f"model.named_modules(): {available}"
+                    )
+                wanted_names.add(item)
+            elif isinstance(item, type) and issubclass(item, nn.Module):
+                wanted_types.append(item)
+            else:
+                raise ValueError(f"layers entries must be module names (str) or nn.Module subclasses, got {item!r}")
+        selected = [
+            (name, m)
+            for name, m in named
+            if name in wanted_names or (wanted_types and isinstance(m, tuple(wanted_types)))
+        ]
+        if not selected:
+            raise ValueError(
+                f"no module of {type(self.model).__name__} matches layers={list(layers)!r}; pass module names "
+                "from model.named_modules() or module types that occur in the model."
+            )
+        return [(name or MODEL_LAYER, m) for name, m in selected]
+
+    @staticmethod
+    def _validate_partition(partition: Mapping[str, Tensor] | None, monitored: set[str]) -> dict[str, Tensor]:
+        """Check that every partition layer is monitored and holds a 1-D integer block id per unit."""
+        if partition is None:
+            return {}
+        if not isinstance(partition, Mapping):
+            raise ValueError(f"partition must be a mapping of layer name -> block ids, got {type(partition).__name__}")
+        checked: dict[str, Tensor] = {}
+        for name, ids in partition.items():
+            if name not in monitored:
+                raise ValueError(
+                    f"partition names layer {name!r}, which is not monitored; monitored layers: "
+                    f"{', '.join(sorted(monitored))}. Add it to layers=[...] or fix the name."
+                )
+            ids_tensor = torch.as_tensor(ids)
+            if ids_tensor.ndim != 1 or ids_tensor.dtype.is_floating_point or ids_tensor.dtype == torch.bool:
+                raise ValueError(
+                    f"partition[{name!r}] must be a 1-D integer tensor (one block id per unit), got shape "
+                    f"{tuple(ids_tensor.shape)} and dtype {ids_tensor.dtype}"
+                )
+            checked[name] = ids_tensor.to(torch.long).cpu()
+        return checked
+
+    def _make_layer(self, name: str, module: nn.Module, block_ids: Tensor | None) -> _Layer:
+        """Build the record of one monitored layer, keeping only the chosen metrics."""
+        kind = _layer_kind(module, self._extra_activation_types)
+        applicable = _metrics_for_kind(kind, module, block_ids is not None, self.config.weight_layer_output_metrics)
+        return _Layer(name, module, kind, tuple(m for m in applicable if m in self.metrics), block_ids)
+
+    # ------------------------------------------------------------------ measuring
+    def maybe_measure(
+        self,
+        step: int,
+        probe_inputs: Any,
+        probe_targets: Any = None,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    ) -> list[dict[str, Any]] | None:
+        """Measure when ``step % config.every == 0`` (returns the new rows), else do nothing (returns None)."""
+        if step % self.config.every != 0:
+            return None
+        return self.measure(probe_inputs, probe_targets, loss_fn, step=step)
+
+    def measure(
+        self,
+        probe_inputs: Any,
+        probe_targets: Any = None,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        step: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run the probe through the model once and return (and store) one row per (layer, metric).
+
+        ``loss_fn(model_output, probe_targets)`` must return a scalar. ``step`` defaults to the number of
+        earlier ``measure`` calls on this Monitor.
+        """
+        if (probe_targets is None) != (loss_fn is None):
+            raise ValueError(
+                "pass both probe_targets and loss_fn for gradient-based metrics (loss, saturated_fraction, "
+                "gradient_norm, cloning_r2_backward), or neither"
+            )
+        with_loss = loss_fn is not None
+        if not with_loss:
+            self._warn_skipped_loss_metrics()
+        if step is None:
+            step = self._calls
+        self._calls += 1
+        probe = self._probe(probe_inputs, probe_targets, loss_fn, with_loss)
+        rows: list[dict[str, Any]] = []
+        for layer in self.layers:
+            calls = probe.captures.get(layer.name, [])
+            if not calls and layer.name not in probe.non_tensor:
+                self._warn_once(
+                    f"not-called:{layer.name}",
+                    f"layer {layer.name!r} was not called during the probe forward pass, so it has no metrics",
+                )
+                continue
+            for index, capture in enumerate(calls):
+                label = layer.name if len(calls) == 1 else f"{layer.name}#{index}"
+                values = self._layer_values(layer, label, capture, probe, index, with_loss)
+                rows += [self._row(step, label, metric, value) for metric, value in values.items()]
+        if probe.loss is not None and "loss" in self.metrics:
+            rows.append(self._row(step, MODEL_LAYER, "loss", probe.loss))
+        if probe.hessian_top is not None:
+            rows.append(self._row(step, MODEL_LAYER, "hessian_top_eigenvalue", probe.hessian_top))
+        self.rows.extend(rows)
+        return rows
+
+    @staticmethod
+    def _row(step: int, layer: str, metric: str, value: float) -> dict[str, Any]:
+        """One tidy row with a float value."""
+        return {"step": int(step), "layer": layer, "metric": metric, "value": float(value)}
+
+    def _needs_output_grad(self, layer: _Layer) -> bool:
+        """Whether the probe loss must be differentiated w.r.t. this layer's output."""
+        return "saturated_fraction" in layer.metrics or "cloning_r2_backward" in layer.metrics
+
+    def _needs_pre_activation(self, layer: _Layer) -> bool:
+        """Whether this layer needs its input ``z`` captured (derivative-based frozen fraction)."""
+        return "frozen_fraction" in layer.metrics
+
+    def _trainable_parameters(self, layer: _Layer) -> list[nn.Parameter]:
+        """Parameters of the layer's module that receive gradients."""
+        return [p for p in layer.module.parameters() if p.requires_grad]
+
+    def _probe(self, probe_inputs: Any, probe_targets: Any, loss_fn: Callable | None, with_loss: bool) -> _ProbeResult:
+        """Forward the probe in eval mode with temporary hooks; then take gradients and curvature if asked."""
+        result = _ProbeResult()
+        previous_modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            self.model.eval()
+            if with_loss:
+                self._probe_with_loss(probe_inputs, probe_targets, loss_fn, result)
+            else:
+                with torch.no_grad():
+                    self._forward_with_hooks(probe_inputs, result, track_grad=False)
+        finally:
+            for module, training in previous_modes:
+                module.training = training
+        return result
+
+    def _forward_with_hooks(self, probe_inputs: Any, result: _ProbeResult, track_grad: bool) -> Any:
+        """Run the model once with capture hooks attached, removing them before returning."""
+        clone_outputs = _has_inplace_module(self.model)
+        pending: dict[str, Tensor | None] = {}
+        handles = []
+        try:
+            for layer in self.layers:
+                result.captures[layer.name] = []
+                if self._needs_pre_activation(layer):
+                    handles.append(layer.module.register_forward_pre_hook(self._pre_activation_hook(layer, pending)))
+                hook = self._capture_hook(layer, result, pending, track_grad, clone_outputs)
+                handles.append(layer.module.register_forward_hook(hook))
+            return _run_model(self.model, probe_inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _pre_activation_hook(self, layer: _Layer, pending: dict[str, Tensor | None]) -> Callable:
+        """Pre-hook saving a detached copy of the module input ``z`` (copied: in-place modules overwrite it)."""
+        inplace = getattr(layer.module, "inplace", False) is True
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            z = args[0] if args and isinstance(args[0], Tensor) else None
+            if z is not None:
+                z = z.detach().clone() if inplace else z.detach()
+            pending[layer.name] = z
+
+        return hook
+
+    def _capture_hook(
+        self,
+        layer: _Layer,
+        result: _ProbeResult,
+        pending: dict[str, Tensor | None],
+        track_grad: bool,
+        clone_outputs: bool,
+    ) -> Callable:
+        """Forward hook saving the module output (with its graph when its gradient is needed)."""
+        needs_grad = track_grad and self._needs_output_grad(layer)
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            tensor = _tensor_or_none(output)
+            if tensor is None:
+                result.non_tensor.add(layer.name)
+                self._warn_once(
+                    f"non-tensor:{layer.name}",
+                    f"layer {layer.name!r} returns {type(output).__name__}, not a tensor; it is not monitored",
+                )
+                return None
+            replacement = None
+            if needs_grad and not tensor.requires_grad:
+                # Nothing upstream needs gradients, so a fresh leaf loses no graph and lets us take dL/dh.
+                tensor = tensor.detach().requires_grad_(True)
+                replacement = tensor.clone() if clone_outputs else tensor
+            elif clone_outputs:
+                # A later in-place module would overwrite the captured tensor; hand it a copy instead.
+                replacement = tensor.clone()
+            saved = tensor if needs_grad else tensor.detach()
+            result.captures[layer.name].append(_Capture(output=saved, pre_activation=pending.pop(layer.name, None)))
+            return replacement
+
+        return hook
+
+    def _probe_with_loss(self, probe_inputs: Any, probe_targets: Any, loss_fn: Callable, result: _ProbeResult) -> None:
+        """Forward with autograd on, take the requested gradients with ``autograd.grad`` (no ``.grad`` writes)."""
+        with torch.enable_grad():
+            outputs = self._forward_with_hooks(probe_inputs, result, track_grad=True)
+            loss = loss_fn(outputs, probe_targets)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn(outputs, probe_targets) must return a scalar tensor (use a mean/sum reduction)")
+        result.loss = float(loss.detach())
+        grad_targets, slots = self._gradient_targets(result)
+        if grad_targets and loss.requires_grad:
+            grads = torch.autograd.grad(loss, grad_targets, allow_unused=True)
+            self._distribute_gradients(grads, grad_targets, slots, result)
+        if self.config.hessian and "hessian_top_eigenvalue" in self.metrics:
+            result.hessian_top = self._hessian_top(probe_inputs, probe_targets, loss_fn)
+
+    def _gradient_targets(self, result: _ProbeResult) -> tuple[list[Tensor], list[tuple[str, Any]]]:
+        """Tensors to differentiate (captured outputs, then unique parameters) and where each result goes."""
+        targets: list[Tensor] = []
+        slots: list[tuple[str, Any]] = []
+        for layer in self.layers:
+            if not self._needs_output_grad(layer):
+                continue
+            for index, capture in enumerate(result.captures.get(layer.name, [])):
+                if capture.output.requires_grad:
+                    targets.append(capture.output)
+                    slots.append(("output", (layer.name, index)))
+        seen: dict[int, int] = {}
+        for layer in self.layers:
+            if "gradient_norm" not in layer.metrics:
+                continue
+            for param in self._trainable_parameters(layer):
+                if id(param) not in seen:
+                    seen[id(param)] = len(targets)
+                    targets.append(param)
+                    slots.append(("parameter", id(param)))
+        return targets, slots
+
+    def _distribute_gradients(
+        self, grads: Sequence[Tensor | None], targets: list[Tensor], slots: list[tuple[str, Any]], result: _ProbeResult
+    ) -> None:
+        """File the gradients by layer output and by layer parameters (unused parameters get zeros)."""
+        by_param: dict[int, Tensor] = {}
+        for grad, target, (kind, key) in zip(grads, targets, slots):
+            if kind == "output":
+                result.output_grads[key] = None if grad is None else grad.detach()
+            else:
+                by_param[key] = torch.zeros_like(target) if grad is None else grad.detach()
+        for layer in self.layers:
+            if "gradient_norm" in layer.metrics:
+                result.parameter_grads[layer.name] = [by_param[id(p)] for p in self._trainable_parameters(layer)]
+
+    def _hessian_top(self, probe_inputs: Any, probe_targets: Any, loss_fn: Callable) -> float:
+        """Top Hessian eigenvalue of the probe loss w.r.t. all trainable parameters (model still in eval mode)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            return float("nan")
+
+        def probe_loss() -> Tensor:
+            return loss_fn(_run_model(self.model, probe_inputs), probe_targets)
+
+        with torch.enable_grad():
+            return float(
+                top_hessian_eigenvalue(
+                    probe_loss,
+                    params,
+                    iterations=self.config.hessian_iterations,
+                    tol=self.config.hessian_tol,
+                    seed=self.config.seed,
+                )
+            )
+
+    # ------------------------------------------------------------------ per-layer metrics
+    def _unit_matrix(self, layer: _Layer, tensor: Tensor) -> Tensor:
+        """The ``(samples, units)`` view of a layer output (Linear: last axis; conv: channels)."""
+        if layer.kind == "parametric" and isinstance(layer.module, nn.Linear):
+            return tensor.reshape(-1, tensor.shape[-1]) if tensor.ndim > 2 else tensor
+        if layer.kind == "parametric":
+            return as_unit_matrix(tensor)
+        return as_unit_matrix(tensor, channels_last=self.config.channels_last)
+
+    def _layer_values(
+        self, layer: _Layer, label: str, capture: _Capture, probe: _ProbeResult, index: int, with_loss: bool
+    ) -> dict[str, float]:
+        """Compute the chosen metrics of one layer call; NaN everywhere if its output is not finite."""
+        metrics = [m for m in layer.metrics if with_loss or m not in _LOSS_METRICS]
+        if not self._trainable_parameters(layer):  # frozen module: no gradient to report
+            metrics = [m for m in metrics if m != "gradient_norm"]
+        values: dict[str, float] = {}
+        output = capture.output.detach()
+        h = self._unit_matrix(layer, output)
+        if not _all_finite(h):
+            _warn(
+                f"layer {label!r}: its output on the probe contains NaN or inf, so its metrics are NaN. "
+                "Check the probe inputs and the model for divergence (lower the learning rate, clip gradients)."
+            )
+            for metric in metrics:
+                values[metric] = self._weight_norm(layer) if metric == "weight_norm" else float("nan")
+            return values
+        grad = None
+        if with_loss and self._needs_output_grad(layer):
+            raw_grad = probe.output_grads.get((layer.name, index))
+            grad = None if raw_grad is None else self._unit_matrix(layer, raw_grad)
+            if grad is None:
+                grad = torch.zeros_like(h)  # the loss does not depend on this output
+            elif not _all_finite(grad):
+                _warn(
+                    f"layer {label!r}: the gradient of the probe loss w.r.t. its output contains NaN or inf, "
+                    "so its gradient-based metrics are NaN."
+                )
+                grad = None
+        sampled: Tensor | None = None
+        cfg = self.config
+        for metric in metrics:
+            if metric in _OUTPUT_METRICS and sampled is None:
+                sampled = _row_subsample(h, cfg.rank_max_samples, cfg.seed)
+                if "effective_rank" in metrics and "numerical_rank" in metrics:
+                    values.update(self._spectrum_ranks(label, sampled))
+            if metric not in values:
+                values[metric] = self._one_metric(layer, label, metric, h, sampled, grad, capture, probe)
+        return {metric: values[metric] for metric in metrics}
+
+    def _spectrum_ranks(self, label: str, sampled: Tensor) -> dict[str, float]:
+        """Effective and numerical rank from one shared spectrum (the costliest part of a measurement).
+
+        Same arithmetic as :func:`~lopkit.diagnostics.rank.effective_rank` (no centring; ``sampled`` already
+        has at most ``rank_max_samples`` rows) and the float32 path of
+        :func:`~lopkit.diagnostics.rank.numerical_rank` (default rtol = eps * max(N, D)); any other case
+        (float64 input, fewer than 2 samples) returns {} so the pure functions handle it.
+        """
+        matrix = to_float_unit_matrix(sampled)
+        if matrix.dtype != torch.float32 or matrix.shape[0] < 2 or matrix.shape[1] == 0:
+            return {}
+        sigma = singular_values(matrix)
+        rtol = torch.finfo(matrix.dtype).eps * max(matrix.shape)
+        return {
+            "effective_rank": self._with_layer_warnings(label, "effective_rank", lambda: shannon_rank(sigma)),
+            "numerical_rank": float(int((sigma > rtol * sigma[0]).sum())),
+        }
+
+    def _weight_norm(self, layer: _Layer) -> float:
+        """Norm of all parameters of the layer's module."""
+        return float(parameter_norm([p.detach() for p in layer.module.parameters()]))
+
+    def _one_metric(
+        self,
+        layer: _Layer,
+        label: str,
+        metric: str,
+        h: Tensor,
+        sampled: Tensor | None,
+        grad: Tensor | None,
+        capture: _Capture,
+        probe: _ProbeResult,
+    ) -> float:
+        """Dispatch one metric name to its pure function, re-emitting its warnings with the layer name."""
+        cfg = self.config
+        compute: Callable[[], Any]
+        if metric == "dead_fraction":
+            compute = lambda: dead_fraction(h, threshold=cfg.dead_threshold, sample_fraction=cfg.dead_sample_fraction)
+        elif metric == "dormant_fraction":
+            compute = lambda: dormant_fraction(h, tau=cfg.dormant_tau)
+        elif metric == "frozen_fraction":
+            if capture.pre_activation is None:
+                return float("nan")
+            z = self._unit_matrix(layer, capture.pre_activation)
+            compute = lambda: frozen_fraction(
+                z, layer.module, eps=cfg.frozen_eps, sample_fraction=cfg.frozen_sample_fraction
+            )
+        elif metric == "saturated_fraction":
+            if grad is None:
+                return float("nan")
+            compute = lambda: saturated_fraction(
+                h, grad, ratio_threshold=cfg.saturation_ratio, sample_fraction=cfg.saturation_sample_fraction
+            )
+        elif metric == "duplicate_fraction":
+            compute = lambda: duplicate_fraction(
+                sampled,
+                threshold=cfg.duplicate_threshold,
+                centered=cfg.duplicate_centered,
+                absolute=cfg.duplicate_absolute,
+            )
+        elif metric == "effective_rank":
+            compute = lambda: effective_rank(sampled, max_samples=cfg.rank_max_samples)
+        elif metric == "stable_rank":
+            compute = lambda: stable_rank(sampled)
+        elif metric == "correlation_rank":
+            compute = lambda: correlation_rank(sampled)
+        elif metric == "numerical_rank":
+            compute = lambda: numerical_rank(sampled)
+        elif metric == "weight_norm":
+            return self._weight_norm(layer)
+        elif metric == "gradient_norm":
+            grads = probe.parameter_grads.get(layer.name, [])
+            compute = lambda: gradient_norm(grads)
+        elif metric == "cloning_r2_forward":
+            self._check_partition_length(layer, label, h)
+            compute = lambda: cloning_r2(h, layer.block_ids.to(h.device), legacy_std_ratio=cfg.cloning_legacy_std_ratio)
+        elif metric == "cloning_r2_backward":
+            self._check_partition_length(layer, label, h)
+            if grad is None:
+                return float("nan")
+            compute = lambda: cloning_r2(
+                grad, layer.block_ids.to(grad.device), legacy_std_ratio=cfg.cloning_legacy_std_ratio
+            )
+        else:  # pragma: no cover - guarded by _metrics_for_kind
+            raise AssertionError(f"no rule for metric {metric!r}")
+        return self._with_layer_warnings(label, metric, compute)
+
+    @staticmethod
+    def _check_partition_length(layer: _Layer, label: str, h: Tensor) -> None:
+        """Raise ValueError when the partition does not give exactly one block id per unit of the layer."""
+        assert layer.block_ids is not None
+        if layer.block_ids.numel() != h.shape[1]:
+            raise ValueError(
+                f"partition[{layer.name!r}] has {layer.block_ids.numel()} block ids but layer {label!r} has "
+                f"{h.shape[1]} units; pass one block id per output unit (channel for conv layers)"
+            )
+
+    def _with_layer_warnings(self, label: str, metric: str, compute: Callable[[], Any]) -> float:
+        """Run a metric, re-emitting its LopkitWarnings prefixed with the layer and metric (once per Monitor)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = compute()
+        for item in caught:
+            if issubclass(item.category, LopkitWarning):
+                message = f"layer {label!r}, {metric}: {item.message}"
+                self._warn_once(message, message)
+            else:
+                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+        return float(value)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """Emit a LopkitWarning the first time ``key`` comes up for this Monitor (training loops repeat them)."""
+        if key not in self._warned_once:
+            self._warned_once.add(key)
+            _warn(message)
+
+    def _warn_skipped_loss_metrics(self) -> None:
+        """Warn once when the user asked for gradient metrics explicitly but measures without a loss."""
+        requested = sorted(self.metrics & _LOSS_METRICS) if self._explicit_metrics else []
+        if requested:
+            self._warn_once(
+                "no-loss",
+                f"metrics {requested} need a probe loss; pass probe_targets and loss_fn to measure() to get them",
+            )
+
+    # ------------------------------------------------------------------ results
+    def to_dataframe(self) -> Any:
+        """All rows so far as a pandas DataFrame with columns step, layer, metric, value."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=list(_ROW_COLUMNS))
+
+    @property
+    def latest_step(self) -> int | None:
+        """Step of the most recent measurement, or None before the first one."""
+        return self.rows[-1]["step"] if self.rows else None
+
+    def _rows_at(self, step: int | None) -> list[dict[str, Any]]:
+        """Rows of the given step (latest when None); ValueError if that step was never measured."""
+        if step is None:
+            step = self.latest_step
+            if step is None:
+                return []
+        selected = [r for r in self.rows if r["step"] == step]
+        if not selected:
+            measured = sorted({r["step"] for r in self.rows})
+            raise ValueError(f"no measurement at step {step}; measured steps: {measured}")
+        return selected
+
+    def summary(self, step: int | None = None) -> Any:
+        """Layers x metrics DataFrame of one step (latest by default), layers and metrics in monitor order."""
+        import pandas as pd
+
+        rows = self._rows_at(step)
+        if not rows:
+            return pd.DataFrame()
+        frame = pd.DataFrame(rows, columns=list(_ROW_COLUMNS))
+        table = frame.pivot_table(index="layer", columns="metric", values="value", aggfunc="last", dropna=False)
+        layer_order = list(dict.fromkeys(r["layer"] for r in rows))
+        metric_order = [m for m in METRIC_NAMES if m in table.columns]
+        table = table.reindex(index=layer_order, columns=metric_order)
+        table.columns.name = None
+        return table
+
+    def latest(self) -> dict[str, float]:
+        """Values of the latest measurement as a flat ``{"layer/metric": value}`` dict (handy for loggers)."""
+        return {f"{r['layer']}/{r['metric']}": r["value"] for r in self._rows_at(None)}
+
+    def format_table(self, step: int | None = None) -> str:
+        """Readable fixed-width text table (layers x metrics) of one step (latest by default); "-" = not measured."""
+        table = self.summary(step)
+        if table.empty:
+            return "(no measurements yet)"
+        shown_step = self.latest_step if step is None else step
+        measured = {(r["layer"], r["metric"]) for r in self._rows_at(step)}
+        header = ["layer", *table.columns]
+        body = [
+            [str(layer), *(_format_value(table.at[layer, m]) if (layer, m) in measured else "-" for m in table.columns)]
+            for layer in table.index
+        ]
+        widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+        def fmt(line: list[str]) -> str:
+            cells = [line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])]
+            return "  ".join(cells).rstrip()
+
+        rule = "-" * len(fmt(header))
+        return "\n".join([f"step {shown_step}", fmt(header), rule, *(fmt(line) for line in body)])
+
+    def reset(self) -> None:
+        """Forget all rows and restart the internal step counter."""
+        self.rows.clear()
+        self._calls = 0
+        self._warned_once.clear()
