@@ -262,14 +262,17 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 def make_bitflip_monitor(model: nn.Module, config: BitFlipBenchmarkConfig) -> Monitor:
     """A Monitor on the learner's hidden Linear and ReLU layers with the paper's bit-flipping thresholds."""
-    hidden, activation, _output = learner_layers(model)
     monitor_config = MonitorConfig(
         every=max(1, config.monitor_every),
         duplicate_threshold=config.duplicate_threshold,
         saturation_ratio=config.saturation_ratio,
         saturation_sample_fraction=config.saturation_sample_fraction,
     )
-    layers = [_module_name(model, hidden), _module_name(model, activation)]
+    try:
+        hidden, activation, _output = learner_layers(model)
+        layers = [_module_name(model, hidden), _module_name(model, activation)]
+    except ValueError:  # an architectural mitigation rewrote the learner: monitor its default layers
+        layers = None
     return Monitor(model, layers=layers, metrics=config.monitor_metrics, config=monitor_config)
 
 
@@ -386,7 +389,8 @@ class BitFlipBenchmark(Benchmark):
         super().__init__(config, seed, method)
         self.rng = PrivateRNG(self.seed)
         self.stream = BitFlipStream(stream_config(config), self.seed)
-        self.model = build_learner(config, self.seed)
+        with self.rng.active():  # an architectural method (layernorm, crelu, ...) may draw fresh weights
+            self.model = self.method.prepare_model(build_learner(config, self.seed))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr)
         self.engine = self._resolve_engine(config.engine)
         self.method.attach(self.model, self.optimizer)

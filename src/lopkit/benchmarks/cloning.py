@@ -52,11 +52,11 @@ from torch import Tensor, nn
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, register_benchmark
 from lopkit.benchmarks.bitflip import PrivateRNG
 from lopkit.benchmarks.models import build_mlp
-from lopkit.configs import require
+from lopkit.configs import ConfigError, require
 from lopkit.data.seeding import derive_seed, seeded_generator
 from lopkit.data.tasks import TaskStream
 from lopkit.diagnostics.monitor import Monitor, MonitorConfig
-from lopkit.mitigations.base import Mitigation
+from lopkit.mitigations.base import Mitigation, changes_architecture
 from lopkit.theory.cloning import clone
 from lopkit.theory.partition import Partition
 
@@ -221,6 +221,12 @@ class CloningBenchmark(Benchmark):
 
     def __init__(self, config: CloningConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
         super().__init__(config, seed, method)
+        if changes_architecture(self.method):
+            raise ConfigError(
+                f"the cloning benchmark compares a base and its exact clone, so method {self.method.name!r}, which "
+                "rewrites the model, cannot be applied; set the architecture with config keys instead "
+                "(e.g. --set norm=layer or --set variant=dropout)"
+            )
         self.rng = PrivateRNG(self.seed)
         self.dtype = _DTYPES[config.dtype]
         x, y = _load_data(config)

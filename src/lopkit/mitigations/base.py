@@ -88,6 +88,13 @@ class Compose(Mitigation):
             m.load_state_dict(state.get(str(i), {}))
 
 
+def changes_architecture(method: Mitigation) -> bool:
+    """True if ``method`` (or any part of a composition) rewrites the model in ``prepare_model``."""
+    if isinstance(method, Compose):
+        return any(changes_architecture(m) for m in method.methods)
+    return type(method).prepare_model is not Mitigation.prepare_model
+
+
 def compose(methods: Iterable[Mitigation] | None) -> Mitigation:
     """One object standing for any number of mitigations (no-op for none)."""
     methods = list(methods or [])
