@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,7 +20,7 @@ METRIC_TITLES = {
     "task_final_loss": "Loss at the end of each task",
     "base_loss": "Base network loss",
     "clone_loss": "Cloned network loss",
-    "loss": "Probe loss",
+    "loss": "Loss",
     "dead_fraction": "Dead fraction (mean over layers)",
     "frozen_fraction": "Derivative-frozen fraction (mean over layers)",
     "dormant_fraction": "Dormant fraction (mean over layers)",
@@ -54,6 +55,8 @@ def plot_curves(curve: pd.DataFrame, metric: str, x: str, colours: dict[str, tup
             ax.fill_between(group[x], group["low"], group["high"], color=colour, alpha=0.2, linewidth=0)
     ax.set_title(METRIC_TITLES.get(metric, metric), fontsize=10)
     ax.set_xlabel("task" if x == "task" else "step")
+    if x == "task":
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
