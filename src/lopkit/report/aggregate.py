@@ -92,11 +92,7 @@ def summary_table(values: pd.DataFrame, labels: pd.Series, metrics: list[str], f
         subset = values[values["metric"] == metric]
         if subset.empty:
             continue
-        finals = {}
-        for run_id, group in subset.groupby("run_id"):
-            steps = group["step"]
-            cutoff = steps.max() - final_fraction * (steps.max() - steps.min())
-            finals[run_id] = float(group.loc[steps >= cutoff, "value"].mean())
+        finals = final_window_means(subset, metric, final_fraction).to_dict()
         per_label: dict[str, list[float]] = {}
         for run_id, final in finals.items():
             per_label.setdefault(labels.get(run_id, run_id), []).append(final)
@@ -108,3 +104,38 @@ def summary_table(values: pd.DataFrame, labels: pd.Series, metrics: list[str], f
     seeds = values.assign(label=values["run_id"].map(labels)).groupby("label")["run_id"].nunique()
     frame.insert(0, "seeds", seeds.reindex(frame.index).fillna(0).astype(int))
     return frame.sort_index()
+
+
+def final_window_means(values: pd.DataFrame, metric: str, final_fraction: float = 0.1) -> pd.Series:
+    """Per run, the mean of ``metric`` over the final ``final_fraction`` of its measured step range (index: run_id).
+
+    The window of a run is ``step >= last - final_fraction * (last - first)`` over that run's rows of ``metric``,
+    so a run with a single measurement uses it, and ``final_fraction=0`` keeps only the last step.
+    """
+    if not 0.0 <= final_fraction <= 1.0:
+        raise ValueError(f"final_fraction must be in [0, 1], got {final_fraction}")
+    subset = values[values["metric"] == metric]
+    finals = {}
+    for run_id, group in subset.groupby("run_id", sort=True):
+        steps = group["step"]
+        cutoff = steps.max() - final_fraction * (steps.max() - steps.min())
+        finals[run_id] = float(group.loc[steps >= cutoff, "value"].mean())
+    return pd.Series(finals, dtype=float, name=metric).rename_axis("run_id")
+
+
+def normalised_auc(values: pd.DataFrame, metric: str) -> pd.Series:
+    """Per run, the trapezoid area under ``metric`` against step divided by the step range (a time-average).
+
+    Rows sharing a step are averaged first (e.g. over layers); a run with one measurement gets that value.
+    """
+    subset = values[values["metric"] == metric]
+    areas = {}
+    for run_id, group in subset.groupby("run_id", sort=True):
+        curve = group.groupby("step", sort=True)["value"].mean()
+        steps = curve.index.to_numpy(dtype=float)
+        heights = curve.to_numpy(dtype=float)
+        if steps.size == 1 or steps[-1] == steps[0]:
+            areas[run_id] = float(heights.mean())
+        else:
+            areas[run_id] = float(np.trapezoid(heights, steps) / (steps[-1] - steps[0]))
+    return pd.Series(areas, dtype=float, name=metric).rename_axis("run_id")

@@ -11,7 +11,7 @@ from lopkit.report import aggregate, html, plots
 
 PERFORMANCE_METRICS = [
     "task_test_accuracy", "task_final_train_accuracy", "online_accuracy", "online_loss", "online_mse",
-    "task_final_loss", "base_loss", "clone_loss",
+    "task_final_loss", "base_loss", "clone_loss", "loss",
 ]
 PLASTICITY_METRICS = [
     "dead_fraction", "frozen_fraction", "dormant_fraction", "duplicate_fraction", "effective_rank", "stable_rank",
@@ -59,8 +59,13 @@ def task_or_step_values(metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 
 def build_report(experiment_dir: str | Path, output: str | Path | None = None, png_dir: str | Path | None = None,
-                 title: str | None = None) -> ReportResult:
-    """Read ``EXPERIMENT_DIR/results.sqlite`` and write PNGs and ``report.html`` (paths returned)."""
+                 title: str | None = None, extra_tables: list[tuple[str, pd.DataFrame]] | None = None,
+                 extra_notes: list[str] | None = None) -> ReportResult:
+    """Read ``EXPERIMENT_DIR/results.sqlite`` and write PNGs and ``report.html`` (paths returned).
+
+    ``extra_tables`` (caption, table) are shown before the summary (e.g. the ranking of ``lopkit compare``) and
+    ``extra_notes`` after the standard notes.
+    """
     experiment_dir = Path(experiment_dir)
     runs, metrics = _load(experiment_dir)
     output = Path(output) if output else experiment_dir / "report.html"
@@ -105,8 +110,9 @@ def build_report(experiment_dir: str | Path, output: str | Path | None = None, p
     for _, run in failed.iterrows():
         error = str(run.get("error") or "").strip().splitlines()
         notes.append(f"FAILED run {run['run_id']} (seed {run['seed']}): {error[-1] if error else 'no message'}")
+    notes += list(extra_notes or [])
     page = html.render_page(title or f"lopkit report: {experiment_dir.name}",
                             f"Experiment folder {experiment_dir.resolve()}", sections,
-                            [("Summary (final 10 % of each run)", summary)], notes)
+                            list(extra_tables or []) + [("Summary (final 10 % of each run)", summary)], notes)
     output.write_text(page, encoding="utf-8")
     return ReportResult(output, pngs, summary)
