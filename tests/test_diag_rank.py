@@ -188,3 +188,114 @@ def test_conv_input_uses_channels(gen):
     h = torch.randn(4, 3, 6, 6, generator=gen)
     m = h.permute(0, 2, 3, 1).reshape(-1, 3).numpy()
     assert effective_rank(h) == pytest.approx(_numpy_erank(m), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- fused rank metrics
+from lopkit.diagnostics.rank import (  # noqa: E402
+    RANK_METRIC_NAMES,
+    RankWorkspace,
+    gram_matrix,
+    rank_metrics,
+    symmetric_product,
+)
+
+
+def _pure_ranks(h: torch.Tensor) -> dict:
+    """The four pure rank functions on all rows of h."""
+    return {
+        "effective_rank": effective_rank(h, max_samples=None),
+        "stable_rank": stable_rank(h),
+        "correlation_rank": correlation_rank(h),
+        "numerical_rank": numerical_rank(h),
+    }
+
+
+def _assert_same_ranks(fused: dict, pure: dict, rel: float = 1e-10) -> None:
+    assert list(fused) == list(RANK_METRIC_NAMES)
+    assert fused["numerical_rank"] == pure["numerical_rank"]
+    for name in ("effective_rank", "stable_rank", "correlation_rank"):
+        assert fused[name] == pytest.approx(pure[name], rel=rel), name
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (64, 40), (65, 200), (300, 130), (513, 1000)])
+def test_symmetric_product_matches_matmul(shape, gen):
+    a = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    expected = a.numpy() @ a.numpy().T
+    np.testing.assert_allclose(symmetric_product(a).numpy(), expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+    # a transposed (non-contiguous) view works too: gram_matrix takes the smaller side
+    wide = torch.randn(shape[1], shape[0], generator=gen, dtype=torch.float64).T
+    gram = gram_matrix(wide)
+    side = wide.numpy().T @ wide.numpy() if shape[0] > shape[1] else wide.numpy() @ wide.numpy().T
+    assert gram.shape == (min(shape), min(shape))
+    np.testing.assert_allclose(gram.numpy(), side, rtol=1e-12, atol=1e-12 * np.abs(side).max())
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (300, 120), (40, 12)])
+def test_rank_metrics_equal_pure_functions(shape, gen):
+    n, d = shape
+    relu = (torch.randn(n, d, generator=gen) @ torch.randn(d, d, generator=gen) + 0.5).relu()
+    relu[:, 3] = 0.0  # a dead (constant) unit: dropped by correlation_rank with a warning
+    low_rank = torch.randn(n, 5, generator=gen) @ torch.randn(5, d, generator=gen)
+    double = torch.randn(n, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -4, d, dtype=torch.float64)
+    for h in (relu, low_rank, double):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LopkitWarning)
+            fused, pure = rank_metrics(h), _pure_ranks(h)
+        _assert_same_ranks(fused, pure)
+    # independent check of the derived (P G P) stable rank against numpy on the centred rows
+    x = relu.numpy().astype(np.float64)
+    x = x - x.mean(0)
+    gram = x @ x.T
+    assert rank_metrics(relu, ["stable_rank"])["stable_rank"] == pytest.approx(
+        np.trace(gram) ** 2 / (gram**2).sum(), rel=1e-10
+    )
+    assert rank_metrics(low_rank, ["numerical_rank"]) == {"numerical_rank": 5.0}
+
+
+def test_rank_metrics_max_samples_uses_the_same_rows_for_all(gen):
+    h = torch.randn(700, 30, generator=gen).relu()
+    fused = rank_metrics(h, max_samples=256)
+    rows = torch.randperm(700, generator=torch.Generator().manual_seed(0))[:256].sort().values
+    _assert_same_ranks(fused, _pure_ranks(h[rows]))
+    assert fused["effective_rank"] == pytest.approx(effective_rank(h, max_samples=256), rel=1e-12)
+
+
+def test_rank_metrics_stable_rank_of_nearly_constant_samples(gen):
+    """Large offsets make P G P cancel; the workspace then centres the rows itself, like stable_rank."""
+    for offset in (30.0, 1e4):  # centred energy fraction ~1e-3 (derived from G) and ~1e-8 (fallback)
+        h = torch.randn(100, 150, generator=gen, dtype=torch.float64) + offset
+        x = h.numpy() - h.numpy().mean(0)
+        gram = x @ x.T
+        expected = np.trace(gram) ** 2 / (gram**2).sum()
+        assert rank_metrics(h, ["stable_rank"])["stable_rank"] == pytest.approx(expected, rel=1e-10)
+        assert stable_rank(h) == pytest.approx(expected, rel=1e-10)
+    with pytest.warns(LopkitWarning, match="centred"):
+        assert math.isnan(rank_metrics(torch.full((8, 80), 0.1), ["stable_rank"])["stable_rank"])
+
+
+def test_rank_workspace_undefined_cases_warn_like_pure_functions():
+    with pytest.warns(LopkitWarning, match="2 samples"):
+        values = rank_metrics(torch.ones(1, 4))
+    assert math.isnan(values["effective_rank"]) and math.isnan(values["stable_rank"])
+    bad = torch.randn(10, 4)
+    bad[2, 3] = float("inf")
+    with pytest.warns(LopkitWarning, match="NaN/inf"):
+        values = rank_metrics(bad)
+    assert all(math.isnan(v) for v in values.values())
+    with pytest.warns(LopkitWarning, match="all-zero"):
+        assert math.isnan(RankWorkspace(torch.zeros(10, 4)).effective_rank())
+    with pytest.raises(ValueError, match="unknown rank metric"):
+        rank_metrics(torch.randn(10, 4), ["rank"])
+    with pytest.raises(ValueError, match="unknown rank metric"):
+        RankWorkspace(torch.randn(10, 4)).value("dead_fraction")
+
+
+def test_rank_workspace_computes_the_spectrum_once(gen, monkeypatch):
+    import lopkit.diagnostics.rank as rank_module
+
+    calls = []
+    original = rank_module._singular_values_of_gram
+    monkeypatch.setattr(rank_module, "_singular_values_of_gram", lambda g: calls.append(1) or original(g))
+    workspace = RankWorkspace(torch.randn(50, 20, generator=gen))
+    workspace.effective_rank(), workspace.numerical_rank(), workspace.stable_rank()
+    assert len(calls) == 1

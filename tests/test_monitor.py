@@ -484,3 +484,88 @@ def test_format_table_marks_unmeasured_cells_and_skips_tuple_outputs() -> None:
     lines = monitor.format_table().splitlines()
     assert lines[0] == "step 0" and lines[1].split() == ["layer", "effective_rank", "weight_norm"]
     assert lines[3].split()[0] == "fc" and len(lines) == 4
+
+
+# ---------------------------------------------------------------------------- fused (cheaper) metric paths
+def wide_relu_mlp(seed: int = 0) -> nn.Sequential:
+    """ReLU MLP 20 -> 150 -> 150 -> 3: wide enough (> 64 units) for the blocked Gram and similarity paths."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 150), nn.ReLU(), nn.Linear(150, 150), nn.ReLU(), nn.Linear(150, 3))
+
+
+def numpy_duplicate_fraction(h: np.ndarray, threshold: float, absolute: bool = False) -> float:
+    """Paper rule from the full float64 cosine matrix (zero-norm units are never duplicates)."""
+    x = h.astype(np.float64)
+    norms = np.linalg.norm(x, axis=0)
+    alive = norms > 0
+    cos = (x.T @ x) / np.outer(np.where(alive, norms, 1.0), np.where(alive, norms, 1.0))
+    if absolute:
+        cos = np.abs(cos)
+    later = np.triu(np.ones_like(cos, dtype=bool), k=1)
+    hits = (cos > threshold) & later & alive[None, :] & alive[:, None]
+    return float(hits.any(axis=1).mean())
+
+
+@pytest.mark.filterwarnings("ignore::lopkit.diagnostics.errors.LopkitWarning")
+@pytest.mark.parametrize("probe_size", [100, 300])  # fewer and more samples than units
+def test_fused_rank_and_duplicate_metrics_equal_pure_functions_on_wide_layers(probe_size: int) -> None:
+    from lopkit.diagnostics.rank import correlation_rank, effective_rank, numerical_rank, stable_rank
+
+    model = wide_relu_mlp()
+    with torch.no_grad():  # cloned units (duplicates) and a dead unit in the first hidden layer
+        model[0].weight[10:20] = model[0].weight[0:10] * 2.0
+        model[0].bias[10:20] = model[0].bias[0:10] * 2.0
+        model[0].bias[30] = -1e3
+    x, y = torch.randn(probe_size, 20), torch.randint(0, 3, (probe_size,))
+    rows = Monitor(model).measure(x, y, nn.CrossEntropyLoss())
+    with torch.no_grad():
+        outputs = {str(i): model[: i + 1](x) for i in range(5)}
+    for name, h in outputs.items():
+        assert values(rows, name, "effective_rank") == pytest.approx(effective_rank(h), rel=1e-10)
+        assert values(rows, name, "numerical_rank") == numerical_rank(h)
+        assert values(rows, name, "stable_rank") == pytest.approx(stable_rank(h), rel=1e-10)
+        assert values(rows, name, "correlation_rank") == pytest.approx(correlation_rank(h), rel=1e-10)
+        expected_duplicates = numpy_duplicate_fraction(h.numpy(), 0.95)
+        assert values(rows, name, "duplicate_fraction") == pytest.approx(expected_duplicates, abs=1e-6)
+    assert values(rows, "1", "duplicate_fraction") >= 10 / 150  # the ten clones count
+
+
+def test_blocked_duplicate_rule_matches_numpy_for_every_option() -> None:
+    from lopkit.diagnostics.similarity import duplicate_fraction, duplicate_unit_mask
+
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(60, 200, generator=g)
+    h[:, 150:170] = h[:, 0:20] * 3.0 + 1e-3 * torch.randn(60, 20, generator=g)  # near-clones across blocks
+    h[:, 180:190] = -h[:, 100:110]  # anti-correlated copies
+    h[:, 199] = 0.0  # a zero unit: never a duplicate, even for a negative threshold
+    for threshold in (0.95, 0.3, -0.2):
+        for absolute in (False, True):
+            expected = numpy_duplicate_fraction(h.numpy(), threshold, absolute)
+            assert duplicate_fraction(h, threshold=threshold, absolute=absolute) == pytest.approx(expected, abs=1e-6)
+    mask = duplicate_unit_mask(h)
+    assert mask[0:20].all() and not mask[150:170].any() and not mask[199]
+
+
+def test_relu_derivative_shortcut_equals_autograd() -> None:
+    from lopkit.diagnostics.units import activation_derivative
+
+    z = torch.randn(40, 6)
+    z[0, 0], z[1, 1], z[2, 2], z[3, 3] = 0.0, float("nan"), -0.0, float("inf")
+    leaf = z.clone().requires_grad_(True)
+    torch.relu(leaf.clone()).sum().backward()  # autograd's convention at the kink and for NaN
+    for activation in (nn.ReLU(), nn.ReLU(inplace=True), "relu", torch.relu):
+        derivative = activation_derivative(z, activation)
+        assert torch.equal(derivative, leaf.grad) and derivative.dtype == torch.float32
+    assert activation_derivative(z.double(), nn.ReLU()).dtype == torch.float64
+
+
+def test_weight_norm_without_float64_copies_handles_tiny_and_huge_weights() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1e-25)  # squares underflow float32
+        model[0].bias.zero_()
+        model[2].weight.fill_(3e20)  # squares overflow float32
+        model[2].bias.fill_(1.0)
+    rows = Monitor(model, metrics=["weight_norm"]).measure(torch.randn(4, 3))
+    assert values(rows, "0", "weight_norm") == pytest.approx(math.sqrt(6) * 1e-25, rel=1e-6)
+    assert values(rows, "2", "weight_norm") == pytest.approx(math.sqrt(4 * 9e40 + 2), rel=1e-6)

@@ -25,10 +25,27 @@ def _tensors(items: Iterable[Optional[torch.Tensor]] | nn.Module | torch.Tensor)
     return [t for t in items if t is not None]
 
 
+# Norms outside this range may have lost accuracy to float32 squares that underflow (entries below ~1e-19)
+# or overflow (above ~1e19); they are recomputed in float64 (a zero norm too, which is cheap to redo).
+_FLOAT32_SAFE_NORM = (1e-15, 1e15)
+
+
+def _tensor_l2(t: torch.Tensor) -> float:
+    """L2 norm of one tensor without a float64 copy: float32/float64 norms directly, float64 only on overflow."""
+    t = t.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float64 if not t.is_floating_point() else torch.float32)
+    norm = float(torch.linalg.vector_norm(t))
+    if t.dtype == torch.float32 and not _FLOAT32_SAFE_NORM[0] <= norm <= _FLOAT32_SAFE_NORM[1]:
+        norm = float(torch.linalg.vector_norm(t.to(torch.float64)))  # squares may under/overflow float32
+    return norm
+
+
 def _global_l2(tensors: list[torch.Tensor]) -> float:
+    """sqrt of the sum of squared per-tensor norms, combined in Python floats (float64)."""
     total = 0.0
     for t in tensors:  # loop over tensors (a handful per layer), not over elements
-        total += float(t.detach().to(torch.float64).pow(2).sum())
+        total += _tensor_l2(t) ** 2
     return math.sqrt(total) if math.isfinite(total) else float("nan")
 
 

@@ -27,16 +27,9 @@ from lopkit.diagnostics.activations import (
 from lopkit.diagnostics.cloning import cloning_r2
 from lopkit.diagnostics.curvature import gradient_norm, parameter_norm, top_hessian_eigenvalue
 from lopkit.diagnostics.errors import LopkitWarning
-from lopkit.diagnostics.rank import (
-    correlation_rank,
-    effective_rank,
-    numerical_rank,
-    shannon_rank,
-    singular_values,
-    stable_rank,
-)
+from lopkit.diagnostics.rank import RankWorkspace
 from lopkit.diagnostics.similarity import duplicate_fraction
-from lopkit.diagnostics.units import as_unit_matrix, to_float_unit_matrix
+from lopkit.diagnostics.units import all_finite, as_unit_matrix
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -287,13 +280,6 @@ def _run_model(model: nn.Module, probe_inputs: Any) -> Any:
     if isinstance(probe_inputs, (tuple, list)):
         return model(*probe_inputs)
     return model(probe_inputs)
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    """True when every entry is finite; a sum is a cheap exact test (NaN/inf make it non-finite)."""
-    if bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())  # the sum may overflow with finite entries
 
 
 def _warn(message: str) -> None:
@@ -709,7 +695,7 @@ class Monitor:
         values: dict[str, float] = {}
         output = capture.output.detach()
         h = self._unit_matrix(layer, output)
-        if not _all_finite(h):
+        if not all_finite(h):
             _warn(
                 f"layer {label!r}: its output on the probe contains NaN or inf, so its metrics are NaN. "
                 "Check the probe inputs and the model for divergence (lower the learning rate, clip gradients)."
@@ -723,40 +709,25 @@ class Monitor:
             grad = None if raw_grad is None else self._unit_matrix(layer, raw_grad)
             if grad is None:
                 grad = torch.zeros_like(h)  # the loss does not depend on this output
-            elif not _all_finite(grad):
+            elif not all_finite(grad):
                 _warn(
                     f"layer {label!r}: the gradient of the probe loss w.r.t. its output contains NaN or inf, "
                     "so its gradient-based metrics are NaN."
                 )
                 grad = None
         sampled: Tensor | None = None
+        ranks: RankWorkspace | None = None
         cfg = self.config
         for metric in metrics:
             if metric in _OUTPUT_METRICS and sampled is None:
                 sampled = _row_subsample(h, cfg.rank_max_samples, cfg.seed)
-                if "effective_rank" in metrics and "numerical_rank" in metrics:
-                    values.update(self._spectrum_ranks(label, sampled))
-            if metric not in values:
+            if metric in _RANK_METRICS:
+                # the four ranks share one float64 Gram matrix and its spectrum (the costliest part)
+                ranks = ranks if ranks is not None else RankWorkspace(sampled)
+                values[metric] = self._with_layer_warnings(label, metric, lambda: ranks.value(metric))
+            else:
                 values[metric] = self._one_metric(layer, label, metric, h, sampled, grad, capture, probe)
-        return {metric: values[metric] for metric in metrics}
-
-    def _spectrum_ranks(self, label: str, sampled: Tensor) -> dict[str, float]:
-        """Effective and numerical rank from one shared spectrum (the costliest part of a measurement).
-
-        Same arithmetic as :func:`~lopkit.diagnostics.rank.effective_rank` (no centring; ``sampled`` already
-        has at most ``rank_max_samples`` rows) and the float32 path of
-        :func:`~lopkit.diagnostics.rank.numerical_rank` (default rtol = eps * max(N, D)); any other case
-        (float64 input, fewer than 2 samples) returns {} so the pure functions handle it.
-        """
-        matrix = to_float_unit_matrix(sampled)
-        if matrix.dtype != torch.float32 or matrix.shape[0] < 2 or matrix.shape[1] == 0:
-            return {}
-        sigma = singular_values(matrix)
-        rtol = torch.finfo(matrix.dtype).eps * max(matrix.shape)
-        return {
-            "effective_rank": self._with_layer_warnings(label, "effective_rank", lambda: shannon_rank(sigma)),
-            "numerical_rank": float(int((sigma > rtol * sigma[0]).sum())),
-        }
+        return values
 
     def _weight_norm(self, layer: _Layer) -> float:
         """Norm of all parameters of the layer's module."""
@@ -800,14 +771,6 @@ class Monitor:
                 centered=cfg.duplicate_centered,
                 absolute=cfg.duplicate_absolute,
             )
-        elif metric == "effective_rank":
-            compute = lambda: effective_rank(sampled, max_samples=cfg.rank_max_samples)
-        elif metric == "stable_rank":
-            compute = lambda: stable_rank(sampled)
-        elif metric == "correlation_rank":
-            compute = lambda: correlation_rank(sampled)
-        elif metric == "numerical_rank":
-            compute = lambda: numerical_rank(sampled)
         elif metric == "weight_norm":
             return self._weight_norm(layer)
         elif metric == "gradient_norm":

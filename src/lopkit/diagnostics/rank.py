@@ -13,11 +13,13 @@ Undefined cases (fewer than 2 samples, no units, NaN/inf input, an all-zero matr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from .errors import warn, warn_nan
-from .units import check_finite, normalised_unit_columns, to_float_unit_matrix
+from .units import all_finite, check_finite, normalised_unit_columns, to_float_unit_matrix
 
 __all__ = [
     "singular_values",
@@ -29,7 +31,20 @@ __all__ = [
     "renyi2_rank",
     "shannon_rank",
     "numerical_rank",
+    "gram_matrix",
+    "symmetric_product",
+    "RANK_METRIC_NAMES",
+    "RankWorkspace",
+    "rank_metrics",
 ]
+
+#: The rank metrics :class:`RankWorkspace` and :func:`rank_metrics` compute together.
+RANK_METRIC_NAMES: tuple[str, ...] = ("effective_rank", "stable_rank", "correlation_rank", "numerical_rank")
+
+# The centred Gram matrix is derived from the uncentred one unless centring removes more than this fraction
+# of the energy (tr G~ / tr G below it); then rounding in the subtraction could reach ~1e-12 of the result,
+# so the centred matrix is formed directly instead.
+_MIN_CENTRED_ENERGY_FRACTION = 1e-4
 
 
 def _usable_for_rank(m: torch.Tensor, metric: str) -> bool:
@@ -58,16 +73,74 @@ def _subsample_rows(m: torch.Tensor, max_samples: int | None) -> torch.Tensor:
     return m[rows.to(m.device)]
 
 
+_GRAM_BLOCK_ROWS = 64
+
+
+def symmetric_product(a: torch.Tensor) -> torch.Tensor:
+    """``a @ a.T`` computed block by block on and below the diagonal, the upper blocks mirrored (about 1/3 cheaper).
+
+    Only the lower block triangle is multiplied (blocks of at least 64 rows, at most 8 block columns), so a
+    512 x 1000 input costs about 0.6 of a full product. Small inputs (<= 64 rows) use one plain product.
+    """
+    n = a.shape[0]
+    block = max(_GRAM_BLOCK_ROWS, -(-n // 8))
+    if n <= block:
+        return a @ a.T
+    gram = torch.empty((n, n), dtype=a.dtype, device=a.device)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        gram[start:, start:stop] = a[start:] @ a[start:stop].T
+        gram[start:stop, stop:] = gram[stop:, start:stop].T
+    return gram
+
+
+def _frobenius_sq(m: torch.Tensor) -> torch.Tensor:
+    """Sum of squared entries as one dot product (no squared copy of ``m``)."""
+    flat = m.reshape(-1)
+    return torch.dot(flat, flat)
+
+
+def gram_matrix(x: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of a 2-D matrix: ``x x^T`` (samples x samples) if N <= D, else ``x^T x``.
+
+    Both have the same non-zero eigenvalues (the squared singular values of ``x``).
+    """
+    return symmetric_product(x if x.shape[0] <= x.shape[1] else x.T)
+
+
 def singular_values(m: torch.Tensor) -> torch.Tensor:
     """Singular values of a 2-D matrix (descending), via the eigenvalues of its smaller Gram matrix in float64.
 
     Several times faster than an SVD for 512 x 1000 probes; float64 keeps small singular values accurate
     to ~1e-8 of the largest, far below what matters for entropy-based ranks.
     """
-    x = m.to(torch.float64)
-    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
-    eigenvalues = torch.linalg.eigvalsh(gram).clamp_min(0.0)
-    return eigenvalues.flip(0).sqrt()
+    return _singular_values_of_gram(gram_matrix(m.to(torch.float64)))
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the body with one intra-op CPU thread, restoring the previous count (a no-op off the CPU).
+
+    A CPU eigendecomposition is a long chain of memory-bound steps separated by thread barriers: a second
+    thread saves little wall time and, when the cores are shared with other jobs, a descheduled thread
+    stalls every barrier (a 512 x 512 ``eigvalsh`` measured 15 ms on one thread, 40 ms to seconds on two).
+    """
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _singular_values_of_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Square roots of the (clamped non-negative) eigenvalues of a symmetric Gram matrix, descending."""
+    with _one_cpu_thread(gram.device):
+        eigenvalues = torch.linalg.eigvalsh(gram)
+    return eigenvalues.clamp_min_(0.0).flip(0).sqrt()
 
 
 def shannon_rank(weights: torch.Tensor) -> float:
@@ -127,14 +200,18 @@ def stable_rank(h: torch.Tensor) -> float:
         return float("nan")
     x = m.to(torch.float64)
     x = x - x.mean(dim=0, keepdim=True)
-    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    return _stable_rank_of_centred_gram(gram_matrix(x))
+
+
+def _stable_rank_of_centred_gram(gram: torch.Tensor) -> float:
+    """(tr G~)^2 / ||G~||_F^2 of a centred Gram matrix G~; NaN + warning when it is all zero."""
     trace = torch.trace(gram)  # = ||H~||_F^2
-    gram_frobenius_sq = (gram * gram).sum()  # = tr((H~^T H~)^2)
+    gram_frobenius_sq = _frobenius_sq(gram)  # = tr((H~^T H~)^2)
     if not gram_frobenius_sq > 0:
         return warn_nan(
             "stable_rank is undefined: the centred activations are all zero (every sample gives the same "
             "output). Use a probe batch with varied inputs.",
-            stacklevel=3,
+            stacklevel=4,
         )
     return float(trace**2 / gram_frobenius_sq)
 
@@ -153,7 +230,7 @@ def _correlation_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             stacklevel=4,
         )
     kept = torch.nonzero(~constant).flatten()
-    return x[:, kept], kept
+    return (x[:, kept] if n_constant else x), kept
 
 
 def correlation_matrix(h: torch.Tensor, return_kept: bool = False):
@@ -192,9 +269,13 @@ def correlation_rank(h: torch.Tensor) -> float:
     x = _correlation_columns_or_none(h, "correlation_rank")
     if x is None:
         return float("nan")
-    x = x.to(torch.float64)
-    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
-    return float(x.shape[1] ** 2 / (gram * gram).sum())
+    return _correlation_rank_of_columns(x)
+
+
+def _correlation_rank_of_columns(x: torch.Tensor) -> float:
+    """d^2 / ||X^T X||_F^2 for centred unit-norm columns X (float64 Gram on the smaller side)."""
+    gram = gram_matrix(x.to(torch.float64))
+    return float(x.shape[1] ** 2 / _frobenius_sq(gram))
 
 
 def correlation_effective_rank(h: torch.Tensor) -> float:
@@ -224,3 +305,119 @@ def numerical_rank(h: torch.Tensor, rtol: float | None = None) -> int | float:
         return int(torch.linalg.matrix_rank(m, rtol=rtol))
     sigma = singular_values(m)
     return int((sigma > rtol * sigma[0]).sum())
+
+
+class RankWorkspace:
+    """The four rank metrics of one unit matrix, sharing one float64 Gram matrix and its spectrum.
+
+    Each value equals its pure function on the same rows (to rounding, ~1e-13 relative):
+    ``effective_rank(m, max_samples=None)``, ``numerical_rank(m)``, ``stable_rank(m)``, ``correlation_rank(m)``,
+    where ``m`` is ``h`` as a unit matrix, cut to ``max_samples`` rows (fixed-seed subset) when given.
+    Per layer this costs two Gram products and one eigendecomposition instead of the four products and two
+    eigendecompositions of the pure functions called one by one: effective and numerical rank read the
+    eigenvalues of G = H H^T (or H^T H, whichever is smaller), stable rank the centred Gram P G P with
+    P = I - 11^T / N (no new product), and correlation rank the Gram of the standardised columns (the one
+    more product: for N < D the N x N Gram of Z is cheaper than forming C = Z^T Z). Values are computed on
+    first use and cached. Undefined cases (fewer than 2 samples, no units, NaN/inf) go to
+    the pure functions, which warn and return NaN.
+    """
+
+    def __init__(self, h: torch.Tensor, max_samples: int | None = None) -> None:
+        """Prepare ``h`` (any layout :func:`~lopkit.diagnostics.units.as_unit_matrix` accepts); no work yet."""
+        self.matrix = _subsample_rows(to_float_unit_matrix(h), max_samples)
+        m = self.matrix
+        self._usable = m.shape[0] >= 2 and m.shape[1] >= 1 and all_finite(m)
+        self._x64: torch.Tensor | None = None
+        self._gram: torch.Tensor | None = None
+        self._sigma: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- shared intermediates
+    def _float64(self) -> torch.Tensor:
+        if self._x64 is None:
+            self._x64 = self.matrix.to(torch.float64)
+        return self._x64
+
+    def _shared_gram(self) -> torch.Tensor:
+        if self._gram is None:
+            self._gram = gram_matrix(self._float64())
+        return self._gram
+
+    def _singular_values(self) -> torch.Tensor:
+        if self._sigma is None:
+            self._sigma = _singular_values_of_gram(self._shared_gram())
+        return self._sigma
+
+    def _centred_gram(self) -> torch.Tensor | None:
+        """P G P (N <= D) or G - N mu mu^T (N > D): the Gram matrix of the centred rows, from G without a product.
+
+        None when centring cancels nearly all of G (the representation is almost constant over samples).
+        """
+        gram = self._shared_gram()
+        x = self._float64()
+        if x.shape[0] <= x.shape[1]:
+            row_means = gram.mean(dim=1)
+            centred = gram - row_means.unsqueeze(1)
+            centred -= row_means.unsqueeze(0)
+            centred += row_means.mean()
+        else:
+            mean = x.mean(dim=0)
+            centred = gram - x.shape[0] * torch.outer(mean, mean)
+        if not torch.trace(centred) > _MIN_CENTRED_ENERGY_FRACTION * torch.trace(gram):
+            return None
+        return centred
+
+    # ---------------------------------------------------------------- metrics
+    def effective_rank(self) -> float:
+        """Shannon effective rank of the singular values (no centring); see :func:`effective_rank`."""
+        if not self._usable:
+            return effective_rank(self.matrix, max_samples=None)
+        return shannon_rank(self._singular_values())
+
+    def numerical_rank(self) -> int | float:
+        """Singular values above eps * max(N, D) * sigma_max; see :func:`numerical_rank`."""
+        if not self._usable or self.matrix.dtype != torch.float32:
+            return numerical_rank(self.matrix)  # float64 input takes the SVD path there
+        sigma = self._singular_values()
+        rtol = torch.finfo(torch.float32).eps * max(self.matrix.shape)
+        return int((sigma > rtol * sigma[0]).sum())
+
+    def stable_rank(self) -> float:
+        """Renyi-2 rank of the centred Gram matrix; see :func:`stable_rank`."""
+        if not self._usable:
+            return stable_rank(self.matrix)
+        centred = self._centred_gram()
+        if centred is None:  # nearly constant samples: centre the rows first, as the pure function does
+            return stable_rank(self.matrix)
+        return _stable_rank_of_centred_gram(centred)
+
+    def correlation_rank(self) -> float:
+        """Renyi-2 rank of the unit correlation matrix; see :func:`correlation_rank`."""
+        if not self._usable:
+            return correlation_rank(self.matrix)
+        x, _ = _correlation_columns(self.matrix)
+        if x.shape[1] == 0:
+            return correlation_rank(self.matrix)  # every unit constant: warns there and returns NaN
+        return _correlation_rank_of_columns(x)
+
+    def value(self, metric: str) -> float:
+        """One metric by name (one of :data:`RANK_METRIC_NAMES`), as a float."""
+        if metric not in RANK_METRIC_NAMES:
+            raise ValueError(f"unknown rank metric {metric!r}; use one of {', '.join(RANK_METRIC_NAMES)}")
+        return float(getattr(self, metric)())
+
+
+def rank_metrics(
+    h: torch.Tensor, metrics: tuple[str, ...] | list[str] = RANK_METRIC_NAMES, max_samples: int | None = None
+) -> dict[str, float]:
+    """Several rank metrics of one layer at the cost of one Gram matrix and one eigendecomposition.
+
+    Returns ``{name: value}`` for the requested names (see :class:`RankWorkspace` for what is shared and
+    which pure function each value equals). ``max_samples`` cuts every metric to the same fixed-seed rows.
+    """
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    unknown = [m for m in metrics if m not in RANK_METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown rank metric(s) {unknown}; use names from {', '.join(RANK_METRIC_NAMES)}")
+    workspace = RankWorkspace(h, max_samples=max_samples)
+    return {name: workspace.value(name) for name in metrics}

@@ -10,6 +10,8 @@ constant units) have no direction and are never duplicates.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.sparse import csr_matrix
@@ -54,6 +56,43 @@ def _duplicate_graph(
     return adjacency
 
 
+_SIMILARITY_BLOCK_UNITS = 64
+
+
+def _has_later_duplicate(
+    x: torch.Tensor, degenerate: torch.Tensor, threshold: float, absolute: bool
+) -> torch.Tensor:
+    """Bool (D,) mask: unit j has similarity > ``threshold`` with some non-degenerate unit k > j.
+
+    ``x`` holds unit-norm columns (degenerate ones zero). Only the similarities with later units are
+    formed, one block of rows at a time (about 0.6 of the full ``x^T x`` product for D = 1000, and never
+    a (D, D) boolean matrix); the row maximum over later units is compared with the threshold.
+    """
+    d = x.shape[1]
+    block = max(_SIMILARITY_BLOCK_UNITS, -(-d // 8))
+    columns_first = x.T
+    not_later = torch.ones((block, block), dtype=torch.bool, device=x.device).tril()  # k <= j inside a block
+    exclude_degenerate = threshold < 0 and bool(degenerate.any())  # they have similarity 0 with everything
+    found = torch.empty(d, dtype=torch.bool, device=x.device)
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        width = stop - start
+        sim = columns_first[start:stop] @ x[:, start:]  # (width, D - start): units start.. vs later ones
+        if absolute:
+            sim.abs_()
+        sim[:, :width].masked_fill_(not_later[:width, :width], -math.inf)
+        if exclude_degenerate:
+            sim[:, degenerate[start:]] = -math.inf
+        found[start:stop] = sim.amax(dim=1) > threshold
+    return found & ~degenerate
+
+
+def _duplicate_mask(m: torch.Tensor, threshold: float, centered: bool, absolute: bool) -> torch.Tensor:
+    """Paper rule on a checked unit matrix: units with a later duplicate (see :func:`duplicate_unit_mask`)."""
+    x, degenerate = normalised_unit_columns(m, centered)
+    return _has_later_duplicate(x, degenerate, threshold, absolute)
+
+
 def _check_input(m: torch.Tensor) -> bool:
     if m.shape[0] == 0 or m.shape[1] == 0:
         warn(
@@ -81,8 +120,7 @@ def duplicate_unit_mask(
     m = to_float_unit_matrix(h)
     if not _check_input(m):
         return torch.zeros(m.shape[1], dtype=torch.bool, device=m.device)
-    adjacency = _duplicate_graph(m, threshold, centered, absolute)
-    return torch.triu(adjacency, diagonal=1).any(dim=1)
+    return _duplicate_mask(m, threshold, centered, absolute)
 
 
 def duplicate_fraction(
@@ -93,8 +131,7 @@ def duplicate_fraction(
     m = to_float_unit_matrix(h)
     if not _check_input(m):
         return float("nan")
-    adjacency = _duplicate_graph(m, threshold, centered, absolute)
-    return torch.triu(adjacency, diagonal=1).any(dim=1).float().mean().item()
+    return _duplicate_mask(m, threshold, centered, absolute).float().mean().item()
 
 
 def duplicate_clusters(
