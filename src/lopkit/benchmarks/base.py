@@ -16,10 +16,11 @@ metrics such as loss or accuracy).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -64,6 +65,31 @@ def seed_everything(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed + 1_000_003)
     return generator
+
+
+class PrivateRNG:
+    """Global (python, numpy, torch) RNG state owned by one benchmark and swapped in only while it trains.
+
+    Dropout and mitigations draw from the global generators; keeping a private copy makes a benchmark's
+    numbers independent of whatever else runs in the process, and lets ``state_dict`` save them exactly.
+    """
+
+    def __init__(self, seed: int):
+        outer = capture_rng_state()
+        seed_everything(seed)
+        self.state = capture_rng_state()
+        restore_rng_state(outer)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Install the private state, run the body, save the advanced state and restore the caller's."""
+        outer = capture_rng_state()
+        restore_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = capture_rng_state()
+            restore_rng_state(outer)
 
 
 class Benchmark(ABC):

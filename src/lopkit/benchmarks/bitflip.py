@@ -44,10 +44,8 @@ e.g. ``--set width=5``. ``smoke`` takes a second (T = 500 so that flips happen).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -55,6 +53,7 @@ import torch
 from torch import nn
 
 from lopkit.benchmarks.base import (
+    PrivateRNG,
     Benchmark,
     BenchmarkConfig,
     capture_rng_state,
@@ -185,31 +184,6 @@ class BitFlipBenchmarkConfig(BenchmarkConfig):
             len(self.monitor_metrics) > 0 or self.monitor_every == 0,
             "monitor_metrics is empty; set monitor_every=0 to turn the Monitor off instead",
         )
-
-
-class PrivateRNG:
-    """Global (python, numpy, torch) RNG state owned by one benchmark and swapped in only while it trains.
-
-    Dropout and mitigations draw from the global generators; keeping a private copy makes a benchmark's
-    numbers independent of whatever else runs in the process, and lets ``state_dict`` save them exactly.
-    """
-
-    def __init__(self, seed: int):
-        outer = capture_rng_state()
-        seed_everything(seed)
-        self.state = capture_rng_state()
-        restore_rng_state(outer)
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Install the private state, run the body, save the advanced state and restore the caller's."""
-        outer = capture_rng_state()
-        restore_rng_state(self.state)
-        try:
-            yield
-        finally:
-            self.state = capture_rng_state()
-            restore_rng_state(outer)
 
 
 def stream_config(config: BitFlipBenchmarkConfig) -> BitFlipConfig:

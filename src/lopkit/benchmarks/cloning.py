@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, register_benchmark
-from lopkit.benchmarks.bitflip import PrivateRNG
+from lopkit.benchmarks.base import PrivateRNG
 from lopkit.benchmarks.models import build_mlp
 from lopkit.configs import ConfigError, require
 from lopkit.data.seeding import derive_seed, seeded_generator

@@ -17,17 +17,16 @@ Rows (``layer="model"``):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from lopkit.benchmarks.base import (
+    PrivateRNG,
     Benchmark,
     BenchmarkConfig,
     capture_rng_state,
@@ -108,27 +107,6 @@ def teacher_targets(teacher: tuple[torch.Tensor, torch.Tensor], inputs: torch.Te
     return (torch.relu(inputs @ hidden.T) @ output / math.sqrt(hidden.shape[0])).unsqueeze(1)
 
 
-class _PrivateRNG:
-    """Global RNG state owned by the benchmark, swapped in while it trains (mitigations may draw from it)."""
-
-    def __init__(self, seed: int):
-        outer = capture_rng_state()
-        seed_everything(seed)
-        self.state = capture_rng_state()
-        restore_rng_state(outer)
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Install the private state for the body, keep what it advanced to, restore the caller's state."""
-        outer = capture_rng_state()
-        restore_rng_state(self.state)
-        try:
-            yield
-        finally:
-            self.state = capture_rng_state()
-            restore_rng_state(outer)
-
-
 @register_benchmark
 class ToyBenchmark(Benchmark):
     """Toy continual regression (a new random teacher per task); about a second per run, for runner tests."""
@@ -144,7 +122,7 @@ class ToyBenchmark(Benchmark):
 
     def __init__(self, config: ToyConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
         super().__init__(config, seed, method)
-        self.rng = _PrivateRNG(self.seed)
+        self.rng = PrivateRNG(self.seed)
         self.data_generator = seeded_generator(self.seed, _DATA_KEY)
         with self.rng.active():
             self.model = self.method.prepare_model(build_toy_model(config, self.seed))
