@@ -254,12 +254,14 @@ def test_ctrl_c_then_restart_resumes_to_the_clean_rows(reference, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'lopkit[ray]')")
-def test_ray_backend_on_a_local_two_cpu_ray(reference, tmp_path):
+def test_ray_backend_on_a_local_two_cpu_ray(reference, tmp_path, capfd):
     import ray
 
     assert not ray.is_initialized()
     experiment = tmp_path / "ray"
-    outcomes = run_sweep(parse_sweep(toy_sweep(experiment)), "ray", num_cpus=2, progress=False)
+    # pytest's file-descriptor capture, inherited by Ray's processes, slows Ray start-up from ~15 s to ~215 s here
+    with capfd.disabled():
+        outcomes = run_sweep(parse_sweep(toy_sweep(experiment)), "ray", num_cpus=2, progress=False)
     assert [o.status for o in outcomes] == ["finished"] * 4, format_summary(outcomes)
     assert rows_by_run(experiment) == reference
     assert not ray.is_initialized()  # the sweep shut down the Ray it started
