@@ -299,3 +299,15 @@ def test_rank_workspace_computes_the_spectrum_once(gen, monkeypatch):
     workspace = RankWorkspace(torch.randn(50, 20, generator=gen))
     workspace.effective_rank(), workspace.numerical_rank(), workspace.stable_rank()
     assert len(calls) == 1
+
+
+def test_eigendecomposition_restores_the_thread_count(gen):
+    """singular_values runs eigvalsh on one CPU thread and gives the caller's thread count back."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        h = torch.randn(30, 70, generator=gen, dtype=torch.float64)
+        np.testing.assert_allclose(singular_values(h).numpy(), np.linalg.svd(h.numpy(), compute_uv=False), rtol=1e-10)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
