@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 
-APT_PACKAGES="dataset-fashion-mnist"
+# Fashion-MNIST (benchmarks); GCIDE + fortunes (MoE-PHDS text); speech synthesis, sox (HEiMDaL wake-word corpus)
+APT_PACKAGES="dataset-fashion-mnist dict-gcide fortunes espeak-ng sox libsox-fmt-all flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
 missing=""
 for pkg in $APT_PACKAGES; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

@@ -292,3 +292,21 @@ def test_cli_run_killed_and_interrupted_then_resumed_gives_exact_rows(tmp_path, 
     assert run["status"] == "finished" and run["step"] == 120
     assert row_tuples(store.metrics()) == expected
     store.close()
+
+
+def test_keep_checkpoint_leaves_the_final_state_in_the_store(tmp_path):
+    """A later stage (fine-tuning, evaluation) reads the trained weights of a finished run from the store."""
+    config = small_config()
+    store = ResultStore(tmp_path)
+    kept = execute_run(store, ToyBenchmark, config, 0, progress="never", keep_checkpoint=True)
+    dropped = execute_run(store, ToyBenchmark, config, 1, progress="never")
+    assert kept.status == dropped.status == "finished"
+    assert store.load_checkpoint(dropped.run_id) is None
+    step, state = store.load_checkpoint(kept.run_id)
+    reference = ToyBenchmark(config, 0)
+    reference.run(reference.total_steps)
+    assert step == reference.total_steps == state["step"]
+    restored = ToyBenchmark(config, 0)
+    restored.load_state_dict(state)
+    for (name, want), got in zip(reference.model.state_dict().items(), restored.model.state_dict().values()):
+        assert torch.equal(want, got), name

@@ -14,6 +14,8 @@ COMMAND_MODULES = [
     "lopkit.runner.compare_cli",
     "lopkit.runner.sweep_cli",
     "lopkit.report.cli",
+    "lopkit.moe.cli",
+    "lopkit.kws.cli",
 ]
 
 

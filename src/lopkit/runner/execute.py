@@ -265,6 +265,7 @@ def execute_run(
     commit_seconds: float = 30.0,
     stop_after_steps: int | None = None,
     handle_sigint: bool = True,
+    keep_checkpoint: bool = False,
 ) -> RunResult:
     """Run (or resume, or skip if finished) one benchmark run into ``store``; returns what happened.
 
@@ -272,7 +273,8 @@ def execute_run(
     in the ``runs`` table (and hashed into the run id; default :func:`method_label`). ``checkpoint_every``:
     steps between commits (default :func:`default_checkpoint_every`); commits also happen at least every
     ``commit_seconds``. ``progress``: True draws a bar on stderr if it is a terminal, ``"always"``/``"never"``
-    force it (env ``LOPKIT_PROGRESS=1`` forces it too). ``stop_after_steps``: commit and return with status
+    force it (env ``LOPKIT_PROGRESS=1`` forces it too). ``keep_checkpoint``: keep the final ``state_dict()`` in
+    the store after the run finishes (a later stage, e.g. fine-tuning or evaluation, loads the trained weights). ``stop_after_steps``: commit and return with status
     ``paused`` after exactly that many new steps (a later call resumes from there). With ``raise_on_error`` an
     exception from the benchmark is recorded in the store and re-raised; otherwise a ``failed`` result is returned.
     """
@@ -317,7 +319,7 @@ def execute_run(
         with _graceful_sigint(handle_sigint) as interrupt:
             status = _advance(store, run_id, benchmark, chunk, commit_seconds, stop_after_steps, interrupt, bar)
         if status == "finished":
-            store.finish_run(run_id)
+            store.finish_run(run_id, keep_checkpoint=keep_checkpoint)
         bar.close()
         return RunResult(run_id, status, benchmark.step, total, time.monotonic() - started, resumed_from=resumed_from)
     except KeyboardInterrupt:
