@@ -368,6 +368,31 @@ def test_partition_validation() -> None:
     assert all_hooks_empty(clone)
 
 
+def test_partition_layer_outside_the_default_selection_is_monitored_when_layers_is_none() -> None:
+    """A custom block named in the partition is measured (not an error) when the caller left layers=None."""
+
+    class Block(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    _, clone, blocks = cloned_pair()
+    wrapped = nn.Sequential(Block(clone[0]), clone[1], clone[2])
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
+    monitor = Monitor(wrapped, partition={"0": blocks}, metrics=["cloning_r2_forward"])
+    names = [layer.name for layer in monitor.layers]
+    assert "0" in names and names.index("0") < names.index("1")  # model order kept
+    (row,) = [r for r in monitor.measure(x) if r["layer"] == "0"]
+    assert row["value"] == pytest.approx(cloning_r2(clone[0](x).detach(), blocks), rel=1e-6)
+    with pytest.raises(ValueError, match="not monitored"):
+        Monitor(wrapped, layers=["1"], partition={"0": blocks})
+    with pytest.raises(ValueError, match="not monitored"):
+        Monitor(wrapped, partition={"nope": blocks})
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_nan_input_gives_nan_rows_and_warning() -> None:
     model = make_mlp()

@@ -310,3 +310,19 @@ def test_keep_checkpoint_leaves_the_final_state_in_the_store(tmp_path):
     restored.load_state_dict(state)
     for (name, want), got in zip(reference.model.state_dict().items(), restored.model.state_dict().values()):
         assert torch.equal(want, got), name
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("cbp+l2init", ["cbp", "l2init"]),
+        ("CBP, l2init", ["cbp", "l2init"]),
+        ("l2:weight_decay=1e+4+redo", ["l2:weight_decay=1e+4", "redo"]),
+        ("noisy_sgd:std=2E+3", ["noisy_sgd:std=2E+3"]),
+        (["shrink_perturb:shrink=0.9", "redo+cbp"], ["shrink_perturb:shrink=0.9", "redo", "cbp"]),
+    ],
+)
+def test_method_specs_split_on_plus_and_comma_but_not_inside_exponents(spec, expected):
+    from lopkit.runner.execute import split_method_names
+
+    assert split_method_names(spec) == expected

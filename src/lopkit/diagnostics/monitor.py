@@ -314,7 +314,9 @@ class Monitor:
       ``weight_norm`` of their parameters and ``gradient_norm`` of the probe-loss gradient w.r.t. them.
     - Any other module named in ``layers`` (e.g. a residual block): the output metrics, plus the norms when it
       has parameters.
-    - Layers in ``partition``: ``cloning_r2_forward`` on ``h`` and ``cloning_r2_backward`` on ``dL/dh``.
+    - Layers in ``partition``: ``cloning_r2_forward`` on ``h`` and ``cloning_r2_backward`` on ``dL/dh``. With
+      ``layers=None`` a partition layer outside the default selection (e.g. a custom block) is monitored too;
+      with an explicit ``layers`` list every partition layer must be in it.
     - Layer ``"model"``: ``loss`` (probe loss) and, when ``config.hessian``, ``hessian_top_eigenvalue``.
 
     Conv outputs ``(N, C, *spatial)`` treat channels as units and every (sample, position) as a sample;
@@ -361,6 +363,8 @@ class Monitor:
         self._explicit_metrics = metrics is not None
         self.metrics: frozenset[str] = self._validate_metrics(metrics)
         modules = self._select_modules(layers)
+        if layers is None and isinstance(partition, Mapping):
+            modules = self._with_partition_layers(modules, partition)
         block_ids = self._validate_partition(partition, {name for name, _ in modules})
         self.layers: list[_Layer] = [self._make_layer(name, module, block_ids.get(name)) for name, module in modules]
         self.rows: list[dict[str, Any]] = []
@@ -425,6 +429,20 @@ class Monitor:
                 "from model.named_modules() or module types that occur in the model."
             )
         return [(name or MODEL_LAYER, m) for name, m in selected]
+
+    def _with_partition_layers(
+        self, modules: list[tuple[str, nn.Module]], partition: Mapping[str, Tensor]
+    ) -> list[tuple[str, nn.Module]]:
+        """Default layer selection plus every module the partition names (in model order), so clones are measured."""
+        chosen = {name for name, _ in modules}
+        extra = {name for name in partition if isinstance(name, str) and name not in chosen}
+        if not extra:
+            return modules
+        named = dict(self.model.named_modules())
+        extra &= set(named)  # unknown names are reported by _validate_partition
+        order = {name: i for i, name in enumerate(named)}
+        merged = modules + [(name, named[name]) for name in extra]
+        return sorted(merged, key=lambda item: order.get(item[0], -1))
 
     @staticmethod
     def _validate_partition(partition: Mapping[str, Tensor] | None, monitored: set[str]) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -95,6 +96,10 @@ def _no_op_names() -> frozenset[str]:
     return frozenset(names) if names else _FALLBACK_NO_OP_NAMES
 
 
+# ',' or '+' separate methods; a '+' inside a number's exponent (1e+4) does not
+_METHOD_SEPARATOR = re.compile(r",|(?<![0-9][eE])\+")
+
+
 def split_method_names(names: str | Iterable[str] | None) -> list[str]:
     """``["cbp:replacement_rate=1e-4,l2init", "snp"]`` -> one spec per method (``,`` and ``+`` separate methods)."""
     if names is None:
@@ -104,7 +109,7 @@ def split_method_names(names: str | Iterable[str] | None) -> list[str]:
     for item in items:
         if not isinstance(item, str):
             raise ConfigError(f"method names must be strings, got {item!r}")
-        for part in item.replace("+", ",").split(","):
+        for part in _METHOD_SEPARATOR.split(item):
             part = part.strip()
             if part:
                 name, *params = part.split(":")
