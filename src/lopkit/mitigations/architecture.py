@@ -231,60 +231,53 @@ def _check_affine(affine: bool) -> None:
 # ---------------------------------------------------------------------------------------------- norms
 
 
+class _NormInsertion(Mitigation):
+    """Shared body of the norm insertions: a validated ``affine`` flag and a deep copy with norms inserted."""
+
+    name = "norm"
+    norm_kind = "layer"  # "layer" or "batch": which norm ``insert_norms`` builds
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of a norm insertion (``layernorm``, ``batchnorm``)."""
+
+        affine: bool = True
+        """Learnable per-unit scale and offset."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for a non-boolean affine."""
+            _check_affine(self.affine)
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+
+    def _norm_for(self, layer: nn.Module) -> nn.Module:
+        """The norm module to place after ``layer``."""
+        make = layer_norm_for if self.norm_kind == "layer" else batch_norm_for
+        return make(layer, self.config.affine)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with the norm after each hidden Linear/Conv."""
+        model = copy.deepcopy(model)
+        insert_norms(model, self._norm_for, self.norm_kind, self.name)
+        return model
+
+
 @register_method
-class LayerNormInsertion(Mitigation):
+class LayerNormInsertion(_NormInsertion):
     """Insert LayerNorm (GroupNorm(1, C) for conv) before every hidden activation: the paper's main *prevention*."""
 
     name = "layernorm"
-
-    @dataclasses.dataclass
-    class Config:
-        """Hyper-parameters of ``layernorm``."""
-
-        affine: bool = True
-        """Learnable per-unit scale and offset."""
-
-        def validate(self) -> None:
-            """Raise ConfigError for a non-boolean affine."""
-            _check_affine(self.affine)
-
-    def __init__(self, config: Config | None = None):
-        self.config = config if config is not None else self.Config()
-        self.config.validate()
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` with a LayerNorm/GroupNorm(1, C) after each hidden Linear/Conv."""
-        model = copy.deepcopy(model)
-        insert_norms(model, lambda layer: layer_norm_for(layer, self.config.affine), "layer", self.name)
-        return model
+    norm_kind = "layer"
 
 
 @register_method
-class BatchNormInsertion(Mitigation):
+class BatchNormInsertion(_NormInsertion):
     """Insert BatchNorm before every hidden activation (BatchNorm1d for Linear, BatchNorm2d for Conv2d)."""
 
     name = "batchnorm"
-
-    @dataclasses.dataclass
-    class Config:
-        """Hyper-parameters of ``batchnorm``."""
-
-        affine: bool = True
-        """Learnable per-unit scale and offset."""
-
-        def validate(self) -> None:
-            """Raise ConfigError for a non-boolean affine."""
-            _check_affine(self.affine)
-
-    def __init__(self, config: Config | None = None):
-        self.config = config if config is not None else self.Config()
-        self.config.validate()
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` with a BatchNorm after each hidden Linear/Conv."""
-        model = copy.deepcopy(model)
-        insert_norms(model, lambda layer: batch_norm_for(layer, self.config.affine), "batch", self.name)
-        return model
+    norm_kind = "batch"
 
 
 # ---------------------------------------------------------------------------------------------- dropout

@@ -146,7 +146,7 @@ class L2(Mitigation):
 
 
 @register_method
-class L2Init(Mitigation):
+class L2Init(L2):
     """L2 Init (Kumar et al. 2024): ``strength * ||theta - theta_0||^2``, pulling unused weights back to their init.
 
     ``theta_0`` is the model's parameters when :meth:`attach` is called; it is part of :meth:`state_dict`
@@ -156,24 +156,14 @@ class L2Init(Mitigation):
     name = "l2init"
 
     @dataclasses.dataclass
-    class Config:
-        """Hyper-parameters of ``l2init``."""
+    class Config(L2.Config):
+        """Hyper-parameters of ``l2init`` (as ``l2``, with lambda in lambda * ||theta - theta_0||^2)."""
 
         strength: float = 1e-2
         """lambda in lambda * ||theta - theta_0||^2 (1e-2: best across problems in Kumar et al. 2024, App. A.2.5)."""
-        include_bias: bool = True
-        """Regularise the biases of weight layers too."""
-        include_norm: bool = True
-        """Regularise the affine parameters of normalisation layers too."""
-
-        def validate(self) -> None:
-            """Raise ConfigError for a negative or non-finite strength."""
-            _check_strength(self.strength)
 
     def __init__(self, config: Config | None = None):
-        self.config = config if config is not None else self.Config()
-        self.config.validate()
-        self._selection = _ParameterSelection(self.config.include_bias, self.config.include_norm)
+        super().__init__(config if config is not None else self.Config())
         self._initial: dict[str, torch.Tensor] | None = None
         self._anchors: list[torch.Tensor] | None = None
         self._anchors_for: int | None = None
