@@ -16,15 +16,11 @@ from typing import Any, Sequence
 
 from lopkit.configs import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_progress_flags, error_exit, progress_mode
 DEFAULT_SEEDS = 5  # spec section 8, item 12
 
 
-def _error(message: str) -> int:
-    """Print one ``error: ...`` line on stderr and return the usage exit code."""
-    flat = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    print(f"error: {flat}", file=sys.stderr)
-    return EXIT_USAGE
+_error = error_exit
 
 
 # ------------------------------------------------------------------------------------------------- seeds
@@ -95,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / cls.name
     label = method_label(method_names)
-    progress = "always" if args.progress else ("never" if args.no_progress else True)
+    progress = progress_mode(args)
     print(f"experiment {out}: {cls.name} preset={args.preset} method={label} seeds={','.join(map(str, seeds))}")
     print(f"config: {json.dumps(config_to_dict(config), sort_keys=True)}")
     try:
@@ -249,9 +245,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--out", default=None, metavar="DIR", help="experiment folder (default: runs/BENCHMARK)")
     run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="steps between checkpoints (default: a twentieth of the run; also at least every 30 s)")
-    bars = run.add_mutually_exclusive_group()
-    bars.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bars.add_argument("--progress", action="store_true", help="draw the progress bar even when stderr is not a terminal")
+    add_progress_flags(run)
     run.set_defaults(func=_run)
 
     listing = subparsers.add_parser(

@@ -10,15 +10,11 @@ from typing import Any, Sequence
 
 from lopkit.configs import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_progress_flags, error_exit, progress_mode
 DEFAULT_SEEDS = "5"
 
 
-def _error(message: str) -> int:
-    """Print one ``error: ...`` line on stderr and return the usage exit code."""
-    flat = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    print(f"error: {flat}", file=sys.stderr)
-    return EXIT_USAGE
+_error = error_exit
 
 
 def resume_command(args: argparse.Namespace, out: Path) -> str:
@@ -61,7 +57,7 @@ def _compare(args: argparse.Namespace) -> int:
         return _error(str(err))
 
     out = Path(args.out) if args.out else Path("runs") / f"compare_{plan.benchmark}"
-    progress = "always" if args.progress else ("never" if args.no_progress else True)
+    progress = progress_mode(args)
     print(f"compare {describe_plan(plan)}")
     print(f"experiment folder: {out}")
     try:
@@ -129,8 +125,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     parser.add_argument("--rank-only", action="store_true", help="do not run anything; rank the finished runs")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report (CSV and table only)")
-    parser.add_argument("--progress", action="store_true", help="always draw progress bars")
-    parser.add_argument("--no-progress", action="store_true", help="never draw progress bars")
+    add_progress_flags(parser)
     parser.set_defaults(func=_compare)
 
 

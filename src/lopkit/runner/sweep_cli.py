@@ -7,18 +7,10 @@ import shlex
 import sys
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_progress_flags, error_exit, progress_mode
 
 
-def _error(message: str) -> int:
-    """Print the error (all its lines) on stderr and return the usage exit code."""
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
-def _progress_option(args: argparse.Namespace) -> bool | str:
-    """``--progress`` forces the bar, ``--no-progress`` hides it, default: only on a terminal."""
-    return "always" if args.progress else "never" if args.no_progress else True
+_error = error_exit
 
 
 def _dry_run(sweep: Any) -> int:
@@ -57,7 +49,7 @@ def _sweep(args: argparse.Namespace) -> int:
         outcomes = run_sweep(
             sweep, args.backend, max_workers=args.max_workers, address=args.address, num_cpus=args.num_cpus,
             store_mode=args.store_mode, threads_per_run=args.threads_per_run or None,
-            progress=_progress_option(args),
+            progress=progress_mode(args),
         )
     except (ValueError, RuntimeError) as err:  # bad option combination, Ray missing or unreachable
         return _error(str(err))
@@ -115,10 +107,7 @@ def register(subparsers: Any) -> None:
     vectorize.add_argument("--no-vectorize-seeds", dest="vectorize_seeds", action="store_false",
                            help="run every seed separately even if the file says vectorize_seeds: true")
     parser.add_argument("--dry-run", action="store_true", help="list the runs (and which are finished) and exit")
-    bars = parser.add_mutually_exclusive_group()
-    bars.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bars.add_argument("--progress", action="store_true",
-                      help="draw the progress bar even when stderr is not a terminal")
+    add_progress_flags(parser)
     parser.set_defaults(func=_sweep)
 
 

@@ -1,0 +1,47 @@
+"""Pieces every ``lopkit`` sub-command shares: exit codes, the one-line error, progress flags, opening the store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class StoreOpenError(OSError):
+    """The results store could not be opened; the message names the folder and the cause."""
+
+
+def error_exit(message: str) -> int:
+    """Print one ``error: ...`` line on stderr (multi-line messages joined by ';') and return the usage exit code."""
+    flat = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"error: {flat}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` (mutually exclusive); the default draws bars only on a terminal."""
+    bars = parser.add_mutually_exclusive_group()
+    bars.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
+    bars.add_argument("--no-progress", action="store_true", help="never draw progress bars")
+
+
+def progress_mode(args: argparse.Namespace) -> bool | str:
+    """The ``progress`` argument of ``execute_run`` from the parsed flags: "always", "never" or True (terminal only)."""
+    if getattr(args, "progress", False):
+        return "always"
+    if getattr(args, "no_progress", False):
+        return "never"
+    return True
+
+
+def open_store(out: str | Path) -> Any:
+    """A :class:`~lopkit.runner.store.ResultStore` in ``out``; StoreOpenError with the folder and cause if it fails."""
+    from lopkit.runner.store import ResultStore
+
+    try:
+        return ResultStore(out)
+    except OSError as err:
+        raise StoreOpenError(f"cannot open the results store in {out}: {err}") from err
