@@ -56,11 +56,8 @@ from lopkit.benchmarks.base import (
     PrivateRNG,
     Benchmark,
     BenchmarkConfig,
-    capture_rng_state,
     make_row,
     register_benchmark,
-    restore_rng_state,
-    seed_everything,
 )
 from lopkit.configs import ConfigError, require
 from lopkit.data.bitflip import THRESHOLD_RULES, BitFlipConfig, BitFlipStream

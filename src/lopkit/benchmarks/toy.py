@@ -29,11 +29,8 @@ from lopkit.benchmarks.base import (
     PrivateRNG,
     Benchmark,
     BenchmarkConfig,
-    capture_rng_state,
     make_row,
     register_benchmark,
-    restore_rng_state,
-    seed_everything,
 )
 from lopkit.configs import require
 from lopkit.data.seeding import seeded_generator

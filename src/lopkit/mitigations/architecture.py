@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import math
 import re
-from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch

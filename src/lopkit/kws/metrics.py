@@ -1,0 +1,190 @@
+"""Wake-word metrics: triggers with a refractory period, DET curves, FRR at a fixed FA/h, start-time errors.
+
+Definitions (also in docs/kws.md):
+
+- **Trigger rule.** A detector fires at the first frame ``t*`` whose (smoothed) score is strictly above the
+  threshold ``theta``; after a trigger it ignores every frame before ``t* + refractory_frames`` and then looks
+  for the next frame above ``theta``. :func:`count_triggers` counts these triggers on a score sequence.
+- **False accepts per hour (FA/h).** Triggers on the long negative stream (no keyword anywhere) divided by the
+  stream's duration in hours. With the rule above the count can only grow when ``theta`` is lowered (the
+  earliest-first greedy pick is the largest set of crossings spaced ``>= refractory_frames`` apart).
+- **False-reject rate (FRR).** Fraction of positive utterances with no frame above ``theta`` inside the
+  acceptance window (from the keyword start to ``accept_after_s`` after its end). A positive utterance is
+  therefore summarised by one number: its maximum score in that window (:func:`window_max`).
+- **Operating point.** For a target FA/h ``F``, the *lowest* swept threshold whose FA/h on the negative stream
+  is ``<= F`` (``method="step"``, the default: a threshold one could actually deploy). ``method="linear"``
+  interpolates FRR linearly in FA/h between the two DET points bracketing ``F`` instead.
+- **Relative FRR reduction** of system B over baseline A: ``(FRR_A - FRR_B) / FRR_A`` (NaN when ``FRR_A`` is 0).
+- **Start error.** ``predicted_start - reference_start`` in ms for detected positives at the operating point;
+  reported as the median and mean absolute error and the percentage within 50 ms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "DET_COLUMNS",
+    "count_triggers",
+    "det_curve",
+    "frr_at_fa",
+    "relative_reduction",
+    "start_error_summary",
+    "sweep_thresholds",
+    "trigger_frames",
+    "window_max",
+]
+
+DET_COLUMNS = ("threshold", "frr", "fa_per_hour", "false_accepts", "misses")
+FRAMES_PER_SECOND = 100
+
+
+def _as_1d(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+    """A float64 1-D array, ValueError for other shapes."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    return array
+
+
+def trigger_frames(scores: np.ndarray, threshold: float, refractory_frames: int) -> np.ndarray:
+    """Frames where the detector fires: first frame above ``threshold``, then nothing for ``refractory_frames``."""
+    scores = _as_1d(scores, "scores")
+    if refractory_frames < 1:
+        raise ValueError(f"refractory_frames must be >= 1, got {refractory_frames}")
+    above = np.flatnonzero(scores > threshold)
+    if above.size == 0:
+        return above
+    # next_index[i]: the first crossing at or after above[i] + refractory (a pointer chase over at most
+    # len(scores) / refractory triggers, so the loop is short even for hours of audio)
+    next_index = np.searchsorted(above, above + refractory_frames, side="left")
+    fired = []
+    i = 0
+    while i < above.size:
+        fired.append(above[i])
+        i = int(next_index[i])
+    return np.asarray(fired, dtype=np.int64)
+
+
+def count_triggers(scores: np.ndarray, threshold: float, refractory_frames: int) -> int:
+    """Number of triggers of :func:`trigger_frames`."""
+    return int(trigger_frames(scores, threshold, refractory_frames).size)
+
+
+def window_max(scores: np.ndarray, start: int, stop: int) -> float:
+    """Max score over frames ``[start, stop)`` clipped to the sequence (-inf for an empty window)."""
+    scores = _as_1d(scores, "scores")
+    lo, hi = max(0, int(start)), min(scores.size, int(stop))
+    return float(scores[lo:hi].max()) if hi > lo else -math.inf
+
+
+def sweep_thresholds(positive_max: np.ndarray, negative_scores: np.ndarray, max_points: int = 400) -> np.ndarray:
+    """Thresholds for a DET sweep: quantiles of the positives' maxima and of the negatives' upper tail.
+
+    Always includes one threshold at or above every score (FRR 1, FA/h 0) and one below every positive
+    maximum, so the curve spans both ends.
+    """
+    positive_max = _as_1d(positive_max, "positive_max")
+    negative_scores = _as_1d(negative_scores, "negative_scores")
+    finite_pos = positive_max[np.isfinite(positive_max)]
+    finite_neg = negative_scores[np.isfinite(negative_scores)]
+    candidates = [np.quantile(finite_pos, np.linspace(0, 1, max_points // 2))] if finite_pos.size else []
+    if finite_neg.size:
+        tail = np.quantile(finite_neg, 1 - np.geomspace(1e-6, 0.5, max_points // 2))
+        candidates.append(tail)
+    everything = np.concatenate([finite_pos, finite_neg]) if (finite_pos.size or finite_neg.size) else np.zeros(1)
+    top, bottom = float(everything.max()), float(everything.min())
+    span = max(1e-6, top - bottom)
+    candidates.append(np.array([top + 1e-3 * span, bottom - 1e-3 * span]))
+    return np.unique(np.concatenate(candidates))
+
+
+def det_curve(
+    positive_max: Sequence[float] | np.ndarray,
+    negative_stream_scores: np.ndarray | Sequence[np.ndarray],
+    negative_hours: float,
+    refractory_frames: int = FRAMES_PER_SECOND,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+) -> pd.DataFrame:
+    """DET curve as a DataFrame (threshold, frr, fa_per_hour, false_accepts, misses), thresholds ascending.
+
+    ``positive_max``: each positive utterance's max score in its acceptance window (:func:`window_max`);
+    ``negative_stream_scores``: the score sequence of the negative stream (or a list of separate streams,
+    triggers counted per stream and summed); ``negative_hours``: total duration of those streams.
+    """
+    positive_max = _as_1d(positive_max, "positive_max")
+    if positive_max.size == 0:
+        raise ValueError("det_curve needs at least one positive utterance")
+    if not negative_hours > 0:
+        raise ValueError(f"negative_hours must be > 0, got {negative_hours}")
+    streams = [negative_stream_scores] if isinstance(negative_stream_scores, np.ndarray) else list(negative_stream_scores)
+    streams = [_as_1d(s, "negative_stream_scores") for s in streams]
+    if thresholds is None:
+        thresholds = sweep_thresholds(positive_max, np.concatenate(streams) if streams else np.zeros(0))
+    thresholds = np.sort(_as_1d(thresholds, "thresholds"))
+    rows = []
+    for theta in thresholds:
+        misses = int(np.sum(~(positive_max > theta)))
+        false_accepts = sum(count_triggers(s, float(theta), refractory_frames) for s in streams)
+        rows.append((float(theta), misses / positive_max.size, false_accepts / negative_hours, false_accepts, misses))
+    return pd.DataFrame(rows, columns=list(DET_COLUMNS))
+
+
+def frr_at_fa(det: pd.DataFrame, fa_per_hour: float, method: str = "step") -> dict[str, float]:
+    """FRR at the operating point for a target FA/h (see the module docstring); returns frr, threshold, fa_per_hour.
+
+    ``step``: the lowest threshold with FA/h <= target (its FRR and actual FA/h); ``linear``: FRR linearly
+    interpolated in FA/h between the bracketing points (threshold interpolated the same way).
+    """
+    if method not in ("step", "linear"):
+        raise ValueError(f"method must be 'step' or 'linear', got {method!r}")
+    if det.empty:
+        raise ValueError("empty DET curve")
+    ordered = det.sort_values("threshold").reset_index(drop=True)
+    allowed = ordered[ordered["fa_per_hour"] <= fa_per_hour]
+    if allowed.empty:  # even the highest threshold false-accepts too often: reject everything
+        return {"frr": 1.0, "threshold": math.inf, "fa_per_hour": 0.0}
+    best = allowed.iloc[0]  # lowest threshold meeting the target
+    result = {"frr": float(best["frr"]), "threshold": float(best["threshold"]), "fa_per_hour": float(best["fa_per_hour"])}
+    if method == "step":
+        return result
+    index = int(allowed.index[0])
+    if index == 0 or float(best["fa_per_hour"]) == fa_per_hour:
+        return result
+    above = ordered.iloc[index - 1]  # next lower threshold: FA/h above the target
+    fa_lo, fa_hi = float(best["fa_per_hour"]), float(above["fa_per_hour"])
+    if fa_hi <= fa_lo:
+        return result
+    weight = (fa_per_hour - fa_lo) / (fa_hi - fa_lo)
+    frr = float(best["frr"]) + weight * (float(above["frr"]) - float(best["frr"]))
+    threshold = float(best["threshold"]) + weight * (float(above["threshold"]) - float(best["threshold"]))
+    return {"frr": frr, "threshold": threshold, "fa_per_hour": float(fa_per_hour)}
+
+
+def relative_reduction(baseline: float, system: float) -> float:
+    """``(baseline - system) / baseline``: e.g. 0.73 for a 73 % relative FRR reduction (NaN if baseline is 0)."""
+    if not baseline > 0:
+        return math.nan
+    return (baseline - system) / baseline
+
+
+def start_error_summary(predicted_s: Sequence[float], reference_s: Sequence[float], tolerance_ms: float = 50.0) -> dict[str, float]:
+    """Median/mean absolute start error (ms), % within ``tolerance_ms`` and count, over pairs with finite values."""
+    predicted = _as_1d(predicted_s, "predicted_s")
+    reference = _as_1d(reference_s, "reference_s")
+    if predicted.shape != reference.shape:
+        raise ValueError(f"predicted_s and reference_s differ in length: {predicted.size} vs {reference.size}")
+    keep = np.isfinite(predicted) & np.isfinite(reference)
+    errors_ms = np.abs(predicted[keep] - reference[keep]) * 1000.0
+    if errors_ms.size == 0:
+        return {"median_abs_ms": math.nan, "mean_abs_ms": math.nan, "within_pct": math.nan, "n": 0}
+    return {
+        "median_abs_ms": float(np.median(errors_ms)),
+        "mean_abs_ms": float(np.mean(errors_ms)),
+        "within_pct": float(100.0 * np.mean(errors_ms <= tolerance_ms)),
+        "n": int(errors_ms.size),
+    }

@@ -1,0 +1,49 @@
+"""MoE-PHDS (arXiv 2509.23012): one sparse MoE checkpoint whose top-k is dialed at inference, with expert-level LoP diagnostics.
+
+Modules, in the order data flows:
+
+- :mod:`lopkit.moe.data`: offline text (Debian ``dict-gcide``, ``fortunes``), generated domains, multiple-choice sets;
+- :mod:`lopkit.moe.model`: a byte-level decoder-only MoE transformer (hard top-k at inference, PHDS soft mask in
+  training, per-k norm copies);
+- :mod:`lopkit.moe.experts`: expert load, dormant and duplicate experts, cloned experts (the cloned-unit manifold);
+- :mod:`lopkit.moe.scoring`: lm-eval-harness style choice scoring (``acc``, ``acc_norm``) and perplexity;
+- :mod:`lopkit.moe.train`: the ``moe_pretrain`` and ``moe_finetune`` benchmarks (oracle, naive, PHDS);
+- :mod:`lopkit.moe.evaluate`: accuracy, perplexity, tokens/s and FLOPs at every k, cross-sparsity agreement;
+- :mod:`lopkit.moe.pipeline`, :mod:`lopkit.moe.report`, :mod:`lopkit.moe.cli`: ``lopkit moe run|pretrain|finetune|
+  evaluate|report``, resumable stages in one results store.
+
+See docs/moe.md.
+"""
+
+from lopkit.moe.experts import (
+    clone_experts,
+    dormant_expert_fraction,
+    duplicate_expert_fraction,
+    expert_diagnostic_rows,
+    expert_load,
+    expert_output_similarity,
+    expert_weight_similarity,
+    load_entropy,
+)
+from lopkit.moe.model import LayerRouting, MoEModelConfig, MoEOutput, MoETransformer, load_moe_state
+from lopkit.moe.scoring import agreement, choice_logprobs, mc_accuracy, perplexity
+
+__all__ = [
+    "LayerRouting",
+    "MoEModelConfig",
+    "MoEOutput",
+    "MoETransformer",
+    "agreement",
+    "choice_logprobs",
+    "clone_experts",
+    "dormant_expert_fraction",
+    "duplicate_expert_fraction",
+    "expert_diagnostic_rows",
+    "expert_load",
+    "expert_output_similarity",
+    "expert_weight_similarity",
+    "load_entropy",
+    "load_moe_state",
+    "mc_accuracy",
+    "perplexity",
+]

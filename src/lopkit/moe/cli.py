@@ -1,0 +1,204 @@
+"""``lopkit moe pretrain|finetune|evaluate|run|report``: the MoE-PHDS stages from the command line (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+from lopkit.configs import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_OUT = Path("runs") / "moe"
+_STAGES_OF = {
+    "pretrain": ("pretrain",),
+    "finetune": ("finetune",),
+    "evaluate": ("evaluate", "report"),
+    "run": ("pretrain", "finetune", "evaluate", "report"),
+}
+
+
+def _error(message: str) -> int:
+    """Print one ``error: ...`` line on stderr and return the usage exit code."""
+    flat = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"error: {flat}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    """Seeds from ``--seeds N`` (0..N-1) or ``--seed-list a,b``."""
+    from lopkit.runner.cli import parse_seed_list
+
+    if args.seed_list is not None:
+        return parse_seed_list(args.seed_list)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    return list(range(args.seeds))
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes the same stage(s)."""
+    parts = ["lopkit", "moe", args.moe_command, "--preset", args.preset, "--out", str(args.out)]
+    if args.seed_list is not None:
+        parts += ["--seed-list", args.seed_list]
+    else:
+        parts += ["--seeds", str(args.seeds)]
+    if args.overrides:
+        parts += ["--set", *args.overrides]
+    for variant in args.variants or []:
+        parts += ["--variant", variant]
+    if args.ablations is not None:
+        parts.append("--ablations" if args.ablations else "--no-ablations")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _run_stages(args: argparse.Namespace) -> int:
+    """Run the stages of ``args.moe_command``; exit 0, 1 (a run failed), 2 (bad input) or 130 (interrupted)."""
+    import torch
+
+    from lopkit.configs import parse_overrides
+    from lopkit.moe.pipeline import run_pipeline
+
+    try:
+        overrides = parse_overrides(args.overrides)
+        seeds = _seeds(args)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+    except ConfigError as err:
+        return _error(str(err))
+    progress = "always" if args.progress else ("never" if args.no_progress else True)
+    try:
+        result = run_pipeline(args.out, args.preset, seeds, overrides, progress, stages=_STAGES_OF[args.moe_command],
+                              variants=args.variants or None, ablations=args.ablations)
+    except ConfigError as err:
+        return _error(str(err))
+    except KeyboardInterrupt:
+        print(f"interrupted; completed chunks are saved. To resume: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FloatingPointError as err:
+        print(f"error: {err} (the failed run and its traceback are kept in the store)", file=sys.stderr)
+        return EXIT_FAILED
+    if result.interrupted:
+        print(f"interrupted; completed chunks are saved. To resume: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"results: {result.out_dir / 'results.sqlite'}")
+    if result.report_path is not None:
+        print(f"report: {result.report_path}")
+        _print_targets(result.out_dir)
+    elif args.moe_command != "run":
+        follow = {"pretrain": "finetune", "finetune": "evaluate"}.get(args.moe_command)
+        if follow:
+            print(f"next: lopkit moe {follow} --preset {args.preset} --out {shlex.quote(str(args.out))}")
+    return EXIT_OK
+
+
+def _print_targets(out_dir: Path) -> None:
+    """Print the target table written with the report, if any."""
+    from lopkit.moe.report import FIGURE_DIR
+
+    path = Path(out_dir) / FIGURE_DIR / "targets.csv"
+    if path.exists():
+        import pandas as pd
+
+        with pd.option_context("display.width", 220, "display.max_colwidth", 110):
+            print(pd.read_csv(path, keep_default_na=False).to_string(index=False))
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Rebuild the HTML report of an experiment folder."""
+    from lopkit.moe.report import build_moe_report
+
+    try:
+        result = build_moe_report(args.experiment_dir, args.output)
+    except FileNotFoundError as err:
+        return _error(str(err))
+    print(f"wrote {result.html_path} and {len(result.png_paths)} PNGs")
+    if not result.targets.empty:
+        import pandas as pd
+
+        with pd.option_context("display.width", 220, "display.max_colwidth", 110):
+            print(result.targets.to_string(index=False))
+    return EXIT_OK
+
+
+def _add_stage_options(parser: argparse.ArgumentParser, variants: bool) -> None:
+    """Options shared by the stage commands."""
+    parser.add_argument("--preset", default="default", choices=["smoke", "mini", "default", "paper"],
+                        help="size preset (default: %(default)s; smoke ~30 s, mini ~20-25 min, default ~3 h on 2 cores)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=f"experiment folder holding results.sqlite (default: {DEFAULT_OUT})")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=1, metavar="N", help="run seeds 0..N-1 (default: 1)")
+    seeds.add_argument("--seed-list", default=None, metavar="S,S,...", help="explicit seeds, e.g. 0,1,2")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config field; prefix with pretrain./finetune./eval. to target one stage, "
+                             "e.g. --set pretrain.steps=500 finetune.lr=1e-3 (a bare KEY goes to every stage that "
+                             "has it)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads")
+    if variants:
+        parser.add_argument("--variant", dest="variants", action="append", default=None, metavar="LABEL",
+                            help="only this fine-tune variant (repeatable): oracle1..oracleK, naive, phds, "
+                                 "phds_anchor, phds_anchor_eps0, phds_anchor_shared_norms (default: all)")
+        ablation = parser.add_mutually_exclusive_group()
+        ablation.add_argument("--ablations", dest="ablations", action="store_true", default=None,
+                              help="add the eps=0 and shared-norm ablations (default: only with --preset default/paper)")
+        ablation.add_argument("--no-ablations", dest="ablations", action="store_false",
+                              help="leave the ablations out")
+    else:
+        parser.set_defaults(variants=None, ablations=None)
+    bars = parser.add_mutually_exclusive_group()
+    bars.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bars.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
+    parser.set_defaults(func=_run_stages)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``moe`` command group (pretrain, finetune, evaluate, run, report)."""
+    moe = subparsers.add_parser(
+        "moe", help="MoE-PHDS: pretrain a byte-level MoE, fine-tune oracles/naive/PHDS, evaluate at every k",
+        description=textwrap.fill(
+            "Reproduce MoE-PHDS at small scale on CPU. Every stage stores its runs in OUT/results.sqlite and is "
+            "resumable: rerunning a command skips finished runs and resumes an interrupted one. 'run' chains "
+            "pretrain -> finetune -> evaluate -> report.", width=78),
+        epilog="examples:\n"
+               "  lopkit moe run --preset smoke --out runs/moe_smoke\n"
+               "  lopkit moe pretrain --preset mini --out runs/moe_mini --threads 2\n"
+               "  lopkit moe finetune --preset mini --out runs/moe_mini --variant phds_anchor\n"
+               "  lopkit moe evaluate --preset mini --out runs/moe_mini\n"
+               "  lopkit moe report runs/moe_mini\n"
+               "exit codes: 0 ok, 1 a run failed, 2 bad input, 130 interrupted (see docs/moe.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = moe.add_subparsers(dest="moe_command", metavar="STAGE")
+    helps = {
+        "pretrain": "pretrain the MoE at hard top-k_pre (stage 1)",
+        "finetune": "SFT variants from the pretrain run: oracle1..K, naive, phds, phds_anchor (stage 2)",
+        "evaluate": "evaluate the pretrained and fine-tuned models at every k, then write the report (stage 3)",
+        "run": "every stage in turn (skips what is finished)",
+    }
+    for name, text in helps.items():
+        stage = sub.add_parser(name, help=text, description=text)
+        _add_stage_options(stage, variants=name != "pretrain")
+    report = sub.add_parser("report", help="rebuild the HTML report of an experiment folder",
+                            description="Write OUT/moe_report.html (self-contained) and PNGs/CSVs in OUT/moe_figures.")
+    report.add_argument("experiment_dir", type=Path, help="folder holding results.sqlite")
+    report.add_argument("-o", "--output", default=None, help="HTML file (default: EXPERIMENT_DIR/moe_report.html)")
+    report.set_defaults(func=_report)
+    moe.set_defaults(func=lambda _args: (moe.print_help(), EXIT_USAGE)[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lopkit.moe.cli STAGE ...`` (the same as ``lopkit moe STAGE ...``)."""
+    parser = argparse.ArgumentParser(prog="lopkit")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(["moe", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

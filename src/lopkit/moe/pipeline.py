@@ -1,0 +1,262 @@
+"""The MoE-PHDS experiment as resumable stages: pretrain -> fine-tune variants -> evaluate -> report.
+
+Every stage is a run in ONE results store (``OUT/results.sqlite``) executed with
+:func:`lopkit.runner.execute.execute_run`; a finished run is skipped and an interrupted one resumes from its last
+checkpoint, so killing :func:`run_pipeline` at any moment and calling it again continues where it stopped and
+ends with the same rows. Trained weights stay in the store (``keep_checkpoint=True``); each later stage loads them
+by run id.
+
+Fine-tune variants (labels; ``k_low = max(1, k_pre // 2)``, ``K_train = {k_low..k_pre}``, ``k_anchor = k_pre - 1``;
+with the spec's k_pre = 4 that is K_train = {2, 3, 4}, anchor 3, naive at k = 2):
+
+- ``oracle1`` .. ``oracle{k_pre}``: SFT at one fixed k with the PHDS soft mask (the well-specified baselines);
+- ``naive``: SFT at fixed k_low with plain hard top-k routing (what simply setting the router's top_k does) **[R]**;
+- ``phds``: multi-k SFT, k ~ Uniform(K_train), per-k norms, no curriculum;
+- ``phds_anchor``: as ``phds`` plus the anchor curriculum (the spec's "PHDS [2,3,4]->3");
+- ablations (``ablations=True``, on by default only for the ``default``/``paper`` presets): ``phds_anchor_eps0``
+  (eps = 0) and ``phds_anchor_shared_norms`` (one set of norms).
+
+Overrides: ``pretrain.KEY=V``, ``finetune.KEY=V`` and ``eval.KEY=V`` go to one stage; a bare ``KEY=V`` goes to
+every stage whose config has that field (ConfigError if none has it). The wall time of each stage (summed over
+resumes) is kept in ``OUT/moe_timings.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from lopkit.configs import ConfigError, config_to_dict
+from lopkit.runner.store import make_run_id
+
+__all__ = [
+    "PIPELINE_PRESETS",
+    "STAGES",
+    "PipelineResult",
+    "finetune_variants",
+    "run_pipeline",
+    "split_overrides",
+    "variant_labels",
+]
+
+STAGES = ("pretrain", "finetune", "evaluate", "report")
+PIPELINE_PRESETS = ("smoke", "mini", "default", "paper")
+_STAGE_PREFIXES = ("pretrain", "finetune", "eval")
+TIMINGS_FILE = "moe_timings.json"
+PRETRAIN_LABEL = "pretrain"
+PRETRAINED_MODEL = "pretrained"
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """What :func:`run_pipeline` did: the store, the run ids by (label, seed), the report and the stage statuses."""
+
+    out_dir: Path
+    run_ids: dict[tuple[str, int], str]
+    eval_run_ids: dict[tuple[str, int], str]
+    statuses: dict[tuple[str, int], str]
+    report_path: Path | None
+    interrupted: bool = False
+
+
+def k_low(k_pre: int) -> int:
+    """The low k of the naive baseline and the bottom of K_train: ``max(1, k_pre // 2)``."""
+    return max(1, k_pre // 2)
+
+
+def finetune_variants(k_pre: int, ablations: bool = False) -> dict[str, dict[str, Any]]:
+    """Config overrides of every fine-tune variant, by label (see the module docstring)."""
+    low = k_low(k_pre)
+    k_train = tuple(range(low, k_pre + 1))
+    anchor = max(1, k_pre - 1)
+    variants: dict[str, dict[str, Any]] = {}
+    for k in range(1, k_pre + 1):
+        variants[f"oracle{k}"] = {"k_schedule": "fixed", "k_fixed": k, "anchor_k": None, "per_k_norms": False}
+    variants["naive"] = {"k_schedule": "fixed", "k_fixed": low, "routing": "hard", "anchor_k": None,
+                         "per_k_norms": False}
+    multi = {"k_schedule": "multi", "k_train": k_train, "per_k_norms": True}
+    variants["phds"] = {**multi, "anchor_k": None}
+    variants["phds_anchor"] = {**multi, "anchor_k": anchor}
+    if ablations:
+        variants["phds_anchor_eps0"] = {**multi, "anchor_k": anchor, "eps": 0.0}
+        variants["phds_anchor_shared_norms"] = {**multi, "anchor_k": anchor, "per_k_norms": False}
+    return variants
+
+
+def variant_labels(k_pre: int, ablations: bool = False) -> list[str]:
+    """Labels of the fine-tune variants in run order."""
+    return list(finetune_variants(k_pre, ablations))
+
+
+def _fields(cls: type) -> set[str]:
+    """Init field names of a dataclass config."""
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def split_overrides(overrides: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Route ``{"pretrain.steps": 10, "lr": 1e-3}`` to ``{"pretrain": {...}, "finetune": {...}, "eval": {...}}``."""
+    from lopkit.moe.evaluate import MoEEvalConfig
+    from lopkit.moe.train import MoEFinetuneConfig, MoEPretrainConfig
+
+    fields = {"pretrain": _fields(MoEPretrainConfig), "finetune": _fields(MoEFinetuneConfig),
+              "eval": _fields(MoEEvalConfig)}
+    routed: dict[str, dict[str, Any]] = {stage: {} for stage in _STAGE_PREFIXES}
+    for key, value in (overrides or {}).items():
+        stage, dot, name = str(key).partition(".")
+        if dot:
+            if stage not in routed:
+                raise ConfigError(f"override {key!r}: the prefix must be one of {', '.join(_STAGE_PREFIXES)} "
+                                  f"(e.g. finetune.lr=1e-3)")
+            routed[stage][name] = value
+            continue
+        targets = [s for s in _STAGE_PREFIXES if key in fields[s]]
+        if not targets:
+            known = sorted(set().union(*fields.values()))
+            raise ConfigError(f"override {key!r} is no field of any moe stage; known fields: {', '.join(known)} "
+                              f"(prefix with pretrain./finetune./eval. to target one stage)")
+        for stage in targets:
+            routed[stage][key] = value
+    return routed
+
+
+class _Timings:
+    """Seconds per stage run, summed over resumes, kept in ``OUT/moe_timings.json``."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / TIMINGS_FILE
+        self.values: dict[str, float] = {}
+        if self.path.exists():
+            try:
+                self.values = {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
+            except (ValueError, OSError):
+                self.values = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        """Add ``seconds`` to ``key`` and save (atomic replace)."""
+        self.values[key] = self.values.get(key, 0.0) + float(seconds)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def _require_finished(store: Any, run_id: str, what: str, command: str) -> None:
+    """ConfigError unless ``run_id`` is a finished run of ``store``."""
+    run = store.get_run(run_id)
+    if run is None or run["status"] != "finished":
+        status = "missing" if run is None else f"{run['status']} at step {run['step']}/{run['total_steps']}"
+        raise ConfigError(f"{what} is not finished in {store.path} ({status}); run '{command}' first")
+
+
+def run_pipeline(
+    out_dir: str | Path,
+    preset: str = "smoke",
+    seeds: Sequence[int] = (0,),
+    overrides: Mapping[str, Any] | None = None,
+    progress: bool | str = False,
+    *,
+    stages: Sequence[str] = STAGES,
+    variants: Sequence[str] | None = None,
+    ablations: bool | None = None,
+    log: Callable[[str], None] | None = print,
+) -> PipelineResult:
+    """Run (or resume, skipping finished runs) the MoE-PHDS stages into ``OUT/results.sqlite``.
+
+    ``stages``: a subset of ``pretrain, finetune, evaluate, report`` (a stage whose input is missing raises
+    ConfigError naming the command to run first). ``variants``: fine-tune labels to run/evaluate (default all,
+    see :func:`finetune_variants`). ``ablations``: add the eps=0 and shared-norm ablations (default: only for the
+    ``default`` and ``paper`` presets). ``progress`` is passed to ``execute_run`` (True: bars on a terminal).
+    """
+    from lopkit.moe.evaluate import MoEEval
+    from lopkit.moe.train import MoEFinetune, MoEPretrain
+    from lopkit.runner.execute import execute_run
+    from lopkit.runner.store import ResultStore
+
+    say = log or (lambda _text: None)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    if preset not in PIPELINE_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PIPELINE_PRESETS)}")
+    seeds = [int(s) for s in seeds]
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    routed = split_overrides(overrides)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    store_dir = str(out)
+    pre_config = MoEPretrain.make_config(preset, routed["pretrain"])
+    include_ablations = preset in ("default", "paper") if ablations is None else bool(ablations)
+    all_variants = finetune_variants(pre_config.k_pre, include_ablations)
+    chosen = list(variants) if variants is not None else list(all_variants)
+    bad = [v for v in chosen if v not in finetune_variants(pre_config.k_pre, True)]
+    if bad:
+        raise ConfigError(f"unknown fine-tune variant(s) {bad}; choose from "
+                          f"{', '.join(finetune_variants(pre_config.k_pre, True))}")
+    every_variant = finetune_variants(pre_config.k_pre, True)
+    command = f"lopkit moe run --preset {preset} --out {out}"
+
+    timings = _Timings(out)
+    run_ids: dict[tuple[str, int], str] = {}
+    eval_ids: dict[tuple[str, int], str] = {}
+    statuses: dict[tuple[str, int], str] = {}
+    store = ResultStore(out)
+    started = time.monotonic()
+
+    def execute(cls: Any, config: Any, seed: int, label: str, keep: bool, key: str) -> str:
+        # fine-tune states hold two copies of the weights plus AdamW moments: checkpoint 5 times per run
+        # (and at least every 30 s), not 20
+        every = max(1, config.steps // 5) if cls is MoEFinetune else None
+        result = execute_run(store, cls, config, seed, checkpoint_every=every, progress=progress, preset=preset,
+                             label=label, keep_checkpoint=keep)
+        statuses[(key, seed)] = result.status
+        if result.status != "skipped":
+            timings.add(f"{key}/seed{seed}", result.seconds)
+        say(f"[moe {preset}] {key} seed={seed}: {result.status} at step {result.step}/{result.total_steps}"
+            f" in {result.seconds:.1f}s (run {result.run_id})")
+        return result.status
+
+    try:
+        for seed in seeds:
+            pre_id = make_run_id(MoEPretrain.name, PRETRAIN_LABEL, config_to_dict(pre_config), seed)
+            run_ids[(PRETRAIN_LABEL, seed)] = pre_id
+            if "pretrain" in stages:
+                if execute(MoEPretrain, pre_config, seed, PRETRAIN_LABEL, True, "pretrain") == "interrupted":
+                    return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
+            elif "finetune" in stages:
+                _require_finished(store, pre_id, f"the pretrain run of seed {seed} (preset {preset})",
+                                  f"lopkit moe pretrain --preset {preset} --out {out}")
+            for label in chosen:
+                values = {**routed["finetune"], **every_variant[label], "init_store": store_dir, "init_run_id": pre_id}
+                ft_config = MoEFinetune.make_config(preset, values)
+                run_ids[(label, seed)] = make_run_id(MoEFinetune.name, label, config_to_dict(ft_config), seed)
+                if "finetune" in stages:
+                    if execute(MoEFinetune, ft_config, seed, label, True, label) == "interrupted":
+                        return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
+        if "evaluate" in stages:
+            for seed in seeds:
+                for label in [PRETRAINED_MODEL, *chosen]:
+                    source = run_ids[(PRETRAIN_LABEL if label == PRETRAINED_MODEL else label, seed)]
+                    _require_finished(store, source, f"the {label} run of seed {seed}",
+                                      command if label == PRETRAINED_MODEL else
+                                      f"lopkit moe finetune --preset {preset} --out {out}")
+                    eval_config = MoEEval.make_config(preset, {**routed["eval"], "source_store": store_dir,
+                                                               "source_run_id": source})
+                    eval_ids[(label, seed)] = make_run_id(MoEEval.name, label, config_to_dict(eval_config), seed)
+                    if execute(MoEEval, eval_config, seed, label, False, f"eval_{label}") == "interrupted":
+                        return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
+    finally:
+        store.close()
+    report_path = None
+    if "report" in stages:
+        from lopkit.moe.report import build_moe_report
+
+        tick = time.monotonic()
+        report_path = build_moe_report(out).html_path
+        timings.add("report", time.monotonic() - tick)
+        say(f"[moe {preset}] report: {report_path}")
+    say(f"[moe {preset}] done in {time.monotonic() - started:.1f}s")
+    return PipelineResult(out, run_ids, eval_ids, statuses, report_path)

@@ -1,0 +1,127 @@
+"""lopkit.kws.metrics: triggers, DET points by hand, FRR at FA/h, relative reduction, start errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lopkit.kws.metrics import (
+    count_triggers,
+    det_curve,
+    frr_at_fa,
+    relative_reduction,
+    start_error_summary,
+    sweep_thresholds,
+    trigger_frames,
+    window_max,
+)
+
+
+def _brute_force_max_spaced(crossings: list[int], spacing: int) -> int:
+    """Largest subset of crossings with pairwise gaps >= spacing (exhaustive)."""
+    best = 0
+    for size in range(len(crossings), 0, -1):
+        for subset in itertools.combinations(crossings, size):
+            if all(b - a >= spacing for a, b in zip(subset, subset[1:])):
+                return size
+    return best
+
+
+def test_trigger_frames_by_hand():
+    scores = np.array([0, 0.9, 0.95, 0.2, 0.8, 0.1, 0.0, 0.7, 0.9, 0.0])
+    # threshold 0.5: crossings 1,2,4,7,8; refractory 3 -> fire at 1, skip to >=4 -> 4, skip to >=7 -> 7
+    assert trigger_frames(scores, 0.5, 3).tolist() == [1, 4, 7]
+    assert trigger_frames(scores, 0.5, 5).tolist() == [1, 7]
+    assert count_triggers(scores, 0.95, 1) == 0  # strictly above
+    assert count_triggers(scores, 0.94, 1) == 1
+
+
+def test_trigger_count_is_max_spaced_subset_and_monotone():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        scores = rng.random(14)
+        refractory = int(rng.integers(1, 5))
+        previous = None
+        for theta in sorted(set(np.round(scores, 6)) | {1.1}, reverse=True):
+            n = count_triggers(scores, theta, refractory)
+            crossings = np.flatnonzero(scores > theta).tolist()
+            assert n == _brute_force_max_spaced(crossings, refractory)
+            if previous is not None:
+                assert n >= previous  # lowering the threshold never removes a false accept
+            previous = n
+
+
+def test_det_curve_hand_computed_points():
+    positive_max = np.array([0.9, 0.6, 0.3, 0.8])
+    stream = np.array([0.1, 0.7, 0.2, 0.1, 0.5, 0.55, 0.1, 0.1])
+    det = det_curve(positive_max, stream, negative_hours=0.5, refractory_frames=2, thresholds=[0.25, 0.5, 0.65, 0.85])
+    assert list(det.columns) == ["threshold", "frr", "fa_per_hour", "false_accepts", "misses"]
+    # theta 0.25: misses none; stream crossings 1,4,5 -> triggers 1,4 (5 is within 2 of 4) -> 2 FA / 0.5 h = 4
+    # theta 0.5 : misses 0.3 -> frr 1/4; crossings 1,5 -> 2 FA -> 4/h
+    # theta 0.65: misses 0.6, 0.3 -> 1/2; crossings 1 -> 2/h
+    # theta 0.85: misses all but 0.9 -> 3/4; no crossing -> 0/h
+    expected = pd.DataFrame({"frr": [0.0, 0.25, 0.5, 0.75], "fa_per_hour": [4.0, 4.0, 2.0, 0.0]})
+    np.testing.assert_allclose(det["frr"], expected["frr"])
+    np.testing.assert_allclose(det["fa_per_hour"], expected["fa_per_hour"])
+    assert det["false_accepts"].tolist() == [2, 2, 1, 0]
+
+
+def test_det_curve_sums_separate_streams():
+    a, b = np.array([0.0, 0.9, 0.0]), np.array([0.9, 0.0, 0.9])
+    det = det_curve([1.0], [a, b], negative_hours=1.0, refractory_frames=2, thresholds=[0.5])
+    assert det["false_accepts"].tolist() == [1 + 2]
+
+
+def test_frr_at_fa_step_and_linear():
+    det = pd.DataFrame({"threshold": [0.1, 0.3, 0.5, 0.7, 0.9], "frr": [0.0, 0.1, 0.2, 0.4, 1.0],
+                        "fa_per_hour": [10.0, 6.0, 2.0, 1.0, 0.0], "false_accepts": 0, "misses": 0})
+    step = frr_at_fa(det, 3.0)
+    assert step["threshold"] == 0.5 and step["frr"] == 0.2 and step["fa_per_hour"] == 2.0
+    linear = frr_at_fa(det, 3.0, method="linear")
+    # between (fa 2, frr 0.2) and (fa 6, frr 0.1): weight (3-2)/(6-2) = 0.25 -> 0.2 - 0.025
+    assert linear["frr"] == pytest.approx(0.175)
+    assert linear["threshold"] == pytest.approx(0.5 - 0.25 * 0.2)
+    assert frr_at_fa(det, 100.0)["frr"] == 0.0
+    exact = frr_at_fa(det, 1.0, method="linear")
+    assert exact["frr"] == 0.4
+    none_ok = pd.DataFrame({"threshold": [0.5], "frr": [0.0], "fa_per_hour": [5.0], "false_accepts": 5, "misses": 0})
+    assert frr_at_fa(none_ok, 1.0)["frr"] == 1.0
+    with pytest.raises(ValueError, match="method"):
+        frr_at_fa(det, 1.0, method="cubic")
+
+
+def test_sweep_thresholds_span_both_ends():
+    pos = np.array([0.2, 0.8, 0.9])
+    neg = np.linspace(0, 0.95, 1000)
+    thresholds = sweep_thresholds(pos, neg)
+    det = det_curve(pos, neg, 1.0, 10, thresholds)
+    assert det["frr"].iloc[-1] == 1.0 and det["fa_per_hour"].iloc[-1] == 0.0
+    assert det["frr"].iloc[0] == 0.0
+    assert np.all(np.diff(det["frr"].to_numpy()) >= 0)
+    assert np.all(np.diff(det["fa_per_hour"].to_numpy()) <= 0)
+
+
+def test_window_max_and_relative_reduction():
+    scores = np.array([0.1, 0.5, 0.3, 0.9])
+    assert window_max(scores, 1, 3) == 0.5
+    assert window_max(scores, -5, 100) == 0.9
+    assert window_max(scores, 4, 6) == -math.inf
+    assert relative_reduction(0.4, 0.1) == pytest.approx(0.75)
+    assert math.isnan(relative_reduction(0.0, 0.1))
+
+
+def test_start_error_summary():
+    predicted = [1.00, 1.02, 0.90, np.nan, 2.0]
+    reference = [1.01, 1.00, 1.00, 1.0, 2.2]
+    summary = start_error_summary(predicted, reference, tolerance_ms=50)
+    errors = np.array([10.0, 20.0, 100.0, 200.0])
+    assert summary["n"] == 4
+    assert summary["median_abs_ms"] == pytest.approx(np.median(errors))
+    assert summary["mean_abs_ms"] == pytest.approx(errors.mean())
+    assert summary["within_pct"] == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        start_error_summary([1.0], [1.0, 2.0])

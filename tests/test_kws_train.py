@@ -1,0 +1,200 @@
+"""lopkit.kws.train: feature cache, baseline phone targets, equal budgets, resumable identical runs.
+
+The fast tests use a tiny stand-in corpus written in lopkit.kws.corpus's on-disk format (tone bursts as the
+"keyword", so no speech synthesis is needed); the end-to-end test on the real synthetic corpus is in
+tests/test_kws_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SR = 16000
+
+
+def _tone(freq: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * freq * t + rng.uniform(0, 6.28))).astype(np.float32)
+
+
+def _clip(label: int, rng: np.random.Generator, clip_s: float = 1.0) -> tuple[np.ndarray, float, float, list]:
+    """A stand-in clip: positives hold a 700 Hz + 1400 Hz burst pair (the keyword); negatives a single burst."""
+    from lopkit.kws.synth import keyword_phones
+
+    audio = (0.01 * rng.standard_normal(int(clip_s * SR))).astype(np.float32)
+    if label:
+        start = rng.uniform(0.1, 0.3)
+        burst = np.concatenate([_tone(700, 0.15, rng), _tone(1400, 0.2, rng)])
+        i = int(start * SR)
+        audio[i:i + burst.size] += burst
+        end = start + burst.size / SR
+        phones = keyword_phones("hey computer")
+        edges = np.linspace(start, end, len(phones) + 1)
+        records = [[p, float(a), float(b), 0 if k < 2 else 1, 1] for k, (p, a, b) in enumerate(zip(phones, edges, edges[1:]))]
+        return audio, start, end, records
+    start = rng.uniform(0.1, 0.5)
+    freq = rng.choice([300.0, 700.0, 2500.0])
+    burst = _tone(freq, 0.2, rng)
+    i = int(start * SR)
+    audio[i:i + burst.size] += burst
+    return audio, math.nan, math.nan, [["s", float(start), float(start + 0.2), 0, 0]]
+
+
+def make_standin_corpus(path: Path, n_train: int = 64, n_other: int = 16, seed: int = 0) -> Path:
+    """Write a finished stand-in corpus (clips + streams) in the corpus module's format; returns its folder."""
+    from lopkit.configs import config_to_dict
+    from lopkit.kws.corpus import CorpusConfig
+    from lopkit.kws.synth import keyword_phones, phone_set
+
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    (path / "clips").mkdir(parents=True, exist_ok=True)
+    (path / "streams").mkdir(parents=True, exist_ok=True)
+    config = CorpusConfig(clip_seconds=1.0, seed=seed)
+    splits = {}
+    for split, n in (("train", n_train), ("val", n_other), ("test_seen", n_other), ("test_cross", n_other)):
+        audio, labels, starts, ends, records = [], [], [], [], []
+        for i in range(n):
+            label = i % 2
+            a, s, e, phones = _clip(label, rng)
+            audio.append(a)
+            labels.append(label)
+            starts.append(s)
+            ends.append(e)
+            voice = f"v{(i // 2) % 4}" if split == "train" else "flite:kal" if split == "test_cross" else "x"
+            records.append({"index": i, "label": label, "voice": voice, "engine": voice.split(":")[0],
+                            "kw_start_s": s, "kw_end_s": e, "phones": phones})
+        rel = f"clips/{split}_0.npz"
+        np.savez(path / rel, audio=np.stack(audio).astype(np.float16), label=np.array(labels),
+                 kw_start_s=np.array(starts), kw_end_s=np.array(ends), meta=json.dumps({"records": records}))
+        splits[split] = {"kind": "clips", "files": [rel], "n_clips": n, "n_pos": sum(labels), "seconds": n * 1.0}
+    for name, n_events in (("stream_neg", 0), ("stream_pos", 3)):
+        audio = (0.01 * rng.standard_normal(20 * SR)).astype(np.float32)
+        events = []
+        for k in range(6):
+            a, s, e, _ = _clip(1 if k < n_events else 0, rng)
+            offset = 3.0 * k
+            audio[int(offset * SR):int(offset * SR) + a.size] += a
+            if k < n_events:
+                events.append({"kw_start_s": offset + s, "kw_end_s": offset + e, "voice": "x", "engine": "espeak"})
+        rel = f"streams/{name}_0.npz"
+        np.savez(path / rel, audio=audio.astype(np.float16),
+                 meta=json.dumps({"segments": [], "events": events, "duration_s": 20.0}))
+        splits[name] = {"kind": "streams", "files": [rel], "n_clips": 0, "n_pos": n_events, "seconds": 20.0}
+    index = {"version": 1, "sample_rate": SR, "clip_samples": SR, "config": config_to_dict(config), "splits": splits,
+             "bytes": 0, "last_build_seconds": 0.0, "phone_set": phone_set(), "keyword_phones": keyword_phones()}
+    (path / "index.json").write_text(json.dumps(index))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_standin_corpus(tmp_path_factory.mktemp("kws_standin"))
+
+
+def _config(corpus: Path, **overrides):
+    from lopkit.kws.train import KWSTrainBenchmark
+
+    base = {"corpus_dir": str(corpus), "max_steps": 4, "batch_size": 8, "log_every": 2, "val_max_clips": 8}
+    return KWSTrainBenchmark.make_config("smoke", {**base, **overrides})
+
+
+def test_config_errors_say_what_to_fix(corpus):
+    from lopkit.configs import ConfigError
+    from lopkit.kws.train import KWSTrainBenchmark
+
+    with pytest.raises(ConfigError, match="corpus_dir"):
+        KWSTrainBenchmark.make_config("smoke", {})
+    with pytest.raises(ConfigError, match="model_kind"):
+        KWSTrainBenchmark.make_config("smoke", {"corpus_dir": "x", "model_kind": "lstm"})
+    with pytest.raises(FileNotFoundError, match="lopkit kws build"):
+        KWSTrainBenchmark(KWSTrainBenchmark.make_config("smoke", {"corpus_dir": str(corpus / "missing")}), 0)
+
+
+def test_feature_cache_matches_log_mel_and_is_reused(corpus):
+    from lopkit.kws.corpus import load_corpus
+    from lopkit.kws.features import log_mel
+    from lopkit.kws.train import load_split_features
+
+    data = load_split_features(str(corpus), "val")
+    audio = torch.from_numpy(load_corpus(str(corpus)).arrays("val")["audio"])
+    expected = log_mel(audio)
+    torch.testing.assert_close(data.feats.float(), expected.half().float())
+    cache = corpus / "features" / "val.pt"
+    stamp = cache.stat().st_mtime_ns
+    again = load_split_features(str(corpus), "val")
+    assert cache.stat().st_mtime_ns == stamp
+    assert torch.equal(again.feats, data.feats)
+    assert torch.equal(data.label, torch.tensor([i % 2 for i in range(16)]))
+
+
+def test_phone_targets_follow_the_phone_timings(corpus):
+    from lopkit.kws.synth import keyword_phones
+    from lopkit.kws.train import keyword_class_ids, load_split_features, phone_targets_for_split
+
+    data = load_split_features(str(corpus), "train")
+    targets = phone_targets_for_split(data, "hey computer")
+    classes, keyword_ids = keyword_class_ids("hey computer")
+    assert [classes[i] for i in keyword_ids] == keyword_phones("hey computer")
+    for i in (0, 1):  # a negative (filler phone) and a positive (keyword phones)
+        expected = torch.zeros(data.n_frames, dtype=torch.long)
+        last = 0
+        for phone, a, b, _w, inside in data.phones[i]:
+            lo, hi = max(round(100 * a), last), round(100 * b)
+            if hi > lo:
+                expected[lo:min(hi, data.n_frames)] = classes.index(phone) if inside else 1
+                last = hi
+        assert torch.equal(targets[i], expected)
+
+
+def test_baseline_has_the_cnn_parameter_count(corpus):
+    from lopkit.kws.train import KWSTrainBenchmark
+
+    cnn = KWSTrainBenchmark(_config(corpus, model_kind="heimdal"), 0)
+    hmm = KWSTrainBenchmark(_config(corpus, model_kind="dnn_hmm"), 0)
+    n_cnn = sum(p.numel() for p in cnn.model.parameters())
+    n_hmm = sum(p.numel() for p in hmm.model.parameters())
+    assert abs(n_cnn - n_hmm) / n_cnn <= 0.03
+    assert hmm.meta["n_classes"] == len(hmm.meta["classes"])
+
+
+@pytest.mark.parametrize("kind", ["heimdal", "dnn_hmm"])
+def test_resumed_run_gives_identical_rows_and_weights(corpus, tmp_path, kind):
+    from lopkit.kws.train import KWSTrainBenchmark
+    from lopkit.runner.execute import execute_run
+    from lopkit.runner.store import ResultStore
+
+    config = _config(corpus, model_kind=kind, augment=True)
+    with ResultStore(tmp_path / "a") as store:
+        whole = execute_run(store, KWSTrainBenchmark, config, 3, progress="never", keep_checkpoint=True)
+        rows_a = store.metrics()
+        state_a = store.load_checkpoint(whole.run_id)[1]
+    with ResultStore(tmp_path / "b") as store:
+        first = execute_run(store, KWSTrainBenchmark, config, 3, progress="never", stop_after_steps=2,
+                            keep_checkpoint=True)
+        assert first.status == "paused"
+        second = execute_run(store, KWSTrainBenchmark, config, 3, progress="never", keep_checkpoint=True)
+        assert second.resumed_from == 2
+        rows_b = store.metrics()
+        state_b = store.load_checkpoint(second.run_id)[1]
+    cols = ["step", "metric", "value"]
+    assert rows_a[cols].reset_index(drop=True).equals(rows_b[cols].reset_index(drop=True))
+    assert {"online_loss", "val_loss"} <= set(rows_a["metric"])
+    for key, value in state_a["model"].items():
+        assert torch.equal(value, state_b["model"][key]), key
+
+
+def test_training_learns_the_standin_keyword(corpus):
+    from lopkit.kws.train import KWSTrainBenchmark
+
+    bench = KWSTrainBenchmark(_config(corpus, max_steps=30, lr=1e-2, log_every=10, augment=False), 0)
+    rows = bench.run(30)
+    losses = [r["value"] for r in rows if r["metric"] == "online_loss"]
+    assert losses[-1] < losses[0]
+    assert bench.done

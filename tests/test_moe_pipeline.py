@@ -1,0 +1,197 @@
+"""The MoE-PHDS pipeline end to end (smoke preset), resume of a fine-tune stage, agreement, targets and the CLI."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lopkit.configs import ConfigError
+from lopkit.moe import evaluate as E
+from lopkit.moe import pipeline as P
+from lopkit.moe import report as R
+from lopkit.moe.train import MoEFinetune
+from lopkit.runner.execute import execute_run
+from lopkit.runner.store import ResultStore
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The whole smoke pipeline, run once for the module (1 thread, see conftest)."""
+    out = tmp_path_factory.mktemp("moe_smoke")
+    result = P.run_pipeline(out, "smoke", [0], {}, progress=False, log=None)
+    return result, None
+
+
+def test_smoke_pipeline_runs_every_stage(smoke):
+    result, _ = smoke
+    labels = ["pretrain", "oracle1", "oracle2", "naive", "phds", "phds_anchor"]
+    assert sorted(label for label, _seed in result.run_ids) == sorted(labels)
+    with ResultStore(result.out_dir) as store:
+        runs = store.runs()
+        metrics = store.metrics(benchmark="moe_eval")
+    assert (runs["status"] == "finished").all()
+    assert sorted(runs.loc[runs["benchmark"] == "moe_eval", "method"]) == sorted(
+        ["pretrained", "oracle1", "oracle2", "naive", "phds", "phds_anchor"])
+    summary = E.summary_table(metrics)
+    assert set(summary["k"]) == {1, 2}
+    assert summary[["acc", "acc_norm", "perplexity", "tokens_per_s", "flops_per_token"]].notna().all().all()
+    assert ((summary["acc"] >= 0) & (summary["acc"] <= 1)).all()
+    # the FLOP proxy grows with k, by the same amount for every model
+    flops = summary.groupby("k")["flops_per_token"].agg(["min", "max"])
+    assert (flops["min"] == flops["max"]).all() and flops.loc[2, "min"] > flops.loc[1, "min"]
+    assert result.report_path is not None and result.report_path.exists()
+    html = result.report_path.read_text()
+    assert html.count("data:image/png;base64,") >= 4 and ("PASS" in html or "MISS" in html)
+
+
+def test_overall_accuracy_is_the_item_weighted_mean_of_the_predictions(smoke):
+    result, _ = smoke
+    with ResultStore(result.out_dir) as store:
+        metrics = store.metrics(benchmark="moe_eval")
+    from lopkit.moe.train import cached_items
+
+    for (label, seed, k), predictions in E.prediction_vectors(metrics).items():
+        answers = np.array([item.answer for domain in sorted(set(metrics["layer"]) - {"all", "heldout", "model"})
+                            if not domain.startswith("layer")
+                            for item in cached_items(domain, 12, 0, "test", 64)])
+        stored = metrics[(metrics["method"] == label) & (metrics["task"] == k) & (metrics["layer"] == "all")
+                         & (metrics["metric"] == "acc")]["value"].item()
+        assert stored == pytest.approx(float(np.mean(predictions == answers)))
+
+
+def test_rerunning_the_pipeline_skips_everything_and_keeps_the_rows(smoke):
+    result, _ = smoke
+    with ResultStore(result.out_dir) as store:
+        before = len(store.metrics())
+    again = P.run_pipeline(result.out_dir, "smoke", [0], {}, progress=False, log=None, stages=("pretrain", "finetune",
+                                                                                                "evaluate"))
+    assert set(again.statuses.values()) == {"skipped"}
+    assert again.run_ids == result.run_ids
+    with ResultStore(result.out_dir) as store:
+        assert len(store.metrics()) == before
+
+
+def _finetune_rows(store: ResultStore, run_id: str) -> pd.DataFrame:
+    rows = store.metrics(run_id=run_id)[["step", "task", "layer", "metric", "value"]]
+    return rows.reset_index(drop=True)
+
+
+def test_interrupted_finetune_resumes_to_the_same_rows(smoke, tmp_path):
+    result, _ = smoke
+    pre_id = result.run_ids[("pretrain", 0)]
+    variant = P.finetune_variants(2)["phds_anchor"]
+    config = MoEFinetune.make_config("smoke", {**variant, "init_store": str(result.out_dir), "init_run_id": pre_id,
+                                               "anchor_fraction": 0.5})
+    with ResultStore(tmp_path / "straight") as store:
+        straight = execute_run(store, MoEFinetune, config, 0, progress=False, label="phds_anchor",
+                               keep_checkpoint=True)
+        rows_straight = _finetune_rows(store, straight.run_id)
+        state_straight = store.load_checkpoint(straight.run_id)[1]
+    with ResultStore(tmp_path / "resumed") as store:
+        paused = execute_run(store, MoEFinetune, config, 0, progress=False, label="phds_anchor", checkpoint_every=2,
+                             stop_after_steps=5, keep_checkpoint=True)
+        assert paused.status == "paused" and paused.step == 5
+    with ResultStore(tmp_path / "resumed") as store:  # a fresh process would do the same: new store, new benchmark
+        resumed = execute_run(store, MoEFinetune, config, 0, progress=False, label="phds_anchor",
+                              keep_checkpoint=True)
+        assert resumed.status == "finished" and resumed.resumed_from == 5
+        rows_resumed = _finetune_rows(store, resumed.run_id)
+        state_resumed = store.load_checkpoint(resumed.run_id)[1]
+    pd.testing.assert_frame_equal(rows_straight, rows_resumed)
+    for key, value in state_straight["best_model"].items():
+        assert torch.equal(value, state_resumed["best_model"][key])
+    # the curriculum ends at delta(k_anchor): the last sampled k is the anchor
+    sampled = rows_straight[rows_straight["metric"] == "sampled_k"]
+    assert sampled["value"].iloc[-1] == variant["anchor_k"]
+    assert sampled["value"].isin(list(variant["k_train"])).all()
+    assert set(rows_straight["metric"]) >= {"train_loss", "val_acc", "selected_step"}
+
+
+def test_finetune_stage_without_pretrain_names_the_command_to_run(tmp_path):
+    with pytest.raises(ConfigError, match="lopkit moe pretrain"):
+        P.run_pipeline(tmp_path, "smoke", [0], {}, stages=("finetune",), log=None)
+
+
+def test_overrides_are_routed_to_stages_and_unknown_ones_rejected():
+    routed = P.split_overrides({"pretrain.steps": 5, "lr": 1e-3, "eval.test_items": 3})
+    assert routed["pretrain"] == {"steps": 5, "lr": 1e-3}
+    assert routed["finetune"] == {"lr": 1e-3}
+    assert routed["eval"] == {"test_items": 3}
+    with pytest.raises(ConfigError, match="no field of any moe stage"):
+        P.split_overrides({"learning_rate": 1})
+    with pytest.raises(ConfigError, match="prefix"):
+        P.split_overrides({"model.steps": 1})
+
+
+def test_variants_follow_k_pre():
+    variants = P.finetune_variants(4)
+    assert list(variants) == ["oracle1", "oracle2", "oracle3", "oracle4", "naive", "phds", "phds_anchor"]
+    assert variants["phds_anchor"]["k_train"] == (2, 3, 4) and variants["phds_anchor"]["anchor_k"] == 3
+    assert variants["naive"]["k_fixed"] == 2 and variants["naive"]["routing"] == "hard"
+    assert len(P.finetune_variants(4, ablations=True)) == 9
+    assert P.finetune_variants(4, True)["phds_anchor_eps0"]["eps"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------- agreement & targets
+
+
+def test_agreement_matrix_matches_brute_force():
+    rng = np.random.default_rng(0)
+    predictions = {k: rng.integers(0, 4, size=50) for k in (1, 2, 3)}
+    matrix = E.agreement_matrix(predictions)
+    for a in predictions:
+        for b in predictions:
+            expected = sum(int(x == y) for x, y in zip(predictions[a], predictions[b])) / 50
+            assert matrix.loc[a, b] == pytest.approx(expected)
+    assert np.allclose(np.diag(matrix), 1.0) and np.allclose(matrix, matrix.T)
+    with pytest.raises(ValueError):
+        E.agreement([1, 2], [1])
+
+
+def test_oracle_predictions_take_each_oracle_at_its_own_k():
+    vectors = {("oracle2", 0, 2): np.array([1]), ("oracle2", 0, 4): np.array([2]), ("oracle4", 0, 4): np.array([3]),
+               ("phds", 0, 2): np.array([4]), ("oracle4", 1, 4): np.array([5])}
+    found = E.oracle_predictions(vectors, 0)
+    assert set(found) == {2, 4} and found[2][0] == 1 and found[4][0] == 3
+
+
+def _summary(values: dict[tuple[str, int], float]) -> pd.DataFrame:
+    return pd.DataFrame([{"model": m, "seed": 0, "k": k, "acc": v} for (m, k), v in values.items()])
+
+
+def test_target_table_pass_and_miss_follow_the_definitions():
+    acc = {("pretrained", 4): 0.50, ("pretrained", 3): 0.49, ("pretrained", 2): 0.45, ("pretrained", 1): 0.30,
+           ("phds_anchor", 2): 0.47, ("phds_anchor", 3): 0.48, ("phds_anchor", 4): 0.40,
+           ("oracle2", 2): 0.475, ("oracle3", 3): 0.47, ("oracle4", 4): 0.50, ("oracle4", 2): 0.44}
+    agree = {("phds_anchor", 0): pd.DataFrame([[1, 0.9], [0.9, 1]], index=[2, 4], columns=[2, 4]),
+             ("oracles", 0): pd.DataFrame([[1, 0.75], [0.75, 1]], index=[2, 4], columns=[2, 4])}
+    table = R.target_table(_summary(acc), agree, 4, {"a": 60.0}, "mini").set_index("target")
+    status = table["status"].to_dict()
+    assert status["pretrained: acc(k=3) >= 97% of acc(k=4)"] == "PASS"  # 0.98
+    assert status[[t for t in status if "drops sharply" in t][0]] == "PASS"  # 40 % drop vs 2 %
+    assert status["phds_anchor@2 within ~1 point of oracle2@2 (or better)"] == "PASS"  # -0.5 point
+    assert status["phds_anchor@3 within ~1 point of oracle3@3 (or better)"] == "PASS"  # better
+    assert status["phds_anchor@4 within ~1 point of oracle4@4 (or better)"] == "MISS"  # -10 points
+    assert status["phds_anchor@2 beats oracle4@2 (mis-specified)"] == "PASS"
+    agreement_row = table.loc["A_phds_anchor(2,4) > A_oracle(oracle2@2, oracle4@4)"]
+    assert agreement_row["status"] == "PASS"
+    assert "+15 points absolute" in agreement_row["measured"] and "20 % relative" in agreement_row["measured"]
+    gains = R.agreement_summary(agree, 2, 4).set_index("model")
+    assert gains.loc["phds_anchor", "gain_abs_points"] == pytest.approx(15.0)
+    assert gains.loc["phds_anchor", "gain_rel_percent"] == pytest.approx(20.0)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_reports_bad_input_as_one_error_line(tmp_path, capsys):
+    from lopkit.moe.cli import main
+
+    assert main(["run", "--preset", "smoke", "--out", str(tmp_path), "--set", "bogus_field=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "bogus_field" in err[0]
+    assert main(["finetune", "--preset", "smoke", "--out", str(tmp_path / "empty")]) == 2
+    assert "lopkit moe pretrain" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing")]) == 2
