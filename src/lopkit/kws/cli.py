@@ -11,14 +11,10 @@ from typing import Any
 
 from lopkit.configs import ConfigError, parse_overrides
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, error_exit
 
 
-def _error(message: str) -> int:
-    """Print one ``error: ...`` line on stderr and return the usage exit code."""
-    flat = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    print(f"error: {flat}", file=sys.stderr)
-    return EXIT_USAGE
+_error = error_exit
 
 
 def _pipeline_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from lopkit.configs import ConfigError, build_config, config_to_dict, require
+from lopkit.data.errors import DatasetNotFoundError
 from lopkit.kws import synth
 from lopkit.kws.augment import (
     AugmentConfig, add_background, augment_speech, colored_noise, mix_at_snr, power, speed_perturb,
@@ -61,10 +62,6 @@ CONFUSABLES = (
 
 class CorpusMismatchError(ConfigError):
     """out_dir already holds (part of) a corpus built from a different config."""
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A text source for negatives is missing; the message names the apt package."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from lopkit.configs import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_progress_flags, error_exit, progress_mode
 DEFAULT_OUT = Path("runs") / "moe"
 _STAGES_OF = {
     "pretrain": ("pretrain",),
@@ -21,11 +21,7 @@ _STAGES_OF = {
 }
 
 
-def _error(message: str) -> int:
-    """Print one ``error: ...`` line on stderr and return the usage exit code."""
-    flat = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    print(f"error: {flat}", file=sys.stderr)
-    return EXIT_USAGE
+_error = error_exit
 
 
 def _seeds(args: argparse.Namespace) -> list[int]:
@@ -71,7 +67,7 @@ def _run_stages(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
     except ConfigError as err:
         return _error(str(err))
-    progress = "always" if args.progress else ("never" if args.no_progress else True)
+    progress = progress_mode(args)
     try:
         result = run_pipeline(args.out, args.preset, seeds, overrides, progress, stages=_STAGES_OF[args.moe_command],
                               variants=args.variants or None, ablations=args.ablations)
@@ -151,9 +147,7 @@ def _add_stage_options(parser: argparse.ArgumentParser, variants: bool) -> None:
                               help="leave the ablations out")
     else:
         parser.set_defaults(variants=None, ablations=None)
-    bars = parser.add_mutually_exclusive_group()
-    bars.add_argument("--no-progress", action="store_true", help="no progress bars")
-    bars.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
+    add_progress_flags(parser)
     parser.set_defaults(func=_run_stages)
 
 
