@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lopkit.configs import build_config
 from lopkit.moe.experts import (
     clone_experts,
     dormant_expert_fraction,
@@ -21,13 +20,13 @@ from lopkit.moe.experts import (
     expert_weight_similarity,
     load_entropy,
 )
-from lopkit.moe.model import MODEL_PRESETS, LayerRouting, MoEModelConfig, MoETransformer
+from lopkit.moe.model import MODEL_PRESETS, LayerRouting, MoETransformer
 
 SMOKE = MODEL_PRESETS["smoke"]
 
 
 def make_model(seed=0, **overrides):
-    return MoETransformer(build_config(MoEModelConfig, SMOKE, overrides), seed=seed)
+    return MoETransformer.from_preset("smoke", seed=seed, **overrides)
 
 
 def probe(batch=3, length=16, seed=2):

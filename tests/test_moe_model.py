@@ -22,7 +22,7 @@ SMOKE = MODEL_PRESETS["smoke"]
 
 
 def make_model(seed=0, **overrides):
-    return MoETransformer(build_config(MoEModelConfig, SMOKE, overrides), seed=seed)
+    return MoETransformer.from_preset("smoke", seed=seed, **overrides)
 
 
 def tokens(batch=2, length=12, seed=1):
@@ -368,3 +368,16 @@ def test_parameter_count_and_seeded_init():
     assert model.num_parameters() == cfg.vocab_size * d + cfg.context * d + cfg.n_layers * per_layer + d
     again = make_model(seed=5)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_from_preset_builds_the_preset_size_and_rejects_unknown_presets():
+    from lopkit.configs import ConfigError
+
+    model = MoETransformer.from_preset("smoke", seed=3, k_pre=1)
+    assert model.config.d_model == MODEL_PRESETS["smoke"]["d_model"] and model.config.k_pre == 1
+    same = MoETransformer.from_preset("smoke", seed=3, k_pre=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        MoETransformer.from_preset("huge")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        MoETransformer.from_preset("smoke", widht=3)

@@ -321,6 +321,15 @@ class MoETransformer(nn.Module):
         self.per_k_norm_ks: tuple[int, ...] = ()
         self._initialise(seed)
 
+    @classmethod
+    def from_preset(cls, preset: str = "default", seed: int | None = None, **overrides: Any) -> "MoETransformer":
+        """A model of a :data:`MODEL_PRESETS` size (``smoke`` or ``default``) with field overrides, validated."""
+        from lopkit.configs import ConfigError, build_config
+
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        return cls(build_config(MoEModelConfig, MODEL_PRESETS[preset], overrides), seed=seed)
+
     def _initialise(self, seed: int | None) -> None:
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
