@@ -1,17 +1,11 @@
-"""Pieces every ``lopkit`` sub-command shares: exit codes, the one-line error, progress flags, opening the store."""
+"""Pieces every ``lopkit`` sub-command shares: exit codes, the one-line error and the progress flags."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class StoreOpenError(OSError):
-    """The results store could not be opened; the message names the folder and the cause."""
 
 
 def error_exit(message: str) -> int:
@@ -35,13 +29,3 @@ def progress_mode(args: argparse.Namespace) -> bool | str:
     if getattr(args, "no_progress", False):
         return "never"
     return True
-
-
-def open_store(out: str | Path) -> Any:
-    """A :class:`~lopkit.runner.store.ResultStore` in ``out``; StoreOpenError with the folder and cause if it fails."""
-    from lopkit.runner.store import ResultStore
-
-    try:
-        return ResultStore(out)
-    except OSError as err:
-        raise StoreOpenError(f"cannot open the results store in {out}: {err}") from err
