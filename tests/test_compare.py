@@ -270,3 +270,48 @@ def test_method_list_aliases_combinations_and_seeds():
     for bad in ("0", "1,1", "-3", "a-b"):
         with pytest.raises(ConfigError):
             parse_seeds(bad)
+
+
+# ----------------------------------------------------------------------------- ranking table vs report summary
+def _store_of(folder, runs: pd.DataFrame, metrics: pd.DataFrame) -> None:
+    """Write synthetic runs and their rows into a real ResultStore (run ids are the store's)."""
+    with ResultStore(folder) as store:
+        for _, run in runs.iterrows():
+            record = store.start_run(run["benchmark"], run["method"], json.loads(run["config_json"]), int(run["seed"]))
+            rows = metrics[metrics["run_id"] == run["run_id"]].to_dict("records")
+            store.commit_chunk(record.run_id, rows, None, max(int(r["step"]) for r in rows))
+            store.finish_run(record.run_id)
+
+
+def test_summary_table_and_ranking_give_the_same_values_and_name_the_layers(tmp_path):
+    """Same runs -> the report's summary cell equals the ranking's cell for the primary metric and every diagnostic.
+
+    The synthetic rows record effective_rank and duplicate_fraction on two layers (act1 and fc1) and online_mse
+    per step with tasks, the two ways the tables used to differ (all layers vs representation layers; per-task
+    values vs per-step values).
+    """
+    from lopkit.report.build import build_report
+
+    runs, metrics = _synthetic()
+    _store_of(tmp_path, runs, metrics)
+    stored_runs, stored_metrics = _store_frames(tmp_path)
+    ranking = ranking_table(stored_runs, stored_metrics)
+    report = build_report(tmp_path, tmp_path / "report.html")
+    formatted = ranking.formatted()
+    pairs = {"online_mse": "final online_mse ↓", "dead_fraction": "dead fraction",
+             "duplicate_fraction": "duplicate fraction", "effective_rank": "effective rank"}
+    assert set(report.summary.index) == set(formatted.index) == {"sgd", "cbp", "l2init"}
+    for method in formatted.index:
+        for summary_column, ranking_column in pairs.items():
+            assert report.summary.loc[method, summary_column] == formatted.loc[method, ranking_column], (
+                method, summary_column)
+        # and both equal an independent act1-only computation (fc1 rows are not averaged in)
+        ids = stored_runs.loc[stored_runs["method"] == method, "run_id"]
+        act1 = stored_metrics[stored_metrics["run_id"].isin(ids) & (stored_metrics["layer"] == "act1")
+                              & (stored_metrics["metric"] == "effective_rank")]
+        finals = [g.loc[g["step"] >= g["step"].max() - 0.1 * (g["step"].max() - g["step"].min()), "value"].mean()
+                  for _, g in act1.groupby("run_id")]
+        assert ranking.table.loc[method, "effective_rank_mean"] == pytest.approx(np.mean(finals), rel=1e-12)
+    page = (tmp_path / "report.html").read_text()
+    assert "layer metrics over act1" in page  # the summary names the layer it averages
+    assert "layers act1" in ranking.caption()

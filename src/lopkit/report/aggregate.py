@@ -15,28 +15,51 @@ MODEL_LAYER = "model"
 IGNORED_CONFIG_KEYS = {"seed"}
 
 
+def _config_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """One column per configuration key of ``runs`` (seed dropped; lists and dicts as JSON text)."""
+    configs = [json.loads(c) if isinstance(c, str) else dict(c or {}) for c in runs["config_json"]]
+    frame = pd.DataFrame(configs, index=runs.index).drop(columns=list(IGNORED_CONFIG_KEYS), errors="ignore")
+    return frame.map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v)
+
+
+def varying_keys(frame: pd.DataFrame) -> list[str]:
+    """Columns of a config frame whose value differs between rows (a key some rows lack counts as differing)."""
+    def text(value: object) -> str:
+        return "<unset>" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(value)
+
+    return [c for c in frame.columns if frame[c].map(text).nunique() > 1]
+
+
+def _label_value(value: object) -> str:
+    """A config value as shown in a label (a key this run's config lacks shows as ``unset``)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "unset"
+    return str(value)
+
+
 def config_labels(runs: pd.DataFrame) -> pd.Series:
     """A short human label per run naming only what differs between configurations (method and varying keys).
 
-    Runs that differ only by seed get the same label, so they are pooled as seeds of one configuration.
+    Runs are grouped by benchmark first: with several benchmarks the label starts with the benchmark's name, and
+    the configuration keys in a label are those that differ between runs *of the same benchmark* (a key another
+    benchmark does not have never shows up as ``key=nan``). Runs that differ only by seed get the same label, so
+    they are pooled as seeds of one configuration.
     """
     if runs.empty:
         return pd.Series(dtype=str)
-    configs = [json.loads(c) if isinstance(c, str) else dict(c or {}) for c in runs["config_json"]]
-    frame = pd.DataFrame(configs, index=runs.index).drop(columns=list(IGNORED_CONFIG_KEYS), errors="ignore")
-    frame = frame.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
-    varying = [c for c in frame.columns if frame[c].astype(str).nunique() > 1]
-    parts = []
-    multi_benchmark = runs["benchmark"].nunique() > 1
-    for idx in runs.index:
-        label = []
-        if multi_benchmark:
-            label.append(str(runs.at[idx, "benchmark"]))
-        method = runs.at[idx, "method"] if "method" in runs.columns else None
-        label.append(str(method) if method not in (None, "", "none") else "sgd")
-        label += [f"{key}={frame.at[idx, key]}" for key in varying]
-        parts.append(" ".join(label))
-    return pd.Series(parts, index=runs.index, name="label")
+    benchmarks = runs["benchmark"].astype(str) if "benchmark" in runs.columns else pd.Series("", index=runs.index)
+    multi_benchmark = benchmarks.nunique() > 1
+    parts = pd.Series("", index=runs.index, name="label", dtype=object)
+    for benchmark, group in runs.groupby(benchmarks, sort=True):
+        frame = _config_frame(group).dropna(axis=1, how="all")
+        varying = varying_keys(frame)
+        for idx in group.index:
+            label = [str(benchmark)] if multi_benchmark else []
+            method = group.at[idx, "method"] if "method" in group.columns else None
+            label.append(str(method) if method not in (None, "", "none") else "sgd")
+            label += [f"{key}={_label_value(frame.at[idx, key])}" for key in varying]
+            parts.at[idx] = " ".join(label)
+    return parts.astype(str)
 
 
 def interval95(values: Iterable[float]) -> tuple[float, float, float]:
@@ -51,6 +74,58 @@ def interval95(values: Iterable[float]) -> tuple[float, float, float]:
     return (mean, mean - half, mean + half)
 
 
+def representation_layers(metrics: pd.DataFrame) -> list[str]:
+    """Layers whose rows carry ``dead_fraction`` (activation outputs); else every non-model layer."""
+    if metrics.empty:
+        return []
+    with_dead = metrics.loc[metrics["metric"] == "dead_fraction", "layer"].unique()
+    if len(with_dead):
+        return sorted(map(str, with_dead))
+    return sorted(str(layer) for layer in metrics["layer"].unique() if layer != MODEL_LAYER)
+
+
+def select_layers(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The rows that report, ranking and plots average: per metric, its representation-layer rows if it has any.
+
+    A metric recorded on some of :func:`representation_layers` keeps only those rows (so ``effective_rank`` of a
+    network monitored at ``fc1`` and ``act1`` is that of ``act1``, the layer with ``dead_fraction``); a metric
+    recorded on none of them (whole-model metrics, ``weight_norm`` of a linear layer) keeps all its rows.
+    """
+    if metrics.empty:
+        return metrics
+    layers = set(representation_layers(metrics))
+    on_representation = metrics["layer"].astype(str).isin(layers)
+    has_representation = on_representation.groupby(metrics["metric"]).transform("any")
+    return metrics[on_representation | ~has_representation]
+
+
+def layers_by_metric(metrics: pd.DataFrame) -> dict[str, list[str]]:
+    """Per metric, the layers :func:`select_layers` averages (empty for whole-model metrics)."""
+    if metrics.empty:
+        return {}
+    selected = select_layers(metrics)
+    return {
+        str(metric): sorted(str(layer) for layer in group.unique() if layer != MODEL_LAYER)
+        for metric, group in selected.groupby("metric", sort=True)["layer"]
+    }
+
+
+def describe_layers(layers: dict[str, list[str]]) -> str:
+    """One phrase naming the layers each layer metric is averaged over, e.g. ``"act1 (weight_norm: fc1)"``."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for metric, names in layers.items():
+        if names:
+            groups.setdefault(tuple(names), []).append(metric)
+    if not groups:
+        return "no layer metrics"
+    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+    main, rest = ordered[0], ordered[1:]
+    text = ", ".join(main[0])
+    if rest:
+        text += " (" + "; ".join(f"{', '.join(metrics)}: {', '.join(names)}" for names, metrics in rest) + ")"
+    return text
+
+
 def layer_mean(metrics: pd.DataFrame) -> pd.DataFrame:
     """Average each metric over layers (whole-model rows kept as they are) -> one value per (run, step, task, metric)."""
     if metrics.empty:
@@ -60,6 +135,23 @@ def layer_mean(metrics: pd.DataFrame) -> pd.DataFrame:
         .mean()
         .reset_index(drop=True)
     )
+
+
+def step_values(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One value per (run, step, task, metric): layer metrics averaged over the layers of :func:`select_layers`.
+
+    The report's summary table and ``lopkit compare``'s ranking both take their final-window means from these.
+    """
+    return layer_mean(select_layers(metrics))
+
+
+def seed_values(values: pd.DataFrame, labels: pd.Series, metric: str, x: str) -> pd.DataFrame:
+    """The per-run points of ``metric`` against ``x`` with each run's label (columns label, run_id, ``x``, value)."""
+    subset = values[values["metric"] == metric]
+    columns = ["label", "run_id", x, "value"]
+    if subset.empty:
+        return pd.DataFrame(columns=columns)
+    return subset.assign(label=subset["run_id"].map(labels))[columns].reset_index(drop=True)
 
 
 def per_task_last(values: pd.DataFrame) -> pd.DataFrame:
@@ -83,8 +175,28 @@ def curves(values: pd.DataFrame, labels: pd.Series, metric: str, x: str) -> pd.D
     return pd.DataFrame(rows)
 
 
+#: What a ``*`` in a table cell and a seed count under 3 mean (for captions).
+INTERVAL_NOTE = ("* = interval clipped to the metric's valid range; with fewer than 3 seeds the interval is not "
+                 "worth reading")
+
+
+def format_interval(mean: float, low: float, high: float, metric: str | None = None, digits: int = 4) -> str:
+    """``mean [low, high]`` to ``digits`` significant digits, ends clipped to ``metric``'s valid range (then ``*``); NaN -> ``–``."""
+    from lopkit.report.ranges import valid_range
+
+    if mean is None or math.isnan(mean):
+        return "–"
+    low_bound, high_bound = valid_range(metric) if metric else (-math.inf, math.inf)
+    clipped = low < low_bound or high > high_bound
+    low, high = max(low, low_bound), min(high, high_bound)
+    return f"{mean:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]" + ("*" if clipped else "")
+
+
 def summary_table(values: pd.DataFrame, labels: pd.Series, metrics: list[str], final_fraction: float = 0.1) -> pd.DataFrame:
-    """Per configuration: each metric averaged over the final ``final_fraction`` of each run, mean and 95 % CI over seeds."""
+    """Per configuration: each metric averaged over the final ``final_fraction`` of each run, mean and 95 % CI over seeds.
+
+    ``values`` are :func:`step_values`; cells as :func:`format_interval` writes them (clipped ends marked ``*``).
+    """
     if values.empty:
         return pd.DataFrame()
     table: dict[str, dict[str, str]] = {}
@@ -98,7 +210,7 @@ def summary_table(values: pd.DataFrame, labels: pd.Series, metrics: list[str], f
             per_label.setdefault(labels.get(run_id, run_id), []).append(final)
         for label, finals_of_label in per_label.items():
             mean, low, high = interval95(finals_of_label)
-            table.setdefault(label, {})[metric] = f"{mean:.4g} [{low:.4g}, {high:.4g}]"
+            table.setdefault(label, {})[metric] = format_interval(mean, low, high, metric)
     frame = pd.DataFrame.from_dict(table, orient="index")
     frame.index.name = "configuration"
     seeds = values.assign(label=values["run_id"].map(labels)).groupby("label")["run_id"].nunique()

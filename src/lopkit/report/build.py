@@ -48,7 +48,7 @@ def task_or_step_values(metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
     Per task, ``online_*`` metrics are averaged over the task and every other metric takes its end-of-task value.
     """
-    values = aggregate.layer_mean(metrics)
+    values = aggregate.step_values(metrics)
     if values.empty or values.groupby("run_id")["task"].nunique().max() <= 1:
         return values, "step"
     online = values["metric"].str.startswith("online_")
@@ -78,33 +78,40 @@ def build_report(experiment_dir: str | Path, output: str | Path | None = None, p
     values, x_axis = task_or_step_values(metrics)
     present = set(values["metric"].unique()) if not values.empty else set()
     colours = plots.colour_map(sorted(set(labels.tolist())))
+    layers = aggregate.layers_by_metric(metrics)
 
-    sections: list[tuple[str, list[Path]]] = []
+    def figure(metric: str) -> tuple[Path, list[str]]:
+        curve = aggregate.curves(values, labels, metric, x_axis)
+        path = plots.plot_curves(curve, metric, x_axis, colours, png_dir / f"{metric}.png",
+                                 seeds=aggregate.seed_values(values, labels, metric, x_axis),
+                                 layers=layers.get(metric))
+        return path, plots.band_caption(curve, metric)
+
+    sections: list[tuple[str, list[tuple[Path, list[str]]]]] = []
     pngs: list[Path] = []
-    for heading, names in (("Performance", PERFORMANCE_METRICS), ("Plasticity diagnostics", PLASTICITY_METRICS)):
-        images = []
-        for metric in [m for m in names if m in present]:
-            curve = aggregate.curves(values, labels, metric, x_axis)
-            images.append(plots.plot_curves(curve, metric, x_axis, colours, png_dir / f"{metric}.png"))
-        sections.append((heading, images))
-        pngs += images
     other = sorted(present - set(PERFORMANCE_METRICS) - set(PLASTICITY_METRICS))
-    if other:
-        images = [plots.plot_curves(aggregate.curves(values, labels, m, x_axis), m, x_axis, colours,
-                                    png_dir / f"{m}.png") for m in other]
-        sections.append(("Other metrics", images))
-        pngs += images
+    for heading, names in (("Performance", PERFORMANCE_METRICS), ("Plasticity diagnostics", PLASTICITY_METRICS),
+                           ("Other metrics", other)):
+        figures = [figure(metric) for metric in names if metric in present]
+        if figures:
+            sections.append((heading, figures))
+            pngs += [path for path, _ in figures]
 
-    summary = aggregate.summary_table(values.sort_values("step"), labels,
+    summary = aggregate.summary_table(aggregate.step_values(metrics).sort_values("step"), labels,
                                       [m for m in PERFORMANCE_METRICS + PLASTICITY_METRICS if m in present])
+    layer_text = aggregate.describe_layers(layers)
     status = runs.groupby("status").size().to_dict() if not runs.empty else {}
     notes = [
         f"Runs: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in sorted(status.items()))}); "
         f"benchmarks: {', '.join(sorted(runs['benchmark'].unique())) if not runs.empty else '-'}.",
-        "Curves: mean over seeds with a 95 % t-interval band; layer metrics are averaged over monitored layers. "
+        f"Curves: mean over seeds with a 95 % t-interval band, clipped to the metric's valid range (a caption under "
+        f"the plot says where); configurations with fewer than {plots.MIN_BAND_SEEDS} seeds get no band, their seeds "
+        f"are drawn as thin lines. Layer metrics are averaged over layers {layer_text}. "
         + ("x axis = task (online metrics averaged over the task, others at its end)." if x_axis == "task"
            else "x axis = optimiser step."),
-        "Summary: each metric averaged over the final 10 % of each run, then mean [95 % CI] over seeds.",
+        "Summary: each metric averaged over the final 10 % of each run's measured steps (the same values as the "
+        f"ranking of 'lopkit compare'; layer metrics over layers {layer_text}), then mean [95 % CI] over seeds "
+        f"({aggregate.INTERVAL_NOTE}).",
     ]
     failed = runs[runs["status"] == "failed"] if not runs.empty else runs
     for _, run in failed.iterrows():
@@ -113,6 +120,6 @@ def build_report(experiment_dir: str | Path, output: str | Path | None = None, p
     notes += list(extra_notes or [])
     page = html.render_page(title or f"lopkit report: {experiment_dir.name}",
                             f"Experiment folder {experiment_dir.resolve()}", sections,
-                            list(extra_tables or []) + [("Summary (final 10 % of each run)", summary)], notes)
+                            list(extra_tables or []) + [(f"Summary (final 10 % of each run; layer metrics over {layer_text})", summary)], notes)
     output.write_text(page, encoding="utf-8")
     return ReportResult(output, pngs, summary)

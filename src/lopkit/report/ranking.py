@@ -10,6 +10,10 @@ For every run the ranking takes, from the store's tidy rows:
   averaged over the *representation layers* (the layers for which the Monitor records ``dead_fraction``, i.e.
   the activation outputs; all monitored layers if none has it).
 
+Every quantity comes from :func:`lopkit.report.aggregate.step_values` (layers chosen by
+:func:`~lopkit.report.aggregate.select_layers`), the same values as the summary table of ``lopkit report``, so a
+method's final value here equals its summary cell there for the same runs.
+
 Runs are pooled per configuration label (the method, see :func:`lopkit.report.aggregate.config_labels`) and each
 quantity is reported as mean and 95 % t-interval over seeds. Methods are sorted by the mean final value of the
 primary metric in its better direction (lower error first, or higher accuracy first); NaN goes last.
@@ -110,14 +114,8 @@ def choose_primary_metric(benchmark: str, available: Iterable[str]) -> PrimaryMe
     )
 
 
-def representation_layers(metrics: pd.DataFrame) -> list[str]:
-    """Layers whose rows carry ``dead_fraction`` (activation outputs); else every non-model layer."""
-    if metrics.empty:
-        return []
-    with_dead = metrics.loc[metrics["metric"] == "dead_fraction", "layer"].unique()
-    if len(with_dead):
-        return sorted(map(str, with_dead))
-    return sorted(str(layer) for layer in metrics["layer"].unique() if layer != MODEL_LAYER)
+#: Layers whose rows carry ``dead_fraction`` (one definition, shared with the report's summary and plots).
+representation_layers = aggregate.representation_layers
 
 
 def _quantity_names(primary: PrimaryMetric) -> list[str]:
@@ -129,16 +127,13 @@ def per_run_scores(runs: pd.DataFrame, metrics: pd.DataFrame, primary: PrimaryMe
     """One row per run (index run_id): label, seed, final and AUC of the primary metric, final diagnostics."""
     runs = runs.set_index("run_id", drop=False) if "run_id" in runs.columns else runs
     labels = aggregate.config_labels(runs)
-    model_values = aggregate.layer_mean(metrics[(metrics["metric"] == primary.name)])
-    layers = representation_layers(metrics)
-    diagnostic_rows = metrics[metrics["metric"].isin(DIAGNOSTICS) & metrics["layer"].isin(layers)]
-    diagnostic_values = aggregate.layer_mean(diagnostic_rows)
+    values = aggregate.step_values(metrics)
     columns = {
-        f"final_{primary.name}": aggregate.final_window_means(model_values, primary.name, final_fraction),
-        f"auc_{primary.name}": aggregate.normalised_auc(model_values, primary.name),
+        f"final_{primary.name}": aggregate.final_window_means(values, primary.name, final_fraction),
+        f"auc_{primary.name}": aggregate.normalised_auc(values, primary.name),
     }
     for name in DIAGNOSTICS:
-        columns[name] = aggregate.final_window_means(diagnostic_values, name, final_fraction)
+        columns[name] = aggregate.final_window_means(values, name, final_fraction)
     scores = pd.DataFrame(index=runs.index.rename("run_id"))
     scores["label"] = labels
     scores["seed"] = runs["seed"] if "seed" in runs.columns else math.nan
@@ -173,7 +168,8 @@ class Ranking:
             f"final = mean over the last {self.final_fraction:.0%} of each run's steps; auc = area under the "
             f"curve divided by the step range; diagnostics = final-window means over "
             f"{'layers ' + ', '.join(self.layers) if self.layers else 'monitored layers (none recorded)'}; "
-            f"each cell is mean [95 % t-interval] over seeds."
+            f"each cell is mean [95 % t-interval] over seeds ({aggregate.INTERVAL_NOTE}); the same final-window "
+            f"values as the summary table of the report."
         )
 
 
@@ -211,14 +207,12 @@ def ranking_table(runs: pd.DataFrame, metrics: pd.DataFrame, primary: PrimaryMet
     return Ranking(table, per_run, primary, final_fraction, representation_layers(metrics))
 
 
-def _cell(mean: float, low: float, high: float, digits: int) -> str:
-    if mean is None or math.isnan(mean):
-        return "–"
-    return f"{mean:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
-
-
 def format_ranking(table: pd.DataFrame, primary: PrimaryMetric, digits: int = 4) -> pd.DataFrame:
-    """String cells ``mean [low, high]`` with headers saying the direction of the primary metric."""
+    """String cells ``mean [low, high]`` with headers saying the direction of the primary metric.
+
+    Cells are written by :func:`lopkit.report.aggregate.format_interval` (the summary table's format): an interval
+    end outside the metric's valid range is clipped and the cell marked ``*``.
+    """
     arrow = "↑" if primary.higher_is_better else "↓"
     headers = {
         f"final_{primary.name}": f"final {primary.name} {arrow}",
@@ -231,8 +225,9 @@ def format_ranking(table: pd.DataFrame, primary: PrimaryMetric, digits: int = 4)
     out["#"] = table["position"]
     out["seeds"] = table["seeds"]
     for name, header in headers.items():
+        metric = primary.name if name.startswith(("final_", "auc_")) and name not in DIAGNOSTICS else name
         out[header] = [
-            _cell(m, lo, hi, digits)
+            aggregate.format_interval(m, lo, hi, metric, digits)
             for m, lo, hi in zip(table[f"{name}_mean"], table[f"{name}_low"], table[f"{name}_high"])
         ]
     return out
