@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "report", help="write an HTML report with plots from an experiment folder",
         description="Read EXPERIMENT_DIR/results.sqlite and write a self-contained HTML report (images inlined) "
-                    "plus one PNG per metric: mean and 95%% interval over seeds, one colour per configuration.")
+                    "plus one PNG per metric: mean and 95%% interval over seeds, one colour per configuration. Bands are "
+                    "clipped to the metric's valid range (fractions in [0, 1], losses and ranks >= 0) and a caption "
+                    "says where; a configuration with fewer than 3 seeds is drawn seed by seed, without a band.")
     parser.add_argument("experiment_dir", help="folder written by 'lopkit run' (holds results.sqlite)")
     parser.add_argument("-o", "--output", default=None, help="HTML file to write (default: EXPERIMENT_DIR/report.html)")
     parser.add_argument("--png-dir", default=None, help="folder for the PNGs (default: next to the HTML file)")
