@@ -101,15 +101,109 @@ def test_listen_cli_on_the_exported_models(pipeline_dir, tmp_path, capsys):
     chunk = next(iter(load_corpus(str(pipeline_dir / "corpus")).streams("stream_pos")))
     wav = tmp_path / "stream.wav"
     wavfile.write(wav, 16000, np.round(np.clip(chunk.audio[: 16000 * 8], -1, 1) * 32767).astype(np.int16))
-    for kind in ("heimdal", "dnn_hmm"):
+    # thresholds below every score: a probability just above 0 for the CNN, a very negative log-likelihood ratio
+    # for the DNN-HMM (each inside its model's valid range)
+    for kind, threshold in (("heimdal", "1e-9"), ("dnn_hmm", "-1e9")):
         assert _cli("kws", "listen", str(wav), "--model", str(pipeline_dir / "models" / f"{kind}.pt"),
-                    "--threshold=-1e9") == 0
+                    f"--threshold={threshold}") == 0
         out = capsys.readouterr().out
         lines = [line for line in out.splitlines() if line.startswith("wake word at")]
         # a threshold below every score fires at the first frame, then once per refractory second
         assert len(lines) == 8
         assert "real-time factor" in out
     assert _cli("kws", "listen", str(wav), "--model", str(tmp_path / "none.pt")) == 2
+
+
+def test_listen_rejects_a_threshold_outside_the_score_range(pipeline_dir, tmp_path, capsys):
+    from scipy.io import wavfile
+
+    wav = tmp_path / "quiet.wav"
+    wavfile.write(wav, 16000, np.zeros(16000, dtype=np.int16))
+    cases = [("heimdal", "1.5", "(0, 1)"), ("heimdal", "0", "(0, 1)"), ("heimdal", "-1e9", "(0, 1)"),
+             ("heimdal", "nan", "(0, 1)"), ("dnn_hmm", "nan", "finite"), ("dnn_hmm", "inf", "finite")]
+    for kind, threshold, expected in cases:
+        code = _cli("kws", "listen", str(wav), "--model", str(pipeline_dir / "models" / f"{kind}.pt"),
+                    f"--threshold={threshold}")
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == 2, (kind, threshold)
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], (kind, threshold, lines)
+        assert "wake word at" not in captured.out and "Traceback" not in captured.err
+    for kind, threshold in (("heimdal", "0.5"), ("dnn_hmm", "-3.5")):
+        assert _cli("kws", "listen", str(wav), "--model", str(pipeline_dir / "models" / f"{kind}.pt"),
+                    f"--threshold={threshold}") == 0
+        assert capsys.readouterr().err == ""
+
+
+class _EarlyStartScorer:
+    """A frame scorer that scores every frame 0.9 and puts the keyword start 80 frames (0.8 s) before the frame."""
+
+    def reset(self) -> None:
+        self.frame = 0
+
+    def push(self, frames):
+        n = frames.shape[-1]
+        t = np.arange(self.frame, self.frame + n, dtype=np.float64)
+        self.frame += n
+        return np.full(n, 0.9), t - 80
+
+
+def test_listen_never_prints_a_start_before_zero(tmp_path, capsys, monkeypatch):
+    from scipy.io import wavfile
+
+    import lopkit.kws.pipeline as pipeline
+    from lopkit.kws.stream import StreamingDetector, listen
+
+    def detector():
+        scorer = _EarlyStartScorer()
+        scorer.reset()
+        return StreamingDetector(scorer, 0.5, smooth_frames=1, refractory_s=0.5)
+
+    wav = tmp_path / "speech.wav"
+    wavfile.write(wav, 16000, np.zeros(32000, dtype=np.int16))
+    raw = [d.start_s for d in listen(wav, detector()).detections]
+    assert min(raw) < 0 and max(raw) > 0  # the raw estimates cross the stream start
+    monkeypatch.setattr(pipeline, "load_detector", lambda path, threshold=None: detector())
+    assert _cli("kws", "listen", str(wav), "--model", str(tmp_path / "fake.pt")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wake word at")]
+    assert len(lines) == len(raw)
+    for line, start in zip(lines, raw):
+        printed = float(line.split("start")[1].split()[0])
+        assert printed >= 0
+        assert printed == pytest.approx(max(0.0, start), abs=1e-3)
+        assert ("clamped to 0" in line) == (start < 0)
+
+
+def test_kws_progress_bars_only_on_a_terminal_and_named_after_the_model(tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    from lopkit.kws.pipeline import pipeline_config, run_pipeline
+    from lopkit.kws.train import KWSTrainBenchmark
+    from lopkit.runner.execute import execute_run
+    from lopkit.runner.store import ResultStore
+
+    monkeypatch.delenv("LOPKIT_PROGRESS", raising=False)
+    out = tmp_path / "pipe"
+    make_standin_corpus(out / "corpus", n_train=16, n_other=8)
+    config = pipeline_config("smoke", {"models": ("dnn_hmm",)})
+    config.train_overrides = {"max_steps": 2, "val_max_clips": 4}
+    run_pipeline(config, out, stages=("features", "train"), progress=True)
+    err = capsys.readouterr().err
+    assert "[kws] train dnn_hmm" in err  # the stage log is printed ...
+    assert "%|" not in err and "step/s" not in err  # ... but no bar: stderr is not a terminal here
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train = KWSTrainBenchmark.make_config("smoke", {"corpus_dir": str(out / "corpus"), "model_kind": "dnn_hmm",
+                                                    "max_steps": 2, "val_max_clips": 4})
+    with ResultStore(tmp_path / "store") as store:
+        execute_run(store, KWSTrainBenchmark, train, 1, progress=True)
+    assert "train dnn_hmm seed=1" in terminal.getvalue() and "%|" in terminal.getvalue()
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):

@@ -145,6 +145,9 @@ def test_listen_on_a_wav_file_and_on_raw_pcm(tmp_path):
     assert result.audio_seconds == pytest.approx(audio.size / 16000)
     assert result.real_time_factor > 0
     raw = listen(io.BytesIO(pcm.astype("<i2").tobytes()), detector, chunk_s=0.25)
-    assert raw.detections == result.detections
+    # same frames and scores; the start estimate comes from a float32 offset head run on other chunk shapes, so it
+    # may differ in the 8th digit (far below one 10 ms frame)
+    assert [(d.time_s, d.score) for d in raw.detections] == [(d.time_s, d.score) for d in result.detections]
+    np.testing.assert_allclose([d.start_s for d in raw.detections], [d.start_s for d in result.detections], atol=1e-6)
     with pytest.raises(FileNotFoundError):
         listen(tmp_path / "missing.wav", detector)

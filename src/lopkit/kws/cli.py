@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import textwrap
@@ -40,7 +41,10 @@ def _build(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _error(str(err))
     try:
-        index = build_corpus(config, args.out, progress=not args.no_progress, workers=args.workers, force=args.force)
+        from lopkit.kws.pipeline import bars_enabled
+
+        index = build_corpus(config, args.out, progress=bars_enabled(not args.no_progress), workers=args.workers,
+                             force=args.force)
     except ConfigError as err:
         return _error(str(err))
     except KeyboardInterrupt:
@@ -150,6 +154,18 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def format_detection(detection: Any) -> str:
+    """One ``listen`` line; a start estimate before the stream start is shown as 0 s and said to be clamped."""
+    start = detection.start_s
+    if math.isnan(start):
+        shown = "start      n/a"
+    elif start < 0:
+        shown = f"start {0.0:8.3f} s (estimate {start:.3f} s is before the stream start; clamped to 0)"
+    else:
+        shown = f"start {start:8.3f} s"
+    return f"wake word at {detection.time_s:8.3f} s  {shown}  score {detection.score:.4f}"
+
+
 def _listen(args: argparse.Namespace) -> int:
     import torch
 
@@ -159,12 +175,11 @@ def _listen(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))  # small chunks: extra threads only add synchronisation cost
     try:
         detector = load_detector(args.model, args.threshold)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         return _error(str(err))
 
     def show(detection: Any) -> None:
-        print(f"wake word at {detection.time_s:8.3f} s  start {detection.start_s:8.3f} s  score {detection.score:.4f}",
-              flush=True)
+        print(format_detection(detection), flush=True)
 
     try:
         result = listen(args.audio, detector, chunk_s=args.chunk_ms / 1000.0, on_detection=show)
@@ -233,7 +248,9 @@ def register(subparsers: Any) -> None:
     listen = sub.add_parser("listen", help="stream a WAV file (or raw 16-bit 16 kHz PCM on stdin) through a detector")
     listen.add_argument("audio", metavar="FILE.wav|-", help="WAV file, or '-' for raw s16le mono 16 kHz PCM on stdin")
     listen.add_argument("--model", required=True, metavar="MODEL.pt", help="exported model (OUT/models/<kind>.pt)")
-    listen.add_argument("--threshold", type=float, default=None, help="override the stored operating threshold")
+    listen.add_argument("--threshold", type=float, default=None,
+                        help="override the stored operating threshold: a probability strictly between 0 and 1 for "
+                             "the HEiMDaL CNNs, any finite log-likelihood ratio for dnn_hmm")
     listen.add_argument("--chunk-ms", type=float, default=100.0, help="audio chunk per step (default: %(default)s ms)")
     listen.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads (default: %(default)s)")
     listen.set_defaults(func=_listen)

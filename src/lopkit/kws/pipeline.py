@@ -40,6 +40,7 @@ from lopkit.kws.stream import (
     HMMScorer,
     StreamingDetector,
     causal_moving_average,
+    check_threshold,
     compute_features,
     score_features,
 )
@@ -141,6 +142,13 @@ def pipeline_config(preset: str, overrides: dict[str, Any] | None = None) -> Pip
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def bars_enabled(progress: bool) -> bool:
+    """Whether to draw progress bars: asked for and stderr is a terminal (or ``LOPKIT_PROGRESS=1`` forces them)."""
+    from lopkit.runner.execute import _progress_enabled
+
+    return _progress_enabled(True if progress else "never")
 
 
 def _log(message: str, progress: bool) -> None:
@@ -344,7 +352,11 @@ def export_model(path: Path, state: dict[str, Any], threshold: float, config: Pi
 
 
 def load_detector(path: str | Path, threshold: float | None = None) -> StreamingDetector:
-    """A StreamingDetector from an exported model file (its stored operating threshold unless one is given)."""
+    """A StreamingDetector from an exported model file (its stored operating threshold unless one is given).
+
+    A given ``threshold`` outside the valid range of the model's score raises ValueError (see
+    :func:`lopkit.kws.stream.check_threshold`).
+    """
     from lopkit.kws.continual import load_exported_model
 
     model, export = load_exported_model(path)
@@ -356,6 +368,8 @@ def load_detector(path: str | Path, threshold: float | None = None) -> Streaming
                "states_per_phone": settings["states_per_phone"], "normalize": settings["normalize"],
                "log_priors": np.asarray(meta["log_priors"]) if settings["prior_scale"] > 0 else None,
                "prior_scale": settings["prior_scale"]}
+    if threshold is not None:
+        threshold = check_threshold(threshold, kind)  # ValueError naming the valid range of this model's score
     chosen = export["threshold"] if threshold is None else threshold
     if chosen is None or not math.isfinite(chosen):
         chosen = 0.5 if kind != "dnn_hmm" else 0.0
@@ -373,7 +387,8 @@ def stage_corpus(config: PipelineConfig, out: Path, progress: bool) -> dict[str,
     """Build (or resume/reuse) the main corpus; returns its summary."""
     from lopkit.kws.corpus import build_corpus, corpus_summary
 
-    index = build_corpus(_corpus_config(config, config.corpus_overrides), str(out / "corpus"), progress=progress,
+    index = build_corpus(_corpus_config(config, config.corpus_overrides), str(out / "corpus"),
+                         progress=bars_enabled(progress),
                          workers=config.workers)
     if index is None:
         raise RuntimeError("corpus build stopped before finishing; run again to resume")
@@ -404,7 +419,7 @@ def stage_train(config: PipelineConfig, out: Path, progress: bool) -> dict[str, 
         for kind in config.models:
             cfg = train_config(config, kind, out / "corpus")
             _log(f"train {kind}", progress)
-            result = execute_run(store, KWSTrainBenchmark, cfg, config.seed, progress="always" if progress else "never",
+            result = execute_run(store, KWSTrainBenchmark, cfg, config.seed, progress=True if progress else "never",
                                  preset=config.train_preset, keep_checkpoint=True, handle_sigint=True)
             if result.status not in ("finished", "skipped"):
                 raise RuntimeError(f"training {kind} ended with status {result.status}; run the pipeline again to resume")
@@ -469,7 +484,7 @@ def stage_continual(config: PipelineConfig, out: Path, progress: bool) -> dict[s
             target = out / "continual_corpora" / _slug(keyword)
             _log(f"continual corpus '{keyword}'", progress)
             built = build_corpus(_corpus_config(config, {**config.continual_corpus_overrides, "keyword": keyword}),
-                                 str(target), progress=progress, workers=config.workers)
+                                 str(target), progress=bars_enabled(progress), workers=config.workers)
             if built is None:
                 raise RuntimeError(f"corpus for '{keyword}' unfinished; run again to resume")
             dirs.append(str(target))
@@ -480,7 +495,7 @@ def stage_continual(config: PipelineConfig, out: Path, progress: bool) -> dict[s
         for method in config.continual_methods:
             _log(f"continual {config.continual_kind} with {method}", progress)
             result = execute_run(store, KWSContinualBenchmark, cfg, config.seed, method,
-                                 progress="always" if progress else "never", preset=config.continual_preset)
+                                 progress=True if progress else "never", preset=config.continual_preset)
             if result.status not in ("finished", "skipped"):
                 raise RuntimeError(f"continual run ({method}) ended with status {result.status}; run again to resume")
             runs[method] = {"run_id": result.run_id, "seconds": result.seconds}

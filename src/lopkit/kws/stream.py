@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import sys
 import time
 import wave
@@ -40,6 +41,7 @@ __all__ = [
     "compute_features",
     "TriggerLogic",
     "causal_moving_average",
+    "check_threshold",
     "frame_end_seconds",
     "listen",
     "read_audio",
@@ -77,6 +79,27 @@ def causal_moving_average(scores: np.ndarray, width: int) -> np.ndarray:
     index = np.arange(1, scores.size + 1)
     lower = np.maximum(0, index - width)
     return (cumulative[index] - cumulative[lower]) / (index - lower)
+
+
+def check_threshold(threshold: float, kind: str) -> float:
+    """``threshold`` as a float if it is valid for a ``kind`` model's score, else ValueError saying the range.
+
+    The HEiMDaL CNNs (every kind but ``dnn_hmm``) score a frame with a probability (the sigmoid of the detect
+    logit), and the smoothed score is a mean of probabilities, so a useful threshold lies strictly between 0 and
+    1 (at 0 or below every frame fires, at 1 or above none does). The DNN-HMM's score is a log-likelihood ratio
+    (best keyword path minus the filler path), so any finite number is valid.
+    """
+    value = float(threshold)
+    if kind == "dnn_hmm":
+        if not math.isfinite(value):
+            raise ValueError(f"--threshold {threshold} is not a finite number; the dnn_hmm score is a log-likelihood "
+                             "ratio (keyword path minus filler), pass a finite value such as 0")
+        return value
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"--threshold {threshold} is outside (0, 1); the {kind} score is a probability (sigmoid of "
+                         "its detect logit), pass a value strictly between 0 and 1 such as 0.5, or omit --threshold "
+                         "to use the model's stored operating threshold")
+    return value
 
 
 class TriggerLogic:

@@ -505,6 +505,11 @@ class KWSTrainBenchmark(Benchmark):
         """Latest bin loss and validation figures."""
         return dict(self._last)
 
+    @property
+    def progress_label(self) -> str:
+        """The progress bar's label: the model being trained, e.g. ``train dnn_hmm seed=0``."""
+        return f"train {self.config.model_kind} seed={self.seed}"
+
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer, method, step, loss bin, private RNG, and the meta needed to rebuild the model."""
         return copy.deepcopy({

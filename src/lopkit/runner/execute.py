@@ -320,7 +320,7 @@ def execute_run(
             resumed_from = saved_step
         chunk = int(checkpoint_every) if checkpoint_every is not None else default_checkpoint_every(total)
         bar = _ProgressBar(_progress_enabled(progress), total, benchmark.step,
-                           f"{cls.name} {label} seed={seed}")
+                           getattr(benchmark, "progress_label", None) or f"{cls.name} {label} seed={seed}")
         with _graceful_sigint(handle_sigint) as interrupt:
             status = _advance(store, run_id, benchmark, chunk, commit_seconds, stop_after_steps, interrupt, bar)
         if status == "finished":
