@@ -283,7 +283,8 @@ def _store_of(folder, runs: pd.DataFrame, metrics: pd.DataFrame) -> None:
             store.finish_run(record.run_id)
 
 
-def test_summary_table_and_ranking_give_the_same_values_and_name_the_layers(tmp_path):
+@pytest.mark.parametrize("final_fraction", [0.1, 0.5])
+def test_summary_table_and_ranking_give_the_same_values_and_name_the_layers(tmp_path, final_fraction):
     """Same runs -> the report's summary cell equals the ranking's cell for the primary metric and every diagnostic.
 
     The synthetic rows record effective_rank and duplicate_fraction on two layers (act1 and fc1) and online_mse
@@ -295,8 +296,8 @@ def test_summary_table_and_ranking_give_the_same_values_and_name_the_layers(tmp_
     runs, metrics = _synthetic()
     _store_of(tmp_path, runs, metrics)
     stored_runs, stored_metrics = _store_frames(tmp_path)
-    ranking = ranking_table(stored_runs, stored_metrics)
-    report = build_report(tmp_path, tmp_path / "report.html")
+    ranking = ranking_table(stored_runs, stored_metrics, final_fraction=final_fraction)
+    report = build_report(tmp_path, tmp_path / "report.html", final_fraction=final_fraction)
     formatted = ranking.formatted()
     pairs = {"online_mse": "final online_mse ↓", "dead_fraction": "dead fraction",
              "duplicate_fraction": "duplicate fraction", "effective_rank": "effective rank"}
@@ -309,7 +310,8 @@ def test_summary_table_and_ranking_give_the_same_values_and_name_the_layers(tmp_
         ids = stored_runs.loc[stored_runs["method"] == method, "run_id"]
         act1 = stored_metrics[stored_metrics["run_id"].isin(ids) & (stored_metrics["layer"] == "act1")
                               & (stored_metrics["metric"] == "effective_rank")]
-        finals = [g.loc[g["step"] >= g["step"].max() - 0.1 * (g["step"].max() - g["step"].min()), "value"].mean()
+        finals = [g.loc[g["step"] >= g["step"].max() - final_fraction * (g["step"].max() - g["step"].min()),
+                        "value"].mean()
                   for _, g in act1.groupby("run_id")]
         assert ranking.table.loc[method, "effective_rank_mean"] == pytest.approx(np.mean(finals), rel=1e-12)
     page = (tmp_path / "report.html").read_text()

@@ -60,11 +60,12 @@ def task_or_step_values(metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 def build_report(experiment_dir: str | Path, output: str | Path | None = None, png_dir: str | Path | None = None,
                  title: str | None = None, extra_tables: list[tuple[str, pd.DataFrame]] | None = None,
-                 extra_notes: list[str] | None = None) -> ReportResult:
+                 extra_notes: list[str] | None = None, final_fraction: float = 0.1) -> ReportResult:
     """Read ``EXPERIMENT_DIR/results.sqlite`` and write PNGs and ``report.html`` (paths returned).
 
     ``extra_tables`` (caption, table) are shown before the summary (e.g. the ranking of ``lopkit compare``) and
-    ``extra_notes`` after the standard notes.
+    ``extra_notes`` after the standard notes. ``final_fraction``: the summary's final window (the ranking's
+    ``--final-fraction``, so both tables use the same window).
     """
     experiment_dir = Path(experiment_dir)
     runs, metrics = _load(experiment_dir)
@@ -98,7 +99,8 @@ def build_report(experiment_dir: str | Path, output: str | Path | None = None, p
             pngs += [path for path, _ in figures]
 
     summary = aggregate.summary_table(aggregate.step_values(metrics).sort_values("step"), labels,
-                                      [m for m in PERFORMANCE_METRICS + PLASTICITY_METRICS if m in present])
+                                      [m for m in PERFORMANCE_METRICS + PLASTICITY_METRICS if m in present],
+                                      final_fraction)
     layer_text = aggregate.describe_layers(layers)
     status = runs.groupby("status").size().to_dict() if not runs.empty else {}
     notes = [
@@ -109,9 +111,9 @@ def build_report(experiment_dir: str | Path, output: str | Path | None = None, p
         f"are drawn as thin lines. Layer metrics are averaged over layers {layer_text}. "
         + ("x axis = task (online metrics averaged over the task, others at its end)." if x_axis == "task"
            else "x axis = optimiser step."),
-        "Summary: each metric averaged over the final 10 % of each run's measured steps (the same values as the "
-        f"ranking of 'lopkit compare'; layer metrics over layers {layer_text}), then mean [95 % CI] over seeds "
-        f"({aggregate.INTERVAL_NOTE}).",
+        f"Summary: each metric averaged over the final {final_fraction:.0%} of each run's measured steps (the same "
+        f"values as the ranking of 'lopkit compare'; layer metrics over layers {layer_text}), then mean [95 % CI] "
+        f"over seeds ({aggregate.INTERVAL_NOTE}).",
     ]
     failed = runs[runs["status"] == "failed"] if not runs.empty else runs
     for _, run in failed.iterrows():
@@ -120,6 +122,8 @@ def build_report(experiment_dir: str | Path, output: str | Path | None = None, p
     notes += list(extra_notes or [])
     page = html.render_page(title or f"lopkit report: {experiment_dir.name}",
                             f"Experiment folder {experiment_dir.resolve()}", sections,
-                            list(extra_tables or []) + [(f"Summary (final 10 % of each run; layer metrics over {layer_text})", summary)], notes)
+                            list(extra_tables or [])
+                            + [(f"Summary (final {final_fraction:.0%} of each run; layer metrics over {layer_text})",
+                                summary)], notes)
     output.write_text(page, encoding="utf-8")
     return ReportResult(output, pngs, summary)

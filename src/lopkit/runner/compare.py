@@ -267,6 +267,6 @@ def write_outputs(plan: ComparePlan, out_dir: str | Path, ranking: Any, html_pat
         result = build_report(out_dir, html_path, title=f"lopkit compare: {plan.benchmark}",
                               extra_tables=[(f"Ranking ({ranking.primary.name}, {ranking.primary.direction} is better)",
                                              ranking.formatted())],
-                              extra_notes=notes + [ranking.caption()])
+                              extra_notes=notes + [ranking.caption()], final_fraction=ranking.final_fraction)
         html = result.html_path
     return CompareOutputs(csv_path, runs_path, html)
