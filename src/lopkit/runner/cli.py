@@ -185,14 +185,11 @@ def describe_benchmark(cls: Any) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     """Print benchmarks (or one), their presets and config fields, and the known methods."""
-    from lopkit.benchmarks.base import BENCHMARKS, get_benchmark
+    from lopkit.benchmarks.registry import benchmark_names, get_benchmark
 
     try:
-        if args.benchmark:
-            classes = [get_benchmark(args.benchmark)]
-        else:
-            get_benchmark("toy")  # imports the registry so every benchmark is registered
-            classes = [BENCHMARKS[name] for name in sorted(BENCHMARKS)]
+        names = [args.benchmark] if args.benchmark else benchmark_names()
+        classes = [get_benchmark(name) for name in names]
     except ConfigError as err:
         return _error(str(err))
     print("\n\n".join(describe_benchmark(cls) for cls in classes))
