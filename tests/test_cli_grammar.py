@@ -144,3 +144,9 @@ def test_sweep_file_seeds_use_the_same_grammar(tmp_path):
     data["runs"][0]["seeds"] = "1,1"
     with pytest.raises(SweepError, match="seeds must be distinct"):
         parse_sweep(data)
+
+
+def test_list_shows_the_aliases(capsys):
+    assert main(["list", "toy"]) == 0
+    out = capsys.readouterr().out
+    assert "snp=shrink_perturb" in out and "shrink_perturb" in out.split("methods (")[1].splitlines()[0]

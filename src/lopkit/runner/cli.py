@@ -187,6 +187,7 @@ def describe_benchmark(cls: Any) -> str:
 def _list(args: argparse.Namespace) -> int:
     """Print benchmarks (or one), their presets and config fields, and the known methods."""
     from lopkit.benchmarks.registry import benchmark_names, get_benchmark
+    from lopkit.mitigations.registry import METHOD_ALIASES, available_methods
 
     try:
         names = [args.benchmark] if args.benchmark else benchmark_names()
@@ -194,19 +195,9 @@ def _list(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _error(str(err))
     print("\n\n".join(describe_benchmark(cls) for cls in classes))
-    methods = _available_methods()
-    print(f"\nmethods (--method NAME[:key=value...][,NAME...]): {', '.join(methods)}")
+    print(f"\nmethods (--method NAME[:key=value...][,NAME...]): {', '.join(available_methods())}")
+    print(f"aliases: {', '.join(f'{alias}={name}' for alias, name in sorted(METHOD_ALIASES.items()))}")
     return EXIT_OK
-
-
-def _available_methods() -> list[str]:
-    """Method names from the mitigation registry if it exists, else the no-op baselines."""
-    from lopkit.runner.execute import _registry
-
-    registry = _registry()
-    if registry is not None and callable(getattr(registry, "available_methods", None)):
-        return list(registry.available_methods())
-    return ["none", "sgd"]
 
 
 # ----------------------------------------------------------------------------------------------- parsers
