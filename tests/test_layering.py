@@ -123,15 +123,12 @@ def test_import_graph_sees_relative_and_submodule_imports(tmp_path, monkeypatch)
 
 def test_no_import_cycle_at_module_level():
     cycle = find_cycle(import_graph())
-    assert cycle is None, "module-level import circle: " + " -> ".join(cycle)
+    assert cycle is None, "module-level import circle: " + " -> ".join(cycle or [])
 
 
 def test_no_import_cycle_counting_function_level_imports():
     cycle = find_cycle(import_graph(nested=True))
     assert cycle is None, "import circle through a function-level import: " + " -> ".join(cycle or [])
-
-
-
 
 
 def _loaded_after(statement: str) -> list[str]:
@@ -154,7 +151,8 @@ def _loaded_after(statement: str) -> list[str]:
     "import lopkit.integrations, lopkit.integrations.probe",
 ])
 def test_core_does_not_load_seed_systems_or_heavy_libraries(statement):
-    assert _loaded_after(statement) == [], f"{statement!r} loaded {_loaded_after(statement)}"
+    loaded = _loaded_after(statement)
+    assert loaded == [], f"{statement!r} loaded {loaded}"
 
 
 def test_seed_system_benchmarks_load_by_name_only():

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from lopkit.configs import ConfigError, config_to_dict
-from lopkit.moe.common import TIMINGS_FILE, k_low  # noqa: F401  (k_low re-exported)
+from lopkit.moe.common import TIMINGS_FILE, k_low
 from lopkit.runner.store import make_run_id
 
 __all__ = [
