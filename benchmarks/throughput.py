@@ -24,10 +24,9 @@ Row = dict[str, Any]
 
 def time_benchmark(name: str, overrides: dict[str, Any], steps: int, warmup: int = 20, seed: int = 0) -> float:
     """Steps per second of ``steps`` steps of a registered benchmark built from its default preset."""
-    from lopkit.benchmarks.base import BENCHMARKS
-    import lopkit.benchmarks.continual  # noqa: F401  (registers class_split, permuted, random_labels)
+    from lopkit.benchmarks.registry import get_benchmark
 
-    cls = BENCHMARKS[name]
+    cls = get_benchmark(name)
     bench = cls(cls.make_config("default", overrides), seed)
     bench.run(warmup)
     start = time.perf_counter()

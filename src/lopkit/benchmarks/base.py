@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 import torch
 
+from lopkit.benchmarks.registry import BENCHMARKS, get_benchmark  # noqa: F401  (re-exported)
 from lopkit.configs import ConfigError, build_config
 from lopkit.mitigations.base import Mitigation, compose
 
@@ -144,9 +145,6 @@ class Benchmark(ABC):
         return self.step >= self.total_steps
 
 
-BENCHMARKS: dict[str, type[Benchmark]] = {}
-
-
 def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
     """Class decorator adding a benchmark to the registry under ``cls.name``."""
     missing = [p for p in PRESET_NAMES if p not in cls.presets]
@@ -154,12 +152,3 @@ def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
         raise TypeError(f"benchmark {cls.__name__} lacks presets {missing}")
     BENCHMARKS[cls.name] = cls
     return cls
-
-
-def get_benchmark(name: str) -> type[Benchmark]:
-    """Look up a registered benchmark by name, with a helpful error listing the known ones."""
-    import lopkit.benchmarks.registry  # noqa: F401  (imports every benchmark module so they register)
-
-    if name not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}")
-    return BENCHMARKS[name]

@@ -32,12 +32,14 @@ from lopkit.diagnostics.similarity import duplicate_fraction
 from lopkit.diagnostics.units import all_finite, as_unit_matrix
 
 __all__ = [
+    "ACTIVATION_MODULE_PATHS",
     "ACTIVATION_TYPES",
     "METRIC_NAMES",
     "MODEL_LAYER",
     "PARAMETRIC_TYPES",
     "Monitor",
     "MonitorConfig",
+    "is_activation_module",
 ]
 
 #: Elementwise activation modules monitored by default (post-activation ``h`` = output, ``z`` = input).
@@ -66,6 +68,11 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.LogSigmoid,
     nn.Threshold,
 )
+
+#: Python modules whose ``nn.Module`` classes are all elementwise activations, recognised by the module path of
+#: their class so the package is never imported: Hugging Face's ``GELUActivation``, ``NewGELUActivation``,
+#: ``QuickGELUActivation``, ... (``ACT2FN``).
+ACTIVATION_MODULE_PATHS: tuple[str, ...] = ("transformers.activations",)
 
 #: Weight layers monitored by default (metrics on their outputs and on their parameters).
 PARAMETRIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -230,9 +237,15 @@ class _ProbeResult:
     hessian_top: float | None = None
 
 
+def is_activation_module(module: nn.Module, extra_activation_types: tuple[type[nn.Module], ...] = ()) -> bool:
+    """Whether a module is an elementwise activation: a torch one, an extra type, or one of a known package's."""
+    return isinstance(module, ACTIVATION_TYPES + extra_activation_types) or (
+        type(module).__module__ in ACTIVATION_MODULE_PATHS)
+
+
 def _layer_kind(module: nn.Module, extra_activation_types: tuple[type[nn.Module], ...]) -> str:
     """Classify a module as an elementwise activation, a weight layer, or anything else."""
-    if isinstance(module, ACTIVATION_TYPES + extra_activation_types):
+    if is_activation_module(module, extra_activation_types):
         return "activation"
     if isinstance(module, PARAMETRIC_TYPES):
         return "parametric"
@@ -306,7 +319,8 @@ class Monitor:
 
     Which metrics go where:
 
-    - Activation modules (ReLU, GELU, Tanh, ... see :data:`ACTIVATION_TYPES`): with ``h`` the module output
+    - Activation modules (ReLU, GELU, Tanh, ... see :data:`ACTIVATION_TYPES`, and Hugging Face's
+      ``GELUActivation`` & co., see :data:`ACTIVATION_MODULE_PATHS`): with ``h`` the module output
       and ``z`` its input (the pre-activation): ``dead_fraction``, ``dormant_fraction``, ``frozen_fraction``
       (derivative of the module itself at ``z``), ``duplicate_fraction``, the four rank metrics, and
       ``saturated_fraction`` (needs ``dL/dh``, so only when a probe loss is given).
@@ -391,8 +405,8 @@ class Monitor:
         """Resolve ``layers`` (None, names and/or module types) to (name, module) pairs in model order."""
         named = list(self.model.named_modules())
         if layers is None:
-            default_types = ACTIVATION_TYPES + self._extra_activation_types + PARAMETRIC_TYPES
-            selected = [(name, m) for name, m in named if isinstance(m, default_types)]
+            selected = [(name, m) for name, m in named
+                        if isinstance(m, PARAMETRIC_TYPES) or is_activation_module(m, self._extra_activation_types)]
             if not selected:
                 raise ValueError(
                     f"{type(self.model).__name__} has no module to monitor by default (no elementwise activation "

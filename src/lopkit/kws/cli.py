@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lopkit.configs import ConfigError, parse_overrides
+from lopkit.mitigations.registry import build_methods
 
 from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, error_exit
 
@@ -94,6 +95,9 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...] | None) -> int
     try:
         config = pipeline_config(args.preset, _pipeline_overrides(args.overrides))
         config.validate()
+        if stages is None or "continual" in stages:
+            for method in config.continual_methods:  # unknown names / bad hyper-parameters fail before any stage
+                build_methods(method)
     except ConfigError as err:
         return _error(str(err))
     try:
@@ -258,7 +262,8 @@ def register(subparsers: Any) -> None:
     continual = sub.add_parser("continual", help="adapt the trained CNN to new voices / wake words in sequence")
     _add_pipeline_options(continual)
     continual.add_argument("--method", dest="methods", action="append", default=[], metavar="NAME",
-                           help="mitigation(s) to compare, e.g. --method sgd --method shrink_perturb")
+                           help="mitigation(s) to compare, e.g. --method sgd --method snp; one --method composes "
+                                "methods with '+' (cbp+l2init) and takes hyper-parameters (cbp:replacement_rate=1e-4)")
     continual.set_defaults(func=_continual)
 
     run = sub.add_parser("run", help="the whole pipeline (corpus, features, train, evaluate, continual, report), resumable")

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
 from lopkit.configs import ConfigError, config_to_dict, require
+from lopkit.kws.metrics import clip_auc  # noqa: F401  (re-exported; defined with the other metrics)
 from lopkit.kws.train import (
     SplitFeatures,
     _lr_factor,
@@ -120,14 +121,6 @@ def _targets(data: SplitFeatures, index: Tensor, delta: int, margin: int) -> dic
     labels, valid = batch_frame_targets(data.n_frames, starts, ends, delta, margin)
     return {"feats": data.feats[index], "label": data.label[index], "y": labels, "valid": valid,
             "start": torch.tensor([0.0 if math.isnan(s) else s for s in starts])}
-
-
-def clip_auc(positive: Tensor, negative: Tensor) -> float:
-    """Area under the ROC curve of clip scores: P(positive > negative) + P(tie) / 2 (NaN if a class is empty)."""
-    if positive.numel() == 0 or negative.numel() == 0:
-        return math.nan
-    diff = positive.double().reshape(-1, 1) - negative.double().reshape(1, -1)
-    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
 
 
 def load_exported_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

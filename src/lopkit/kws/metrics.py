@@ -26,9 +26,11 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from torch import Tensor
 
 __all__ = [
     "DET_COLUMNS",
+    "clip_auc",
     "count_triggers",
     "det_curve",
     "frr_at_fa",
@@ -188,3 +190,11 @@ def start_error_summary(predicted_s: Sequence[float], reference_s: Sequence[floa
         "within_pct": float(100.0 * np.mean(errors_ms <= tolerance_ms)),
         "n": int(errors_ms.size),
     }
+
+
+def clip_auc(positive: Tensor, negative: Tensor) -> float:
+    """Area under the ROC curve of clip scores: P(positive > negative) + P(tie) / 2 (NaN if a class is empty)."""
+    if positive.numel() == 0 or negative.numel() == 0:
+        return math.nan
+    diff = positive.double().reshape(-1, 1) - negative.double().reshape(1, -1)
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
 from lopkit.configs import ConfigError, config_to_dict, require
+from lopkit.kws.metrics import clip_auc
 
 __all__ = [
     "MODEL_KINDS",
@@ -494,8 +495,6 @@ class KWSTrainBenchmark(Benchmark):
         rows = [make_row(self.step, 0, MODEL, "val_loss", sum(losses) / n),
                 make_row(self.step, 0, MODEL, metric, correct / max(1, total))]
         if clip_scores:
-            from lopkit.kws.continual import clip_auc
-
             scores, labels = torch.cat(clip_scores), self.val_data.label[:n].bool()
             self._last["val_auc"] = clip_auc(scores[labels], scores[~labels])
             rows.append(make_row(self.step, 0, MODEL, "val_clip_auc", self._last["val_auc"]))

@@ -11,7 +11,17 @@ from typing import Any, Sequence
 
 from lopkit.configs import ConfigError
 
-from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_progress_flags, error_exit, progress_mode
+from lopkit.runner.cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_progress_flags,
+    error_exit,
+    parse_seeds,
+    progress_mode,
+)
+
 DEFAULT_OUT = Path("runs") / "moe"
 _STAGES_OF = {
     "pretrain": ("pretrain",),
@@ -25,14 +35,10 @@ _error = error_exit
 
 
 def _seeds(args: argparse.Namespace) -> list[int]:
-    """Seeds from ``--seeds N`` (0..N-1) or ``--seed-list a,b``."""
-    from lopkit.runner.cli import parse_seed_list
-
+    """Seeds from ``--seeds`` (count, list or range, as everywhere) or ``--seed-list a,b``."""
     if args.seed_list is not None:
-        return parse_seed_list(args.seed_list)
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-    return list(range(args.seeds))
+        return parse_seeds(args.seed_list, "--seed-list", single_is_count=False)
+    return parse_seeds(args.seeds)
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -129,7 +135,8 @@ def _add_stage_options(parser: argparse.ArgumentParser, variants: bool) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help=f"experiment folder holding results.sqlite (default: {DEFAULT_OUT})")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seeds", type=int, default=1, metavar="N", help="run seeds 0..N-1 (default: 1)")
+    seeds.add_argument("--seeds", default="1", metavar="N",
+                       help="seeds: a count (3 = seeds 0..2), a list (0,1,2) or a range (0-2) (default: 1)")
     seeds.add_argument("--seed-list", default=None, metavar="S,S,...", help="explicit seeds, e.g. 0,1,2")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config field; prefix with pretrain./finetune./eval. to target one stage, "

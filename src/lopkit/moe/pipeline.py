@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from lopkit.configs import ConfigError, config_to_dict
+from lopkit.moe.common import TIMINGS_FILE, k_low
 from lopkit.runner.store import make_run_id
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
 STAGES = ("pretrain", "finetune", "evaluate", "report")
 PIPELINE_PRESETS = ("smoke", "mini", "default", "paper")
 _STAGE_PREFIXES = ("pretrain", "finetune", "eval")
-TIMINGS_FILE = "moe_timings.json"
 PRETRAIN_LABEL = "pretrain"
 PRETRAINED_MODEL = "pretrained"
 
@@ -61,11 +61,6 @@ class PipelineResult:
     statuses: dict[tuple[str, int], str]
     report_path: Path | None
     interrupted: bool = False
-
-
-def k_low(k_pre: int) -> int:
-    """The low k of the naive baseline and the bottom of K_train: ``max(1, k_pre // 2)``."""
-    return max(1, k_pre // 2)
 
 
 def finetune_variants(k_pre: int, ablations: bool = False) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lopkit.moe.common import TIMINGS_FILE, k_low  # noqa: E402
 from lopkit.report.html import render_page  # noqa: E402
 
 __all__ = ["MoEReport", "agreement_summary", "build_moe_report", "seed_stats", "target_table"]
@@ -109,8 +110,6 @@ def _fmt(value: float, digits: int = 4) -> str:
 def target_table(summary: pd.DataFrame, matrices: Mapping[tuple[str, int], pd.DataFrame], k_pre: int,
                  timings: Mapping[str, float], preset: str | None) -> pd.DataFrame:
     """Each target of issue 6 with the measured figure and PASS/MISS (accuracy = ``acc``, all domains pooled)."""
-    from lopkit.moe.pipeline import k_low
-
     low = k_low(k_pre)
     rows: list[dict[str, Any]] = []
 
@@ -391,7 +390,6 @@ def _pairs_table(matrices: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFra
 def build_moe_report(out_dir: str | Path, output: str | Path | None = None) -> MoEReport:
     """Write the MoE-PHDS HTML report, PNGs and CSV tables for the experiment folder ``out_dir``."""
     from lopkit.moe.evaluate import model_agreement_matrices, summary_table
-    from lopkit.moe.pipeline import TIMINGS_FILE
     from lopkit.runner.store import ResultStore, store_path
 
     out = Path(out_dir)
@@ -430,8 +428,6 @@ def build_moe_report(out_dir: str | Path, output: str | Path | None = None) -> M
     sections = [(title, [p for p in paths if p is not None]) for title, paths in sections]
 
     targets = target_table(summary, matrices, k_pre, timings, preset) if k_pre else pd.DataFrame()
-    from lopkit.moe.pipeline import k_low
-
     agree = agreement_summary(matrices, k_low(k_pre), k_pre) if k_pre else pd.DataFrame()
     named_tables = [
         ("targets", "Issue-6 targets (accuracy = acc over all domains; tolerance 1 point or 1 seed s.e.)", targets),

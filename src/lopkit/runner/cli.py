@@ -16,7 +16,17 @@ from typing import Any, Sequence
 
 from lopkit.configs import ConfigError
 
-from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_progress_flags, error_exit, progress_mode
+from lopkit.runner.cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    SEEDS_HELP,
+    add_progress_flags,
+    error_exit,
+    parse_seeds,
+    progress_mode,
+)
+
 DEFAULT_SEEDS = 5  # spec section 8, item 12
 
 
@@ -27,26 +37,17 @@ _error = error_exit
 
 
 def parse_seed_list(text: str) -> list[int]:
-    """``"0,1,2"`` -> [0, 1, 2]; ConfigError unless a non-empty list of distinct non-negative integers."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"--seed-list expects comma-separated integers such as 0,1,2; got {text!r}") from None
-    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
-        raise ConfigError(f"--seed-list must hold distinct non-negative integers, e.g. 0,1,2; got {text!r}")
-    return values
+    """``--seed-list``: ``"0,1,2"`` -> [0, 1, 2], ``"3"`` -> [3] (:func:`parse_seeds` with a lone integer as one seed)."""
+    return parse_seeds(text, "--seed-list", single_is_count=False)
 
 
-def resolve_seeds(count: int | None, seed_list: str | None, offset: int) -> list[int]:
-    """The seeds to run: ``offset + i`` for ``i < count``, or ``offset + s`` for each listed ``s``."""
+def resolve_seeds(seeds: str | int | None, seed_list: str | None, offset: int) -> list[int]:
+    """The seeds to run: ``offset + s`` for each seed of ``--seeds`` (count, list or range) or ``--seed-list``."""
     if offset < 0:
         raise ConfigError(f"--seed-offset must be >= 0, got {offset}")
     if seed_list is not None:
         return [offset + s for s in parse_seed_list(seed_list)]
-    count = DEFAULT_SEEDS if count is None else count
-    if count < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {count}")
-    return list(range(offset, offset + count))
+    return [offset + s for s in parse_seeds(DEFAULT_SEEDS if seeds is None else seeds)]
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -185,30 +186,18 @@ def describe_benchmark(cls: Any) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     """Print benchmarks (or one), their presets and config fields, and the known methods."""
-    from lopkit.benchmarks.base import BENCHMARKS, get_benchmark
+    from lopkit.benchmarks.registry import benchmark_names, get_benchmark
+    from lopkit.mitigations.registry import METHOD_ALIASES, available_methods
 
     try:
-        if args.benchmark:
-            classes = [get_benchmark(args.benchmark)]
-        else:
-            get_benchmark("toy")  # imports the registry so every benchmark is registered
-            classes = [BENCHMARKS[name] for name in sorted(BENCHMARKS)]
+        names = [args.benchmark] if args.benchmark else benchmark_names()
+        classes = [get_benchmark(name) for name in names]
     except ConfigError as err:
         return _error(str(err))
     print("\n\n".join(describe_benchmark(cls) for cls in classes))
-    methods = _available_methods()
-    print(f"\nmethods (--method NAME[:key=value...][,NAME...]): {', '.join(methods)}")
+    print(f"\nmethods (--method NAME[:key=value...][,NAME...]): {', '.join(available_methods())}")
+    print(f"aliases: {', '.join(f'{alias}={name}' for alias, name in sorted(METHOD_ALIASES.items()))}")
     return EXIT_OK
-
-
-def _available_methods() -> list[str]:
-    """Method names from the mitigation registry if it exists, else the no-op baselines."""
-    from lopkit.runner.execute import _registry
-
-    registry = _registry()
-    if registry is not None and callable(getattr(registry, "available_methods", None)):
-        return list(registry.available_methods())
-    return ["none", "sgd"]
 
 
 # ----------------------------------------------------------------------------------------------- parsers
@@ -233,15 +222,15 @@ def register(subparsers: Any) -> None:
     run.add_argument("benchmark", metavar="BENCHMARK", help="registered benchmark name (see 'lopkit list')")
     run.add_argument("--preset", default="default", help="config preset: smoke, default or paper (default: %(default)s)")
     seeds = run.add_mutually_exclusive_group()
-    seeds.add_argument("--seeds", type=int, default=None, metavar="N",
-                       help=f"run seeds OFFSET..OFFSET+N-1 (default: {DEFAULT_SEEDS})")
+    seeds.add_argument("--seeds", default=None, metavar="N",
+                       help=f"seeds to run: {SEEDS_HELP}; each plus OFFSET (default: {DEFAULT_SEEDS})")
     seeds.add_argument("--seed-list", default=None, metavar="S,S,...", help="explicit seeds, e.g. 0,1,2")
     run.add_argument("--seed-offset", type=int, default=0, metavar="K", help="added to every seed (default: 0)")
     run.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set width=50 lr=0.01 (repeatable)")
     run.add_argument("--method", dest="methods", action="append", default=[], metavar="NAME[,NAME...]",
-                     help="mitigation(s) to apply, composed in order, e.g. cbp or cbp:replacement_rate=1e-4,l2init "
-                          "(default: sgd, i.e. none)")
+                     help="mitigation(s) to apply, composed in order and separated by ',' or '+', e.g. cbp or "
+                          "cbp:replacement_rate=1e-4,l2init; aliases such as snp work (default: sgd, i.e. none)")
     run.add_argument("--out", default=None, metavar="DIR", help="experiment folder (default: runs/BENCHMARK)")
     run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="steps between checkpoints (default: a twentieth of the run; also at least every 30 s)")

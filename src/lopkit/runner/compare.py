@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from lopkit.configs import ConfigError, config_to_dict
+from lopkit.mitigations.registry import METHOD_ALIASES, canonical_spec, split_method_specs
+from lopkit.runner.cli_common import parse_seeds
 
 __all__ = [
     "METHOD_ALIASES",
@@ -40,24 +42,6 @@ __all__ = [
     "write_outputs",
 ]
 
-#: Short or alternative names accepted by ``--methods``, mapped to registered method names.
-METHOD_ALIASES: dict[str, str] = {
-    "snp": "shrink_perturb",
-    "s&p": "shrink_perturb",
-    "shrink_and_perturb": "shrink_perturb",
-    "shrinkperturb": "shrink_perturb",
-    "l2_init": "l2init",
-    "ln": "layernorm",
-    "layer_norm": "layernorm",
-    "bn": "batchnorm",
-    "batch_norm": "batchnorm",
-    "noisy": "noisy_sgd",
-    "noisysgd": "noisy_sgd",
-    "continual_backprop": "cbp",
-    "weight_decay": "l2",
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
     """One method of the grid: its label (the runner's method label) and the registry specs it composes."""
@@ -67,10 +51,8 @@ class MethodEntry:
 
 
 def resolve_alias(spec: str) -> str:
-    """``"SNP:sigma=0.1"`` -> ``"shrink_perturb:sigma=0.1"`` (name lower-cased, hyper-parameters kept as written)."""
-    name, *pairs = spec.strip().split(":")
-    name = name.strip().lower()
-    return ":".join([METHOD_ALIASES.get(name, name), *(p.strip() for p in pairs)])
+    """``"SNP:sigma=0.1"`` -> ``"shrink_perturb:sigma=0.1"`` (the registry's :func:`canonical_spec`)."""
+    return canonical_spec(spec)
 
 
 def parse_method_list(text: str | Sequence[str]) -> list[MethodEntry]:
@@ -87,9 +69,9 @@ def parse_method_list(text: str | Sequence[str]) -> list[MethodEntry]:
         for part in (p.strip() for p in item.split(",")):
             if not part:
                 continue
-            specs = tuple(resolve_alias(s) for s in part.split("+") if s.strip())
+            specs = tuple(split_method_specs(part))
             label = method_label(specs)
-            kept = tuple(label.split("+")) if label != method_label(()) else ()
+            kept = tuple(split_method_specs(label)) if label != method_label(()) else ()
             if any(e.label == label for e in entries):
                 raise ConfigError(f"method {label!r} is listed twice in --methods (every baseline name means "
                                   f"{method_label(())!r}); list each method once")
@@ -108,31 +90,6 @@ def validate_methods(entries: Sequence[MethodEntry]) -> None:
             resolve_methods(entry.specs)
         except ConfigError as err:
             raise ConfigError(f"method {entry.label!r}: {err}") from None
-
-
-def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
-    """``5`` -> seeds 0..4; ``"3,7,11"`` -> those seeds; ``"10-14"`` -> 10..14 (ConfigError on bad input)."""
-    if isinstance(text, bool):
-        raise ConfigError(f"--seeds expects a count, a list or a range, got {text!r}")
-    if isinstance(text, int):
-        values = list(range(text))
-    elif isinstance(text, str):
-        cleaned = text.strip()
-        try:
-            if "," in cleaned:
-                values = [int(v) for v in cleaned.split(",") if v.strip()]
-            elif "-" in cleaned[1:]:
-                first, last = (int(v) for v in cleaned.split("-", 1))
-                values = list(range(first, last + 1))
-            else:
-                values = list(range(int(cleaned)))
-        except ValueError:
-            raise ConfigError(f"--seeds expects a count (5), a list (0,1,2) or a range (0-4); got {text!r}") from None
-    else:
-        values = [int(v) for v in text]
-    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
-        raise ConfigError(f"--seeds must give at least one distinct non-negative seed; got {text!r}")
-    return values
 
 
 @dataclasses.dataclass

@@ -10,7 +10,16 @@ from typing import Any, Sequence
 
 from lopkit.configs import ConfigError
 
-from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_progress_flags, error_exit, progress_mode
+from lopkit.runner.cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    SEEDS_HELP,
+    add_progress_flags,
+    error_exit,
+    progress_mode,
+)
+
 DEFAULT_SEEDS = "5"
 
 
@@ -109,10 +118,10 @@ def register(subparsers: Any) -> None:
                     "and in an HTML report.")
     parser.add_argument("benchmark", help="registered benchmark name (see 'lopkit list')")
     parser.add_argument("--methods", required=True,
-                        help="comma-separated methods, e.g. sgd,cbp,l2init,snp; hyper-parameters as "
-                             "cbp:replacement_rate=1e-4; '+' combines methods (cbp+l2init)")
+                        help="comma-separated methods, e.g. sgd,cbp,l2init,snp (aliases as in 'lopkit run --method'); "
+                             "hyper-parameters as cbp:replacement_rate=1e-4; '+' combines methods (cbp+l2init)")
     parser.add_argument("--seeds", default=DEFAULT_SEEDS,
-                        help="number of seeds (5 = seeds 0..4), a list (0,1,2) or a range (0-4); default 5")
+                        help=f"seeds: {SEEDS_HELP} (default: {DEFAULT_SEEDS})")
     parser.add_argument("--preset", default="default", help="benchmark preset: smoke, default or paper")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to every run, e.g. --set num_steps=200000 width=50")

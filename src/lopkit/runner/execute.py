@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -31,6 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, get_benchmark
 from lopkit.configs import ConfigError, config_to_dict, parse_overrides
 from lopkit.mitigations.base import Mitigation
+from lopkit.mitigations.registry import split_method_specs
 from lopkit.runner.store import ResultStore, deserialize_state, make_run_id, serialize_state
 
 __all__ = [
@@ -96,25 +96,9 @@ def _no_op_names() -> frozenset[str]:
     return frozenset(names) if names else _FALLBACK_NO_OP_NAMES
 
 
-# ',' or '+' separate methods; a '+' inside a number's exponent (1e+4) does not
-_METHOD_SEPARATOR = re.compile(r",|(?<![0-9][eE])\+")
-
-
 def split_method_names(names: str | Iterable[str] | None) -> list[str]:
-    """``["cbp:replacement_rate=1e-4,l2init", "snp"]`` -> one spec per method (``,`` and ``+`` separate methods)."""
-    if names is None:
-        return []
-    items = [names] if isinstance(names, str) else list(names)
-    specs = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ConfigError(f"method names must be strings, got {item!r}")
-        for part in _METHOD_SEPARATOR.split(item):
-            part = part.strip()
-            if part:
-                name, *params = part.split(":")
-                specs.append(":".join([name.strip().lower(), *(p.strip() for p in params)]))
-    return specs
+    """``["cbp:replacement_rate=1e-4,l2init", "snp"]`` -> one canonical spec per method (the registry's grammar)."""
+    return split_method_specs(names)
 
 
 def method_label(names: str | Iterable[str] | None) -> str:

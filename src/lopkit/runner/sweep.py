@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from lopkit.configs import ConfigError, config_to_dict
+from lopkit.runner.cli_common import parse_seeds
 
 __all__ = [
     "BACKENDS",
@@ -171,26 +172,12 @@ class RunOutcome:
 
 
 def _as_seed_list(value: Any, where: str, problems: list[str]) -> list[int] | None:
-    """``3`` -> [0, 1, 2]; a list of distinct non-negative ints -> itself; otherwise a problem."""
-    if isinstance(value, bool):
-        problems.append(f"{where}: expected a number of seeds or a list of seeds, got {value!r}")
+    """``3`` -> [0, 1, 2]; ``"0-4"`` / ``"0,2"`` / a list -> those seeds (the CLI's grammar); otherwise a problem."""
+    try:
+        return parse_seeds(value, where)
+    except ConfigError as err:
+        problems.append(str(err))
         return None
-    if isinstance(value, int):
-        if value < 1:
-            problems.append(f"{where}: the number of seeds must be >= 1, got {value}")
-            return None
-        return list(range(value))
-    if isinstance(value, (list, tuple)):
-        bad = [s for s in value if isinstance(s, bool) or not isinstance(s, int) or s < 0]
-        if bad or not value:
-            problems.append(f"{where}: seeds must be a non-empty list of non-negative integers, got {value!r}")
-            return None
-        if len(set(value)) != len(value):
-            problems.append(f"{where}: seeds must be distinct, got {value!r}")
-            return None
-        return [int(s) for s in value]
-    problems.append(f"{where}: expected a number of seeds (e.g. 3) or a list (e.g. [0, 1, 2]), got {value!r}")
-    return None
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, str], where: str, problems: list[str]) -> None:
