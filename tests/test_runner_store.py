@@ -28,7 +28,7 @@ from lopkit.runner.store import (
 )
 
 RUN_COLUMNS = ["run_id", "benchmark", "preset", "method", "seed", "config_json", "code_version", "status", "error",
-               "created_at", "updated_at", "step", "total_steps"]
+               "created_at", "updated_at", "step", "total_steps", "pid", "host"]
 METRIC_COLUMNS = ["run_id", "benchmark", "preset", "method", "seed", "step", "task", "layer", "metric", "value"]
 
 
@@ -83,7 +83,9 @@ def test_two_processes_write_into_one_file_concurrently(tmp_path):
         process.start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until both runs are registered, then release them together
-        with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(path + "/results.sqlite") as conn:
+        # mode=ro: polling must not create an empty file (a 0-byte results.sqlite counts as damaged)
+        with contextlib.suppress(sqlite3.OperationalError), \
+                sqlite3.connect(f"file:{path}/results.sqlite?mode=ro", uri=True) as conn:
             if conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2:
                 break
         time.sleep(0.02)
@@ -124,7 +126,7 @@ def test_dataframe_columns_dtypes_and_nan(tmp_path):
     ]
     store.commit_chunk(record.run_id, rows, serialize_state({"a": 1}), 4)
     runs = store.runs()
-    assert list(runs.columns) == RUN_COLUMNS
+    assert list(runs.columns) == RUN_COLUMNS + ["stored_status"]
     row = runs.iloc[0]
     assert (row["benchmark"], row["method"], row["preset"], row["seed"], row["status"]) == ("toy", "cbp", "smoke", 3, "running")
     assert (row["step"], row["total_steps"]) == (4, 10)

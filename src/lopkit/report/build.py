@@ -36,7 +36,7 @@ def _load(experiment_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise FileNotFoundError(
             f"no results store at {path}; run an experiment first, e.g. 'lopkit run bitflip --out {experiment_dir}'"
         )
-    store = ResultStore(path)
+    store = ResultStore(path, read_only=True)  # reading works on read-only storage too
     try:
         return store.runs(), store.metrics()
     finally:

@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
     from lopkit.benchmarks.base import get_benchmark
     from lopkit.configs import config_to_dict, parse_overrides
     from lopkit.runner.execute import execute_run, method_label, resolve_methods
-    from lopkit.runner.store import ResultStore
+    from lopkit.runner.store import ResultStore, StoreError
 
     try:
         cls = get_benchmark(args.benchmark)
@@ -96,6 +96,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"config: {json.dumps(config_to_dict(config), sort_keys=True)}")
     try:
         store = ResultStore(out)
+    except StoreError as err:  # damaged, not a lopkit store, or read-only: one line, the file untouched
+        return _error(str(err))
     except OSError as err:
         return _error(f"cannot open the results store in {out}: {err}")
     failures = 0

@@ -15,13 +15,16 @@ _error = error_exit
 
 def _dry_run(sweep: Any) -> int:
     """List the runs a sweep expands to (and which are already finished) without running anything."""
-    from lopkit.runner.store import STORE_FILENAME, ResultStore
+    from lopkit.runner.store import STORE_FILENAME, ResultStore, StoreError
 
     finished: set[str] = set()
     if (sweep.experiment / STORE_FILENAME).exists():
-        with ResultStore(sweep.experiment) as store:
-            frame = store.runs()
-            finished = set(frame.loc[frame["status"] == "finished", "run_id"])
+        try:
+            with ResultStore(sweep.experiment, read_only=True) as store:
+                frame = store.runs()
+        except StoreError as err:
+            return _error(str(err))
+        finished = set(frame.loc[frame["status"] == "finished", "run_id"])
     for spec in sweep.runs:
         mark = "finished" if spec.run_id() in finished else "todo"
         print(f"{mark:<9} {spec.label}")
