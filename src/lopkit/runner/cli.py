@@ -188,7 +188,10 @@ def describe_benchmark(cls: Any) -> str:
 def _list(args: argparse.Namespace) -> int:
     """Print benchmarks (or one), their presets and config fields, and the known methods."""
     from lopkit.benchmarks.base import BENCHMARKS, get_benchmark
+    from lopkit.runner.runs_table import is_experiment_path, list_runs
 
+    if args.benchmark and is_experiment_path(args.benchmark):  # lopkit list EXPERIMENT_DIR: its runs
+        return list_runs(args.benchmark)
     try:
         if args.benchmark:
             classes = [get_benchmark(args.benchmark)]
@@ -251,10 +254,13 @@ def register(subparsers: Any) -> None:
     run.set_defaults(func=_run)
 
     listing = subparsers.add_parser(
-        "list", help="list benchmarks with their presets and config fields",
+        "list", help="list benchmarks with their presets and config fields, or the runs of an experiment folder",
         description="Show every registered benchmark (or only BENCHMARK): its description, presets and each "
-                    "config field with its type, default and meaning, plus the available methods.")
-    listing.add_argument("benchmark", nargs="?", default=None, metavar="BENCHMARK", help="show only this benchmark")
+                    "config field with its type, default and meaning, plus the available methods. Given an "
+                    "experiment folder, show its runs instead: status (finished, running, failed, or interrupted "
+                    "when the process running it is gone), progress and the last line of any error.")
+    listing.add_argument("benchmark", nargs="?", default=None, metavar="BENCHMARK|EXPERIMENT_DIR",
+                         help="show only this benchmark, or the runs stored in this experiment folder")
     listing.set_defaults(func=_list)
 
 

@@ -7,7 +7,9 @@ import shlex
 import sys
 from typing import Any
 
-from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_progress_flags, error_exit, progress_mode
+from lopkit.runner.cli_common import (
+    EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_progress_flags, error_exit, progress_mode,
+)
 
 
 _error = error_exit
@@ -36,10 +38,13 @@ def _dry_run(sweep: Any) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     """Validate the sweep file, run it on the chosen backend, print the summary; exit 0, 1, 2 or 130."""
     from lopkit.configs import ConfigError
-    from lopkit.runner.sweep import format_summary, load_sweep, run_sweep
+    from lopkit.runner.sweep import SweepError, format_summary, load_sweep, run_sweep
 
     try:
         sweep = load_sweep(args.sweep_file, experiment=args.experiment)
+    except SweepError as err:  # every problem of the file, one per line (as docs/sweeps.md shows)
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as err:
         return _error(str(err))
     if args.vectorize_seeds is not None:
