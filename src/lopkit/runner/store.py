@@ -297,29 +297,35 @@ class ResultStore:
     def __init__(
         self, path: str | Path, timeout: float = BUSY_TIMEOUT_SECONDS, retries: int = 20, *, read_only: bool = False
     ):
-        """Open ``path`` (an experiment folder or a ``.sqlite`` file): created if needed, or read-only.
+        """Open ``path`` (an experiment folder or a ``.sqlite`` file), creating the store if needed.
 
-        Raises StoreError (one line) if an existing file is damaged or not a lopkit store (it is left untouched),
-        or if a store that must be written is read-only; FileNotFoundError if ``read_only`` and there is no store.
+        An existing store on read-only storage (no write permission on the file or its folder) is opened
+        read-only, as with ``read_only=True``: reading works, every write raises StoreError (one line).
+        Raises StoreError if an existing file is damaged or not a lopkit store (it is left untouched), or if a
+        new store cannot be created; FileNotFoundError if ``read_only`` and there is no store.
         """
         self.path = _resolve_store_file(path)
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.read_only = bool(read_only)
         self.immutable = False
+        self._read_only_reason = "opened read-only"
         self._has_owner_columns = True
         self._conn: sqlite3.Connection | None = None
         if self.path.exists():
             check_store_file(self.path)
         elif read_only:
             raise FileNotFoundError(f"no results store at {self.path}")
-        if read_only:
+        if not read_only and self.path.exists() and not _writable(self.path):
+            self.read_only = True  # read-only storage: reading works, writes raise the read-only StoreError
+            self._read_only_reason = "no write permission on the file or its folder"
+        if self.read_only:
             self._conn = self._connect_read_only()
             self._check_schema(creating=False)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not _writable(self.path):
-            raise read_only_store_error(self.path, "no write permission on the file or its folder")
+            raise read_only_store_error(self.path, "no write permission on the folder, so no store can be created")
         if not self.path.exists():
             self._create()
         # isolation_level=None: autocommit; transactions are opened explicitly with BEGIN IMMEDIATE
@@ -504,8 +510,14 @@ class ResultStore:
         """A write transaction taking the lock up front (so it never fails half-way on a lock upgrade)."""
         return ResultStore._Transaction(self.conn)
 
+    def ensure_writable(self) -> None:
+        """Raise the one-line read-only StoreError now if this store was opened read-only (before any work)."""
+        if self.read_only:
+            raise read_only_store_error(self.path, self._read_only_reason)
+
     def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``body(conn)`` inside one write transaction, retried as a whole if the database is busy."""
+        self.ensure_writable()
 
         def attempt() -> T:
             with self._transaction() as conn:

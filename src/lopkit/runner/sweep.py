@@ -987,6 +987,7 @@ def run_sweep(
     ray = _import_ray() if backend == "ray" else None
     sweep.experiment.mkdir(parents=True, exist_ok=True)
     with ResultStore(sweep.experiment) as store:
+        store.ensure_writable()  # read-only storage: one StoreError before any worker starts
         configs = [spec.make_config() for spec in sweep.runs]
         done: dict[int, RunOutcome] = {}
         for index, (spec, config) in enumerate(zip(sweep.runs, configs)):
