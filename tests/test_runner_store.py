@@ -478,3 +478,7 @@ def test_a_running_run_whose_process_is_gone_is_shown_interrupted(tmp_path, caps
     assert elsewhere == "running"
     code, out, _err = cli(["list", str(tmp_path)], capsys)
     assert code == 0 and "interrupted" in out and "rerun its command to resume" in out
+    from lopkit.report.build import build_report
+
+    page = build_report(tmp_path).html_path.read_text()
+    assert "interrupted: 1" in page and "running: 1" in page and "INTERRUPTED run" in page

@@ -147,6 +147,30 @@ def test_cli_exit_codes_for_bad_file_and_dry_run(tmp_path, capsys):
     assert "3 runs (3 to do)" in capsys.readouterr().out
 
 
+def test_cli_lists_every_problem_of_every_entry_on_its_own_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "experiment: x\npreset: smoke\nruns:\n"
+        "  - benchmark: nope\n    methods: [zzz]\n"                       # unknown benchmark AND method
+        "  - benchmark: toy\n    preset: huge\n    methods: [yyy]\n"     # unknown preset AND method
+        "  - benchmark: toy\n    set: {widht: 3, width: abc}\n"            # two bad keys in one 'set'
+        "    grid: {num_tasks: [], steps_per_task: []}\n"                  # two empty grid lists
+        "  - benchmark: toy\n    grid: {width: [4, x], lr: [y]}\n"         # two bad grid values
+    )
+    assert sweep_main([str(bad)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"error: {bad} has 10 problems:", lines
+    assert len(lines) == 11 and all(line.startswith("  - ") for line in lines[1:]), lines
+    text = "\n".join(lines)
+    for fragment in ["runs[0].benchmark: unknown benchmark 'nope'", "runs[0].methods[0]: zzz",
+                     "runs[1] (toy).preset: no preset 'huge'", "runs[1] (toy).methods[0]: yyy",
+                     "runs[2] (toy).set.widht: unknown config key", "runs[2] (toy).set.width: width: expected an integer",
+                     "runs[2] (toy).grid.num_tasks: the list of values is empty",
+                     "runs[2] (toy).grid.steps_per_task: the list of values is empty",
+                     "runs[3] (toy).grid.width=x:", "runs[3] (toy).grid.lr=y:"]:
+        assert fragment in text, fragment
+
+
 def test_vectorised_groups_are_planned_only_for_seed_groups(tmp_path):
     data = {
         "experiment": str(tmp_path), "preset": "smoke", "seeds": 4, "vectorize_seeds": True,
@@ -319,6 +343,22 @@ def test_ray_backend_on_a_local_two_cpu_ray(reference, tmp_path, capfd):
     assert [o.status for o in outcomes] == ["finished"] * 4, format_summary(outcomes)
     assert rows_by_run(experiment) == reference
     assert not ray.is_initialized()  # the sweep shut down the Ray it started
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'lopkit[ray]')")
+def test_ray_sweep_survives_a_worker_killed_by_sigkill(kill_benchmark, tmp_path, capfd, monkeypatch):
+    import ray
+
+    assert not ray.is_initialized()
+    tests_dir = str(Path(__file__).resolve().parent)  # Ray's workers import sweep_faults from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in [tests_dir, os.environ.get("PYTHONPATH", "")] if p))
+    experiment = tmp_path / "ray_killed"
+    with capfd.disabled():  # see test_ray_backend_on_a_local_two_cpu_ray
+        outcomes = run_sweep(parse_sweep(kill_sweep(experiment)), "ray", num_cpus=2, progress=False)
+    check_only_the_killed_run_failed(experiment, outcomes)
+    assert "the Ray worker crashed or was killed" in outcomes[-1].error_line
+    assert not ray.is_initialized()
 
 
 def test_ray_missing_gives_the_install_hint(monkeypatch, tmp_path):
