@@ -296,28 +296,29 @@ def _parse_entry(
         return []
     # every key on its own first (unknown keys and wrong types: each reported), then every grid point as a whole
     # (the config's own checks of values, which may depend on several keys)
-    alone_ok = True
+    bad: set[str] = set()  # repr((key, value)) of the overrides that failed on their own
     for key, value in (fixed or {}).items():
-        alone_ok &= _check_override(benchmark_cls, preset, key, value, f"{where}.set.{key}", problems)
+        if not _check_override(benchmark_cls, preset, key, value, f"{where}.set.{key}", problems):
+            bad.add(repr((key, value)))
     grid = entry.get("grid")
     for key, values in (grid.items() if isinstance(grid, Mapping) else ()):
-        seen: set[str] = set()
         for value in (values if isinstance(values, (list, tuple)) else [values]):
-            if repr(value) not in seen:  # each grid value once (values may be unhashable lists)
-                seen.add(repr(value))
-                alone_ok &= _check_override(benchmark_cls, preset, key, value, f"{where}.grid.{key}={value}",
-                                            problems)
+            if repr((key, value)) not in bad and not _check_override(
+                    benchmark_cls, preset, key, value, f"{where}.grid.{key}={value}", problems):
+                bad.add(repr((key, value)))
     if seeds is None or methods is None or fixed is None or points is None:
         return []
     result = []
     for point in points:
         overrides = {**fixed, **point}
-        try:
-            config = benchmark_cls.make_config(preset, overrides)
+        try:  # the overrides already reported are left out, so the checks of the other values still run
+            config = benchmark_cls.make_config(
+                preset, {k: v for k, v in overrides.items() if repr((k, v)) not in bad})
         except ConfigError as err:
-            if alone_ok:
-                shown = ", ".join(f"{k}={v}" for k, v in point.items())
-                problems.append(f"{where}{f' at {shown}' if shown else ''}: {err}")
+            shown = ", ".join(f"{k}={v}" for k, v in point.items())
+            problems.append(f"{where}{f' at {shown}' if shown else ''}: {err}")
+            continue
+        if any(repr((k, v)) in bad for k, v in overrides.items()):
             continue
         for specs in checked_methods:
             for seed in seeds:
