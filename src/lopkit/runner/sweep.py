@@ -755,7 +755,12 @@ def _worker_loop(conn: Any, stop_event: Any) -> None:
             results = [_TaskResult(index, "interrupted") for index in task.indices]
         except BaseException:  # noqa: BLE001  (never lose the answer: the driver waits for it)
             results = [_TaskResult(index, "failed", traceback.format_exc()) for index in task.indices]
-        conn.send(results)
+        try:
+            conn.send(results)
+        except (EOFError, OSError):  # the driver is gone
+            return
+        except Exception:  # noqa: BLE001  (a result that cannot be pickled: report that instead)
+            conn.send([_TaskResult(index, "failed", traceback.format_exc()) for index in task.indices])
 
 
 class _LocalWorker:
