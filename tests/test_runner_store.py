@@ -482,3 +482,21 @@ def test_a_running_run_whose_process_is_gone_is_shown_interrupted(tmp_path, caps
 
     page = build_report(tmp_path).html_path.read_text()
     assert "interrupted: 1" in page and "running: 1" in page and "INTERRUPTED run" in page
+
+
+def test_a_store_written_before_the_pid_columns_is_read_and_upgraded(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # the runs table as the first release wrote it
+        conn.executescript(store_module._SCHEMA.replace(",\n    pid INTEGER,\n    host TEXT", ""))
+        conn.execute("INSERT INTO runs (run_id, benchmark, method, seed, config_json, status, created_at, updated_at) "
+                     "VALUES ('r1', 'toy', 'sgd', 0, '{}', 'running', 'now', 'now')")
+        conn.commit()
+        assert "pid" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    before = path.read_bytes()
+    with ResultStore(tmp_path, read_only=True) as store:  # read as it is: no owner known, stays 'running'
+        runs = store.runs()
+    assert runs["status"].tolist() == ["running"] and runs["pid"].isna().all()
+    assert path.read_bytes() == before
+    with ResultStore(tmp_path) as store:  # opened for writing: the columns are added, the run is kept
+        store.start_run("toy", "sgd", {"width": 4}, 1)
+        assert sorted(store.runs()["status"]) == ["running", "running"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +40,10 @@ def format_runs(runs: Any) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    from lopkit.runner.store import SHOWN_STATUSES
+
     counts = runs["status"].value_counts()
-    lines.append(f"{len(runs)} runs: " + ", ".join(f"{int(counts[s])} {s}" for s in
-                                                   ("finished", "running", "interrupted", "failed") if s in counts))
+    lines.append(f"{len(runs)} runs: " + ", ".join(f"{int(counts[s])} {s}" for s in SHOWN_STATUSES if s in counts))
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -57,6 +57,6 @@ def list_runs(path: str) -> int:
             where = store.path
     except (FileNotFoundError, ValueError) as err:  # ValueError: StoreError (damaged store)
         return error_exit(str(err))
-    print(f"runs in {where}:", file=sys.stdout)
+    print(f"runs in {where}:")
     print(format_runs(runs))
     return EXIT_OK

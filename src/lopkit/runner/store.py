@@ -73,7 +73,7 @@ _RUN_COLUMNS = (
     "run_id", "benchmark", "preset", "method", "seed", "config_json", "code_version", "status", "error",
     "created_at", "updated_at", "step", "total_steps",
 )
-_OWNER_COLUMNS = ("pid", "host")  # added after the first release: older stores get them on their next write
+_OWNER_COLUMNS = ("pid", "host")  # added later: an older store gets them when next opened for writing
 _TABLES = ("runs", "metrics", "checkpoints")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 # primary SQLite result codes (the low byte of sqlite3.Error.sqlite_errorcode)
