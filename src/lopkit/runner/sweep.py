@@ -599,7 +599,7 @@ def _plan_tasks(
     sweep: Sweep, pending: list[int], store: str | None, parallelism: int, threads: int | None
 ) -> list[_Task]:
     """Tasks for the runs still to do: one per run, except seed groups of bitflip runs (fast path)."""
-    imports = _plugin_modules()
+    imports = _plugin_modules(sweep.runs[i] for i in pending)
     groups: dict[str, list[int]] = {}
     singles: list[int] = []
     for index in pending:
@@ -624,12 +624,17 @@ def _plan_tasks(
     return sorted(tasks, key=lambda t: t.indices[0])
 
 
-def _plugin_modules() -> tuple[str, ...]:
-    """Modules outside lopkit that registered a benchmark or a method (workers import them to know those names)."""
-    from lopkit.benchmarks.base import BENCHMARKS
-    from lopkit.mitigations.registry import METHODS
+def _plugin_modules(specs: Iterable[RunSpec]) -> tuple[str, ...]:
+    """Modules outside lopkit that registered a benchmark or a method these runs use (workers import them)."""
+    from lopkit.benchmarks.base import get_benchmark
+    from lopkit.mitigations.registry import METHODS, parse_method_spec
 
-    modules = {cls.__module__ for cls in [*BENCHMARKS.values(), *METHODS.values()]}
+    classes = []
+    for spec in specs:
+        classes.append(get_benchmark(spec.benchmark))
+        for text in spec.methods:
+            classes += [METHODS[name] for name, _ in parse_method_spec(text) if name in METHODS]
+    modules = {cls.__module__ for cls in classes}
     return tuple(sorted(m for m in modules if m.split(".")[0] != "lopkit" and m not in ("__main__", "__mp_main__")))
 
 

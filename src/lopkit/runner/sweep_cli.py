@@ -51,6 +51,13 @@ def _sweep(args: argparse.Namespace) -> int:
         sweep.vectorize_seeds = args.vectorize_seeds
     if args.dry_run:
         return _dry_run(sweep)
+    from lopkit.runner.store import STORE_FILENAME, StoreError, check_store_file
+
+    if (sweep.experiment / STORE_FILENAME).is_file():
+        try:  # a damaged store: one line before anything starts (the file is only read)
+            check_store_file(sweep.experiment / STORE_FILENAME)
+        except StoreError as err:
+            return _error(str(err))
     print(f"sweep {args.sweep_file}: {len(sweep.runs)} runs on backend {args.backend!r} -> {sweep.experiment}",
           file=sys.stderr)
     try:
