@@ -28,7 +28,7 @@ from lopkit.runner.store import (
 )
 
 RUN_COLUMNS = ["run_id", "benchmark", "preset", "method", "seed", "config_json", "code_version", "status", "error",
-               "created_at", "updated_at", "step", "total_steps"]
+               "created_at", "updated_at", "step", "total_steps", "pid", "host"]
 METRIC_COLUMNS = ["run_id", "benchmark", "preset", "method", "seed", "step", "task", "layer", "metric", "value"]
 
 
@@ -83,7 +83,9 @@ def test_two_processes_write_into_one_file_concurrently(tmp_path):
         process.start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until both runs are registered, then release them together
-        with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(path + "/results.sqlite") as conn:
+        # mode=ro: polling must not create an empty file (a 0-byte results.sqlite counts as damaged)
+        with contextlib.suppress(sqlite3.OperationalError), \
+                sqlite3.connect(f"file:{path}/results.sqlite?mode=ro", uri=True) as conn:
             if conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2:
                 break
         time.sleep(0.02)
@@ -124,7 +126,7 @@ def test_dataframe_columns_dtypes_and_nan(tmp_path):
     ]
     store.commit_chunk(record.run_id, rows, serialize_state({"a": 1}), 4)
     runs = store.runs()
-    assert list(runs.columns) == RUN_COLUMNS
+    assert list(runs.columns) == RUN_COLUMNS + ["stored_status"]
     row = runs.iloc[0]
     assert (row["benchmark"], row["method"], row["preset"], row["seed"], row["status"]) == ("toy", "cbp", "smoke", 3, "running")
     assert (row["step"], row["total_steps"]) == (4, 10)
@@ -251,3 +253,250 @@ def test_code_version_without_git(monkeypatch):
         code_version.cache_clear()
     monkeypatch.setattr(store_module.subprocess, "run", subprocess.run)
     assert code_version().startswith(lopkit.__version__)
+
+
+# --------------------------------------------------------------------------------- failing safely (issue 12)
+
+
+def small_store(folder, runs: int = 2, state_bytes: int = 20000) -> None:
+    """A real store in ``folder`` with ``runs`` runs, a few rows each and a checkpoint (several pages), closed."""
+    with ResultStore(folder) as store:
+        for seed in range(runs):
+            record = store.start_run("toy", "sgd", {"width": 4}, seed, preset="smoke", total_steps=4)
+            store.commit_chunk(record.run_id, chunk_rows(seed, 0, 3), b"x" * state_bytes, 2)
+        store.finish_run(record.run_id)
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``lopkit ARGV`` in this process; (exit code, stdout, stderr)."""
+    from lopkit.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def damage(folder, kind: str) -> None:
+    """Put a damaged or foreign results.sqlite into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.sqlite"
+    if kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 40)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        small_store(folder)
+        size = path.stat().st_size
+        with open(path, "r+b") as handle:
+            handle.truncate(size // 2)
+    elif kind == "foreign":  # another program's SQLite database
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE songs (title TEXT)")
+            conn.commit()
+    else:
+        raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "truncated", "foreign"])
+def test_a_damaged_store_gives_one_line_exit_2_and_stays_untouched(kind, tmp_path, capsys):
+    folder = tmp_path / "exp"
+    damage(folder, kind)
+    path = folder / "results.sqlite"
+    before = path.read_bytes()
+    expected = f"results.sqlite in {folder} is not a lopkit store or is damaged: "
+    for read_only in (False, True):
+        with pytest.raises(store_module.StoreError) as info:
+            ResultStore(folder, read_only=read_only)
+        assert str(info.value).startswith(expected) and str(info.value).endswith("; move it away and rerun")
+        assert "\n" not in str(info.value)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"experiment: {folder}\npreset: smoke\nruns:\n  - benchmark: toy\n")
+    commands = [
+        ["report", str(folder)],
+        ["run", "toy", "--preset", "smoke", "--seeds", "1", "--out", str(folder), "--no-progress"],
+        ["compare", "toy", "--methods", "sgd", "--seeds", "1", "--preset", "smoke", "--out", str(folder),
+         "--no-progress"],
+        ["compare", "toy", "--methods", "sgd", "--seeds", "1", "--preset", "smoke", "--out", str(folder), "--rank-only"],
+        ["list", str(folder)],
+        ["sweep", str(sweep_file), "--backend", "sequential", "--no-progress"],
+        ["sweep", str(sweep_file), "--dry-run"],
+    ]
+    for argv in commands:
+        code, _out, err = cli(argv, capsys)
+        assert code == 2, (argv, err)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), (argv, err)
+        assert "Traceback" not in err, (argv, err)
+        assert path.read_bytes() == before, argv  # byte-identical
+    assert sorted(p.name for p in folder.iterdir()) == ["results.sqlite"]  # no -wal/-shm, no report written
+
+
+def test_a_zero_byte_store_is_not_silently_replaced_but_a_new_folder_is_created(tmp_path):
+    with ResultStore(tmp_path / "new") as store:  # no file yet: a new store, as before
+        assert store.runs().empty
+    assert (tmp_path / "new" / "results.sqlite").stat().st_size > 0
+    damage(tmp_path / "zero", "empty")
+    with pytest.raises(store_module.StoreError, match="the file is empty"):
+        ResultStore(tmp_path / "zero")
+    assert (tmp_path / "zero" / "results.sqlite").stat().st_size == 0
+
+
+def test_reading_with_mode_ro_works_and_writing_gives_the_read_only_error(tmp_path):
+    small_store(tmp_path)
+    path = tmp_path / "results.sqlite"
+    before = path.read_bytes()
+    with ResultStore(tmp_path) as store:
+        expected_rows = store.metrics()
+    with ResultStore(tmp_path, read_only=True) as store:
+        assert store.read_only and not store.immutable
+        assert store.metrics().equals(expected_rows) and len(store.runs()) == 2
+        run_id = store.runs()["run_id"].iloc[0]
+        for write in (lambda: store.start_run("toy", "sgd", {"width": 9}, 0),
+                      lambda: store.commit_chunk(run_id, chunk_rows(0, 1, 2), None, 5),
+                      lambda: store.fail_run(run_id, "x")):
+            with pytest.raises(store_module.StoreError) as info:
+                write()
+            message = str(info.value)
+            assert message.startswith(f"results.sqlite in {tmp_path} is read-only (") and "\n" not in message
+    assert path.read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="no results store"):
+        ResultStore(tmp_path / "nothing", read_only=True)
+    assert not (tmp_path / "nothing").exists()  # reading never creates a folder
+
+
+def test_a_read_only_folder_is_opened_immutable(tmp_path, monkeypatch):
+    # as root, chmod does not stop writes; simulate a folder where not even -shm can be created
+    small_store(tmp_path)
+    with ResultStore(tmp_path) as store:
+        expected_rows = store.metrics()
+    real_access = store_module.os.access
+    monkeypatch.setattr(store_module.os, "access",
+                        lambda p, mode: False if str(p).startswith(str(tmp_path)) and mode & store_module.os.W_OK
+                        else real_access(p, mode))
+    with ResultStore(tmp_path, read_only=True) as store:
+        assert store.immutable
+        assert store.metrics().equals(expected_rows)
+    with ResultStore(tmp_path) as store:  # a plain open falls back to reading; writing: one line
+        assert store.read_only and store.metrics().equals(expected_rows)
+        with pytest.raises(store_module.StoreError, match="is read-only"):
+            store.start_run("toy", "sgd", {"width": 9}, 0)
+
+
+READ_ONLY_SCRIPT = r"""
+import sys
+from lopkit.cli import main
+from lopkit.runner.store import ResultStore
+folder, out = sys.argv[1], sys.argv[2]
+print("metrics rows:", len(ResultStore(folder, read_only=True).metrics()))
+print("default open rows:", end=" ")
+try:
+    print(len(ResultStore(folder).metrics()))
+except Exception as err:
+    print(type(err).__name__, err)
+print("report:", main(["report", folder, "-o", out + "/report.html"]))
+print("report into the folder:", main(["report", folder]))
+print("list:", main(["list", folder]))
+print("run:", main(["run", "toy", "--preset", "smoke", "--seeds", "3", "--out", folder, "--no-progress"]))
+print("compare:", main(["compare", "toy", "--methods", "sgd", "--seeds", "3", "--preset", "smoke", "--out", folder,
+                        "--no-progress"]))
+print("rank only:", main(["compare", "toy", "--methods", "sgd", "--seeds", "2", "--preset", "smoke", "--out", folder,
+                          "--rank-only", "-o", out + "/ranking/report.html"]))
+"""
+
+
+def test_chmod_read_only_store_can_be_read_for_real(tmp_path, capsys):
+    """chmod 555 DIR; chmod 444 DIR/results.sqlite, then read it as a user the permissions apply to."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="lopkit-ro-"))
+    try:
+        folder, out = root / "exp", root / "out"
+        assert cli(["run", "toy", "--preset", "smoke", "--seeds", "2", "--out", str(folder), "--no-progress"],
+                   capsys)[0] == 0
+        with ResultStore(folder) as store:
+            rows = len(store.metrics())
+        out.mkdir()
+        (root / "home").mkdir()
+        os.chmod(folder / "results.sqlite", 0o444)
+        os.chmod(folder, 0o555)
+        os.chmod(root, 0o755)
+        os.chmod(out, 0o777)
+        os.chmod(root / "home", 0o777)
+        before = (folder / "results.sqlite").read_bytes()
+        env = {**os.environ, "HOME": str(root / "home"), "MPLCONFIGDIR": str(root / "home"),
+               "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        command = [sys.executable, "-c", READ_ONLY_SCRIPT, str(folder), str(out)]
+        if os.geteuid() == 0:  # root ignores permission bits: drop the capabilities that let it
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                pytest.skip("running as root without setpriv: permission bits cannot be made to apply")
+            command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner", *command]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=str(root))
+        output = done.stdout + done.stderr
+        if done.returncode != 0 and "setpriv" in output:
+            pytest.skip(f"setpriv cannot drop capabilities here:\n{output}")
+        assert done.returncode == 0, output
+        assert f"metrics rows: {rows}" in done.stdout
+        assert f"default open rows: {rows}" in done.stdout  # ResultStore(dir).metrics() reads read-only storage
+        assert "report: 0" in done.stdout and (out / "report.html").exists()
+        assert "report into the folder: 2" in done.stdout and "pass -o" in done.stderr
+        assert "list: 0" in done.stdout and "finished" in done.stdout
+        assert "run: 2" in done.stdout and "compare: 2" in done.stdout
+        assert "rank only: 0" in done.stdout and (out / "ranking" / "ranking.csv").exists()
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 3 and all("is read-only (" in e for e in errors[1:]), done.stderr
+        assert "Traceback" not in done.stderr
+        assert (folder / "results.sqlite").read_bytes() == before
+        assert sorted(p.name for p in folder.iterdir()) == ["results.sqlite"]
+    finally:
+        os.chmod(root / "exp", 0o755)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_running_run_whose_process_is_gone_is_shown_interrupted(tmp_path, capsys):
+    import os
+    import sys
+
+    with ResultStore(tmp_path) as store:
+        mine = store.start_run("toy", "sgd", {"width": 4}, 0).run_id
+    # another process starts a run and dies without finishing it (as after SIGKILL or Ctrl-C)
+    script = ("import sys; from lopkit.runner.store import ResultStore; "
+              "ResultStore(sys.argv[1]).start_run('toy', 'sgd', {'width': 4}, 1); import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    with ResultStore(tmp_path) as store:
+        runs = store.runs().set_index("seed")
+        # a run owned by another host cannot be checked from here: it stays 'running'
+        store.conn.execute("UPDATE runs SET host = 'elsewhere', status = 'running' WHERE run_id = ?", (mine,))
+        elsewhere = store.runs().set_index("run_id").loc[mine, "status"]
+    assert runs.loc[0, "status"] == "running" and runs.loc[0, "pid"] == os.getpid()  # this process is alive
+    assert runs.loc[1, "status"] == "interrupted" and runs.loc[1, "stored_status"] == "running"
+    assert elsewhere == "running"
+    code, out, _err = cli(["list", str(tmp_path)], capsys)
+    assert code == 0 and "interrupted" in out and "rerun its command to resume" in out
+    from lopkit.report.build import build_report
+
+    page = build_report(tmp_path).html_path.read_text()
+    assert "interrupted: 1" in page and "running: 1" in page and "INTERRUPTED run" in page
+
+
+def test_a_store_written_before_the_pid_columns_is_read_and_upgraded(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # the runs table as the first release wrote it
+        conn.executescript(store_module._SCHEMA.replace(",\n    pid INTEGER,\n    host TEXT", ""))
+        conn.execute("INSERT INTO runs (run_id, benchmark, method, seed, config_json, status, created_at, updated_at) "
+                     "VALUES ('r1', 'toy', 'sgd', 0, '{}', 'running', 'now', 'now')")
+        conn.commit()
+        assert "pid" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    before = path.read_bytes()
+    with ResultStore(tmp_path, read_only=True) as store:  # read as it is: no owner known, stays 'running'
+        runs = store.runs()
+    assert runs["status"].tolist() == ["running"] and runs["pid"].isna().all()
+    assert path.read_bytes() == before
+    with ResultStore(tmp_path) as store:  # opened for writing: the columns are added, the run is kept
+        store.start_run("toy", "sgd", {"width": 4}, 1)
+        assert sorted(store.runs()["status"]) == ["running", "running"]

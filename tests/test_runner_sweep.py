@@ -4,6 +4,7 @@ Ctrl-C + restart, and the seed-vectorised bitflip fast path. Rows are checked ag
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import signal
@@ -146,6 +147,30 @@ def test_cli_exit_codes_for_bad_file_and_dry_run(tmp_path, capsys):
     assert "3 runs (3 to do)" in capsys.readouterr().out
 
 
+def test_cli_lists_every_problem_of_every_entry_on_its_own_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "experiment: x\npreset: smoke\nruns:\n"
+        "  - benchmark: nope\n    methods: [zzz]\n"                       # unknown benchmark AND method
+        "  - benchmark: toy\n    preset: huge\n    methods: [yyy]\n"     # unknown preset AND method
+        "  - benchmark: toy\n    set: {widht: 3, width: abc}\n"            # two bad keys in one 'set'
+        "    grid: {num_tasks: [], steps_per_task: []}\n"                  # two empty grid lists
+        "  - benchmark: toy\n    grid: {width: [4, x], lr: [y]}\n"         # two bad grid values
+    )
+    assert sweep_main([str(bad)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"error: {bad} has 10 problems:", lines
+    assert len(lines) == 11 and all(line.startswith("  - ") for line in lines[1:]), lines
+    text = "\n".join(lines)
+    for fragment in ["runs[0].benchmark: unknown benchmark 'nope'", "runs[0].methods[0]: zzz",
+                     "runs[1] (toy).preset: no preset 'huge'", "runs[1] (toy).methods[0]: yyy",
+                     "runs[2] (toy).set.widht: unknown config key", "runs[2] (toy).set.width: width: expected an integer",
+                     "runs[2] (toy).grid.num_tasks: the list of values is empty",
+                     "runs[2] (toy).grid.steps_per_task: the list of values is empty",
+                     "runs[3] (toy).grid.width=x:", "runs[3] (toy).grid.lr=y:"]:
+        assert fragment in text, fragment
+
+
 def test_vectorised_groups_are_planned_only_for_seed_groups(tmp_path):
     data = {
         "experiment": str(tmp_path), "preset": "smoke", "seeds": 4, "vectorize_seeds": True,
@@ -194,6 +219,59 @@ def test_local_backend_matches_sequential_and_isolates_a_crash(reference, tmp_pa
     assert len(failed) == 1 and "Traceback" in failed.iloc[0]["error"] and "lower lr" in failed.iloc[0]["error"]
     summary = format_summary(outcomes)
     assert "5 runs: 4 finished, 1 failed" in summary and "diverged" in summary
+
+
+@pytest.fixture
+def kill_benchmark():
+    """Register the test-only ``toy_kill`` benchmark (tests/sweep_faults.py) for one test, then unregister it."""
+    from lopkit.benchmarks.base import BENCHMARKS
+
+    sys.modules.pop("sweep_faults", None)
+    import sweep_faults  # noqa: F401  (registers toy_kill; sweep workers import it by module name)
+
+    yield "toy_kill"
+    BENCHMARKS.pop("toy_kill", None)
+    sys.modules.pop("sweep_faults", None)
+
+
+def kill_sweep(experiment: Path) -> dict:
+    """2 methods x 2 seeds of toy_kill that finish, and one run (l2init seed 0) whose process kills itself at step 10."""
+    return {
+        "experiment": str(experiment), "preset": "smoke", "seeds": [0, 1], "checkpoint_every": 5,
+        "runs": [{"benchmark": "toy_kill", "methods": ["sgd", "l2init"], "set": TINY_TOY},
+                 {"benchmark": "toy_kill", "methods": ["l2init"], "seeds": [0], "set": {**TINY_TOY, "kill_at_step": 10}}],
+    }
+
+
+def check_only_the_killed_run_failed(experiment: Path, outcomes) -> None:
+    """The run that SIGKILLs itself is failed with the cause and its rows up to the kill; all others finished."""
+    assert [o.status for o in outcomes] == ["finished"] * 4 + ["failed"], format_summary(outcomes)
+    killed = outcomes[-1]
+    assert "worker process died" in killed.error_line and "rerun the sweep" in killed.error_line, killed.error
+    with ResultStore(experiment) as store:
+        runs = store.runs()
+        metrics = store.metrics()
+    assert sorted(runs["status"]) == ["failed"] + ["finished"] * 4
+    failed = runs[runs["status"] == "failed"].iloc[0]
+    assert "worker process died" in failed["error"] and int(failed["step"]) == 10
+    assert json.loads(failed["config_json"])["kill_at_step"] == 10
+    for run in runs[runs["status"] == "finished"].itertuples():  # the other runs: exactly the toy's rows
+        got = metrics[metrics["run_id"] == run.run_id]
+        rows = [(r.step, r.task, r.layer, r.metric, "nan" if math.isnan(r.value) else r.value)
+                for r in got.itertuples(index=False)]
+        expected = direct_toy_rows(int(run.seed), {}, [] if run.method == "sgd" else [run.method])
+        assert rows == [(st, t, la, m, "nan" if math.isnan(v) else v) for st, t, la, m, v in expected]
+    kept = metrics[metrics["run_id"] == failed["run_id"]]
+    assert len(kept) and kept["step"].max() <= 10  # the rows committed before the kill are kept
+
+
+def test_local_sweep_survives_a_worker_killed_by_sigkill(kill_benchmark, tmp_path, capfd):
+    experiment = tmp_path / "killed"
+    outcomes = run_sweep(parse_sweep(kill_sweep(experiment)), "local", max_workers=2, progress=False)
+    check_only_the_killed_run_failed(experiment, outcomes)
+    assert "signal 9 / SIGKILL" in outcomes[-1].error_line and "each of its 2 attempts" in outcomes[-1].error_line
+    err = capfd.readouterr().err
+    assert "running it again on a fresh worker" in err and "recorded as failed, the sweep goes on" in err
 
 
 def test_driver_store_mode_ships_rows_back(reference, tmp_path):
@@ -265,6 +343,22 @@ def test_ray_backend_on_a_local_two_cpu_ray(reference, tmp_path, capfd):
     assert [o.status for o in outcomes] == ["finished"] * 4, format_summary(outcomes)
     assert rows_by_run(experiment) == reference
     assert not ray.is_initialized()  # the sweep shut down the Ray it started
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'lopkit[ray]')")
+def test_ray_sweep_survives_a_worker_killed_by_sigkill(kill_benchmark, tmp_path, capfd, monkeypatch):
+    import ray
+
+    assert not ray.is_initialized()
+    tests_dir = str(Path(__file__).resolve().parent)  # Ray's workers import sweep_faults from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in [tests_dir, os.environ.get("PYTHONPATH", "")] if p))
+    experiment = tmp_path / "ray_killed"
+    with capfd.disabled():  # see test_ray_backend_on_a_local_two_cpu_ray
+        outcomes = run_sweep(parse_sweep(kill_sweep(experiment)), "ray", num_cpus=2, progress=False)
+    check_only_the_killed_run_failed(experiment, outcomes)
+    assert "the Ray worker crashed or was killed" in outcomes[-1].error_line
+    assert not ray.is_initialized()
 
 
 def test_ray_missing_gives_the_install_hint(monkeypatch, tmp_path):

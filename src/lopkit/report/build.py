@@ -36,7 +36,7 @@ def _load(experiment_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise FileNotFoundError(
             f"no results store at {path}; run an experiment first, e.g. 'lopkit run bitflip --out {experiment_dir}'"
         )
-    store = ResultStore(path)
+    store = ResultStore(path, read_only=True)  # reading works on read-only storage too
     try:
         return store.runs(), store.metrics()
     finally:
@@ -119,6 +119,10 @@ def build_report(experiment_dir: str | Path, output: str | Path | None = None, p
     for _, run in failed.iterrows():
         error = str(run.get("error") or "").strip().splitlines()
         notes.append(f"FAILED run {run['run_id']} (seed {run['seed']}): {error[-1] if error else 'no message'}")
+    stopped = runs[runs["status"] == "interrupted"] if not runs.empty else runs
+    for _, run in stopped.iterrows():  # 'running' in the store, but its process is gone (SIGKILL, Ctrl-C, crash)
+        notes.append(f"INTERRUPTED run {run['run_id']} (seed {run['seed']}) at step {run['step']}/{run['total_steps']}: "
+                     "its process is gone; rerun the command that started it to resume from its last checkpoint")
     notes += list(extra_notes or [])
     page = html.render_page(title or f"lopkit report: {experiment_dir.name}",
                             f"Experiment folder {experiment_dir.resolve()}", sections,

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _report(args: argparse.Namespace) -> int:
+    from lopkit.configs import ConfigError
     from lopkit.report.build import build_report
+    from lopkit.runner.cli_common import error_exit
 
     try:
         result = build_report(args.experiment_dir, args.output, args.png_dir)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ConfigError) as err:  # no store, or a damaged one (StoreError)
+        return error_exit(str(err))
+    except PermissionError as err:  # e.g. a read-only experiment folder: the store was read, the HTML cannot go there
+        return error_exit(f"cannot write the report: {err}; pass -o PATH/report.html somewhere writable")
     print(f"wrote {result.html_path} and {len(result.png_paths)} PNGs in {result.png_paths[0].parent if result.png_paths else '-'}")
     if not result.summary.empty:
         with __import__("pandas").option_context("display.width", 200, "display.max_columns", 20):

@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     from lopkit.benchmarks.base import get_benchmark
     from lopkit.configs import config_to_dict, parse_overrides
     from lopkit.runner.execute import execute_run, method_label, resolve_methods
-    from lopkit.runner.store import ResultStore
+    from lopkit.runner.store import ResultStore, StoreError
 
     try:
         cls = get_benchmark(args.benchmark)
@@ -97,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"config: {json.dumps(config_to_dict(config), sort_keys=True)}")
     try:
         store = ResultStore(out)
+    except StoreError as err:  # damaged, not a lopkit store, or read-only: one line, the file untouched
+        return _error(str(err))
     except OSError as err:
         return _error(f"cannot open the results store in {out}: {err}")
     failures = 0
@@ -188,7 +190,10 @@ def _list(args: argparse.Namespace) -> int:
     """Print benchmarks (or one), their presets and config fields, and the known methods."""
     from lopkit.benchmarks.registry import benchmark_names, get_benchmark
     from lopkit.mitigations.registry import METHOD_ALIASES, available_methods
+    from lopkit.runner.runs_table import is_experiment_path, list_runs
 
+    if args.benchmark and is_experiment_path(args.benchmark):  # lopkit list EXPERIMENT_DIR: its runs
+        return list_runs(args.benchmark)
     try:
         names = [args.benchmark] if args.benchmark else benchmark_names()
         classes = [get_benchmark(name) for name in names]
@@ -238,10 +243,13 @@ def register(subparsers: Any) -> None:
     run.set_defaults(func=_run)
 
     listing = subparsers.add_parser(
-        "list", help="list benchmarks with their presets and config fields",
+        "list", help="list benchmarks with their presets and config fields, or the runs of an experiment folder",
         description="Show every registered benchmark (or only BENCHMARK): its description, presets and each "
-                    "config field with its type, default and meaning, plus the available methods.")
-    listing.add_argument("benchmark", nargs="?", default=None, metavar="BENCHMARK", help="show only this benchmark")
+                    "config field with its type, default and meaning, plus the available methods. Given an "
+                    "experiment folder, show its runs instead: status (finished, running, failed, or interrupted "
+                    "when the process running it is gone), progress and the last line of any error.")
+    listing.add_argument("benchmark", nargs="?", default=None, metavar="BENCHMARK|EXPERIMENT_DIR",
+                         help="show only this benchmark, or the runs stored in this experiment folder")
     listing.set_defaults(func=_list)
 
 

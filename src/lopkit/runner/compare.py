@@ -203,11 +203,16 @@ class CompareOutputs:
 
 
 def write_outputs(plan: ComparePlan, out_dir: str | Path, ranking: Any, html_path: str | Path | None = None,
-                  report: bool = True) -> CompareOutputs:
-    """Write ``ranking.csv``, ``ranking_runs.csv`` and (unless ``report=False``) the HTML report with the ranking."""
+                  report: bool = True, files_dir: str | Path | None = None) -> CompareOutputs:
+    """Write ``ranking.csv``, ``ranking_runs.csv`` and (unless ``report=False``) the HTML report with the ranking.
+
+    The store is read from ``out_dir``; the CSVs go to ``files_dir`` (default ``out_dir``, e.g. another folder
+    when ``out_dir`` is read-only).
+    """
     from lopkit.report.build import build_report
 
-    out_dir = Path(out_dir)
+    store_dir = Path(out_dir)
+    out_dir = Path(files_dir) if files_dir is not None else store_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     table = ranking.table.copy()
     table.insert(1, "primary_metric", ranking.primary.name)
@@ -221,7 +226,7 @@ def write_outputs(plan: ComparePlan, out_dir: str | Path, ranking: Any, html_pat
         html_path = Path(html_path) if html_path else out_dir / "report.html"
         notes = [f"Comparison: {describe_plan(plan)}.",
                  "Every method ran with the same config, the same seeds and the same number of steps."]
-        result = build_report(out_dir, html_path, title=f"lopkit compare: {plan.benchmark}",
+        result = build_report(store_dir, html_path, title=f"lopkit compare: {plan.benchmark}",
                               extra_tables=[(f"Ranking ({ranking.primary.name}, {ranking.primary.direction} is better)",
                                              ranking.formatted())],
                               extra_notes=notes + [ranking.caption()], final_fraction=ranking.final_fraction)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def _compare(args: argparse.Namespace) -> int:
     """Validate everything, run the grid, then print the ranking and write CSV + HTML; exit 0, 1, 2 or 130."""
     from lopkit.configs import parse_overrides
     from lopkit.runner.compare import build_plan, describe_plan, rank_plan, run_plan, write_outputs
-    from lopkit.runner.store import ResultStore
+    from lopkit.runner.store import ResultStore, StoreError
 
     try:
         plan = build_plan(args.benchmark, args.methods, args.seeds, args.preset, parse_overrides(args.overrides))
@@ -70,7 +71,9 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"compare {describe_plan(plan)}")
     print(f"experiment folder: {out}")
     try:
-        store = ResultStore(out)
+        store = ResultStore(out, read_only=args.rank_only)  # ranking only reads: works on read-only storage
+    except (StoreError, FileNotFoundError) as err:
+        return _error(str(err))
     except OSError as err:
         return _error(f"cannot open the results store in {out}: {err}")
     failures = 0
@@ -92,16 +95,29 @@ def _compare(args: argparse.Namespace) -> int:
                 return EXIT_INTERRUPTED
         try:
             ranking = rank_plan(plan, store, args.metric, args.final_fraction)
+        except StoreError as err:
+            return _error(str(err))
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_FAILED
-        outputs = write_outputs(plan, out, ranking, args.output, report=not args.no_report)
+        # a read-only experiment folder (only possible with --rank-only): the files go next to -o, or nowhere
+        files_dir = None if os.access(out, os.W_OK) else (Path(args.output).parent if args.output else None)
+        skipped_files = files_dir is None and not os.access(out, os.W_OK)
+        try:
+            outputs = None if skipped_files else write_outputs(plan, out, ranking, args.output,
+                                                               report=not args.no_report, files_dir=files_dir)
+        except StoreError as err:
+            return _error(str(err))
     finally:
         store.close()
     print()
     print(ranking.caption())
     print(ranking.to_text())
     print()
+    if outputs is None:
+        print(f"note: {out} is read-only, so ranking.csv, ranking_runs.csv and report.html were not written; "
+              "pass -o DIR/report.html to write them into a writable DIR", file=sys.stderr)
+        return EXIT_FAILED if failures else EXIT_OK
     print(f"ranking: {outputs.csv} (per run: {outputs.runs_csv})")
     if outputs.html is not None:
         print(f"report: {outputs.html}")

@@ -14,6 +14,15 @@ state: resuming from it neither repeats nor loses a row.
 The database runs in WAL mode with a busy timeout and a retry loop around every write, so several processes
 (parallel seeds, sweep workers) can write into the same file at once. SQLite stores NaN as NULL; the
 DataFrames returned here show it as NaN again.
+
+Failing safely: before anything is written, an existing file is checked (SQLite header, size against the
+header's page count, lopkit's tables and columns); a damaged file, a 0-byte file or another program's database
+raises :class:`StoreError` with one line and is left byte-identical. ``ResultStore(path, read_only=True)`` opens
+with SQLite's ``mode=ro`` (and ``immutable=1`` when the folder is read-only so not even the ``-shm`` file can be
+created), so read-only storage can be reported on; writing into a read-only store raises :class:`StoreError`.
+
+Every run records the process id and host that last started it; :meth:`ResultStore.runs` shows a ``running``
+run whose process is gone from this host as ``interrupted`` (killed, or stopped with Ctrl-C).
 """
 
 from __future__ import annotations
@@ -25,21 +34,27 @@ import functools
 import hashlib
 import io
 import json
+import os
 import random
+import socket
 import sqlite3
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 if TYPE_CHECKING:  # torch and pandas are imported only when needed (keeps the store light to import)
     import pandas as pd
 
+from lopkit.configs import ConfigError
+
 __all__ = [
     "RUN_STATUSES",
     "STORE_FILENAME",
     "ResultStore",
     "RunRecord",
+    "StoreError",
     "canonical_config_json",
     "code_version",
     "deserialize_state",
@@ -50,12 +65,19 @@ __all__ = [
 
 STORE_FILENAME = "results.sqlite"
 RUN_STATUSES = ("running", "finished", "failed")
+SHOWN_STATUSES = RUN_STATUSES + ("interrupted",)
+"""Statuses :meth:`ResultStore.runs` shows: the stored ones plus ``interrupted`` (``running``, process gone)."""
 BUSY_TIMEOUT_SECONDS = 30.0
 _STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _RUN_COLUMNS = (
     "run_id", "benchmark", "preset", "method", "seed", "config_json", "code_version", "status", "error",
     "created_at", "updated_at", "step", "total_steps",
 )
+_OWNER_COLUMNS = ("pid", "host")  # added later: an older store gets them when next opened for writing
+_TABLES = ("runs", "metrics", "checkpoints")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+# primary SQLite result codes (the low byte of sqlite3.Error.sqlite_errorcode)
+_SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 8, 11, 14, 26
 _METRIC_COLUMNS = ("run_id", "benchmark", "preset", "method", "seed", "step", "task", "layer", "metric", "value")
 
 _SCHEMA = """
@@ -72,7 +94,9 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER
+    total_steps INTEGER,
+    pid INTEGER,
+    host TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL,
@@ -103,6 +127,17 @@ def _resolve_store_file(path: str | Path) -> Path:
     """A path ending in .sqlite/.sqlite3/.db is the file itself; anything else is an experiment folder."""
     path = Path(path)
     return path if path.suffix.lower() in _STORE_SUFFIXES else store_path(path)
+
+
+def _host() -> str:
+    """This machine's host name (recorded with the pid of the process that runs a run)."""
+    return socket.gethostname()
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write ``path`` (and create its -wal/-shm files next to it)."""
+    folder_ok = os.access(path.parent, os.W_OK | os.X_OK)
+    return folder_ok and (not path.exists() or os.access(path, os.W_OK))
 
 
 def _now() -> str:
@@ -177,6 +212,74 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+class StoreError(ConfigError):
+    """The results store cannot be used as asked (damaged, not a lopkit store, read-only); one line says why and what to do."""
+
+
+def _where(path: Path) -> str:
+    """``results.sqlite in DIR`` (how messages name a store file)."""
+    return f"{path.name} in {path.parent}"
+
+
+def damaged_store_error(path: Path, reason: str) -> StoreError:
+    """The one-line error for a file that is not a lopkit store or is damaged (the file is left as it is)."""
+    return StoreError(f"{_where(path)} is not a lopkit store or is damaged: {reason}; move it away and rerun")
+
+
+def read_only_store_error(path: Path, reason: str) -> StoreError:
+    """The one-line error for a write into a store on read-only storage."""
+    return StoreError(
+        f"{_where(path)} is read-only ({reason}); it can be read (lopkit report) but not written: "
+        "fix the permissions or copy the folder somewhere writable and rerun there"
+    )
+
+
+def _error_code(error: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of an error (None if unknown)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
+
+
+def check_store_file(path: str | Path) -> None:
+    """Raise StoreError unless ``path`` (an existing file) starts like an SQLite database and is not truncated.
+
+    Reads the 100-byte header only; the file is never written. A 0-byte file counts as damaged.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise damaged_store_error(path, "the file is empty (0 bytes)")
+    with open(path, "rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise damaged_store_error(path, f"not an SQLite database ({size} bytes without the SQLite file header)")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    header_pages_valid = pages > 0 and header[24:28] == header[92:96]  # SQLite's own validity rule
+    wal = path.with_name(path.name + "-wal")
+    wal_holds_pages = wal.exists() and wal.stat().st_size > 0  # after a crash the main file may lag behind
+    if header_pages_valid and size < pages * page_size and not wal_holds_pages:
+        raise damaged_store_error(path, f"truncated: the file has {size} bytes, its header says {pages * page_size}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this id exists on this machine (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
     """What :meth:`ResultStore.start_run` found: the run's id, its status and step before this call, and whether it is new."""
@@ -191,17 +294,48 @@ class RunRecord:
 class ResultStore:
     """One experiment's SQLite results file (WAL mode, safe for several writing processes)."""
 
-    def __init__(self, path: str | Path, timeout: float = BUSY_TIMEOUT_SECONDS, retries: int = 20):
-        """Open (creating if needed) ``path``: an experiment folder or a ``.sqlite`` file."""
+    def __init__(
+        self, path: str | Path, timeout: float = BUSY_TIMEOUT_SECONDS, retries: int = 20, *, read_only: bool = False
+    ):
+        """Open ``path`` (an experiment folder or a ``.sqlite`` file), creating the store if needed.
+
+        An existing store on read-only storage (no write permission on the file or its folder) is opened
+        read-only, as with ``read_only=True``: reading works, every write raises StoreError (one line).
+        Raises StoreError if an existing file is damaged or not a lopkit store (it is left untouched), or if a
+        new store cannot be created; FileNotFoundError if ``read_only`` and there is no store.
+        """
         self.path = _resolve_store_file(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = float(timeout)
         self.retries = int(retries)
+        self.read_only = bool(read_only)
+        self.immutable = False
+        self._read_only_reason = "opened read-only"
+        self._has_owner_columns = True
+        self._conn: sqlite3.Connection | None = None
+        if self.path.exists():
+            check_store_file(self.path)
+        elif read_only:
+            raise FileNotFoundError(f"no results store at {self.path}")
+        if not read_only and self.path.exists() and not _writable(self.path):
+            self.read_only = True  # read-only storage: reading works, writes raise the read-only StoreError
+            self._read_only_reason = "no write permission on the file or its folder"
+        if self.read_only:
+            self._conn = self._connect_read_only()
+            self._check_schema(creating=False)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not _writable(self.path):
+            raise read_only_store_error(self.path, "no write permission on the folder, so no store can be created")
+        if not self.path.exists():
+            self._create()
         # isolation_level=None: autocommit; transactions are opened explicitly with BEGIN IMMEDIATE
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            str(self.path), timeout=self.timeout, isolation_level=None
-        )
-        self._retry(self._initialise)
+        self._conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None)
+        try:
+            self._check_schema(creating=True)  # before the first write: a foreign or damaged file stays untouched
+            self._retry(self._initialise)
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------------------------------- plumbing
 
@@ -212,8 +346,100 @@ class ResultStore:
             raise RuntimeError(f"the results store {self.path} is closed")
         return self._conn
 
+    def _create(self) -> None:
+        """Create the store file atomically: built under a temporary name, then linked into place.
+
+        So no process ever sees a half-created (0-byte) store, which would rightly be taken for a damaged one;
+        if another process created it first, its file is kept.
+        """
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
+        try:
+            conn = sqlite3.connect(str(temporary), timeout=self.timeout, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            try:
+                os.link(temporary, self.path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                if not self.path.exists():
+                    os.replace(temporary, self.path)
+        finally:
+            for leftover in (temporary, *(temporary.with_name(temporary.name + x) for x in ("-wal", "-shm"))):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A ``mode=ro`` connection; ``immutable=1`` when the WAL index cannot be opened (read-only folder)."""
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        conn = None
+        if os.access(self.path.parent, os.W_OK) or self.path.with_name(self.path.name + "-shm").exists():
+            conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=self.timeout, isolation_level=None)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError as err:
+                conn.close()
+                conn = None
+                if _error_code(err) not in (_SQLITE_CANTOPEN, _SQLITE_READONLY, None):
+                    raise self._translate(err) from None
+            except sqlite3.DatabaseError as err:
+                conn.close()
+                raise self._translate(err) from None
+        if conn is None:  # not even the -shm file can be created: read the file as it is
+            self.immutable = True
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                import warnings
+
+                warnings.warn(f"{_where(self.path)} is on read-only storage with a non-empty {wal.name}: rows "
+                              "written since its last checkpoint are not shown", RuntimeWarning, stacklevel=3)
+            conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=self.timeout,
+                                   isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        return conn
+
+    def _check_schema(self, creating: bool) -> None:
+        """StoreError unless the file holds lopkit's tables (an empty SQLite file is fine when ``creating``)."""
+        try:
+            rows = self._retry(lambda: self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall())
+            tables = {str(name) for (name,) in rows}
+            if not tables and creating:
+                return
+            missing = [t for t in _TABLES if t not in tables]
+            if missing:
+                found = ", ".join(sorted(tables)) or "none"
+                raise damaged_store_error(self.path, f"it has no {', '.join(missing)} table (tables: {found})")
+            columns = {str(row[1]) for row in self._retry(
+                lambda: self.conn.execute("PRAGMA table_info(runs)").fetchall())}
+        except sqlite3.Error as err:
+            raise self._translate(err) from None
+        lacking = [c for c in _RUN_COLUMNS if c not in columns]
+        if lacking:
+            raise damaged_store_error(self.path, f"its runs table lacks the columns {', '.join(lacking)}")
+        self._has_owner_columns = all(c in columns for c in _OWNER_COLUMNS)
+
+    def _translate(self, error: sqlite3.Error) -> Exception:
+        """A StoreError for a damaged file or a write into read-only storage; other errors unchanged."""
+        code = _error_code(error)
+        text = str(error)
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
+            return damaged_store_error(self.path, text)
+        if code == _SQLITE_READONLY or "readonly database" in text:
+            return read_only_store_error(self.path, text)
+        if self.read_only is False and code == _SQLITE_CANTOPEN and not _writable(self.path):
+            return read_only_store_error(self.path, text)
+        return error
+
     def _initialise(self) -> None:
-        """Switch to WAL, set the busy timeout and create the tables if missing."""
+        """Switch to WAL, set the busy timeout, create the tables if missing and add columns newer code needs."""
         conn = self.conn
         conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -225,18 +451,34 @@ class ResultStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(runs)").fetchall()}
+            for column, kind in zip(_OWNER_COLUMNS, ("INTEGER", "TEXT")):
+                if column not in columns:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+        self._has_owner_columns = True
 
     def _retry(self, action: Callable[[], T]) -> T:
-        """Run ``action``, retrying with jittered back-off while another process holds the write lock."""
+        """Run ``action``, retrying with jittered back-off while another process holds the write lock.
+
+        A damaged file or a write into read-only storage raises StoreError instead of sqlite3's error.
+        """
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
                 return action()
             except sqlite3.OperationalError as err:
                 if not _is_busy(err) or attempt == self.retries:
-                    raise
+                    translated = self._translate(err)
+                    if translated is err:
+                        raise
+                    raise translated from None
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
+            except sqlite3.DatabaseError as err:
+                translated = self._translate(err)
+                if translated is err:
+                    raise
+                raise translated from None
         raise AssertionError("unreachable")
 
     class _Transaction:
@@ -268,8 +510,14 @@ class ResultStore:
         """A write transaction taking the lock up front (so it never fails half-way on a lock upgrade)."""
         return ResultStore._Transaction(self.conn)
 
+    def ensure_writable(self) -> None:
+        """Raise the one-line read-only StoreError now if this store was opened read-only (before any work)."""
+        if self.read_only:
+            raise read_only_store_error(self.path, self._read_only_reason)
+
     def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``body(conn)`` inside one write transaction, retried as a whole if the database is busy."""
+        self.ensure_writable()
 
         def attempt() -> T:
             with self._transaction() as conn:
@@ -327,17 +575,19 @@ class ResultStore:
             if found is None:
                 conn.execute(
                     "INSERT INTO runs (run_id, benchmark, preset, method, seed, config_json, code_version, status, "
-                    "error, created_at, updated_at, step, total_steps) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', NULL, "
-                    "?, ?, 0, ?)",
-                    (run_id, benchmark, preset, method, int(seed), config_json, version, now, now, total_steps),
+                    "error, created_at, updated_at, step, total_steps, pid, host) VALUES (?, ?, ?, ?, ?, ?, ?, "
+                    "'running', NULL, ?, ?, 0, ?, ?, ?)",
+                    (run_id, benchmark, preset, method, int(seed), config_json, version, now, now, total_steps,
+                     os.getpid(), _host()),
                 )
                 return RunRecord(run_id, "running", 0, True, total_steps)
             status, step, stored_total = found
             if status != "finished":
                 conn.execute(
                     "UPDATE runs SET status = 'running', error = NULL, updated_at = ?, code_version = ?, "
-                    "total_steps = COALESCE(?, total_steps), preset = COALESCE(preset, ?) WHERE run_id = ?",
-                    (now, version, total_steps, preset, run_id),
+                    "total_steps = COALESCE(?, total_steps), preset = COALESCE(preset, ?), pid = ?, host = ? "
+                    "WHERE run_id = ?",
+                    (now, version, total_steps, preset, os.getpid(), _host(), run_id),
                 )
             return RunRecord(run_id, status, int(step), False, stored_total if total_steps is None else total_steps)
 
@@ -438,13 +688,27 @@ class ResultStore:
     # ------------------------------------------------------------------------------------------- reading
 
     def runs(self) -> "pd.DataFrame":
-        """Every run as a DataFrame (columns as in the ``runs`` table), in creation order."""
+        """Every run as a DataFrame (columns of the ``runs`` table), in creation order.
+
+        ``status`` shows a ``running`` run whose process (``pid`` on ``host``) is gone from this machine as
+        ``interrupted`` (killed, crashed or stopped with Ctrl-C; rerun to resume it); ``stored_status`` keeps the
+        stored value. A run owned by another host stays ``running`` (its process cannot be checked from here).
+        """
         import pandas as pd
 
+        owner = ", ".join(_OWNER_COLUMNS) if self._has_owner_columns else "NULL, NULL"
         rows = self._retry(
-            lambda: self.conn.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs ORDER BY rowid").fetchall()
+            lambda: self.conn.execute(f"SELECT {', '.join(_RUN_COLUMNS)}, {owner} FROM runs ORDER BY rowid").fetchall()
         )
-        return pd.DataFrame(rows, columns=list(_RUN_COLUMNS))
+        frame = pd.DataFrame(rows, columns=[*_RUN_COLUMNS, *_OWNER_COLUMNS])
+        frame["stored_status"] = frame["status"]
+        here = _host()
+        gone = [
+            status == "running" and host == here and pid is not None and pid == pid and not pid_alive(int(pid))
+            for status, pid, host in zip(frame["status"], frame["pid"], frame["host"])
+        ]
+        frame.loc[pd.Series(gone, index=frame.index, dtype=bool), "status"] = "interrupted"
+        return frame
 
     def metrics(
         self,

@@ -10,7 +10,8 @@ a :class:`Sweep`, a flat, ordered list of :class:`RunSpec` (one per benchmark x 
 (``EXPERIMENT/results.sqlite``):
 
 - ``sequential``: one run after the other in this process (the reference);
-- ``local``: a :class:`concurrent.futures.ProcessPoolExecutor` (spawn context) on this machine;
+- ``local``: a pool of spawned worker processes on this machine (a worker that dies, e.g. killed by the
+  out-of-memory killer, costs only its own run: it is retried once on a fresh worker, then recorded failed);
 - ``ray``: one Ray task per run (``num_cpus=1``), on a local Ray instance or an existing cluster (``address``).
 
 Workers re-open the store themselves (SQLite in WAL mode lets several processes write). Finished runs are
@@ -28,13 +29,15 @@ faster than separate autograd runs but slower than the lean engine on this two-l
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import contextlib
 import dataclasses
+import importlib
 import itertools
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -90,7 +93,7 @@ class SweepError(ConfigError):
     """A sweep file is invalid; the message lists every problem found (with where it is) at once."""
 
     def __init__(self, problems: Sequence[str], source: str = "sweep"):
-        self.problems = list(problems)
+        self.problems = list(dict.fromkeys(problems))  # each problem once, in the order found
         lines = "\n".join(f"  - {p}" for p in self.problems)
         count = len(self.problems)
         super().__init__(f"{source} has {count} problem{'s' if count != 1 else ''}:\n{lines}")
@@ -231,8 +234,9 @@ def _grid_points(grid: Any, where: str, problems: list[str]) -> list[dict[str, A
             values = [values]
         if not values:
             problems.append(f"{where}.{key}: the list of values is empty")
-            return None
         axes.append([(key, v) for v in values])
+    if any(not axis for axis in axes):
+        return None
     return [dict(point) for point in itertools.product(*axes)]
 
 
@@ -248,21 +252,25 @@ def _parse_entry(
         return []
     _check_keys(entry, _ENTRY_KEYS, where, problems)
     name = entry.get("benchmark")
+    benchmark_cls = None
     if not isinstance(name, str):
         problems.append(f"{where}: missing 'benchmark' (a registered benchmark name)")
-        return []
-    try:
-        benchmark_cls = get_benchmark(name)
-    except ConfigError as err:
-        problems.append(f"{where}.benchmark: {err}")
-        return []
-    where = f"runs[{index}] ({name})"
+    else:
+        try:
+            benchmark_cls = get_benchmark(name)
+        except ConfigError as err:
+            problems.append(f"{where}.benchmark: {err}")
+        else:
+            where = f"runs[{index}] ({name})"
     preset = entry.get("preset", defaults["preset"])
-    if preset not in benchmark_cls.presets:
+    if benchmark_cls is not None and preset not in benchmark_cls.presets:
         problems.append(f"{where}.preset: no preset {preset!r}; choose one of {', '.join(benchmark_cls.presets)}")
-        return []
+        benchmark_cls = None  # configs cannot be checked without a preset; the rest of the entry still is
     seeds = _as_seed_list(entry["seeds"], f"{where}.seeds", problems) if "seeds" in entry else defaults["seeds"]
     methods = _normalise_methods(entry.get("methods", defaults["methods"]), f"{where}.methods", problems)
+    checked_methods = [
+        specs for i, specs in enumerate(methods or []) if _check_methods(specs, f"{where}.methods[{i}]", problems)
+    ]
     fixed = entry.get("set") or {}
     if not isinstance(fixed, Mapping):
         problems.append(f"{where}.set: expected a mapping of config key -> value, got {fixed!r}")
@@ -271,25 +279,59 @@ def _parse_entry(
     if fixed is not None and points:
         for key in sorted(set(fixed) & set(points[0])):
             problems.append(f"{where}: {key!r} is both in 'set' and in 'grid'; keep it in one of them")
+    if benchmark_cls is None:
+        return []
+    # every key on its own first (unknown keys and wrong types: each reported), then every grid point as a whole
+    # (the config's own checks of values, which may depend on several keys)
+    bad: set[str] = set()  # repr((key, value)) of the overrides that failed on their own
+    for key, value in (fixed or {}).items():
+        if not _check_override(benchmark_cls, preset, key, value, f"{where}.set.{key}", problems):
+            bad.add(repr((key, value)))
+    grid = entry.get("grid")
+    for key, values in (grid.items() if isinstance(grid, Mapping) else ()):
+        for value in (values if isinstance(values, (list, tuple)) else [values]):
+            if repr((key, value)) not in bad and not _check_override(
+                    benchmark_cls, preset, key, value, f"{where}.grid.{key}={value}", problems):
+                bad.add(repr((key, value)))
     if seeds is None or methods is None or fixed is None or points is None:
         return []
-    checked_methods = [
-        specs for i, specs in enumerate(methods) if _check_methods(specs, f"{where}.methods[{i}]", problems)
-    ]
     result = []
     for point in points:
         overrides = {**fixed, **point}
-        try:
-            config = benchmark_cls.make_config(preset, overrides)
+        try:  # the overrides already reported are left out, so the checks of the other values still run
+            config = benchmark_cls.make_config(
+                preset, {k: v for k, v in overrides.items() if repr((k, v)) not in bad})
         except ConfigError as err:
             shown = ", ".join(f"{k}={v}" for k, v in point.items())
             problems.append(f"{where}{f' at {shown}' if shown else ''}: {err}")
+            continue
+        if any(repr((k, v)) in bad for k, v in overrides.items()):
             continue
         for specs in checked_methods:
             for seed in seeds:
                 spec = RunSpec(name, preset, tuple(overrides.items()), specs, seed, tuple(point))
                 result.append((spec, config))
     return result
+
+
+def _check_override(benchmark_cls: Any, preset: str, key: str, value: Any, where: str, problems: list[str]) -> bool:
+    """An unknown config key or a value of the wrong type becomes a problem (False); values are checked later.
+
+    Only the key and the type are checked here, independently of the other keys, so that every such problem of
+    an entry is reported; whether a value is allowed can depend on other keys (the config's ``validate``).
+    """
+    from lopkit.configs import _coerce, _field_types, build_config
+
+    fields = _field_types(benchmark_cls.Config)
+    try:
+        if key not in fields:
+            build_config(benchmark_cls.Config, {key: value})  # raises the registry's "unknown config key" message
+        else:
+            _coerce(value, fields[key], key)
+    except ConfigError as err:
+        problems.append(f"{where}: {err}")
+        return False
+    return True
 
 
 def parse_sweep(data: Any, source: str = "sweep", experiment: str | os.PathLike | None = None) -> Sweep:
@@ -371,6 +413,7 @@ class _Task:
     checkpoint_every: int | None = None
     vectorize_engine: str | None = None  # set for a seed-vectorised group
     threads: int | None = 1
+    imports: tuple[str, ...] = ()  # modules outside lopkit that register the sweep's benchmarks or methods
 
 
 @dataclasses.dataclass
@@ -520,6 +563,13 @@ def _run_task(task: _Task) -> list[_TaskResult]:
 
     if _STOP_EVENT is not None and _STOP_EVENT.is_set():
         return [_TaskResult(index, "cancelled") for index in task.indices]
+    for module in task.imports:  # a fresh worker knows only lopkit's own benchmarks and methods
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001
+            text = f"{traceback.format_exc()}\nthe worker could not import {module!r}, which registers a benchmark " \
+                   "or method of this sweep; make it importable on every worker (PYTHONPATH)"
+            return [_TaskResult(index, "failed", text) for index in task.indices]
     with contextlib.ExitStack() as stack:
         folder = task.store or stack.enter_context(tempfile.TemporaryDirectory(prefix="lopkit-sweep-"))
         store = stack.enter_context(ResultStore(folder))
@@ -536,6 +586,7 @@ def _plan_tasks(
     sweep: Sweep, pending: list[int], store: str | None, parallelism: int, threads: int | None
 ) -> list[_Task]:
     """Tasks for the runs still to do: one per run, except seed groups of bitflip runs (fast path)."""
+    imports = _plugin_modules(sweep.runs[i] for i in pending)
     groups: dict[str, list[int]] = {}
     singles: list[int] = []
     for index in pending:
@@ -554,10 +605,24 @@ def _plan_tasks(
         for start in range(0, len(members), size):
             chunk = members[start : start + size]
             tasks.append(_Task(chunk, [sweep.runs[i] for i in chunk], store, sweep.checkpoint_every,
-                               sweep.vectorize_engine, threads))
+                               sweep.vectorize_engine, threads, imports))
     for index in singles:
-        tasks.append(_Task([index], [sweep.runs[index]], store, sweep.checkpoint_every, None, threads))
+        tasks.append(_Task([index], [sweep.runs[index]], store, sweep.checkpoint_every, None, threads, imports))
     return sorted(tasks, key=lambda t: t.indices[0])
+
+
+def _plugin_modules(specs: Iterable[RunSpec]) -> tuple[str, ...]:
+    """Modules outside lopkit that registered a benchmark or a method these runs use (workers import them)."""
+    from lopkit.benchmarks.base import get_benchmark
+    from lopkit.mitigations.registry import METHODS, parse_method_spec
+
+    classes = []
+    for spec in specs:
+        classes.append(get_benchmark(spec.benchmark))
+        for text in spec.methods:
+            classes += [METHODS[name] for name, _ in parse_method_spec(text) if name in METHODS]
+    modules = {cls.__module__ for cls in classes}
+    return tuple(sorted(m for m in modules if m.split(".")[0] != "lopkit" and m not in ("__main__", "__mp_main__")))
 
 
 def _absorb(store: Any, sweep: Sweep, result: _TaskResult) -> None:
@@ -638,56 +703,173 @@ def _run_sequential(tasks: list[_Task], collect: _Collector) -> bool:
     return False
 
 
-def _forward_sigint(executor: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Send SIGINT to every pool worker (they live in their own process groups, so it arrives once)."""
-    for process in list((getattr(executor, "_processes", None) or {}).values()):
-        with contextlib.suppress(OSError, AttributeError):
-            os.kill(process.pid, signal.SIGINT)
+WORKER_DEATH_RETRIES = 1
+"""How often a task whose worker process died (crash, SIGKILL, out-of-memory kill) is run again on a fresh
+worker before its runs are recorded as failed. The retry resumes from the run's last checkpoint."""
 
 
-def _collect_future(future: concurrent.futures.Future, task: _Task, collect: _Collector) -> None:
-    """Record a done future's results, or its runs as failed if the worker died; nothing if it was cancelled."""
-    try:
-        results = future.result()
-    except concurrent.futures.CancelledError:
-        return
-    except Exception:  # noqa: BLE001  (a worker process died: BrokenProcessPool, unpicklable result...)
-        collect.fail(task, traceback.format_exc())
-        return
-    collect.add(results)
+def describe_worker_death(exitcode: int | None) -> str:
+    """Why a worker process ended, for the error of its run: ``signal 9 / SIGKILL: killed, maybe out of memory``."""
+    if exitcode is None:
+        return "the process vanished"
+    if exitcode < 0:
+        number = -exitcode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown signal"
+        if number == signal.SIGKILL:
+            return f"signal {number} / {name}: killed, maybe by the out-of-memory killer"
+        return f"signal {number} / {name}"
+    return f"exit code {exitcode}"
+
+
+def worker_death_error(cause: str, attempts: int) -> str:
+    """The error recorded for the runs of a task whose worker died ``attempts`` times."""
+    tries = f" (on each of its {attempts} attempts)" if attempts > 1 else ""
+    return (f"worker process died ({cause}) while running this run{tries}; the other runs went on; "
+            "rerun the sweep to resume it from its last checkpoint")
+
+
+def _worker_loop(conn: Any, stop_event: Any) -> None:
+    """A local-backend worker: run the tasks received on ``conn`` one at a time, send back their results."""
+    _worker_init(stop_event)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the driver is gone
+            return
+        if task is None:
+            return
+        try:
+            results = _run_task(task)
+        except KeyboardInterrupt:  # a second Ctrl-C inside a run: its last commit is in the store
+            results = [_TaskResult(index, "interrupted") for index in task.indices]
+        except BaseException:  # noqa: BLE001  (never lose the answer: the driver waits for it)
+            results = [_TaskResult(index, "failed", traceback.format_exc()) for index in task.indices]
+        try:
+            conn.send(results)
+        except (EOFError, OSError):  # the driver is gone
+            return
+        except Exception:  # noqa: BLE001  (a result that cannot be pickled: report that instead)
+            conn.send([_TaskResult(index, "failed", traceback.format_exc()) for index in task.indices])
+
+
+class _LocalWorker:
+    """One spawned worker process of the local backend, the driver's end of its pipe and the task it runs."""
+
+    def __init__(self, context: Any, stop_event: Any):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_loop, args=(child, stop_event), name="lopkit-sweep-worker")
+        self.process.start()
+        child.close()
+        self.task: _Task | None = None
+
+    def send(self, task: _Task) -> None:
+        """Hand ``task`` to the worker."""
+        self.task = task
+        self.conn.send(task)
+
+    def interrupt(self) -> None:
+        """Forward one SIGINT (the worker lives in its own process group, so a terminal's Ctrl-C misses it)."""
+        with contextlib.suppress(OSError, TypeError):
+            os.kill(self.process.pid, signal.SIGINT)
+
+    def stop(self, timeout: float) -> None:
+        """Ask the worker to exit, wait up to ``timeout`` seconds, then terminate it."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self.conn.close()
 
 
 def _run_local(tasks: list[_Task], collect: _Collector, max_workers: int) -> bool:
-    """Tasks on a spawn-context process pool; returns True if interrupted (Ctrl-C)."""
+    """Tasks on up to ``max_workers`` spawned worker processes; returns True if interrupted (Ctrl-C).
+
+    A worker that dies (crash, SIGKILL, out-of-memory kill) costs only the task it was running: that task is
+    run once more on a fresh worker (``WORKER_DEATH_RETRIES``), then its runs are recorded as failed with the
+    cause, while every other task goes on.
+    """
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    executor = concurrent.futures.ProcessPoolExecutor(
-        max_workers=max_workers, mp_context=context, initializer=_worker_init, initargs=(stop,)
-    )
-    futures = {executor.submit(_run_task, task): task for task in tasks}
-    remaining = set(futures)
+    queue = collections.deque(tasks)
+    deaths: dict[int, int] = {}
+    workers: list[_LocalWorker] = []
+    interrupted = False
     try:
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                remaining.discard(future)
-                _collect_future(future, futures[future], collect)
-            interrupted = False
-        except KeyboardInterrupt:
-            interrupted = True
-            stop.set()  # workers start no new task
-            for future in remaining:
-                future.cancel()
-            _forward_sigint(executor)  # running runs commit what they have and return 'interrupted'
-            print("\ninterrupt: the running runs are saving a checkpoint (press Ctrl-C again to abort at once)",
-                  file=sys.stderr, flush=True)
-            for future in concurrent.futures.as_completed(remaining):
-                _collect_future(future, futures[future], collect)
+        while True:
+            try:
+                if not interrupted:
+                    for worker in workers:
+                        if worker.task is None and queue:
+                            worker.send(queue.popleft())
+                    while queue and len(workers) < max_workers:
+                        workers.append(_LocalWorker(context, stop))
+                        workers[-1].send(queue.popleft())
+                busy = [w for w in workers if w.task is not None]
+                if not busy:
+                    break
+                ready = set(multiprocessing.connection.wait(
+                    [w.conn for w in busy] + [w.process.sentinel for w in busy]))
+                for worker in busy:
+                    if worker.conn in ready or worker.process.sentinel in ready:
+                        _settle(worker, workers, queue, deaths, collect, retry=not interrupted)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                stop.set()  # workers start no new task
+                queue.clear()  # runs not started stay 'cancelled'
+                for worker in workers:
+                    if worker.task is not None:
+                        worker.interrupt()  # running runs commit what they have and return 'interrupted'
+                print("\ninterrupt: the running runs are saving a checkpoint (press Ctrl-C again to abort at once)",
+                      file=sys.stderr, flush=True)
     except KeyboardInterrupt:  # second Ctrl-C: abort now; the store holds every run's last commit
-        _forward_sigint(executor)
-        executor.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.interrupt()
         raise
-    executor.shutdown(wait=True, cancel_futures=True)
+    finally:
+        for worker in workers:
+            worker.stop(timeout=10 if worker.task is None else 0.5)
     return interrupted
+
+
+def _settle(worker: _LocalWorker, workers: list[_LocalWorker], queue: Any, deaths: dict[int, int],
+            collect: _Collector, retry: bool) -> None:
+    """Collect a worker's answer, or handle its death: retry its task on a fresh worker, or fail its runs."""
+    task = worker.task
+    assert task is not None
+    try:
+        results = worker.conn.recv()
+    except (EOFError, OSError):
+        results = None
+    except Exception:  # noqa: BLE001  (an answer that cannot be unpickled)
+        worker.task = None
+        collect.fail(task, traceback.format_exc())
+        return
+    if results is not None:
+        worker.task = None
+        collect.add(results)
+        return
+    worker.process.join(5)
+    cause = describe_worker_death(worker.process.exitcode)
+    workers.remove(worker)
+    worker.task = None
+    worker.conn.close()
+    attempts = deaths[id(task)] = deaths.get(id(task), 0) + 1
+    labels = ", ".join(spec.label for spec in task.specs)
+    if retry and attempts <= WORKER_DEATH_RETRIES:
+        print(f"warning: a sweep worker died ({cause}) while running {labels}; running it again on a fresh "
+              "worker", file=sys.stderr, flush=True)
+        queue.appendleft(task)
+        return
+    print(f"warning: a sweep worker died ({cause}) while running {labels}; recorded as failed, the sweep goes on",
+          file=sys.stderr, flush=True)
+    collect.fail(task, worker_death_error(cause, attempts))
 
 
 def _import_ray() -> Any:
@@ -714,7 +896,8 @@ def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> bool:
 
 def _run_ray(tasks: list[_Task], collect: _Collector, ray: Any) -> bool:
     """One Ray task per task (``num_cpus=1`` each); returns True if interrupted (Ctrl-C)."""
-    remote = ray.remote(num_cpus=1)(_run_task)
+    # a task whose worker process dies is retried once by Ray (as the local backend does), then recorded failed
+    remote = ray.remote(num_cpus=1, max_retries=WORKER_DEATH_RETRIES)(_run_task)
     refs = {remote.remote(task): task for task in tasks}
     pending = list(refs)
     try:
@@ -740,7 +923,17 @@ def _collect_ray(ray: Any, ref: Any, task: _Task, collect: _Collector) -> None:
         results = ray.get(ref)
     except ray.exceptions.TaskCancelledError:
         return
-    except Exception:  # noqa: BLE001  (worker died, serialisation failed...)
+    except Exception as err:  # noqa: BLE001  (worker died, serialisation failed...)
+        died = tuple(getattr(ray.exceptions, name) for name in (
+            "WorkerCrashedError", "OutOfMemoryError", "NodeDiedError", "LocalRayletDiedError")
+            if hasattr(ray.exceptions, name))
+        if isinstance(err, died):
+            cause = {"OutOfMemoryError": "killed by Ray's out-of-memory monitor",
+                     "NodeDiedError": "its node died"}.get(type(err).__name__, "the Ray worker crashed or was killed")
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            collect.fail(task, f"{traceback.format_exc()}\n"
+                               f"{worker_death_error(f'{cause}: {first.strip()}', 1 + WORKER_DEATH_RETRIES)}")
+            return
         collect.fail(task, traceback.format_exc())
         return
     collect.add(results)
@@ -792,6 +985,7 @@ def run_sweep(
     ray = _import_ray() if backend == "ray" else None
     sweep.experiment.mkdir(parents=True, exist_ok=True)
     with ResultStore(sweep.experiment) as store:
+        store.ensure_writable()  # read-only storage: one StoreError before any worker starts
         configs = [spec.make_config() for spec in sweep.runs]
         done: dict[int, RunOutcome] = {}
         for index, (spec, config) in enumerate(zip(sweep.runs, configs)):

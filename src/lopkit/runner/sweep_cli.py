@@ -7,7 +7,9 @@ import shlex
 import sys
 from typing import Any
 
-from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_progress_flags, error_exit, progress_mode
+from lopkit.runner.cli_common import (
+    EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_progress_flags, error_exit, progress_mode,
+)
 
 
 _error = error_exit
@@ -15,13 +17,16 @@ _error = error_exit
 
 def _dry_run(sweep: Any) -> int:
     """List the runs a sweep expands to (and which are already finished) without running anything."""
-    from lopkit.runner.store import STORE_FILENAME, ResultStore
+    from lopkit.runner.store import STORE_FILENAME, ResultStore, StoreError
 
     finished: set[str] = set()
     if (sweep.experiment / STORE_FILENAME).exists():
-        with ResultStore(sweep.experiment) as store:
-            frame = store.runs()
-            finished = set(frame.loc[frame["status"] == "finished", "run_id"])
+        try:
+            with ResultStore(sweep.experiment, read_only=True) as store:
+                frame = store.runs()
+        except StoreError as err:
+            return _error(str(err))
+        finished = set(frame.loc[frame["status"] == "finished", "run_id"])
     for spec in sweep.runs:
         mark = "finished" if spec.run_id() in finished else "todo"
         print(f"{mark:<9} {spec.label}")
@@ -33,16 +38,26 @@ def _dry_run(sweep: Any) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     """Validate the sweep file, run it on the chosen backend, print the summary; exit 0, 1, 2 or 130."""
     from lopkit.configs import ConfigError
-    from lopkit.runner.sweep import format_summary, load_sweep, run_sweep
+    from lopkit.runner.sweep import SweepError, format_summary, load_sweep, run_sweep
 
     try:
         sweep = load_sweep(args.sweep_file, experiment=args.experiment)
+    except SweepError as err:  # every problem of the file, one per line (as docs/sweeps.md shows)
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as err:
         return _error(str(err))
     if args.vectorize_seeds is not None:
         sweep.vectorize_seeds = args.vectorize_seeds
     if args.dry_run:
         return _dry_run(sweep)
+    from lopkit.runner.store import STORE_FILENAME, StoreError, check_store_file
+
+    if (sweep.experiment / STORE_FILENAME).is_file():
+        try:  # a damaged store: one line before anything starts (the file is only read)
+            check_store_file(sweep.experiment / STORE_FILENAME)
+        except StoreError as err:
+            return _error(str(err))
     print(f"sweep {args.sweep_file}: {len(sweep.runs)} runs on backend {args.backend!r} -> {sweep.experiment}",
           file=sys.stderr)
     try:
