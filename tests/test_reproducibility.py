@@ -73,8 +73,8 @@ def run_digests(hash_seed: str) -> subprocess.Popen:
     plan = {"short": SHORT, "methods": registered_methods(), "specs": FAST_SPECS, "unsupported": sorted(UNSUPPORTED)}
     env = {**os.environ, "PYTHONPATH": SRC, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", DIGEST_SCRIPT, json.dumps(plan)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", DIGEST_SCRIPT, json.dumps(plan)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 

@@ -64,7 +64,7 @@ _GLOBAL_RNG_KEY, _DATA_KEY = 0x474C, 0x4454
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch global generators from ``seed`` (via :mod:`lopkit.seeding`); return a data Generator."""
+    """Seed python, numpy and torch global generators from ``seed`` (:mod:`lopkit.seeding`); return a data Generator."""
     seed_global_rngs(seed, _GLOBAL_RNG_KEY)
     return seeded_generator(seed, _DATA_KEY)
 
@@ -110,7 +110,7 @@ class DivergedError(FloatingPointError):
 def check_finite_loss(
     benchmark: str, loss: float | torch.Tensor, step: int, lr: float | None = None, detail: str = ""
 ) -> None:
-    """Raise :class:`DivergedError` if the training ``loss`` of ``step`` is NaN or infinite (every benchmark's check)."""
+    """Raise :class:`DivergedError` if the training ``loss`` of ``step`` is NaN or infinite (every benchmark uses it)."""
     value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
         raise DivergedError(benchmark, step, value, lr, detail)

@@ -432,7 +432,8 @@ class BitFlipBenchmark(Benchmark):
             index = self.step + i
             if index % period == 0:
                 method.on_task_start(model, optimizer, index // period)
-            loss = mse_loss(model(inputs[i : i + 1].clone()), targets[i : i + 1])  # fresh (aligned) copy: rows must not depend on the chunking
+            # a fresh (aligned) copy of the sample: a view into the block changes the float rounding with the chunking
+            loss = mse_loss(model(inputs[i : i + 1].clone()), targets[i : i + 1])
             extra = method.loss_term(model)
             total = loss if extra is None else loss + extra
             check_finite_loss("bitflip", total, index, self.config.lr)

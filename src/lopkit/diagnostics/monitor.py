@@ -291,7 +291,7 @@ def expected_probe_shape(model: nn.Module) -> tuple[str, int] | None:
 
 
 def check_batched_probe(model: nn.Module, probe_inputs: Any) -> None:
-    """ValueError naming the expected shape when a tensor probe lacks the batch axis (e.g. one 1-D sample for an MLP)."""
+    """ValueError naming the expected shape when a tensor probe lacks its batch axis (e.g. a 1-D sample for an MLP)."""
     if not isinstance(probe_inputs, Tensor):
         return
     expected = expected_probe_shape(model)
