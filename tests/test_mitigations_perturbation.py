@@ -129,17 +129,18 @@ def test_noisy_sgd_state_dict_round_trip_reproduces_the_noise_sequence():
             np.testing.assert_array_equal(x, y)
 
 
-def test_noisy_sgd_unseeded_noise_follows_the_global_seed():
+def test_noisy_sgd_unseeded_noise_follows_the_run_seed_not_the_global_rng():
     model, grads = fixed_grad_model()
 
-    def first_noise(global_seed: int) -> np.ndarray:
+    def first_noise(run_seed: int, global_seed: int) -> np.ndarray:
         method = NoisySGD()
-        method.attach(model, sgd(model))
+        method.seed_from_run(run_seed)
         torch.manual_seed(global_seed)
+        method.attach(model, sgd(model))
         return relative_noise_draws(method, model, grads, steps=1)[0][0]
 
-    np.testing.assert_array_equal(first_noise(1), first_noise(1))
-    assert not np.array_equal(first_noise(1), first_noise(2))
+    np.testing.assert_array_equal(first_noise(1, 0), first_noise(1, 7))
+    assert not np.array_equal(first_noise(1, 0), first_noise(2, 0))
 
 
 @pytest.mark.parametrize(

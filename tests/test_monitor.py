@@ -15,6 +15,7 @@ from torch import nn
 from lopkit.diagnostics.cloning import cloning_r2
 from lopkit.diagnostics.errors import LopkitWarning
 from lopkit.diagnostics.monitor import METRIC_NAMES, Monitor, MonitorConfig
+from lopkit.diagnostics.similarity import duplicate_clusters, duplicate_fraction, duplicate_unit_mask
 
 
 def make_mlp(width: int = 16, inplace: bool = False, seed: int = 0) -> nn.Sequential:
@@ -594,3 +595,46 @@ def test_weight_norm_without_float64_copies_handles_tiny_and_huge_weights() -> N
     rows = Monitor(model, metrics=["weight_norm"]).measure(torch.randn(4, 3))
     assert values(rows, "0", "weight_norm") == pytest.approx(math.sqrt(6) * 1e-25, rel=1e-6)
     assert values(rows, "2", "weight_norm") == pytest.approx(math.sqrt(4 * 9e40 + 2), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- issue 12, defect 6: probe shapes
+
+
+def test_a_one_sample_probe_gives_nan_duplicates_with_a_warning_like_the_ranks():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(LopkitWarning, match="duplicate units need at least 2 samples"):
+        rows = Monitor(model).measure(torch.randn(1, 4))
+    values = {(r["layer"], r["metric"]): r["value"] for r in rows}
+    for layer in ("0", "1", "2"):
+        assert math.isnan(values[(layer, "duplicate_fraction")]) and math.isnan(values[(layer, "effective_rank")])
+
+
+def test_duplicate_fraction_of_one_sample_is_nan_not_a_fraction_of_signs():
+    h = torch.tensor([[1.0, 2.0, 3.0, -1.0]])  # over one sample every positive unit has the same "direction"
+    with pytest.warns(LopkitWarning, match="at least 2 samples"):
+        assert math.isnan(duplicate_fraction(h))
+    with pytest.warns(LopkitWarning):
+        assert duplicate_clusters(h) == [] and not duplicate_unit_mask(h).any()
+
+
+@pytest.mark.parametrize("model, probe, expected", [
+    (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(4), r"expects a batch of shape \(N, 4\)"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(3, 8, 8), r"expects a batch of shape \(N, 3, H, W\)"),
+])  # fmt: skip
+def test_an_unbatched_probe_is_a_clear_error_naming_the_expected_shape(model, probe, expected):
+    with pytest.raises(ValueError, match=expected):
+        Monitor(model).measure(probe)
+    Monitor(model).measure(torch.randn(5, *probe.shape))  # the batched probe is fine
+
+
+def test_an_unbatched_probe_through_a_custom_forward_is_a_clear_error():
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+
+        def forward(self, x):
+            return self.body(x)
+
+    with pytest.raises(ValueError, match=r"layer 'body.0' produced an output of shape \(8,\), with no batch axis"):
+        Monitor(Wrapped()).measure(torch.randn(4))

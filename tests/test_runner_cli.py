@@ -88,9 +88,9 @@ def test_a_diverging_run_exits_1_with_its_error(capsys, tmp_path):
                                    "--no-progress")
     assert code == 1
     assert "seed 0: failed" in stdout
-    assert stderr.startswith("error: seed 0 failed: the run diverged (non-finite loss)")
+    assert stderr.startswith("error: seed 0 failed: toy diverged at step ") and "lower lr (now 1e+06)" in stderr
     store = ResultStore(tmp_path)
-    assert store.runs()["status"].tolist() == ["failed"] and "FloatingPointError" in store.runs()["error"][0]
+    assert store.runs()["status"].tolist() == ["failed"] and "DivergedError" in store.runs()["error"][0]
     store.close()
 
 

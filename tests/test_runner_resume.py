@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -189,8 +190,9 @@ def test_nan_loss_marks_the_run_failed_and_keeps_committed_rows(tmp_path):
     store = ResultStore(tmp_path)
     result = execute_run(store, DivergingToy, config, 0, checkpoint_every=4, progress=False, raise_on_error=False)
     assert result.status == "failed"
-    assert "FloatingPointError" in result.error and "non-finite loss" in result.error
-    assert result.error_line.startswith("the run diverged (non-finite loss): toy: the training loss became nan")
+    assert "DivergedError" in result.error
+    pattern = r"toy diverged at step 1[4-9] \(task 1\): the training loss became nan; lower lr"
+    assert re.match(pattern, result.error_line)
     run = store.get_run(result.run_id)
     assert run["status"] == "failed" and "lower lr" in run["error"]
     # rows committed before the failure are kept: everything up to the last checkpoint before the NaN

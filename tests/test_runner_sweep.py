@@ -210,7 +210,7 @@ def test_local_backend_matches_sequential_and_isolates_a_crash(reference, tmp_pa
     data["runs"].append({"benchmark": "toy", "seeds": [0], "set": {**TINY_TOY, "lr": 1e4}})  # diverges at once
     outcomes = run_sweep(parse_sweep(data), "local", max_workers=2, progress=False)
     assert [o.status for o in outcomes] == ["finished"] * 4 + ["failed"]
-    assert "lower lr" in outcomes[-1].error_line and "FloatingPointError" in outcomes[-1].error
+    assert "lower lr" in outcomes[-1].error_line and "DivergedError" in outcomes[-1].error
     rows = rows_by_run(experiment)
     assert {k: v for k, v in rows.items()} == reference  # the crashed run committed no rows
     with ResultStore(experiment) as store:
@@ -285,7 +285,7 @@ def test_driver_store_mode_ships_rows_back(reference, tmp_path):
     with ResultStore(experiment) as store:
         runs = store.runs()
     assert sorted(runs["status"]) == ["failed"] + ["finished"] * 4
-    assert "FloatingPointError" in runs.loc[runs["status"] == "failed", "error"].iloc[0]
+    assert "DivergedError" in runs.loc[runs["status"] == "failed", "error"].iloc[0]
     assert [o.status for o in run_sweep(parse_sweep(data), "sequential", store_mode="driver", progress=False)] == [
         "skipped"] * 4 + ["failed"]
 

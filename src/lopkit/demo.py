@@ -115,7 +115,14 @@ def plot_demo(results: dict, path: Path, dataset: str) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run both models, print the table and per-task accuracy, write the PNG."""
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    from lopkit.configs import ConfigError
+    from lopkit.runner.cli_common import apply_threads, error_exit
+
+    try:
+        if apply_threads(args) is None:
+            torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    except ConfigError as err:
+        return error_exit(str(err))
     start = time.perf_counter()
     x_train, y_train, x_test, y_test, dataset = load_demo_data()
     generator = torch.Generator().manual_seed(args.seed)
@@ -148,6 +155,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``demo`` sub-command."""
+    from lopkit.runner.cli_common import add_threads_flag
+
     parser = subparsers.add_parser(
         "demo", help="one-minute demo: plain vs LayerNorm MLP on changing tasks, diagnostics table + PNG",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,4 +167,5 @@ def register(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/demo", help="folder for demo.png and demo_metrics.csv")
+    add_threads_flag(parser)
     parser.set_defaults(func=run_demo)

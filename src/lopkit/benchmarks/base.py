@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator
@@ -28,6 +29,7 @@ import torch
 from lopkit.benchmarks.registry import BENCHMARKS, get_benchmark  # noqa: F401  (re-exported)
 from lopkit.configs import ConfigError, build_config
 from lopkit.mitigations.base import Mitigation, compose
+from lopkit.seeding import seed_global_rngs, seeded_generator
 
 ROW_KEYS = ("step", "task", "layer", "metric", "value")
 PRESET_NAMES = ("smoke", "default", "paper")
@@ -58,14 +60,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+# stream keys (lopkit.seeding) of the global generators a benchmark owns and of its spare data generator
+_GLOBAL_RNG_KEY, _DATA_KEY = 0x474C, 0x4454
+
+
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch global generators and return a dedicated torch Generator for data."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    generator = torch.Generator()
-    generator.manual_seed(seed + 1_000_003)
-    return generator
+    """Seed python, numpy and torch global generators from ``seed`` (:mod:`lopkit.seeding`); return a data Generator."""
+    seed_global_rngs(seed, _GLOBAL_RNG_KEY)
+    return seeded_generator(seed, _DATA_KEY)
 
 
 class PrivateRNG:
@@ -93,6 +95,28 @@ class PrivateRNG:
             restore_rng_state(outer)
 
 
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss: the run is stored ``failed`` with this one-line message."""
+
+    def __init__(self, benchmark: str, step: int, value: float, lr: float | None = None, detail: str = ""):
+        self.benchmark, self.step, self.value, self.lr = benchmark, int(step), float(value), lr
+        where = f" ({detail})" if detail else ""
+        now = f" (now {lr:g})" if lr is not None else ""
+        super().__init__(
+            f"{benchmark} diverged at step {self.step}{where}: the training loss became {self.value}; "
+            f"lower lr{now} or check the method's hyper-parameters"
+        )
+
+
+def check_finite_loss(
+    benchmark: str, loss: float | torch.Tensor, step: int, lr: float | None = None, detail: str = ""
+) -> None:
+    """Raise :class:`DivergedError` if the training ``loss`` of ``step`` is NaN or infinite (every benchmark uses it)."""
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
+        raise DivergedError(benchmark, step, value, lr, detail)
+
+
 class Benchmark(ABC):
     """A resumable experiment; subclasses set ``name``, ``Config``, ``presets`` and implement the abstract methods."""
 
@@ -106,7 +130,10 @@ class Benchmark(ABC):
             raise ConfigError(f"{self.name} expects a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
         self.seed = int(seed)
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         self.method = method if isinstance(method, Mitigation) else compose(method)
+        self.method.seed_from_run(self.seed)  # every method's randomness derives from the run's seed
         self.step = 0
 
     @classmethod

@@ -54,6 +54,7 @@ from torch import nn
 
 from lopkit.benchmarks.base import (
     PrivateRNG,
+    check_finite_loss,
     Benchmark,
     BenchmarkConfig,
     make_row,
@@ -300,6 +301,7 @@ def lean_sgd_block(
     targets: np.ndarray,
     lr: float,
     loss_sum: float,
+    first_step: int = 0,
 ) -> float:
     """Online SGD (batch 1, MSE) of a 2-layer ReLU net over ``inputs`` in place; returns the updated loss sum.
 
@@ -307,23 +309,27 @@ def lean_sgd_block(
     Per step: ``z = W1 x + b1``, ``h = relu(z)``, ``y = w2.h + b2``, ``e = y - t``; the gradient of ``e^2`` is
     ``2e`` times (``h`` for w2, ``1`` for b2, ``w2 * 1[z > 0]`` times (``x`` for W1, ``1`` for b1)), exactly
     what autograd computes for ``mse_loss`` with ReLU'(0) = 0. The squared errors are added one by one in
-    float64 to ``loss_sum``, so the sum does not depend on how the steps are split into blocks.
+    float64 to ``loss_sum``, so the sum does not depend on how the steps are split into blocks. A non-finite
+    loss raises :class:`~lopkit.benchmarks.base.DivergedError` naming the step (``first_step`` + offset).
     """
     w1, b1, w2, b2 = params
     two_lr = np.float32(2.0 * lr)
-    for x, t in zip(inputs, targets):
-        z = w1 @ x
-        z += b1
-        h = np.maximum(z, np.float32(0.0))
-        error = (w2 @ h + b2[0]) - t
-        loss_sum += float(error * error)
-        scale = two_lr * error
-        dz = w2 * (z > 0)
-        dz *= scale
-        w2 -= scale * h
-        b2 -= scale
-        w1 -= np.multiply.outer(dz, x)
-        b1 -= dz
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below as a divergence
+        for i, (x, t) in enumerate(zip(inputs, targets)):
+            z = w1 @ x
+            z += b1
+            h = np.maximum(z, np.float32(0.0))
+            error = (w2 @ h + b2[0]) - t
+            loss_sum += float(error * error)
+            if not math.isfinite(loss_sum):
+                check_finite_loss("bitflip", float(error * error), first_step + i, lr)
+            scale = two_lr * error
+            dz = w2 * (z > 0)
+            dz *= scale
+            w2 -= scale * h
+            b2 -= scale
+            w1 -= np.multiply.outer(dz, x)
+            b1 -= dz
     return loss_sum
 
 
@@ -408,7 +414,9 @@ class BitFlipBenchmark(Benchmark):
                 length = next_block_length(self.step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
                 inputs, targets = self.stream.next_batches(length)
                 if views is not None:
-                    self._bin_sum = lean_sgd_block(views, inputs.numpy(), targets.numpy()[:, 0], cfg.lr, self._bin_sum)
+                    self._bin_sum = lean_sgd_block(
+                        views, inputs.numpy(), targets.numpy()[:, 0], cfg.lr, self._bin_sum, self.step
+                    )
                 else:
                     self._bin_sum = self._autograd_block(inputs, targets, self._bin_sum)
                 self._bin_count += length
@@ -424,9 +432,11 @@ class BitFlipBenchmark(Benchmark):
             index = self.step + i
             if index % period == 0:
                 method.on_task_start(model, optimizer, index // period)
-            loss = mse_loss(model(inputs[i : i + 1]), targets[i : i + 1])
+            # a fresh (aligned) copy of the sample: a view into the block changes the float rounding with the chunking
+            loss = mse_loss(model(inputs[i : i + 1].clone()), targets[i : i + 1])
             extra = method.loss_term(model)
             total = loss if extra is None else loss + extra
+            check_finite_loss("bitflip", total, index, self.config.lr)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             method.before_step(model, optimizer, index)

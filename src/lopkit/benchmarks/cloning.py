@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, register_benchmark
-from lopkit.benchmarks.base import PrivateRNG
+from lopkit.benchmarks.base import PrivateRNG, check_finite_loss
 from lopkit.benchmarks.models import build_mlp
 from lopkit.configs import ConfigError, require
 from lopkit.data.seeding import derive_seed, seeded_generator
@@ -350,10 +350,7 @@ class CloningBenchmark(Benchmark):
         loss = nn.functional.cross_entropy(model(inputs), targets)
         extra = method.loss_term(model) if method is not None else None
         total = loss if extra is None else loss + extra
-        if not bool(torch.isfinite(total)):
-            raise FloatingPointError(
-                f"cloning: non-finite training loss at step {self.step}; lower lr or the noise scale"
-            )
+        check_finite_loss("cloning", total, self.step, self.config.lr, "clone" if method is not None else "base")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if method is not None:

@@ -48,6 +48,7 @@ from lopkit.benchmarks.base import (
     Benchmark,
     BenchmarkConfig,
     capture_rng_state,
+    check_finite_loss,
     make_row,
     register_benchmark,
     restore_rng_state,
@@ -351,7 +352,7 @@ class ContinualBenchmark(Benchmark):
             raise ConfigError("device=cuda was asked for but CUDA is not available; use device=cpu")
         outer = self._capture_rng()
         try:
-            torch.manual_seed(self.seed)
+            torch.manual_seed(derive_seed(self.seed))  # nothing below should draw from it; seeded like the rest
             self.tasks: list[TaskSpec] = self._build_tasks()
             self._steps_per_task = [self._task_steps(spec) for spec in self.tasks]
             torch.manual_seed(derive_seed(self.seed, _MODEL_STREAM))
@@ -570,12 +571,8 @@ class ContinualBenchmark(Benchmark):
         loss = masked_cross_entropy(logits, targets, spec.class_mask)
         extra = self.method.loss_term(self.model)
         total = loss if extra is None else loss + extra
-        if not bool(torch.isfinite(total)):
-            raise FloatingPointError(
-                f"{self.name}: non-finite training loss ({float(loss.detach())}, with mitigation term "
-                f"{None if extra is None else float(extra.detach())}) at step {self.step} (task {self.task}, step "
-                f"{self.step_in_task} of the task); lower lr or check the method's hyper-parameters"
-            )
+        term = "" if extra is None else f", mitigation term {float(extra.detach())}"
+        check_finite_loss(self.name, total, self.step, self.config.lr, f"task {self.task}{term}")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.method.before_step(self.model, self.optimizer, self.step)

@@ -27,6 +27,7 @@ from torch import nn
 
 from lopkit.benchmarks.base import (
     PrivateRNG,
+    check_finite_loss,
     Benchmark,
     BenchmarkConfig,
     make_row,
@@ -165,10 +166,7 @@ class ToyBenchmark(Benchmark):
         inputs = torch.randn(cfg.batch_size, cfg.input_dim, generator=self.data_generator)
         targets = teacher_targets(self.teacher(task), inputs)
         loss = nn.functional.mse_loss(model(inputs), targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"toy: the training loss became {loss.item()} at step {index} (task {task}); lower lr (now {cfg.lr})"
-            )
+        check_finite_loss("toy", loss, index, cfg.lr, f"task {task}")
         extra = method.loss_term(model)
         optimizer.zero_grad(set_to_none=True)
         (loss if extra is None else loss + extra).backward()

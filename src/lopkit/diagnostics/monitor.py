@@ -286,6 +286,38 @@ def _row_subsample(matrix: Tensor, max_rows: int, seed: int) -> Tensor:
     return matrix.index_select(0, index.to(matrix.device))
 
 
+def expected_probe_shape(model: nn.Module) -> tuple[str, int] | None:
+    """``(description, ndim)`` of a batch for a model whose input goes straight into a Linear/Conv layer.
+
+    Follows the first element of nested ``nn.Sequential`` containers; None for any other entry module (its
+    ``forward`` may reshape the input, e.g. add a channel axis).
+    """
+    module = model
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[0]
+    if isinstance(module, nn.Linear):
+        return f"(N, {module.in_features})", 2
+    if isinstance(module, nn.modules.conv._ConvNd):
+        spatial = {1: "L", 2: "H, W", 3: "D, H, W"}.get(len(module.kernel_size), "...")
+        return f"(N, {module.in_channels}, {spatial})", 2 + len(module.kernel_size)
+    return None
+
+
+def check_batched_probe(model: nn.Module, probe_inputs: Any) -> None:
+    """ValueError naming the expected shape when a tensor probe lacks its batch axis (e.g. a 1-D sample for an MLP)."""
+    if not isinstance(probe_inputs, Tensor):
+        return
+    expected = expected_probe_shape(model)
+    if expected is None or probe_inputs.ndim >= expected[1]:
+        return
+    description, ndim = expected
+    raise ValueError(
+        f"the probe has shape {tuple(probe_inputs.shape)} but this model expects a batch of shape {description} "
+        f"(N samples first, {ndim} axes); add the batch axis, e.g. probe.unsqueeze(0) for one sample (the rank "
+        "and duplicate metrics need N >= 2)"
+    )
+
+
 def _run_model(model: nn.Module, probe_inputs: Any) -> Any:
     """Call the model on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
     if isinstance(probe_inputs, Mapping):
@@ -517,6 +549,7 @@ class Monitor:
                 "pass both probe_targets and loss_fn for gradient-based metrics (loss, saturated_fraction, "
                 "gradient_norm, cloning_r2_backward), or neither"
             )
+        check_batched_probe(self.model, probe_inputs)
         with_loss = loss_fn is not None
         if not with_loss:
             self._warn_skipped_loss_metrics()
@@ -714,6 +747,12 @@ class Monitor:
     # ------------------------------------------------------------------ per-layer metrics
     def _unit_matrix(self, layer: _Layer, tensor: Tensor) -> Tensor:
         """The ``(samples, units)`` view of a layer output (Linear: last axis; conv: channels)."""
+        if tensor.ndim < 2:
+            raise ValueError(
+                f"layer {layer.name!r} produced an output of shape {tuple(tensor.shape)}, with no batch axis: the "
+                "probe must be a batch with the samples on the first axis (e.g. (N, features) for an MLP); add "
+                "the batch axis, e.g. probe.unsqueeze(0) for one sample"
+            )
         if layer.kind == "parametric" and isinstance(layer.module, nn.Linear):
             return tensor.reshape(-1, tensor.shape[-1]) if tensor.ndim > 2 else tensor
         if layer.kind == "parametric":

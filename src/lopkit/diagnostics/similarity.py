@@ -94,10 +94,12 @@ def _duplicate_mask(m: torch.Tensor, threshold: float, centered: bool, absolute:
 
 
 def _check_input(m: torch.Tensor) -> bool:
-    if m.shape[0] == 0 or m.shape[1] == 0:
+    """Warn and return False when duplicates are undefined: fewer than 2 samples (over one sample a unit's
+    direction is only its sign, so every active unit would look like a clone), no unit, or NaN/inf."""
+    if m.shape[0] < 2 or m.shape[1] == 0:
         warn(
-            f"activations have shape {tuple(m.shape)} (samples, units); duplicates need at least one sample "
-            "and one unit. Pass a non-empty probe batch.",
+            f"duplicate units need at least 2 samples and 1 unit, got (samples, units) = {tuple(m.shape)}; "
+            "use a larger probe batch.",
             stacklevel=4,
         )
         return False

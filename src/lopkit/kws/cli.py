@@ -13,8 +13,15 @@ from typing import Any
 from lopkit.configs import ConfigError, parse_overrides
 from lopkit.mitigations.registry import build_methods
 
-from lopkit.runner.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, error_exit
-
+from lopkit.runner.cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_threads_flag,
+    apply_threads,
+    error_exit,
+)
 
 _error = error_exit
 
@@ -70,6 +77,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides = {**parse_overrides(args.overrides), "corpus_dir": args.corpus, "model_kind": args.model_kind}
         config = KWSTrainBenchmark.make_config(args.preset, overrides)
         keyword_of(args.corpus)  # a missing corpus fails here, before a run is registered
+        apply_threads(args)
     except (ConfigError, FileNotFoundError) as err:
         return _error(str(err))
     out = Path(args.out)
@@ -98,6 +106,7 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...] | None) -> int
         if stages is None or "continual" in stages:
             for method in config.continual_methods:  # unknown names / bad hyper-parameters fail before any stage
                 build_methods(method)
+        apply_threads(args)
     except ConfigError as err:
         return _error(str(err))
     try:
@@ -201,7 +210,7 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, default_out: str | No
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a pipeline setting, e.g. --set target_fa_per_hour=2 train_overrides.epochs=4 "
                              "corpus_overrides.n_pos=2000")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    add_threads_flag(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
 
 
@@ -243,6 +252,7 @@ def register(subparsers: Any) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", required=True, metavar="DIR", help="experiment folder (results.sqlite)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_flag(train)
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate the pipeline's trained models (DET, FRR@FA/h, start errors)")

@@ -34,10 +34,10 @@ from torch import Tensor
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
 from lopkit.configs import ConfigError, config_to_dict, require
 from lopkit.kws.metrics import clip_auc  # noqa: F401  (re-exported; defined with the other metrics)
+from lopkit.seeding import seeded_generator
 from lopkit.kws.train import (
     SplitFeatures,
     _lr_factor,
-    _seeded,
     augment_features,
     build_model,
     load_split_features,
@@ -108,7 +108,7 @@ def voice_groups(voices: list[str], n_groups: int, seed: int) -> list[list[str]]
     distinct = sorted(set(voices))
     if len(distinct) < n_groups:
         raise ConfigError(f"only {len(distinct)} distinct voices for {n_groups} voice tasks; lower n_tasks")
-    order = torch.randperm(len(distinct), generator=_seeded(seed, 31)).tolist()
+    order = torch.randperm(len(distinct), generator=seeded_generator(seed, 31)).tolist()
     return [[distinct[i] for i in order[g::n_groups]] for g in range(n_groups)]
 
 
@@ -193,7 +193,7 @@ class KWSContinualBenchmark(Benchmark):
             groups = voice_groups(data.voice, config.n_tasks, self.seed)
             for k, group in enumerate(groups):
                 members = torch.tensor([i for i, v in enumerate(data.voice) if v in set(group)], dtype=torch.long)
-                order = members[torch.randperm(members.numel(), generator=_seeded(self.seed, 32, k))]
+                order = members[torch.randperm(members.numel(), generator=seeded_generator(self.seed, 32, k))]
                 n_test = max(1, int(round(config.held_out_fraction * order.numel())))
                 tasks.append(TaskData(f"voices:{'+'.join(group)}",
                                       _targets(data, order[n_test:], config.delta, config.margin),
@@ -273,12 +273,12 @@ class KWSContinualBenchmark(Benchmark):
         n = task.train["label"].numel()
         per_epoch = n // config.batch_size
         epoch, position = divmod(step_in_task, per_epoch)
-        order = torch.randperm(n, generator=_seeded(self.seed, 33, task_index, epoch))
+        order = torch.randperm(n, generator=seeded_generator(self.seed, 33, task_index, epoch))
         index = order[position * config.batch_size:(position + 1) * config.batch_size]
         batch = {k: v[index] for k, v in task.train.items()}
         feats = batch["feats"].float()
         if config.augment:
-            feats = augment_features(feats, _seeded(self.seed, 34, self.step))
+            feats = augment_features(feats, seeded_generator(self.seed, 34, self.step))
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step_in_task, config.steps_per_task, config.warmup_fraction)
         self.model.train()

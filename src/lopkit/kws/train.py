@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
 from lopkit.configs import ConfigError, config_to_dict, require
 from lopkit.kws.metrics import clip_auc
+from lopkit.seeding import seeded_generator
 
 __all__ = [
     "MODEL_KINDS",
@@ -296,12 +297,6 @@ def augment_features(feats: Tensor, generator: torch.Generator, max_gain: float 
 # --------------------------------------------------------------------------------------------- benchmark
 
 
-def _seeded(seed: int, *keys: int) -> torch.Generator:
-    """A torch generator from a seed and stream keys."""
-    digest = hashlib.sha256(json.dumps([int(seed), *map(int, keys)]).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
-
-
 def _empty_bin() -> dict[str, float]:
     return {"loss": 0.0, "cls": 0.0, "off": 0.0, "steps": 0.0}
 
@@ -385,7 +380,7 @@ class KWSTrainBenchmark(Benchmark):
     def _batch_indices(self, step: int) -> Tensor:
         """Clip indices of the batch at ``step``: a seeded permutation per epoch, full batches only."""
         epoch, position = divmod(step, self._batches_per_epoch)
-        order = torch.randperm(len(self.train_data), generator=_seeded(self.seed, 11, epoch))
+        order = torch.randperm(len(self.train_data), generator=seeded_generator(self.seed, 11, epoch))
         size = self.config.batch_size
         return order[position * size:(position + 1) * size]
 
@@ -430,7 +425,7 @@ class KWSTrainBenchmark(Benchmark):
         index = self._batch_indices(self.step)
         feats = self.train_data.feats[index].float()
         if config.augment:
-            feats = augment_features(feats, _seeded(self.seed, 12, self.step))
+            feats = augment_features(feats, seeded_generator(self.seed, 12, self.step))
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(self.step, self.total_steps, config.warmup_fraction)
         self.model.train()

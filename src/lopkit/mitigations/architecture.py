@@ -397,7 +397,7 @@ class CReLUActivation(Mitigation):
         halve_width: bool = False
         """Halve every hidden width so the layers after the first keep their input dimension."""
         seed: int | None = None
-        """Seed of the generator for the rebuilt layers; None derives it from the seeded global RNG."""
+        """Seed of the generator for the rebuilt layers; None derives it from the run's seed."""
 
         def validate(self) -> None:
             """Raise ConfigError for a negative seed."""
@@ -406,7 +406,7 @@ class CReLUActivation(Mitigation):
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else self.Config()
         self.config.validate()
-        self.init = MethodGenerator(self.config.seed)
+        self.init = MethodGenerator()
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` with CReLU hidden activations and resized weight layers (same input/output shapes)."""
@@ -424,6 +424,7 @@ class CReLUActivation(Mitigation):
             if self.config.halve_width:
                 sizes[id(group.incoming)][1] = new_units[id(group)]
             sizes[id(group.outgoing)][0] = 2 * new_units[id(group)] * group.outgoing_block
+        self.init.reset(self.method_seed(self.config.seed))
         generator = self.init.get("cpu")
         for key, layer in layers.items():
             in_size, out_size = sizes[key]

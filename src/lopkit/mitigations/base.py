@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from lopkit.seeding import derive_seed, stable_key
+
 
 class Mitigation:
     """A plasticity intervention expressed as a few optional hooks (all no-ops by default).
@@ -16,9 +18,30 @@ class Mitigation:
     ``loss_term`` to add a regulariser to the loss, ``before_step`` after ``backward`` and before
     ``optimizer.step()`` (e.g. to add gradient noise), and ``after_step`` after the update
     (e.g. to reset units). Hooks receive the model and optimizer so they work on any ``nn.Module``.
+
+    Randomness: a benchmark calls ``seed_from_run(run_seed)`` before any hook; a method draws its random
+    numbers only from generators seeded with :meth:`method_seed`, so the same run seed gives the same draws in
+    every process. A method used outside a benchmark (no ``seed_from_run``) behaves as with run seed 0.
     """
 
     name: str = "none"
+    #: ``(run_seed, *keys)`` given by :meth:`seed_from_run`; empty means run seed 0
+    _seed_source: tuple[int, ...] = ()
+
+    def seed_from_run(self, run_seed: int, *keys: int) -> None:
+        """Record the run's seed (and position ``keys`` inside a composition) that :meth:`method_seed` derives from."""
+        self._seed_source = (int(run_seed), *(int(k) for k in keys))
+
+    def method_seed(self, explicit: int | None = None) -> int:
+        """The seed of this method's own generator: from ``explicit`` (a config ``seed``) if given, else the run's.
+
+        Both go through :func:`lopkit.seeding.derive_seed` with the method's name as a stable key, so two
+        methods of one run draw independent streams.
+        """
+        if explicit is not None:
+            return derive_seed(int(explicit), stable_key(self.name))
+        run_seed, *keys = self._seed_source or (0,)
+        return derive_seed(run_seed, stable_key(self.name), *keys)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Called once before the optimizer is built; architectural methods (norm, dropout, CReLU) return a new model."""
@@ -54,6 +77,11 @@ class Compose(Mitigation):
     def __init__(self, methods: Sequence[Mitigation]):
         self.methods = list(methods)
         self.name = "+".join(m.name for m in self.methods) or "none"
+
+    def seed_from_run(self, run_seed, *keys):
+        """Each part gets the run seed and its position, so two copies of one method draw different streams."""
+        for position, m in enumerate(self.methods):
+            m.seed_from_run(run_seed, *keys, position)
 
     def prepare_model(self, model):
         for m in self.methods:

@@ -1,9 +1,9 @@
 """Perturbation methods: Shrink & Perturb (``shrink_perturb``, Ash & Adams 2020) and the paper's ``noisy_sgd``.
 
 Both draw their noise from a private :class:`torch.Generator` (:class:`MethodGenerator`) whose state is in
-the method's ``state_dict``, so a resumed run draws exactly the same noise. With ``seed=None`` (the
-default) the generator is seeded on its first draw from torch's global generator, which every benchmark
-seeds from the run seed: different run seeds get different noise and the same seed gets the same noise.
+the method's ``state_dict``, so a resumed run draws exactly the same noise. It is seeded at ``attach`` with
+:meth:`Mitigation.method_seed`: from ``config.seed`` if set, else from the run's seed (which every benchmark
+hands over), so different run seeds get different noise and the same seed the same noise in every process.
 """
 
 from __future__ import annotations
@@ -34,27 +34,25 @@ WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._C
 
 
 class MethodGenerator:
-    """A private torch.Generator for one mitigation: seeded lazily, resettable, and saved in ``state_dict``."""
+    """A private torch.Generator for one mitigation: created on first use from a given seed, saved in ``state_dict``."""
 
-    def __init__(self, seed: int | None = None):
-        self.config_seed = seed
+    def __init__(self, seed: int = 0):
+        self.base_seed = int(seed)
         self.seed: int | None = None
         self._generator: torch.Generator | None = None
 
-    def reset(self) -> None:
-        """Forget the current stream; the next draw reseeds (from ``seed`` or the global RNG)."""
+    def reset(self, seed: int | None = None) -> None:
+        """Forget the current stream; the next draw starts again from ``seed`` (default: the seed given before)."""
+        if seed is not None:
+            self.base_seed = int(seed)
         self.seed, self._generator = None, None
 
     def get(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """The generator, created on ``device`` and seeded on first use."""
+        """The generator, created on ``device`` and seeded with the base seed on first use."""
         if self._generator is None:
-            if self.config_seed is not None:
-                seed = int(self.config_seed)
-            else:
-                seed = int(torch.randint(0, 2**62, (1,)).item())  # follows the caller's seeded global RNG
             generator = torch.Generator(device=torch.device(device))
-            generator.manual_seed(seed)
-            self.seed, self._generator = seed, generator
+            generator.manual_seed(self.base_seed)
+            self.seed, self._generator = self.base_seed, generator
         return self._generator
 
     def state_dict(self) -> dict:
@@ -142,7 +140,7 @@ class NoisySGD(Mitigation):
         restart_each_task: bool = False
         """Restart t at 0 (full-strength noise again) at every task start."""
         seed: int | None = None
-        """Seed of the private noise generator; None derives it from the run's seeded global RNG."""
+        """Seed of the private noise generator; None derives it from the run's seed."""
 
         def validate(self) -> None:
             """Raise ConfigError for a negative/non-finite sigma0 or a decay outside [0, 1]."""
@@ -156,7 +154,7 @@ class NoisySGD(Mitigation):
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else self.Config()
         self.config.validate()
-        self.noise = MethodGenerator(self.config.seed)
+        self.noise = MethodGenerator()
         self.t = 0
         self._device: torch.device | None = None
 
@@ -167,7 +165,7 @@ class NoisySGD(Mitigation):
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Start a fresh noise schedule (t = 0) and noise stream on the model's device."""
         self.t = 0
-        self.noise.reset()
+        self.noise.reset(self.method_seed(self.config.seed))
         self._device = _module_device(model)
 
     def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
@@ -277,7 +275,7 @@ class ShrinkPerturb(Mitigation):
         first_task: bool = False
         """when=task: also apply at the start of task 0 (e.g. to perturb a fresh clone)."""
         seed: int | None = None
-        """Seed of the private noise generator; None derives it from the run's seeded global RNG."""
+        """Seed of the private noise generator; None derives it from the run's seed."""
 
         def validate(self) -> None:
             """Raise ConfigError for impossible values."""
@@ -301,7 +299,7 @@ class ShrinkPerturb(Mitigation):
         self.config = config if config is not None else self.Config()
         self.config.validate()
         self.shrink, self.sigma = self.config.resolved()
-        self.noise = MethodGenerator(self.config.seed)
+        self.noise = MethodGenerator()
         self.events = 0
         self.applications = 0
         self._device: torch.device | None = None
@@ -310,7 +308,7 @@ class ShrinkPerturb(Mitigation):
         """Reset the event counter and the noise stream."""
         self.events = 0
         self.applications = 0
-        self.noise.reset()
+        self.noise.reset(self.method_seed(self.config.seed))
         self._device = _module_device(model)
 
     def apply(self, model: nn.Module) -> None:

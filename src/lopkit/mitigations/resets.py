@@ -17,9 +17,9 @@ after ``optimizer.step()``) decides which units to touch.
 A reset re-draws the unit's incoming weights (bias zero), zeroes its outgoing weights (so the network's
 function does not jump), resets its per-unit norm parameters and zeroes its optimizer state.
 
-Each method owns a ``torch.Generator`` (seeded with ``config.seed``, or with ``torch.initial_seed()`` at
-``attach`` when the seed is None so that it follows the run's seed); its state, the statistics and the
-counters are in ``state_dict()``, so a resumed run continues exactly.
+Each method owns a ``torch.Generator`` seeded at ``attach`` with :meth:`Mitigation.method_seed` (derived from
+``config.seed`` if set, else from the run's seed, so it is the same in every process); its state, the
+statistics and the counters are in ``state_dict()``, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -123,9 +123,8 @@ class UnitMethod(Mitigation):
         """Find the unit groups, seed the generator, build statistics and install forward hooks."""
         self.detach()
         self.groups = resolve_unit_groups(model, self._groups_spec)
-        seed = self.config.seed if self.config.seed is not None else torch.initial_seed()
         self.generator = torch.Generator()
-        self.generator.manual_seed(int(seed) % (2**63))
+        self.generator.manual_seed(self.method_seed(self.config.seed))
         self.stats = [self._new_group_state(group) for group in self.groups]
         self.replaced_per_group = [0] * len(self.groups)
         self.total_replaced = 0

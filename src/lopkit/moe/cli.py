@@ -17,6 +17,8 @@ from lopkit.runner.cli_common import (
     EXIT_OK,
     EXIT_USAGE,
     add_progress_flags,
+    add_threads_flag,
+    apply_threads,
     error_exit,
     parse_seeds,
     progress_mode,
@@ -59,25 +61,21 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 def _run_stages(args: argparse.Namespace) -> int:
     """Run the stages of ``args.moe_command``; exit 0, 1 (a run failed), 2 (bad input) or 130 (interrupted)."""
-    import torch
-
     from lopkit.configs import parse_overrides
     from lopkit.moe.pipeline import run_pipeline
+    from lopkit.runner.execute import SETUP_ERRORS
 
     try:
         overrides = parse_overrides(args.overrides)
         seeds = _seeds(args)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        apply_threads(args)
     except ConfigError as err:
         return _error(str(err))
     progress = progress_mode(args)
     try:
         result = run_pipeline(args.out, args.preset, seeds, overrides, progress, stages=_STAGES_OF[args.moe_command],
                               variants=args.variants or None, ablations=args.ablations)
-    except ConfigError as err:
+    except SETUP_ERRORS as err:  # a bad config or a missing dataset (dict-gcide, fortunes): nothing was run
         return _error(str(err))
     except KeyboardInterrupt:
         print(f"interrupted; completed chunks are saved. To resume: {_resume_command(args)}", file=sys.stderr)
@@ -142,7 +140,7 @@ def _add_stage_options(parser: argparse.ArgumentParser, variants: bool) -> None:
                         help="override a config field; prefix with pretrain./finetune./eval. to target one stage, "
                              "e.g. --set pretrain.steps=500 finetune.lr=1e-3 (a bare KEY goes to every stage that "
                              "has it)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads")
+    add_threads_flag(parser)
     if variants:
         parser.add_argument("--variant", dest="variants", action="append", default=None, metavar="LABEL",
                             help="only this fine-tune variant (repeatable): oracle1..oracleK, naive, phds, "

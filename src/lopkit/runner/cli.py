@@ -22,6 +22,8 @@ from lopkit.runner.cli_common import (
     EXIT_OK,
     SEEDS_HELP,
     add_progress_flags,
+    add_threads_flag,
+    apply_threads,
     error_exit,
     parse_seeds,
     progress_mode,
@@ -76,8 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     """Validate everything first, then run each seed in turn; exit 0, 1 (a run failed), 2 (bad input) or 130."""
     from lopkit.benchmarks.base import get_benchmark
     from lopkit.configs import config_to_dict, parse_overrides
-    from lopkit.runner.execute import execute_run, method_label, resolve_methods
     from lopkit.runner.store import ResultStore, StoreError
+    from lopkit.runner.execute import SETUP_ERRORS, execute_run, method_label, resolve_methods
 
     try:
         cls = get_benchmark(args.benchmark)
@@ -87,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         resolve_methods(method_names)  # unknown methods / bad hyper-parameters fail before anything runs
         if args.checkpoint_every is not None and args.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+        apply_threads(args)
     except ConfigError as err:
         return _error(str(err))
 
@@ -107,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 result = execute_run(store, cls, config, seed, method_names, args.checkpoint_every, progress,
                                      preset=args.preset, raise_on_error=False)
-            except ConfigError as err:  # raised by a benchmark's constructor for a bad combination of values
+            except SETUP_ERRORS as err:  # a benchmark's constructor: bad combination of values, missing dataset
                 return _error(str(err))
             except KeyboardInterrupt:
                 result = None
@@ -239,6 +242,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--out", default=None, metavar="DIR", help="experiment folder (default: runs/BENCHMARK)")
     run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="steps between checkpoints (default: a twentieth of the run; also at least every 30 s)")
+    add_threads_flag(run)
     add_progress_flags(run)
     run.set_defaults(func=_run)
 

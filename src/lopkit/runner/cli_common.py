@@ -81,3 +81,19 @@ def parse_seeds(value: str | int | Sequence[int], option: str = "--seeds", *, si
     if len(set(values)) != len(values):
         raise ConfigError(f"{option}: seeds must be distinct, got {value!r}")
     return values
+def add_threads_flag(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    """``--threads N``: torch intra-op threads for a command that trains (one definition for every command)."""
+    shown = "torch's default" if default is None else str(default)
+    parser.add_argument("--threads", type=int, default=default, metavar="N",
+                        help=f"torch intra-op threads, >= 1 (default: {shown})")
+def apply_threads(args: argparse.Namespace) -> int | None:
+    """Set torch's intra-op threads from ``--threads`` (None leaves torch's default); ConfigError below 1."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or int(threads) < 1:
+        from lopkit.configs import ConfigError
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    import torch
+    torch.set_num_threads(int(threads))
+    return int(threads)

@@ -17,6 +17,8 @@ from lopkit.runner.cli_common import (
     EXIT_OK,
     SEEDS_HELP,
     add_progress_flags,
+    add_threads_flag,
+    apply_threads,
     error_exit,
     progress_mode,
 )
@@ -52,6 +54,7 @@ def _compare(args: argparse.Namespace) -> int:
     from lopkit.configs import parse_overrides
     from lopkit.runner.compare import build_plan, describe_plan, rank_plan, run_plan, write_outputs
     from lopkit.runner.store import ResultStore, StoreError
+    from lopkit.runner.execute import SETUP_ERRORS
 
     try:
         plan = build_plan(args.benchmark, args.methods, args.seeds, args.preset, parse_overrides(args.overrides))
@@ -63,6 +66,7 @@ def _compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"--final-fraction must be in [0, 1], got {args.final_fraction}")
         if args.checkpoint_every is not None and args.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+        apply_threads(args)
     except (ConfigError, ValueError) as err:
         return _error(str(err))
 
@@ -82,7 +86,7 @@ def _compare(args: argparse.Namespace) -> int:
             try:
                 cells = run_plan(plan, store, progress=progress, checkpoint_every=args.checkpoint_every,
                                  on_result=lambda cell: print(_describe_cell(cell), flush=True))
-            except ConfigError as err:  # a benchmark refusing a config/method combination
+            except SETUP_ERRORS as err:  # a benchmark refusing a config/method combination, a missing dataset
                 return _error(str(err))
             failures = sum(c.result.status == "failed" for c in cells)
             for cell in cells:
@@ -150,6 +154,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     parser.add_argument("--rank-only", action="store_true", help="do not run anything; rank the finished runs")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report (CSV and table only)")
+    add_threads_flag(parser)
     add_progress_flags(parser)
     parser.set_defaults(func=_compare)
 

@@ -1,7 +1,8 @@
 """Run one (benchmark, config, seed, methods) into a results store: chunked, checkpointed, resumable.
 
-:func:`execute_run` registers the run in the store, builds the benchmark and, if the store holds a checkpoint
-of it, restores it; a finished run is skipped without building anything. It then advances the benchmark in
+:func:`execute_run` builds the benchmark, registers the run in the store and, if the store holds a checkpoint
+of it, restores it; a finished run is skipped without building anything, and a set-up error (a bad config, a
+missing dataset: :data:`SETUP_ERRORS`) is raised before anything is written. It then advances the benchmark in
 small pieces (about a second each, for a live progress bar) and commits the rows produced together with a
 checkpoint every ``checkpoint_every`` steps (default: a twentieth of the run) or at most every
 ``commit_seconds`` of wall time, whichever comes first. Because rows and checkpoint are committed in one
@@ -27,8 +28,9 @@ import time
 import traceback
 from typing import Any, Iterable, Iterator, Sequence
 
-from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, get_benchmark
+from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, DivergedError, get_benchmark
 from lopkit.configs import ConfigError, config_to_dict, parse_overrides
+from lopkit.data.errors import DatasetNotFoundError
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.registry import split_method_specs
 from lopkit.runner.store import ResultStore, deserialize_state, make_run_id, serialize_state
@@ -36,6 +38,7 @@ from lopkit.runner.store import ResultStore, deserialize_state, make_run_id, ser
 __all__ = [
     "BASELINE_METHOD",
     "RunResult",
+    "SETUP_ERRORS",
     "default_checkpoint_every",
     "execute_run",
     "method_label",
@@ -43,6 +46,8 @@ __all__ = [
     "split_method_names",
 ]
 
+#: Errors of the set-up (bad config, missing dataset): raised before anything is written to the store.
+SETUP_ERRORS = (ConfigError, DatasetNotFoundError)
 #: Label of the run with no mitigation.
 BASELINE_METHOD = "sgd"
 #: Method names that mean "no mitigation" when the mitigation registry is not available.
@@ -283,13 +288,23 @@ def execute_run(
     existing = store.get_run(run_id)
     if existing is not None and existing["status"] == "finished":
         return RunResult(run_id, "skipped", int(existing["step"]), existing["total_steps"])
+    # built before the run is registered: a set-up error (missing dataset, impossible combination) leaves the
+    # store untouched and propagates; any other error of the constructor is recorded as the run's failure below
+    benchmark: Benchmark | None = None
+    build_error: Exception | None = None
+    try:
+        benchmark = cls(config, seed, methods)
+    except SETUP_ERRORS:
+        raise
+    except Exception as err:  # noqa: BLE001  (re-raised inside the recording block)
+        build_error = err
     store.start_run(cls.name, label, config_dict, seed, preset=preset, run_id=run_id)
 
     bar: _ProgressBar | None = None
-    benchmark: Benchmark | None = None
     resumed_from: int | None = None
     try:
-        benchmark = cls(config, seed, methods)
+        if build_error is not None or benchmark is None:
+            raise build_error or RuntimeError(f"{cls.name} could not be built")
         total = int(benchmark.total_steps)
         store.set_total_steps(run_id, total)
         checkpoint = store.load_checkpoint_bytes(run_id)
@@ -320,7 +335,9 @@ def execute_run(
         if bar is not None:
             bar.close()
         text = traceback.format_exc()
-        if isinstance(err, FloatingPointError):
+        if isinstance(err, DivergedError):
+            text = f"{text}\n{err}"  # the last line (RunResult.error_line): "... diverged at step N ...; lower lr"
+        elif isinstance(err, FloatingPointError):
             text = f"{text}\nthe run diverged (non-finite loss): {err}"
         store.fail_run(run_id, text)
         if raise_on_error:

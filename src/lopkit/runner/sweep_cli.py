@@ -8,9 +8,15 @@ import sys
 from typing import Any
 
 from lopkit.runner.cli_common import (
-    EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_progress_flags, error_exit, progress_mode,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_progress_flags,
+    add_threads_flag,
+    error_exit,
+    progress_mode,
 )
-
 
 _error = error_exit
 
@@ -47,6 +53,8 @@ def _sweep(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except ConfigError as err:
         return _error(str(err))
+    if args.threads is not None and args.threads < 1:
+        return _error(f"--threads must be >= 1, got {args.threads}")
     if args.vectorize_seeds is not None:
         sweep.vectorize_seeds = args.vectorize_seeds
     if args.dry_run:
@@ -63,7 +71,8 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         outcomes = run_sweep(
             sweep, args.backend, max_workers=args.max_workers, address=args.address, num_cpus=args.num_cpus,
-            store_mode=args.store_mode, threads_per_run=args.threads_per_run or None,
+            store_mode=args.store_mode,
+            threads_per_run=args.threads if args.threads is not None else (args.threads_per_run or None),
             progress=progress_mode(args),
         )
     except (ValueError, RuntimeError) as err:  # bad option combination, Ray missing or unreachable
@@ -114,6 +123,7 @@ def register(subparsers: Any) -> None:
                         help="shared: workers write the store; driver: workers ship rows back to this process "
                              "(for nodes that do not share the experiment folder); auto: driver with --address")
     parser.add_argument("--experiment", default=None, metavar="DIR", help="override the file's 'experiment' folder")
+    add_threads_flag(parser)  # the torch threads of each run, like --threads-per-run (which it overrides)
     parser.add_argument("--threads-per-run", type=int, default=1, metavar="N",
                         help="torch threads inside each run; 0 keeps torch's default (default: %(default)s)")
     vectorize = parser.add_mutually_exclusive_group()
