@@ -350,14 +350,14 @@ def _run_model(model: nn.Module, probe_inputs: Any) -> Any:
     return model(probe_inputs)
 
 
-def _warn(message: str) -> None:
+def _warn(message: str, category: type[LopkitWarning] = LopkitWarning) -> None:
     """Emit a LopkitWarning attributed to the first caller outside this module (the user's code)."""
     frame = sys._getframe(1)
     level = 2  # stacklevel 1 is this function, 2 its caller
     while frame is not None and frame.f_code.co_filename == __file__:
         frame = frame.f_back
         level += 1
-    warnings.warn(message, LopkitWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _format_value(value: float) -> str:
@@ -978,21 +978,22 @@ class Monitor:
             if issubclass(item.category, ConstantUnitWarning) and not self.config.warn_constant_units:
                 continue
             if issubclass(item.category, LopkitWarning):
-                self._warn_once(f"metric:{label}:{metric}", f"layer {label!r}, {metric}: {item.message}")
+                self._warn_once(f"metric:{label}:{metric}", f"layer {label!r}, {metric}: {item.message}",
+                                item.category)
             else:
                 warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
         return float(value)
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, category: type[LopkitWarning] = LopkitWarning) -> None:
         """Emit a LopkitWarning per ``config.warnings``: once per ``key`` for this Monitor, always, never, or raise."""
         policy = self.config.warnings
         if policy == "ignore":
             return
         if policy == "error":
-            raise LopkitWarning(message)
+            raise category(message)
         if policy == "always" or key not in self._warned_once:
             self._warned_once.add(key)
-            _warn(message)
+            _warn(message, category)
 
     def _warn_skipped_loss_metrics(self) -> None:
         """Warn once when the user asked for gradient metrics explicitly but measures without a loss."""

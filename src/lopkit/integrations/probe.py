@@ -94,7 +94,7 @@ class ProbeSchedule:
         """The Monitor of ``model`` (built on first use, rebuilt if the framework hands over another model)."""
         if self.monitor is None or self.monitor.model is not model:
             self.monitor = Monitor(model, self.layers, metrics=self.metrics, config=self.config,
-                                   activation_types=self.activation_types)
+                                   activation_types=self.activation_types, max_rows=0)  # the history is self.rows
         return self.monitor
 
     def measure(self, model: nn.Module, step: int) -> list[dict[str, Any]]:
@@ -103,7 +103,6 @@ class ProbeSchedule:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         targets = move_to_device(self.probe_targets, device)
         rows = monitor.measure(move_to_device(self.probe_inputs, device), targets, self.loss_fn, step=step)
-        monitor.rows.clear()  # the history lives in self.rows (saved in checkpoints), not twice
         if self.keep_rows:
             self.rows.extend(rows)
         self.last_step = int(step)
