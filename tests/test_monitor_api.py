@@ -205,11 +205,11 @@ def test_maybe_measure_has_the_argument_order_of_measure() -> None:
 
 
 # ---------------------------------------------------------------------------- transformers
-def tiny_transformer(seed: int = 0) -> nn.TransformerEncoder:
+def tiny_transformer(seed: int = 0, nested: bool = False) -> nn.TransformerEncoder:
     """Two post-norm encoder layers, d_model 8, feed-forward 16, ReLU applied as a function."""
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True)
-    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=nested)
 
 
 def test_transformer_encoder_mlp_activation_is_found_and_described() -> None:
@@ -265,3 +265,21 @@ def test_custom_activation_class_is_monitored_by_its_name() -> None:
     assert "custom class, by its name" in monitor.describe()
     rows = monitor.measure(torch.randn(16, 8))
     assert {"dead_fraction", "frozen_fraction"} <= {r["metric"] for r in rows if r["layer"] == "1"}
+
+
+def test_transformer_padding_mask_measures_only_the_real_tokens() -> None:
+    model = tiny_transformer(nested=True).eval()  # torch drops padded tokens (nested tensors) without gradients
+    tokens = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:, -2:] = True  # the last two tokens of every sequence are padding
+    monitor = Monitor(model, metrics=["effective_rank"], config=MonitorConfig(channels_last=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nested tensors is in prototype")  # torch's own notice
+        rows = monitor.measure({"src": tokens, "src_key_padding_mask": mask})  # no grad: torch's nested fast path
+    seen: list[torch.Tensor] = []
+    handle = model.layers[0].linear2.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.enable_grad():  # gradients on: torch takes the padded path
+        model(tokens, src_key_padding_mask=mask)
+    handle.remove()
+    real = seen[0][~mask]  # (16 real tokens, 16 units)
+    assert value(rows, "layers.0.activation", "effective_rank") == pytest.approx(effective_rank(real), rel=1e-5)

@@ -405,7 +405,9 @@ class Monitor:
     input of the following Linear (``linear2``) and its pre-activation the output of ``linear1``. Weight layers
     that are never called as modules (``self_attn.out_proj``) are left out. :meth:`describe` lists every
     measured layer, its kind and the tensor it reads, and what was left out; the choice is also logged once
-    (``logging`` at INFO, logger ``lopkit.monitor``).
+    (``logging`` at INFO, logger ``lopkit.monitor``). Padded tokens count as samples, except where torch's
+    ``nn.TransformerEncoder`` fast path hands the layers nested tensors (padding mask, no gradients): then only
+    the real tokens are measured.
 
     Metrics come from the registry (:mod:`lopkit.diagnostics.metric_registry`): built-ins and metrics added with
     :func:`~lopkit.diagnostics.metric_registry.register_metric`, plus this Monitor's ``extra_metrics``.
@@ -916,6 +918,8 @@ class Monitor:
     # ------------------------------------------------------------------ per-layer metrics
     def _unit_matrix(self, layer: _Layer, tensor: Tensor) -> Tensor:
         """The ``(samples, units)`` view of a layer output (Linear: last axis; conv: channels)."""
+        if tensor.is_nested:  # nn.TransformerEncoder with a padding mask: real tokens only, features as units
+            tensor = torch.cat([part.reshape(-1, part.shape[-1]) for part in tensor.unbind()])
         if layer.kind == "parametric" and isinstance(layer.module, nn.Linear):
             return tensor.reshape(-1, tensor.shape[-1]) if tensor.ndim > 2 else tensor
         if layer.kind == "parametric":
