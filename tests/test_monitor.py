@@ -135,7 +135,7 @@ def test_plain_training_loop_with_maybe_measure() -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p -= 0.05 * p.grad
-        out = monitor.maybe_measure(step, x_probe, y_probe, loss_fn)
+        out = monitor.maybe_measure(x_probe, y_probe, loss_fn, step=step)
         assert (out is None) == (step % 10 != 0)
     frame = monitor.to_dataframe()
     assert list(frame.columns) == ["step", "layer", "metric", "value"]
