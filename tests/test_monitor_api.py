@@ -283,3 +283,18 @@ def test_transformer_padding_mask_measures_only_the_real_tokens() -> None:
     handle.remove()
     real = seen[0][~mask]  # (16 real tokens, 16 units)
     assert value(rows, "layers.0.activation", "effective_rank") == pytest.approx(effective_rank(real), rel=1e-5)
+
+
+def test_functional_activation_can_be_named_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_transformer()
+    tokens = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(2))
+    with caplog.at_level("INFO", logger="lopkit.monitor"):
+        Monitor(model, config=MonitorConfig(channels_last=True))
+    assert "layers.0.activation" in caplog.text and "input of 'layers.0.linear2'" in caplog.text
+    named = Monitor(model, layers=["layers.1.activation", "layers.1.linear2"], metrics=["dead_fraction"],
+                    config=MonitorConfig(channels_last=True))
+    assert [layer.name for layer in named.layers] == ["layers.1.activation", "layers.1.linear2"]
+    full = Monitor(model, metrics=["dead_fraction"], config=MonitorConfig(channels_last=True)).measure(tokens)
+    assert named.measure(tokens) == [r for r in full if r["layer"] == "layers.1.activation"]
+    with pytest.raises(ValueError, match="'layers.0.activation'"):  # listed among the available names
+        Monitor(model, layers=["layers.0.actvation"])

@@ -462,13 +462,15 @@ class Monitor:
         self._explicit_metrics = metrics is not None
         self.metrics: frozenset[str] = self._validate_metrics(metrics)
         self.skipped: dict[str, str] = {}
+        self._functional_wanted: set[str] = set()
         modules = self._select_modules(layers)
         if layers is None and isinstance(partition, Mapping):
             modules = self._with_partition_layers(modules, partition)
         block_ids = self._validate_partition(partition, {name for name, _ in modules})
         self.layers: list[_Layer] = [self._make_layer(name, module, block_ids.get(name)) for name, module in modules]
-        if layers is None:
-            self.layers = self._with_functional_activations(self.layers)
+        if layers is None or self._functional_wanted:
+            self.layers = self._with_functional_activations(self.layers, None if layers is None else
+                                                            self._functional_wanted)
         self.rows: list[dict[str, Any]] = []
         self._last_rows: list[dict[str, Any]] = []
         self._last_step: int | None = None
@@ -523,8 +525,12 @@ class Monitor:
         wanted_types: list[type] = []
         for item in layers:
             if isinstance(item, str):
+                if item not in by_name and item in self._functional_names():
+                    self._functional_wanted.add(item)
+                    continue
                 if item not in by_name:
-                    available = ", ".join(repr(n) for n, _ in named if n) or "(none)"
+                    names = [n for n, _ in named if n] + sorted(self._functional_names())
+                    available = ", ".join(repr(n) for n in names) or "(none)"
                     raise ValueError(
                         f"layer {item!r} is not a module of the model; available names from "
                         f"model.named_modules(): {available}"
@@ -539,7 +545,7 @@ class Monitor:
             for name, m in named
             if name in wanted_names or (wanted_types and isinstance(m, tuple(wanted_types)))
         ]
-        if not selected:
+        if not selected and not self._functional_wanted:
             raise ValueError(
                 f"no module of {type(self.model).__name__} matches layers={list(layers)!r}; pass module names "
                 "from model.named_modules() or module types that occur in the model."
@@ -594,8 +600,14 @@ class Monitor:
             where["source"] = f"output of {name!r} ({how})"
         return _Layer(name, module, kind, chosen, block_ids, **where)
 
-    def _with_functional_activations(self, layers: list[_Layer]) -> list[_Layer]:
-        """Add a layer for each activation applied as a function (see :func:`_functional_activation`)."""
+    def _functional_names(self) -> set[str]:
+        """Names of the layers :meth:`_with_functional_activations` can add (``"<layer>.activation"``)."""
+        return {f"{name}.activation" if name else "activation" for name, module in self.model.named_modules()
+                if _functional_activation(module) is not None}
+
+    def _with_functional_activations(self, layers: list[_Layer], only: set[str] | None = None) -> list[_Layer]:
+        """Add a layer for each activation applied as a function (see :func:`_functional_activation`), or for the
+        ones named in ``only``."""
         result = list(layers)
         by_module = {id(module): name for name, module in self.model.named_modules()}
         found: list[tuple[int, _Layer]] = []
@@ -606,6 +618,8 @@ class Monitor:
                 continue
             function, before, after = hit
             name = f"{owner_name}.activation" if owner_name else "activation"
+            if only is not None and name not in only:
+                continue
             source = (f"input of {by_module[id(after)]!r} = {getattr(function, '__name__', 'activation')}(output of "
                       f"{by_module[id(before)]!r}), a function called inside {type(owner).__name__}.forward")
             layer = self._make_layer(name, FunctionalActivation(function), None, hook_module=after, hook_input=True,
