@@ -298,3 +298,23 @@ def test_functional_activation_can_be_named_and_is_logged(caplog: pytest.LogCapt
     assert named.measure(tokens) == [r for r in full if r["layer"] == "layers.1.activation"]
     with pytest.raises(ValueError, match="'layers.0.activation'"):  # listed among the available names
         Monitor(model, layers=["layers.0.actvation"])
+
+
+def test_probe_schedule_state_carries_the_monitor_state() -> None:
+    from lopkit.integrations.probe import ProbeSchedule
+
+    def schedule() -> ProbeSchedule:
+        return ProbeSchedule(torch.randn(1, 8), every=1, layers=["1"], metrics=["effective_rank"])
+
+    first = schedule()
+    with pytest.warns(LopkitWarning):
+        first.measure(make_mlp(), step=0)  # one probe sample: the rank warns
+    assert first.monitor.rows == []  # the history lives in the schedule only
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = schedule()
+    resumed.load_state_dict(state)  # before its Monitor exists
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.measure(make_mlp(), step=1)
+    assert not [w for w in caught if issubclass(w.category, LopkitWarning)]  # warned before the checkpoint
+    assert [r["step"] for r in resumed.rows] == [0, 1]
