@@ -86,7 +86,7 @@ def train(steps: int, batches: list, monitor: Monitor | None, probe: tuple, mode
             opt.step()
             if monitor is not None and step % monitor.config.every == 0:
                 with Stopwatch() as measuring:
-                    monitor.maybe_measure(step, probe[0], probe[1], loss_fn)
+                    monitor.maybe_measure(probe[0], probe[1], loss_fn, step=step)
                 inside += measuring.timing
     return total.timing, inside
 

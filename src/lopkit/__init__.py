@@ -22,6 +22,10 @@ _EXPORTS: dict[str, str] = {
     # diagnostics
     "Monitor": "lopkit.diagnostics.monitor",
     "MonitorConfig": "lopkit.diagnostics.monitor",
+    "MetricSpec": "lopkit.diagnostics.metric_registry",
+    "MetricContext": "lopkit.diagnostics.metric_registry",
+    "register_metric": "lopkit.diagnostics.metric_registry",
+    "available_metrics": "lopkit.diagnostics.metric_registry",
     # theory
     "clone": "lopkit.theory.cloning",
     "Partition": "lopkit.theory.partition",
@@ -58,6 +62,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
     from lopkit.benchmarks.base import Benchmark, register_benchmark
     from lopkit.benchmarks.registry import get_benchmark
     from lopkit.configs import ConfigError
+    from lopkit.diagnostics.metric_registry import MetricContext, MetricSpec, available_metrics, register_metric
     from lopkit.diagnostics.monitor import Monitor, MonitorConfig
     from lopkit.mitigations.architecture import (
         BatchNormInsertion,

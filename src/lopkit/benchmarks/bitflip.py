@@ -245,7 +245,7 @@ def make_bitflip_monitor(model: nn.Module, config: BitFlipBenchmarkConfig) -> Mo
         layers = [_module_name(model, hidden), _module_name(model, activation)]
     except ValueError:  # an architectural mitigation rewrote the learner: monitor its default layers
         layers = None
-    return Monitor(model, layers=layers, metrics=config.monitor_metrics, config=monitor_config)
+    return Monitor(model, layers=layers, metrics=config.monitor_metrics, config=monitor_config, max_rows=0)
 
 
 def method_is_noop(method: Mitigation) -> bool:
@@ -280,7 +280,6 @@ def monitor_rows(
     """Benchmark rows of one Monitor measurement on the fixed probe (see :func:`probe_batch`)."""
     probe_inputs, probe_targets = probe_batch(stream, config)
     raw = monitor.measure(probe_inputs, probe_targets, mse_loss, step=step)
-    monitor.rows.clear()  # rows go to the caller; do not keep every measurement in memory
     task = step // config.flip_period
     return [make_row(r["step"], task, r["layer"], r["metric"], r["value"]) for r in raw]
 

@@ -281,7 +281,8 @@ class CloningBenchmark(Benchmark):
         if partition is not None:
             metrics += ["cloning_r2_forward", "cloning_r2_backward"]
             blocks = {name: partition[name] for name in layers}
-        return Monitor(model, layers=layers, metrics=metrics, partition=blocks, config=MonitorConfig(seed=self.seed))
+        return Monitor(model, layers=layers, metrics=metrics, partition=blocks, config=MonitorConfig(seed=self.seed),
+                       max_rows=0)
 
     def _make_clone(self) -> None:
         """Clone the base now, give the clone a fresh optimizer and monitor, and attach the method to it."""
@@ -384,7 +385,6 @@ class CloningBenchmark(Benchmark):
     def _probe_rows(self, which: str, monitor: Monitor) -> list[dict[str, Any]]:
         """Monitor rows on the probe, renamed ``{which}_effective_rank`` / ``{which}_probe_loss``."""
         raw = monitor.measure(self.probe_x, self.probe_y, nn.functional.cross_entropy, step=self.step)
-        monitor.rows.clear()
         renamed = {"effective_rank": f"{which}_effective_rank", "loss": f"{which}_probe_loss"}
         rows = [make_row(self.step, 0, r["layer"], renamed.get(r["metric"], r["metric"]), r["value"]) for r in raw]
         for metric in ("cloning_r2_forward", "cloning_r2_backward"):

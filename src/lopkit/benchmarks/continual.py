@@ -400,7 +400,8 @@ class ContinualBenchmark(Benchmark):
             layers = [name for name, m in self.model.named_modules() if isinstance(m, ACTIVATION_TYPES)]
             if not layers:
                 raise ConfigError("monitor_layers=activations, but the model has no activation module to monitor")
-        return Monitor(self.model, layers, metrics=metrics, config=MonitorConfig(seed=self.seed))
+        monitor_config = MonitorConfig(seed=self.seed, warn_constant_units=False)  # dead_fraction counts dead units
+        return Monitor(self.model, layers, metrics=metrics, config=monitor_config, max_rows=0)  # rows leave via run()
 
     def _capture_rng(self) -> dict[str, Any]:
         """Global RNG states (python, numpy, torch, and CUDA when used)."""
@@ -526,11 +527,7 @@ class ContinualBenchmark(Benchmark):
         if self.monitor is None:
             return []
         assert self._probe is not None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rows = self.monitor.measure(self._probe[0], self._probe[1], self._loss_fn(spec), step=self.step)
-        self._reemit_once(caught)
-        self.monitor.rows.clear()  # the rows leave through run(); do not let them pile up in the Monitor
+        rows = self.monitor.measure(self._probe[0], self._probe[1], self._loss_fn(spec), step=self.step)
         return [make_row(r["step"], spec.task_id, r["layer"], r["metric"], r["value"]) for r in rows]
 
     def _reemit_once(self, caught: list[warnings.WarningMessage]) -> None:

@@ -9,6 +9,10 @@ class LopkitWarning(UserWarning):
     """Raised (as a warning) when a metric cannot be computed and NaN is returned instead."""
 
 
+class ConstantUnitWarning(LopkitWarning):
+    """Constant units were dropped from a correlation (dead units: an expected LoP state ``dead_fraction`` counts)."""
+
+
 def warn_nan(reason: str, stacklevel: int = 3) -> float:
     """Emit ``reason`` as a :class:`LopkitWarning` and return ``float('nan')``.
 
@@ -18,6 +22,6 @@ def warn_nan(reason: str, stacklevel: int = 3) -> float:
     return float("nan")
 
 
-def warn(reason: str, stacklevel: int = 3) -> None:
-    """Emit ``reason`` as a :class:`LopkitWarning` without returning a value."""
-    warnings.warn(reason, LopkitWarning, stacklevel=stacklevel)
+def warn(reason: str, stacklevel: int = 3, category: type[LopkitWarning] = LopkitWarning) -> None:
+    """Emit ``reason`` as a :class:`LopkitWarning` (or a subclass) without returning a value."""
+    warnings.warn(reason, category, stacklevel=stacklevel)

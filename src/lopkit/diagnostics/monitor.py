@@ -8,7 +8,9 @@ Results are tidy rows ``{"step", "layer", "metric", "value"}`` that :mod:`pandas
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,17 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lopkit.diagnostics.activations import (
-    dead_fraction,
-    dormant_fraction,
-    frozen_fraction,
-    saturated_fraction,
+from lopkit.diagnostics.curvature import top_hessian_eigenvalue
+from lopkit.diagnostics.errors import ConstantUnitWarning, LopkitWarning
+from lopkit.diagnostics.metric_registry import (
+    BUILTIN_NAMES,
+    MODEL_METRICS,
+    LayerInfo,
+    MetricContext,
+    MetricSpec,
+    resolve_specs,
 )
-from lopkit.diagnostics.cloning import cloning_r2
-from lopkit.diagnostics.curvature import gradient_norm, parameter_norm, top_hessian_eigenvalue
-from lopkit.diagnostics.errors import LopkitWarning
-from lopkit.diagnostics.rank import RankWorkspace
-from lopkit.diagnostics.similarity import duplicate_fraction
 from lopkit.diagnostics.units import all_finite, as_unit_matrix
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "METRIC_NAMES",
     "MODEL_LAYER",
     "PARAMETRIC_TYPES",
+    "WARNING_POLICIES",
     "Monitor",
     "MonitorConfig",
     "is_activation_module",
@@ -80,28 +82,18 @@ PARAMETRIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d
 #: Layer name used for whole-model rows (probe loss, top Hessian eigenvalue).
 MODEL_LAYER = "model"
 
-_ACTIVATION_ONLY_METRICS = ("dead_fraction", "dormant_fraction", "frozen_fraction", "saturated_fraction")
-_RANK_METRICS = ("effective_rank", "stable_rank", "correlation_rank", "numerical_rank")
-_OUTPUT_METRICS = ("duplicate_fraction", *_RANK_METRICS)
-_PARAMETER_METRICS = ("weight_norm", "gradient_norm")
-_CLONING_METRICS = ("cloning_r2_forward", "cloning_r2_backward")
-_MODEL_METRICS = ("loss", "hessian_top_eigenvalue")
+#: Every built-in metric name the Monitor can produce, in the order rows are written for one layer (user
+#: metrics from :func:`~lopkit.diagnostics.metric_registry.register_metric` come after the per-layer ones).
+METRIC_NAMES: tuple[str, ...] = (*BUILTIN_NAMES, *MODEL_METRICS)
 
-#: Every metric name the Monitor can produce, in the order rows are written for one layer.
-METRIC_NAMES: tuple[str, ...] = (
-    *_ACTIVATION_ONLY_METRICS,
-    *_OUTPUT_METRICS,
-    *_PARAMETER_METRICS,
-    *_CLONING_METRICS,
-    *_MODEL_METRICS,
-)
-
-#: Metrics that need a probe loss (``probe_targets`` and ``loss_fn``).
-_LOSS_METRICS = frozenset(
-    {"saturated_fraction", "gradient_norm", "cloning_r2_backward", "loss", "hessian_top_eigenvalue"}
-)
+#: What :attr:`MonitorConfig.warnings` may be: each distinct warning once per (layer, metric) and Monitor, every
+#: time, never, or raised as an exception.
+WARNING_POLICIES: tuple[str, ...] = ("once", "always", "ignore", "error")
 
 _ROW_COLUMNS = ("step", "layer", "metric", "value")
+
+#: Version of the layout of :meth:`Monitor.state_dict`.
+STATE_VERSION = 1
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -170,6 +162,12 @@ class MonitorConfig:
     """Relative tolerance that stops the power iteration early."""
     seed: int = 0
     """Seed for the row subsample of the rank metrics and for the Hessian power iteration."""
+    warnings: str = "once"
+    """What to do with the Monitor's warnings (NaN metrics, uncalled layers, ...): ``"once"`` per layer and
+    metric for the Monitor's life, ``"always"``, ``"ignore"``, or ``"error"`` (raise it as an exception)."""
+    warn_constant_units: bool = True
+    """Warn when the correlation rank drops constant units (False: dead units are an expected LoP state in a
+    long run, and ``dead_fraction`` already counts them)."""
 
     def __post_init__(self) -> None:
         """Validate every field and raise ValueError naming the bad one."""
@@ -199,22 +197,59 @@ class MonitorConfig:
             "cloning_legacy_std_ratio",
             "channels_last",
             "hessian",
+            "warn_constant_units",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MonitorConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"MonitorConfig.seed must be an integer, got {self.seed!r}")
+        if self.warnings not in WARNING_POLICIES:
+            raise ValueError(f"MonitorConfig.warnings must be one of {WARNING_POLICIES}, got {self.warnings!r}")
 
 
 @dataclass
 class _Layer:
-    """One monitored module: its name, the module, its kind and the metrics computed on it."""
+    """One monitored layer: its name, the module, its kind, the metrics computed on it and where it is read."""
 
     name: str
     module: nn.Module
     kind: str  # "activation", "parametric" or "other"
     metrics: tuple[str, ...]
     block_ids: Tensor | None = None
+    hook_module: nn.Module | None = None
+    """Module whose hook captures the layer (None: ``module`` itself, its output)."""
+    hook_input: bool = False
+    """Capture the input of ``hook_module`` instead of an output (activation applied as a function)."""
+    pre_module: nn.Module | None = None
+    """Module whose output is the pre-activation ``z`` (None: the input of ``module``)."""
+    source: str = ""
+    """What tensor is measured, in words (for :meth:`Monitor.describe`)."""
+
+    @property
+    def target(self) -> nn.Module:
+        """The module the capture hook is attached to."""
+        return self.module if self.hook_module is None else self.hook_module
+
+
+class FunctionalActivation(nn.Module):
+    """Stand-in module for an activation a layer applies as a function (e.g. ``F.relu`` in a transformer layer).
+
+    Never inserted into the model: the Monitor uses it as the measured layer's module (no parameters) and as the
+    elementwise function whose derivative the frozen fraction needs.
+    """
+
+    def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
+        """Wrap ``function``."""
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the wrapped function."""
+        return self.function(x)
+
+    def extra_repr(self) -> str:
+        """The wrapped function's name."""
+        return getattr(self.function, "__name__", repr(self.function))
 
 
 @dataclass
@@ -243,27 +278,57 @@ def is_activation_module(module: nn.Module, extra_activation_types: tuple[type[n
         type(module).__module__ in ACTIVATION_MODULE_PATHS)
 
 
+#: Words in a class name that mark a parameter-free leaf module as an elementwise activation (custom classes such
+#: as ``MyGELU``, ``Swish`` or ``QuickGELUActivation``); gated units (``SwiGLU``, ``GEGLU``) are not elementwise.
+_ACTIVATION_NAME = re.compile(r"relu|gelu|silu|swish|mish|tanh|sigmoid|softplus|activation", re.IGNORECASE)
+_GATED_NAME = re.compile(r"glu", re.IGNORECASE)
+
+
+def looks_like_activation(module: nn.Module) -> bool:
+    """Whether a module of a custom class is an elementwise activation by its class name (a leaf, not gated)."""
+    name = type(module).__name__
+    if next(module.children(), None) is not None or isinstance(module, PARAMETRIC_TYPES):
+        return False
+    if type(module).__module__.startswith("lopkit."):  # lopkit's own modules (CReLU doubles its units)
+        return False
+    return bool(_ACTIVATION_NAME.search(name)) and not _GATED_NAME.search(name)
+
+
 def _layer_kind(module: nn.Module, extra_activation_types: tuple[type[nn.Module], ...]) -> str:
     """Classify a module as an elementwise activation, a weight layer, or anything else."""
-    if is_activation_module(module, extra_activation_types):
+    if is_activation_module(module, extra_activation_types) or isinstance(module, FunctionalActivation):
         return "activation"
     if isinstance(module, PARAMETRIC_TYPES):
         return "parametric"
+    if looks_like_activation(module):
+        return "activation"
     return "other"
 
 
-def _metrics_for_kind(kind: str, module: nn.Module, in_partition: bool, weight_layer_outputs: bool) -> tuple[str, ...]:
-    """All metric names that apply to a layer of this kind (before the user's ``metrics`` filter)."""
-    names: list[str] = []
-    if kind == "activation":
-        names += _ACTIVATION_ONLY_METRICS
-    if kind != "parametric" or weight_layer_outputs:
-        names += _OUTPUT_METRICS
-    if kind != "activation" and any(True for _ in module.parameters()):
-        names += _PARAMETER_METRICS
-    if in_partition:
-        names += _CLONING_METRICS
-    return tuple(names)
+def _functional_activation(module: nn.Module) -> tuple[Callable, nn.Linear, nn.Linear] | None:
+    """``(function, linear_before, linear_after)`` of a layer applying its activation as a function, else None.
+
+    Recognises the layout of torch's ``nn.TransformerEncoderLayer``/``DecoderLayer`` (``linear2(dropout(
+    activation(linear1(x))))`` with ``activation`` a plain function such as ``F.relu``) and any module that
+    follows it. An ``activation`` that is a module is found as a module of its own.
+    """
+    function = getattr(module, "activation", None)
+    before, after = getattr(module, "linear1", None), getattr(module, "linear2", None)
+    if callable(function) and not isinstance(function, nn.Module):
+        if isinstance(before, nn.Linear) and isinstance(after, nn.Linear):
+            return function, before, after
+    return None
+
+
+def _never_called_weights(model: nn.Module) -> dict[str, str]:
+    """Weight layers that are only read as tensors, never called (``nn.MultiheadAttention.out_proj``) -> why."""
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and isinstance(getattr(module, "out_proj", None), nn.Linear):
+            skipped[f"{name}.out_proj" if name else "out_proj"] = (
+                "nn.MultiheadAttention passes its weights to F.multi_head_attention_forward; it is never called"
+            )
+    return skipped
 
 
 def _has_inplace_module(model: nn.Module) -> bool:
@@ -274,16 +339,6 @@ def _has_inplace_module(model: nn.Module) -> bool:
 def _tensor_or_none(output: Any) -> Tensor | None:
     """The module output if it is a tensor, else None (tuples and dicts are not monitored)."""
     return output if isinstance(output, Tensor) else None
-
-
-def _row_subsample(matrix: Tensor, max_rows: int, seed: int) -> Tensor:
-    """At most ``max_rows`` rows of ``matrix``, chosen by a seeded random draw (kept in order)."""
-    n_rows = matrix.shape[0]
-    if n_rows <= max_rows:
-        return matrix
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(n_rows, generator=generator)[:max_rows].sort().values
-    return matrix.index_select(0, index.to(matrix.device))
 
 
 def expected_probe_shape(model: nn.Module) -> tuple[str, int] | None:
@@ -327,14 +382,14 @@ def _run_model(model: nn.Module, probe_inputs: Any) -> Any:
     return model(probe_inputs)
 
 
-def _warn(message: str) -> None:
+def _warn(message: str, category: type[LopkitWarning] = LopkitWarning) -> None:
     """Emit a LopkitWarning attributed to the first caller outside this module (the user's code)."""
     frame = sys._getframe(1)
     level = 2  # stacklevel 1 is this function, 2 its caller
     while frame is not None and frame.f_code.co_filename == __file__:
         frame = frame.f_back
         level += 1
-    warnings.warn(message, LopkitWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _format_value(value: float) -> str:
@@ -374,7 +429,25 @@ class Monitor:
     Metrics that need a gradient are skipped when ``measure`` gets no ``probe_targets``/``loss_fn``. A layer
     whose output holds NaN/inf gets NaN for all its metrics (except ``weight_norm``) and one
     :class:`~lopkit.diagnostics.errors.LopkitWarning` naming it. Extra elementwise activation classes can be
-    declared with ``activation_types``.
+    declared with ``activation_types``; a parameter-free leaf module of a custom class named like an activation
+    (``MyGELU``, ``Swish``) counts as one too.
+
+    Transformers: an activation a layer applies as a function (torch's ``nn.TransformerEncoderLayer`` calls
+    ``F.relu``/``F.gelu`` inside ``forward``) is measured as a layer ``"<layer>.activation"``: its output is the
+    input of the following Linear (``linear2``) and its pre-activation the output of ``linear1``. Weight layers
+    that are never called as modules (``self_attn.out_proj``) are left out. :meth:`describe` lists every
+    measured layer, its kind and the tensor it reads, and what was left out; the choice is also logged once
+    (``logging`` at INFO, logger ``lopkit.monitor``). Padded tokens count as samples, except where torch's
+    ``nn.TransformerEncoder`` fast path hands the layers nested tensors (padding mask, no gradients): then only
+    the real tokens are measured.
+
+    Metrics come from the registry (:mod:`lopkit.diagnostics.metric_registry`): built-ins and metrics added with
+    :func:`~lopkit.diagnostics.metric_registry.register_metric`, plus this Monitor's ``extra_metrics``.
+
+    Memory: every row is kept in :attr:`rows` by default; ``max_rows=N`` keeps only the latest ``N`` rows
+    (``0``: none) and ``sink(rows)`` receives the rows of each measurement as they are made (to log or store
+    them). :meth:`latest`, :meth:`summary` and :meth:`format_table` of the latest step work either way.
+    Warnings follow ``config.warnings`` (see :data:`WARNING_POLICIES`).
 
     Cost: hooks exist only inside ``measure``; one measurement costs a probe forward/backward plus, per
     layer, two float64 Gram products and one eigendecomposition (``probe x probe``) shared by the four rank
@@ -389,56 +462,87 @@ class Monitor:
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[str | type[nn.Module]] | None = None,
+        layers: Sequence[str | type[nn.Module]] | MonitorConfig | None = None,
         *,
         metrics: Iterable[str] | None = None,
         partition: Mapping[str, Tensor] | None = None,
         config: MonitorConfig | None = None,
         activation_types: Sequence[type[nn.Module]] = (),
+        extra_metrics: Sequence[MetricSpec] = (),
+        sink: Callable[[list[dict[str, Any]]], Any] | None = None,
+        max_rows: int | None = None,
     ) -> None:
         """Pick the layers and metrics to monitor and validate the partition; attaches nothing yet."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"Monitor needs a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(layers, MonitorConfig) and config is None:  # Monitor(model, MonitorConfig(...))
+            layers, config = None, layers
         if config is None:
             config = MonitorConfig()
         if not isinstance(config, MonitorConfig):
             raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0):
+            raise ValueError(f"max_rows must be None (keep every row) or an integer >= 0, got {max_rows!r}")
+        if sink is not None and not callable(sink):
+            raise ValueError(f"sink must be a callable taking a list of rows, got {type(sink).__name__}")
         self.model = model
         self.config = config
+        self.sink = sink
+        self.max_rows = max_rows
         self._extra_activation_types = tuple(activation_types)
+        self._specs: dict[str, MetricSpec] = resolve_specs(extra_metrics)
         self._explicit_metrics = metrics is not None
         self.metrics: frozenset[str] = self._validate_metrics(metrics)
+        self.skipped: dict[str, str] = {}
+        self._functional_wanted: set[str] = set()
         modules = self._select_modules(layers)
         if layers is None and isinstance(partition, Mapping):
             modules = self._with_partition_layers(modules, partition)
         block_ids = self._validate_partition(partition, {name for name, _ in modules})
         self.layers: list[_Layer] = [self._make_layer(name, module, block_ids.get(name)) for name, module in modules]
+        if layers is None or self._functional_wanted:
+            self.layers = self._with_functional_activations(self.layers, None if layers is None else
+                                                            self._functional_wanted)
         self.rows: list[dict[str, Any]] = []
+        self._last_rows: list[dict[str, Any]] = []
+        self._last_step: int | None = None
         self._calls = 0
         self._warned_once: set[str] = set()
+        found = [layer for layer in self.layers if layer.hook_input or (
+            layer.kind == "activation" and looks_like_activation(layer.module)
+            and not is_activation_module(layer.module, self._extra_activation_types))]
+        if found or self.skipped:
+            logging.getLogger("lopkit.monitor").info("Monitor chose:\n%s", self.describe())
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Every metric name this Monitor knows, in row order (per-layer ones, then the whole-model ones)."""
+        return (*self._specs, *MODEL_METRICS)
 
     # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _validate_metrics(metrics: Iterable[str] | None) -> frozenset[str]:
+    def _validate_metrics(self, metrics: Iterable[str] | None) -> frozenset[str]:
         """The chosen metric names (all by default); unknown names raise ValueError listing valid ones."""
+        valid = self.metric_names
         if metrics is None:
-            return frozenset(METRIC_NAMES)
+            return frozenset(valid)
         if isinstance(metrics, str):
             metrics = [metrics]
         chosen = list(metrics)
-        unknown = [m for m in chosen if m not in METRIC_NAMES]
+        unknown = [m for m in chosen if m not in valid]
         if unknown:
-            raise ValueError(f"unknown metric name(s) {unknown}; valid names are: {', '.join(METRIC_NAMES)}")
+            raise ValueError(f"unknown metric name(s) {unknown}; valid names are: {', '.join(valid)}")
         if not chosen:
-            raise ValueError(f"metrics is empty; pass None for all metrics or a subset of: {', '.join(METRIC_NAMES)}")
+            raise ValueError(f"metrics is empty; pass None for all metrics or a subset of: {', '.join(valid)}")
         return frozenset(chosen)
 
     def _select_modules(self, layers: Sequence[str | type[nn.Module]] | None) -> list[tuple[str, nn.Module]]:
         """Resolve ``layers`` (None, names and/or module types) to (name, module) pairs in model order."""
         named = list(self.model.named_modules())
         if layers is None:
+            self.skipped = _never_called_weights(self.model)
             selected = [(name, m) for name, m in named
-                        if isinstance(m, PARAMETRIC_TYPES) or is_activation_module(m, self._extra_activation_types)]
+                        if (isinstance(m, PARAMETRIC_TYPES) or is_activation_module(m, self._extra_activation_types)
+                            or looks_like_activation(m)) and (name or MODEL_LAYER) not in self.skipped]
             if not selected:
                 raise ValueError(
                     f"{type(self.model).__name__} has no module to monitor by default (no elementwise activation "
@@ -453,8 +557,12 @@ class Monitor:
         wanted_types: list[type] = []
         for item in layers:
             if isinstance(item, str):
+                if item not in by_name and item in self._functional_names():
+                    self._functional_wanted.add(item)
+                    continue
                 if item not in by_name:
-                    available = ", ".join(repr(n) for n, _ in named if n) or "(none)"
+                    names = [n for n, _ in named if n] + sorted(self._functional_names())
+                    available = ", ".join(repr(n) for n in names) or "(none)"
                     raise ValueError(
                         f"layer {item!r} is not a module of the model; available names from "
                         f"model.named_modules(): {available}"
@@ -469,7 +577,7 @@ class Monitor:
             for name, m in named
             if name in wanted_names or (wanted_types and isinstance(m, tuple(wanted_types)))
         ]
-        if not selected:
+        if not selected and not self._functional_wanted:
             raise ValueError(
                 f"no module of {type(self.model).__name__} matches layers={list(layers)!r}; pass module names "
                 "from model.named_modules() or module types that occur in the model."
@@ -513,24 +621,86 @@ class Monitor:
             checked[name] = ids_tensor.to(torch.long).cpu()
         return checked
 
-    def _make_layer(self, name: str, module: nn.Module, block_ids: Tensor | None) -> _Layer:
-        """Build the record of one monitored layer, keeping only the chosen metrics."""
+    def _make_layer(self, name: str, module: nn.Module, block_ids: Tensor | None, **where: Any) -> _Layer:
+        """Build the record of one monitored layer, keeping the chosen metrics that apply to it."""
         kind = _layer_kind(module, self._extra_activation_types)
-        applicable = _metrics_for_kind(kind, module, block_ids is not None, self.config.weight_layer_output_metrics)
-        return _Layer(name, module, kind, tuple(m for m in applicable if m in self.metrics), block_ids)
+        info = LayerInfo(name, module, kind, block_ids is not None, self.config)
+        chosen = tuple(m for m, spec in self._specs.items() if m in self.metrics and spec.applies_to(info))
+        if "source" not in where:
+            how = "custom class, by its name" if kind == "activation" and looks_like_activation(module) and not (
+                is_activation_module(module, self._extra_activation_types)) else type(module).__name__
+            where["source"] = f"output of {name!r} ({how})"
+        return _Layer(name, module, kind, chosen, block_ids, **where)
+
+    def _functional_names(self) -> set[str]:
+        """Names of the layers :meth:`_with_functional_activations` can add (``"<layer>.activation"``)."""
+        return {f"{name}.activation" if name else "activation" for name, module in self.model.named_modules()
+                if _functional_activation(module) is not None}
+
+    def _with_functional_activations(self, layers: list[_Layer], only: set[str] | None = None) -> list[_Layer]:
+        """Add a layer for each activation applied as a function (see :func:`_functional_activation`), or for the
+        ones named in ``only``."""
+        result = list(layers)
+        by_module = {id(module): name for name, module in self.model.named_modules()}
+        found: list[tuple[int, _Layer]] = []
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        for owner_name, owner in self.model.named_modules():
+            hit = _functional_activation(owner)
+            if hit is None:
+                continue
+            function, before, after = hit
+            name = f"{owner_name}.activation" if owner_name else "activation"
+            if only is not None and name not in only:
+                continue
+            source = (f"input of {by_module[id(after)]!r} = {getattr(function, '__name__', 'activation')}(output of "
+                      f"{by_module[id(before)]!r}), a function called inside {type(owner).__name__}.forward")
+            layer = self._make_layer(name, FunctionalActivation(function), None, hook_module=after, hook_input=True,
+                                     pre_module=before, source=source)
+            found.append((order[by_module[id(after)]], layer))
+        for position, layer in found:  # just before the Linear whose input it is
+            index = next((i for i, item in enumerate(result) if order.get(item.name, -1) >= position), len(result))
+            result.insert(index, layer)
+        return result
 
     # ------------------------------------------------------------------ measuring
     def maybe_measure(
         self,
-        step: int,
-        probe_inputs: Any,
-        probe_targets: Any = None,
-        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        *args: Any,
+        step: int | None = None,
+        **kwargs: Any,
     ) -> list[dict[str, Any]] | None:
-        """Measure when ``step % config.every == 0`` (returns the new rows), else do nothing (returns None)."""
+        """``maybe_measure(probe_inputs, probe_targets=None, loss_fn=None, *, step)``: :meth:`measure` when
+        ``step % config.every == 0`` (returns the new rows), else nothing (returns None).
+
+        Same argument order as :meth:`measure`. The earlier order ``maybe_measure(step, probe_inputs, ...)``
+        still works (an int first argument without ``step=``) and gives a DeprecationWarning.
+        """
+        if step is None and args and isinstance(args[0], int) and not isinstance(args[0], bool):
+            warnings.warn(
+                "maybe_measure(step, probe_inputs, ...) is deprecated; call maybe_measure(probe_inputs, "
+                "probe_targets, loss_fn, step=step), the argument order of measure()",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            step, args = args[0], args[1:]
+        if step is None:
+            raise ValueError("maybe_measure needs step=..., e.g. maybe_measure(probe_x, probe_y, loss_fn, step=step)")
+        names = ("probe_inputs", "probe_targets", "loss_fn")
+        if len(args) > len(names):
+            raise ValueError(f"maybe_measure takes at most {len(names)} positional arguments, got {len(args)}")
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(f"maybe_measure got unexpected keyword argument(s) {unknown}; valid: {names}, step")
+        bound = dict(zip(names, args))
+        clash = sorted(set(bound) & set(kwargs))
+        if clash:
+            raise ValueError(f"maybe_measure got {clash} both by position and by keyword")
+        bound.update(kwargs)
+        if "probe_inputs" not in bound:
+            raise ValueError("maybe_measure needs probe_inputs")
         if step % self.config.every != 0:
             return None
-        return self.measure(probe_inputs, probe_targets, loss_fn, step=step)
+        return self.measure(bound["probe_inputs"], bound.get("probe_targets"), bound.get("loss_fn"), step=step)
 
     def measure(
         self,
@@ -542,7 +712,7 @@ class Monitor:
         """Run the probe through the model once and return (and store) one row per (layer, metric).
 
         ``loss_fn(model_output, probe_targets)`` must return a scalar. ``step`` defaults to the number of
-        earlier ``measure`` calls on this Monitor.
+        earlier ``measure`` calls on this Monitor. The rows also go to ``sink`` when one was given.
         """
         if (probe_targets is None) != (loss_fn is None):
             raise ValueError(
@@ -574,21 +744,41 @@ class Monitor:
             rows.append(self._row(step, MODEL_LAYER, "loss", probe.loss))
         if probe.hessian_top is not None:
             rows.append(self._row(step, MODEL_LAYER, "hessian_top_eigenvalue", probe.hessian_top))
-        self.rows.extend(rows)
+        self._keep(rows, int(step))
         return rows
+
+    def _keep(self, rows: list[dict[str, Any]], step: int) -> None:
+        """Store the rows of one measurement (within ``max_rows``) and hand them to the sink."""
+        self._last_rows = rows
+        self._last_step = step
+        if self.max_rows is None:
+            self.rows.extend(rows)
+        elif self.max_rows > 0:
+            self.rows.extend(rows)
+            del self.rows[: max(0, len(self.rows) - self.max_rows)]
+        if self.sink is not None:
+            self.sink([dict(row) for row in rows])
 
     @staticmethod
     def _row(step: int, layer: str, metric: str, value: float) -> dict[str, Any]:
         """One tidy row with a float value."""
         return {"step": int(step), "layer": layer, "metric": metric, "value": float(value)}
 
+    def _specs_of(self, layer: _Layer) -> list[MetricSpec]:
+        """The registry entries of the layer's metrics."""
+        return [self._specs[m] for m in layer.metrics]
+
     def _needs_output_grad(self, layer: _Layer) -> bool:
         """Whether the probe loss must be differentiated w.r.t. this layer's output."""
-        return "saturated_fraction" in layer.metrics or "cloning_r2_backward" in layer.metrics
+        return any("output_grad" in spec.needs for spec in self._specs_of(layer))
+
+    def _needs_parameter_grads(self, layer: _Layer) -> bool:
+        """Whether the probe loss must be differentiated w.r.t. this layer's parameters."""
+        return any("parameter_grads" in spec.needs for spec in self._specs_of(layer))
 
     def _needs_pre_activation(self, layer: _Layer) -> bool:
         """Whether this layer needs its input ``z`` captured (derivative-based frozen fraction)."""
-        return "frozen_fraction" in layer.metrics
+        return any("pre_activation" in spec.needs for spec in self._specs_of(layer))
 
     def _trainable_parameters(self, layer: _Layer) -> list[nn.Parameter]:
         """Parameters of the layer's module that receive gradients."""
@@ -619,13 +809,41 @@ class Monitor:
             for layer in self.layers:
                 result.captures[layer.name] = []
                 if self._needs_pre_activation(layer):
-                    handles.append(layer.module.register_forward_pre_hook(self._pre_activation_hook(layer, pending)))
+                    if layer.pre_module is not None:
+                        handles.append(layer.pre_module.register_forward_hook(self._pre_output_hook(layer, pending)))
+                    else:
+                        handles.append(layer.module.register_forward_pre_hook(
+                            self._pre_activation_hook(layer, pending)))
                 hook = self._capture_hook(layer, result, pending, track_grad, clone_outputs)
-                handles.append(layer.module.register_forward_hook(hook))
+                if layer.hook_input:
+                    handles.append(layer.target.register_forward_pre_hook(self._input_capture_hook(hook)))
+                else:
+                    handles.append(layer.target.register_forward_hook(hook))
             return _run_model(self.model, probe_inputs)
         finally:
             for handle in handles:
                 handle.remove()
+
+    @staticmethod
+    def _input_capture_hook(capture: Callable) -> Callable:
+        """Pre-hook capturing a module's first input the way the capture hook captures an output."""
+
+        def hook(module: nn.Module, args: tuple) -> Any:
+            if not args:
+                return None
+            replacement = capture(module, args, args[0])
+            return None if replacement is None else (replacement, *args[1:])
+
+        return hook
+
+    @staticmethod
+    def _pre_output_hook(layer: _Layer, pending: dict[str, Tensor | None]) -> Callable:
+        """Forward hook saving the output of the module before a functional activation (its ``z``)."""
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            pending[layer.name] = output.detach() if isinstance(output, Tensor) else None
+
+        return hook
 
     def _pre_activation_hook(self, layer: _Layer, pending: dict[str, Tensor | None]) -> Callable:
         """Pre-hook saving a detached copy of the module input ``z`` (copied: in-place modules overwrite it)."""
@@ -701,7 +919,7 @@ class Monitor:
                     slots.append(("output", (layer.name, index)))
         seen: dict[int, int] = {}
         for layer in self.layers:
-            if "gradient_norm" not in layer.metrics:
+            if not self._needs_parameter_grads(layer):
                 continue
             for param in self._trainable_parameters(layer):
                 if id(param) not in seen:
@@ -721,7 +939,7 @@ class Monitor:
             else:
                 by_param[key] = torch.zeros_like(target) if grad is None else grad.detach()
         for layer in self.layers:
-            if "gradient_norm" in layer.metrics:
+            if self._needs_parameter_grads(layer):
                 result.parameter_grads[layer.name] = [by_param[id(p)] for p in self._trainable_parameters(layer)]
 
     def _hessian_top(self, probe_inputs: Any, probe_targets: Any, loss_fn: Callable) -> float:
@@ -747,6 +965,8 @@ class Monitor:
     # ------------------------------------------------------------------ per-layer metrics
     def _unit_matrix(self, layer: _Layer, tensor: Tensor) -> Tensor:
         """The ``(samples, units)`` view of a layer output (Linear: last axis; conv: channels)."""
+        if tensor.is_nested:  # nn.TransformerEncoder with a padding mask: real tokens only, features as units
+            tensor = torch.cat([part.reshape(-1, part.shape[-1]) for part in tensor.unbind()])
         if tensor.ndim < 2:
             raise ValueError(
                 f"layer {layer.name!r} produced an output of shape {tuple(tensor.shape)}, with no batch axis: the "
@@ -763,139 +983,79 @@ class Monitor:
         self, layer: _Layer, label: str, capture: _Capture, probe: _ProbeResult, index: int, with_loss: bool
     ) -> dict[str, float]:
         """Compute the chosen metrics of one layer call; NaN everywhere if its output is not finite."""
-        metrics = [m for m in layer.metrics if with_loss or m not in _LOSS_METRICS]
-        if not self._trainable_parameters(layer):  # frozen module: no gradient to report
-            metrics = [m for m in metrics if m != "gradient_norm"]
+        specs = [spec for spec in self._specs_of(layer) if with_loss or not spec.needs_loss]
+        if not self._trainable_parameters(layer):  # frozen module: no parameter gradient to report
+            specs = [spec for spec in specs if "parameter_grads" not in spec.needs]
         values: dict[str, float] = {}
         output = capture.output.detach()
         h = self._unit_matrix(layer, output)
+        ctx = MetricContext(label, layer.name, layer.module, layer.kind, self.config, h, block_ids=layer.block_ids,
+                            activation=layer.module if layer.kind == "activation" else None)
         if not all_finite(h):
-            _warn(
+            self._warn_once(
+                f"non-finite:{label}",
                 f"layer {label!r}: its output on the probe contains NaN or inf, so its metrics are NaN. "
-                "Check the probe inputs and the model for divergence (lower the learning rate, clip gradients)."
+                "Check the probe inputs and the model for divergence (lower the learning rate, clip gradients).",
             )
-            for metric in metrics:
-                values[metric] = self._weight_norm(layer) if metric == "weight_norm" else float("nan")
+            for spec in specs:
+                values[spec.name] = float(spec.fn(ctx)) if spec.output_free else float("nan")
             return values
-        grad = None
+        if any("pre_activation" in spec.needs for spec in specs) and capture.pre_activation is not None:
+            ctx.pre_activation = self._unit_matrix(layer, capture.pre_activation)
         if with_loss and self._needs_output_grad(layer):
             raw_grad = probe.output_grads.get((layer.name, index))
             grad = None if raw_grad is None else self._unit_matrix(layer, raw_grad)
             if grad is None:
                 grad = torch.zeros_like(h)  # the loss does not depend on this output
             elif not all_finite(grad):
-                _warn(
+                self._warn_once(
+                    f"non-finite-grad:{label}",
                     f"layer {label!r}: the gradient of the probe loss w.r.t. its output contains NaN or inf, "
-                    "so its gradient-based metrics are NaN."
+                    "so its gradient-based metrics are NaN.",
                 )
                 grad = None
-        sampled: Tensor | None = None
-        ranks: RankWorkspace | None = None
-        cfg = self.config
-        for metric in metrics:
-            if metric in _OUTPUT_METRICS and sampled is None:
-                sampled = _row_subsample(h, cfg.rank_max_samples, cfg.seed)
-            if metric in _RANK_METRICS:
-                # the four ranks share one float64 Gram matrix and its spectrum (the costliest part)
-                ranks = ranks if ranks is not None else RankWorkspace(sampled)
-                values[metric] = self._with_layer_warnings(label, metric, lambda: ranks.value(metric))
+            ctx.output_grad = grad
+        if with_loss:
+            ctx.parameter_grads = probe.parameter_grads.get(layer.name, [])
+        for spec in specs:
+            if "pre_activation" in spec.needs and ctx.pre_activation is None:
+                values[spec.name] = float("nan")
+            elif "output_grad" in spec.needs and ctx.output_grad is None:
+                values[spec.name] = float("nan")
             else:
-                values[metric] = self._one_metric(layer, label, metric, h, sampled, grad, capture, probe)
+                values[spec.name] = self._with_layer_warnings(label, spec.name, lambda: spec.fn(ctx))
         return values
 
-    def _weight_norm(self, layer: _Layer) -> float:
-        """Norm of all parameters of the layer's module."""
-        return float(parameter_norm([p.detach() for p in layer.module.parameters()]))
-
-    def _one_metric(
-        self,
-        layer: _Layer,
-        label: str,
-        metric: str,
-        h: Tensor,
-        sampled: Tensor | None,
-        grad: Tensor | None,
-        capture: _Capture,
-        probe: _ProbeResult,
-    ) -> float:
-        """Dispatch one metric name to its pure function, re-emitting its warnings with the layer name."""
-        cfg = self.config
-        compute: Callable[[], Any]
-        if metric == "dead_fraction":
-            compute = lambda: dead_fraction(h, threshold=cfg.dead_threshold, sample_fraction=cfg.dead_sample_fraction)
-        elif metric == "dormant_fraction":
-            compute = lambda: dormant_fraction(h, tau=cfg.dormant_tau)
-        elif metric == "frozen_fraction":
-            if capture.pre_activation is None:
-                return float("nan")
-            z = self._unit_matrix(layer, capture.pre_activation)
-            compute = lambda: frozen_fraction(
-                z, layer.module, eps=cfg.frozen_eps, sample_fraction=cfg.frozen_sample_fraction
-            )
-        elif metric == "saturated_fraction":
-            if grad is None:
-                return float("nan")
-            compute = lambda: saturated_fraction(
-                h, grad, ratio_threshold=cfg.saturation_ratio, sample_fraction=cfg.saturation_sample_fraction
-            )
-        elif metric == "duplicate_fraction":
-            compute = lambda: duplicate_fraction(
-                sampled,
-                threshold=cfg.duplicate_threshold,
-                centered=cfg.duplicate_centered,
-                absolute=cfg.duplicate_absolute,
-            )
-        elif metric == "weight_norm":
-            return self._weight_norm(layer)
-        elif metric == "gradient_norm":
-            grads = probe.parameter_grads.get(layer.name, [])
-            compute = lambda: gradient_norm(grads)
-        elif metric == "cloning_r2_forward":
-            self._check_partition_length(layer, label, h)
-            compute = lambda: cloning_r2(h, layer.block_ids.to(h.device), legacy_std_ratio=cfg.cloning_legacy_std_ratio)
-        elif metric == "cloning_r2_backward":
-            self._check_partition_length(layer, label, h)
-            if grad is None:
-                return float("nan")
-            compute = lambda: cloning_r2(
-                grad, layer.block_ids.to(grad.device), legacy_std_ratio=cfg.cloning_legacy_std_ratio
-            )
-        else:  # pragma: no cover - guarded by _metrics_for_kind
-            raise AssertionError(f"no rule for metric {metric!r}")
-        return self._with_layer_warnings(label, metric, compute)
-
-    @staticmethod
-    def _check_partition_length(layer: _Layer, label: str, h: Tensor) -> None:
-        """Raise ValueError when the partition does not give exactly one block id per unit of the layer."""
-        assert layer.block_ids is not None
-        if layer.block_ids.numel() != h.shape[1]:
-            raise ValueError(
-                f"partition[{layer.name!r}] has {layer.block_ids.numel()} block ids but layer {label!r} has "
-                f"{h.shape[1]} units; pass one block id per output unit (channel for conv layers)"
-            )
-
     def _with_layer_warnings(self, label: str, metric: str, compute: Callable[[], Any]) -> float:
-        """Run a metric, re-emitting its LopkitWarnings prefixed with the layer and metric (once per Monitor)."""
+        """Run a metric, re-emitting its LopkitWarnings prefixed with the layer and metric (per the policy)."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             value = compute()
         for item in caught:
+            if issubclass(item.category, ConstantUnitWarning) and not self.config.warn_constant_units:
+                continue
             if issubclass(item.category, LopkitWarning):
-                message = f"layer {label!r}, {metric}: {item.message}"
-                self._warn_once(message, message)
+                self._warn_once(f"metric:{label}:{metric}", f"layer {label!r}, {metric}: {item.message}",
+                                item.category)
             else:
                 warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
         return float(value)
 
-    def _warn_once(self, key: str, message: str) -> None:
-        """Emit a LopkitWarning the first time ``key`` comes up for this Monitor (training loops repeat them)."""
-        if key not in self._warned_once:
+    def _warn_once(self, key: str, message: str, category: type[LopkitWarning] = LopkitWarning) -> None:
+        """Emit a LopkitWarning per ``config.warnings``: once per ``key`` for this Monitor, always, never, or raise."""
+        policy = self.config.warnings
+        if policy == "ignore":
+            return
+        if policy == "error":
+            raise category(message)
+        if policy == "always" or key not in self._warned_once:
             self._warned_once.add(key)
-            _warn(message)
+            _warn(message, category)
 
     def _warn_skipped_loss_metrics(self) -> None:
         """Warn once when the user asked for gradient metrics explicitly but measures without a loss."""
-        requested = sorted(self.metrics & _LOSS_METRICS) if self._explicit_metrics else []
+        loss_metrics = {name for name, spec in self._specs.items() if spec.needs_loss} | set(MODEL_METRICS)
+        requested = sorted(self.metrics & loss_metrics) if self._explicit_metrics else []
         if requested:
             self._warn_once(
                 "no-loss",
@@ -912,7 +1072,7 @@ class Monitor:
     @property
     def latest_step(self) -> int | None:
         """Step of the most recent measurement, or None before the first one."""
-        return self.rows[-1]["step"] if self.rows else None
+        return self.rows[-1]["step"] if self.rows else self._last_step
 
     def _rows_at(self, step: int | None) -> list[dict[str, Any]]:
         """Rows of the given step (latest when None); ValueError if that step was never measured."""
@@ -921,6 +1081,8 @@ class Monitor:
             if step is None:
                 return []
         selected = [r for r in self.rows if r["step"] == step]
+        if not selected and step == self._last_step:  # rows not kept (max_rows): the latest measurement still is
+            selected = list(self._last_rows)
         if not selected:
             measured = sorted({r["step"] for r in self.rows})
             raise ValueError(f"no measurement at step {step}; measured steps: {measured}")
@@ -936,7 +1098,7 @@ class Monitor:
         frame = pd.DataFrame(rows, columns=list(_ROW_COLUMNS))
         table = frame.pivot_table(index="layer", columns="metric", values="value", aggfunc="last", dropna=False)
         layer_order = list(dict.fromkeys(r["layer"] for r in rows))
-        metric_order = [m for m in METRIC_NAMES if m in table.columns]
+        metric_order = [m for m in self.metric_names if m in table.columns]
         table = table.reindex(index=layer_order, columns=metric_order)
         table.columns.name = None
         return table
@@ -969,5 +1131,50 @@ class Monitor:
     def reset(self) -> None:
         """Forget all rows and restart the internal step counter."""
         self.rows.clear()
+        self._last_rows = []
+        self._last_step = None
         self._calls = 0
         self._warned_once.clear()
+
+    # ------------------------------------------------------------------ state and description
+    def state_dict(self) -> dict[str, Any]:
+        """The Monitor's run state (plain Python values, JSON-safe): kept rows, latest measurement, step counter,
+        warnings already given and the subsample seed. The config, layers and metrics are not part of it."""
+        return {
+            "version": STATE_VERSION,
+            "rows": [dict(row) for row in self.rows],
+            "last_rows": [dict(row) for row in self._last_rows],
+            "last_step": self._last_step,
+            "calls": self._calls,
+            "warned": sorted(self._warned_once),
+            "seed": self.config.seed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (ValueError for another layout or another seed)."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"unknown Monitor state version {found!r}; expected {STATE_VERSION}")
+        if state["seed"] != self.config.seed:
+            raise ValueError(
+                f"the saved Monitor used MonitorConfig(seed={state['seed']}) but this one has seed={self.config.seed}; "
+                "build the Monitor with the saved seed so the rank subsample stays the same"
+            )
+        rows = [dict(row) for row in state["rows"]]
+        if self.max_rows is not None:
+            rows = rows[max(0, len(rows) - self.max_rows):]
+        self.rows = rows
+        self._last_rows = [dict(row) for row in state["last_rows"]]
+        self._last_step = None if state["last_step"] is None else int(state["last_step"])
+        self._calls = int(state["calls"])
+        self._warned_once = set(state["warned"])
+
+    def describe(self) -> str:
+        """One line per measured layer: its name, kind, the tensor it reads and its metrics; then what was left out."""
+        lines = []
+        for layer in self.layers:
+            metrics = ", ".join(layer.metrics) if layer.metrics else "(no chosen metric applies)"
+            lines.append(f"{layer.name}: {layer.kind}; measures the {layer.source}; metrics: {metrics}")
+        for name, why in self.skipped.items():
+            lines.append(f"{name}: not measured ({why})")
+        return "\n".join(lines)

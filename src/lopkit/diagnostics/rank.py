@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import warn, warn_nan
+from .errors import ConstantUnitWarning, warn, warn_nan
 from .units import all_finite, check_finite, normalised_unit_columns, to_float_unit_matrix
 
 __all__ = [
@@ -228,6 +228,7 @@ def _correlation_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"correlation: dropped {n_constant} constant unit(s) out of {m.shape[1]} (their correlation is "
             "undefined); count them with dead_fraction() or dormant_fraction().",
             stacklevel=4,
+            category=ConstantUnitWarning,
         )
     kept = torch.nonzero(~constant).flatten()
     return (x[:, kept] if n_constant else x), kept

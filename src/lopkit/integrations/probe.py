@@ -82,6 +82,7 @@ class ProbeSchedule:
         self.prefix = prefix
         self.keep_rows = keep_rows
         self.monitor: Monitor | None = None
+        self._monitor_state: Mapping[str, Any] | None = None  # restored before the Monitor exists
         self.rows: list[dict[str, Any]] = []
         self.last_step: int | None = None
         self.measurements = 0
@@ -94,7 +95,10 @@ class ProbeSchedule:
         """The Monitor of ``model`` (built on first use, rebuilt if the framework hands over another model)."""
         if self.monitor is None or self.monitor.model is not model:
             self.monitor = Monitor(model, self.layers, metrics=self.metrics, config=self.config,
-                                   activation_types=self.activation_types)
+                                   activation_types=self.activation_types, max_rows=0)  # the history is self.rows
+            if self._monitor_state is not None:
+                self.monitor.load_state_dict(self._monitor_state)
+                self._monitor_state = None
         return self.monitor
 
     def measure(self, model: nn.Module, step: int) -> list[dict[str, Any]]:
@@ -103,7 +107,6 @@ class ProbeSchedule:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         targets = move_to_device(self.probe_targets, device)
         rows = monitor.measure(move_to_device(self.probe_inputs, device), targets, self.loss_fn, step=step)
-        monitor.rows.clear()  # the history lives in self.rows (saved in checkpoints), not twice
         if self.keep_rows:
             self.rows.extend(rows)
         self.last_step = int(step)
@@ -123,7 +126,8 @@ class ProbeSchedule:
     def state_dict(self) -> dict[str, Any]:
         """The history and position (plain Python values, JSON-safe): rows, last measured step, count, every."""
         return {"version": STATE_VERSION, "every": self.every, "last_step": self.last_step,
-                "measurements": self.measurements, "rows": [dict(row) for row in self.rows]}
+                "measurements": self.measurements, "rows": [dict(row) for row in self.rows],
+                "monitor": self.monitor.state_dict() if self.monitor is not None else self._monitor_state}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (ValueError for another layout)."""
@@ -132,3 +136,7 @@ class ProbeSchedule:
         self.rows = [dict(row) for row in state["rows"]]
         self.last_step = state["last_step"]
         self.measurements = int(state["measurements"])
+        self._monitor_state = state.get("monitor")  # warnings already given, latest measurement (older states: none)
+        if self.monitor is not None and self._monitor_state is not None:
+            self.monitor.load_state_dict(self._monitor_state)
+            self._monitor_state = None

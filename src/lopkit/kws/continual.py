@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -178,11 +177,11 @@ class KWSContinualBenchmark(Benchmark):
 
             layers = [name for name, _ in self.model.named_modules()
                       if name.endswith(".pointwise") or name in ("classifier_pointwise", "head")] or None
-            self.monitor = Monitor(self.model, layers, config=MonitorConfig(seed=self.seed, rank_max_samples=256))
+            self.monitor = Monitor(self.model, layers, max_rows=0, config=MonitorConfig(
+                seed=self.seed, rank_max_samples=256, warn_constant_units=False))
         self._bin = {"loss": 0.0, "steps": 0.0}
         self._task_started = False
         self._last: dict[str, float] = {}
-        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ tasks
     def _build_tasks(self) -> list[TaskData]:
@@ -239,15 +238,7 @@ class KWSContinualBenchmark(Benchmark):
         if self.monitor is None:
             return []
         inputs, targets = self._probe(self.tasks[task_index])
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rows = self.monitor.measure(inputs, targets, self._loss_fn, step=self.step)
-        for item in caught:
-            text = str(item.message)
-            if text not in self._warned and "constant unit" not in text:
-                self._warned.add(text)
-                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
-        self.monitor.rows.clear()
+        rows = self.monitor.measure(inputs, targets, self._loss_fn, step=self.step)
         return [make_row(r["step"], task_index, r["layer"], r["metric"], r["value"]) for r in rows]
 
     def run(self, n_steps: int) -> list[dict[str, Any]]:
