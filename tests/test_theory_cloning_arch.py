@@ -24,7 +24,9 @@ from lopkit.theory.manifolds import (
     block_constancy_residual,
     incoming_sums_residual,
     make_equitable_nonconstant,
+    manifold_residuals,
     outgoing_sums_residual,
+    weight_layer_blocks,
 )
 from lopkit.theory.partition import Partition
 
@@ -277,6 +279,13 @@ def test_fresh_clone_is_block_constant_in_every_weight_layer(arch):
         assert block_constancy_residual(modules[name].weight, out_ids, in_ids) == 0.0, name
     with pytest.raises(ValueError, match="does not match"):
         architecture_layer_blocks(model, clone(tiny(arch).double(), 3)[1])
+    generic = weight_layer_blocks(model, partition)  # dispatches to the real wiring, not registration order
+    assert generic.keys() == layers.keys()
+    for name, (out_ids, in_ids) in layers.items():
+        for mine, theirs in zip((out_ids, in_ids), generic[name]):
+            assert (mine is None and theirs is None) or torch.equal(mine, theirs), name
+    rows = manifold_residuals(model, partition)
+    assert len(rows) == 5 * len(layers) and max(r["value"] for r in rows) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,8 +368,7 @@ def test_equitable_nonconstant_clone_keeps_the_function_and_stays_on_the_manifol
     base = randomise_norms(tiny(arch).double(), seeded_generator(0, 4))
     cloned, partition = clone(base, 2, "tiled")
     layers = architecture_layer_blocks(cloned, partition)
-    net = make_equitable_nonconstant(cloned, partition, scale=EQUITABLE_SCALE, generator=seeded_generator(0, 5),
-                                     layer_blocks=layers)
+    net = make_equitable_nonconstant(cloned, partition, scale=EQUITABLE_SCALE, generator=seeded_generator(0, 5))
     hidden = [n for n, (o, i) in layers.items() if o is not None and i is not None]
     modules = dict(net.named_modules())
     for name in hidden:

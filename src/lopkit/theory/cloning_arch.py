@@ -1,4 +1,4 @@
-"""Function-preserving cloning (width x ``factor``) of the small ResNet and ViT of :mod:`lopkit.benchmarks.architectures`.
+"""Function-preserving cloning (width x ``factor``) of the small ResNet and ViT of ``benchmarks.architectures``.
 
 :func:`lopkit.theory.cloning.clone` dispatches here for :class:`SmallResNet` and :class:`SmallViT`.
 The rules are those of the MLP/CNN path (paper App. A.4): every cloned unit gets the incoming
@@ -63,7 +63,7 @@ BlockIds = torch.Tensor | None
 
 
 def clone_architecture(model: nn.Module, factor: int, layout: str = "interleaved") -> tuple[nn.Module, Partition]:
-    """Function-preserving x``factor`` clone of a :class:`SmallResNet` or :class:`SmallViT`; returns (clone, partition)."""
+    """Function-preserving x``factor`` clone of a SmallResNet or SmallViT; returns (clone, partition)."""
     if isinstance(model, SmallResNet):
         return _clone_resnet(model, factor, layout)
     if isinstance(model, SmallViT):

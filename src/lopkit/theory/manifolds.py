@@ -243,8 +243,14 @@ def weight_layer_blocks(model: nn.Module, partition) -> dict[str, tuple[torch.Te
     """For each Linear/Conv: (output block ids, input block ids), ``None`` where the side is not cloned.
 
     Input blocks are the partition entry of the previous leaf module in registration order, which
-    is the forward order for (nested) ``nn.Sequential`` models.
+    is the forward order for (nested) ``nn.Sequential`` models.  The small ResNet/ViT of
+    ``lopkit.benchmarks.architectures`` follow their real wiring (residual streams, attention heads)
+    via :func:`lopkit.theory.cloning_arch.architecture_layer_blocks`.
     """
+    from lopkit.theory.cloning_arch import ARCHITECTURES, architecture_layer_blocks  # lazy: no builders at import
+
+    if isinstance(model, ARCHITECTURES):
+        return architecture_layer_blocks(model, partition)
     result: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     previous: torch.Tensor | None = None
     for name, module in model.named_modules():
@@ -287,7 +293,6 @@ def make_equitable_nonconstant(
     generator: torch.Generator | None = None,
     *,
     inplace: bool = False,
-    layer_blocks: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
 ) -> nn.Module:
     """Add a random equitable perturbation to every hidden->hidden Linear/Conv: same function, not block-constant.
 
@@ -296,16 +301,12 @@ def make_equitable_nonconstant(
     pair with a singleton side has a single row or column, so "equal incoming/outgoing sums" forces
     its entries to be equal: equitable there means block-constant, and any non-zero perturbation
     would change the function.  Biases (edges from a constant singleton node) are left alone for
-    the same reason.  Returns a perturbed deep copy unless ``inplace=True``.  ``layer_blocks`` gives
-    (output ids, input ids) per layer for models that are not Sequential (e.g.
-    :func:`lopkit.theory.cloning_arch.architecture_layer_blocks`); default :func:`weight_layer_blocks`.
+    the same reason.  Returns a perturbed deep copy unless ``inplace=True``.
     """
     model = cloned_model if inplace else copy.deepcopy(cloned_model)
     modules = dict(model.named_modules())
     perturbed = 0
-    if layer_blocks is None:
-        layer_blocks = weight_layer_blocks(model, partition)
-    for name, (out_ids, in_ids) in layer_blocks.items():
+    for name, (out_ids, in_ids) in weight_layer_blocks(model, partition).items():
         if out_ids is None or in_ids is None:
             continue
         weight = modules[name].weight
