@@ -68,6 +68,9 @@ class _State:
 def clone(model: nn.Module, factor: int, layout: str = "interleaved") -> tuple[nn.Module, Partition]:
     """Function-preserving width expansion of an ``nn.Sequential`` MLP/CNN by ``factor``; returns (clone, partition).
 
+    The small ResNet and ViT of :mod:`lopkit.benchmarks.architectures` are handled by
+    :mod:`lopkit.theory.cloning_arch` (residual streams, attention heads, LayerNorm statistics).
+
     ``layout="interleaved"`` puts clone ``j`` of base unit ``k`` at index ``k * factor + j`` (as the
     authors' code); ``layout="tiled"`` at ``j * K + k``.  The partition maps every module of the clone
     whose output units are cloned to the base unit index of each unit; for a ``Flatten`` after
@@ -78,6 +81,10 @@ def clone(model: nn.Module, factor: int, layout: str = "interleaved") -> tuple[n
         raise ValueError(f"factor must be a positive integer (the width expansion), got {factor!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    from lopkit.theory.cloning_arch import ARCHITECTURES, clone_architecture  # lazy: it imports this module
+
+    if isinstance(model, ARCHITECTURES):
+        return clone_architecture(model, factor, layout)
     _check_sequential(model, "model")
     leaves = _leaf_modules(model)
     for name, module in leaves:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lopkit.diagnostics.cloning import cloning_r2
+from lopkit.diagnostics.units import as_unit_matrix
 from lopkit.theory.manifolds import ELEMENTWISE_ACTIVATIONS, WEIGHT_LAYERS, frozen_units
 
 __all__ = [
@@ -72,13 +73,12 @@ def _default_loss(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor
     return nn.functional.cross_entropy
 
 
-def _unit_matrix(t: torch.Tensor) -> torch.Tensor:
-    """``(N, D) -> (N, D)``; ``(N, C, *spatial) -> (N * prod(spatial), C)`` (channels are units)."""
-    if t.dim() == 2:
-        return t
+def _unit_matrix(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``(N, D) -> (N, D)``; ``(N, C, *spatial) -> (N * prod(spatial), C)`` (channels are units);
+    with ``channels_last`` ``(N, T, D) -> (N * T, D)`` (tokens are samples)."""
     if t.dim() < 2:
         raise ValueError(f"module output must have a batch and a unit dimension, got shape {tuple(t.shape)}")
-    return t.movedim(1, -1).reshape(-1, t.shape[1])
+    return as_unit_matrix(t, channels_last=channels_last)
 
 
 def measure_cloning(
@@ -121,11 +121,13 @@ def measure_cloning(
             m.inplace = True
         model.train(was_training)
     forward, backward = {}, {}
+    units_last = getattr(partition, "channels_last", frozenset())
     for name, grad in zip(names, grads):
-        block_ids = partition[name]
+        block_ids, last = partition[name], name in units_last
         grad = torch.zeros_like(captured[name]) if grad is None else grad
-        forward[name] = cloning_r2(_unit_matrix(captured[name].detach()), block_ids, legacy_std_ratio=legacy_std_ratio)
-        backward[name] = cloning_r2(_unit_matrix(grad.detach()), block_ids, legacy_std_ratio=legacy_std_ratio)
+        forward[name] = cloning_r2(_unit_matrix(captured[name].detach(), last), block_ids,
+                                   legacy_std_ratio=legacy_std_ratio)
+        backward[name] = cloning_r2(_unit_matrix(grad.detach(), last), block_ids, legacy_std_ratio=legacy_std_ratio)
     return {"loss": {"model": float(loss.detach())}, "cloning_r2_forward": forward, "cloning_r2_backward": backward}
 
 

@@ -243,8 +243,14 @@ def weight_layer_blocks(model: nn.Module, partition) -> dict[str, tuple[torch.Te
     """For each Linear/Conv: (output block ids, input block ids), ``None`` where the side is not cloned.
 
     Input blocks are the partition entry of the previous leaf module in registration order, which
-    is the forward order for (nested) ``nn.Sequential`` models.
+    is the forward order for (nested) ``nn.Sequential`` models.  The small ResNet/ViT of
+    ``lopkit.benchmarks.architectures`` follow their real wiring (residual streams, attention heads)
+    via :func:`lopkit.theory.cloning_arch.architecture_layer_blocks`.
     """
+    from lopkit.theory.cloning_arch import ARCHITECTURES, architecture_layer_blocks  # lazy: no builders at import
+
+    if isinstance(model, ARCHITECTURES):
+        return architecture_layer_blocks(model, partition)
     result: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     previous: torch.Tensor | None = None
     for name, module in model.named_modules():

@@ -3,7 +3,9 @@
 A :class:`Partition` maps the name of a module (as in ``model.named_modules()``) to a
 ``LongTensor`` with one entry per output unit of that module: the *block id* of the unit,
 which is the index of the base-network unit it copies.  Units are output features for
-``(N, D)`` tensors and channels for ``(N, C, *spatial)`` tensors.  Input features and final
+``(N, D)`` tensors and channels for ``(N, C, *spatial)`` tensors; for the modules named in
+``channels_last`` (token-wise layers of a transformer, ``(N, T, D)``) the units are the last
+axis and tokens count as samples.  Input features and final
 outputs are never cloned, so they never appear in a partition (they are singleton blocks).
 
 Everything downstream (cloning R^2, equitability residuals, equitable perturbations) is
@@ -74,11 +76,14 @@ class Partition(Mapping[str, torch.Tensor]):
 
     ``factor`` is the common block size when every block of every module has the same size
     (as produced by :func:`lopkit.theory.cloning.clone`); it is ``None`` for irregular partitions
-    unless given explicitly.  The stored tensors are private copies; treat them as read-only.
+    unless given explicitly.  ``channels_last`` names the modules whose units sit on the last axis
+    (``(N, T, D)`` token-wise outputs); all others have units on axis 1.  The stored tensors are
+    private copies; treat them as read-only.
     """
 
     blocks: Mapping[str, torch.Tensor]
     factor: int | None = None
+    channels_last: frozenset[str] = frozenset()
     _sizes: Mapping[str, torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +96,11 @@ class Partition(Mapping[str, torch.Tensor]):
                 raise ValueError(f"Partition keys must be module names (str), got {name!r}")
             checked[name] = validate_block_ids(ids, name=f"partition[{name!r}]")
             sizes[name] = torch.bincount(checked[name])
+        last = frozenset(self.channels_last)
+        unknown = sorted(last - set(checked))
+        if unknown:
+            raise ValueError(f"Partition channels_last names {unknown} that have no block ids")
+        object.__setattr__(self, "channels_last", last)
         object.__setattr__(self, "blocks", MappingProxyType(checked))
         object.__setattr__(self, "_sizes", MappingProxyType(sizes))
         uniform = _uniform_block_size(sizes.values())
@@ -119,6 +129,7 @@ class Partition(Mapping[str, torch.Tensor]):
             return NotImplemented
         return (
             self.factor == other.factor
+            and self.channels_last == other.channels_last
             and list(self.blocks) == list(other.blocks)
             and all(torch.equal(self.blocks[k], other.blocks[k]) for k in self.blocks)
         )
@@ -128,7 +139,7 @@ class Partition(Mapping[str, torch.Tensor]):
 
     def __reduce__(self):
         # MappingProxyType cannot be pickled; rebuild from plain dicts (pickle, deepcopy, torch.save)
-        return (type(self), (dict(self.blocks), self.factor))
+        return (type(self), (dict(self.blocks), self.factor, self.channels_last))
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k!r}: {self.base_units(k)}x{self.factor or '?'}" for k in self.blocks)
@@ -150,7 +161,12 @@ class Partition(Mapping[str, torch.Tensor]):
 
     def restrict(self, names: list[str] | tuple[str, ...]) -> Partition:
         """Sub-partition with only the given module names."""
-        return Partition({n: self.blocks[self._known(n)] for n in names}, factor=None)
+        return Partition({n: self.blocks[self._known(n)] for n in names}, factor=None,
+                         channels_last=self.channels_last & set(names))
+
+    def units_last(self, name: str) -> bool:
+        """True when module ``name``'s units are on the last axis (token-wise ``(N, T, D)`` outputs)."""
+        return self._known(name) in self.channels_last
 
     def _known(self, name: str) -> str:
         if name not in self.blocks:
