@@ -15,8 +15,11 @@ from lopkit.benchmarks.cloning import (
     CloningBenchmark,
     activation_layer_names,
     add_relative_gradient_noise_,
+    module_kind,
     noise_scale,
 )
+from lopkit.diagnostics.cloning import cloning_r2
+from lopkit.theory.invariance import probe_clone_tensors
 from lopkit.configs import ConfigError
 from lopkit.data.errors import DatasetNotFoundError
 from lopkit.mitigations.base import Mitigation
@@ -231,6 +234,8 @@ def test_activation_layer_names():
         {"norm": "group"},
         {"base_steps": 0},
         {"variant_name": "sgd"},
+        {"r2_definition": "std_ratio"},
+        {"r2_every": 45},
     ],
 )
 def test_bad_config_raises_config_error(overrides):
@@ -247,3 +252,54 @@ def test_fashion_mnist_smoke_keeps_clones_exact():
     rows = run_all(bench)
     assert bench.base.fc1.in_features == 784 and bench.clone.fc1.out_features == 64
     assert all(v == 1.0 for metric in ALL_R2 for v in values(rows, metric))
+
+
+@pytest.mark.parametrize("definition", ["std_ratio_barriers", "variance_ratio"])
+def test_r2_definition_is_selectable_and_labelled(definition):
+    bench = make({"variant": "noisy_sgd", "r2_definition": definition})
+    rows = run_all(bench)
+    r2_metrics = {r["metric"] for r in rows if r["metric"].startswith("cloning_r2")}
+    assert r2_metrics == {FWD[definition], BWD[definition]}
+    # the logged values are the chosen definition on the clone's probe tensors (recomputed on the final clone)
+    _, tensors = probe_clone_tensors(bench.clone, bench.partition, bench.probe_x, bench.probe_y)
+    last = {r["layer"]: r["value"] for r in rows if r["metric"] == FWD[definition] and r["step"] == bench.total_steps}
+    for name, (output, _) in tensors.items():
+        assert last[name] == pytest.approx(cloning_r2(output, bench.partition[name], definition=definition), rel=1e-9)
+    # same seed with both definitions: identical values for this definition (measuring does not perturb training)
+    both = run_all(make({"variant": "noisy_sgd", "r2_definition": "both"}))
+    assert values(both, FWD[definition]) == values(rows, FWD[definition])
+    assert values(both, FWD["std_ratio_barriers"]) != values(both, FWD["variance_ratio"])
+
+
+def test_r2_every_thins_the_measurements():
+    rows = run_all(make({"variant": "noisy_sgd", "log_every": 10, "r2_every": 40}))
+    r2_steps = sorted({r["step"] for r in rows if r["metric"] == FWD["variance_ratio"]})
+    assert r2_steps == [60, 80, 120, 150]  # cloning step, multiples of 40, the last step
+    assert len({r["step"] for r in rows if r["metric"] == "clone_loss"}) == 9  # the other logs stay
+
+
+def test_momentum_is_honoured():
+    plain = make({"variant": "noisy_sgd", "momentum": 0.0})
+    heavy = make({"variant": "noisy_sgd", "momentum": 0.9})
+    plain_rows, heavy_rows = run_all(plain), run_all(heavy)
+    for bench, momentum in ((plain, 0.0), (heavy, 0.9)):
+        for optimizer in (bench.base_optimizer, bench.clone_optimizer):
+            assert all(group["momentum"] == momentum for group in optimizer.param_groups)
+    assert any(bool(s) and "momentum_buffer" in s for s in heavy.clone_optimizer.state.values())
+    # the trajectory changes: same seed, same minibatches and noise draws, different losses from the first log on
+    assert values(plain_rows, "base_loss")[0] != values(heavy_rows, "base_loss")[0]
+    assert values(plain_rows, "clone_loss")[-1] != values(heavy_rows, "clone_loss")[-1]
+    assert values(make({"variant": "noisy_sgd", "momentum": 0.9}).run(10_000), "base_loss") == values(
+        heavy_rows, "base_loss"
+    )  # and it is deterministic
+
+
+def test_module_kind():
+    kinds = {name: module_kind(name) for name in ("fc1", "norm12", "act3", "drop2", "head", "fcx", "flatten")}
+    assert kinds == {
+        "fc1": "linear", "norm12": "norm", "act3": "activation", "drop2": "dropout", "head": "other",
+        "fcx": "other", "flatten": "other",
+    }  # fmt: skip
+    dropout_rows = run_all(make({"variant": "dropout"}))
+    layers = {r["layer"] for r in dropout_rows if r["metric"] == FWD["variance_ratio"]}
+    assert {module_kind(name) for name in layers} == {"linear", "norm", "activation", "dropout"}
