@@ -426,7 +426,7 @@ class CloningBenchmark(Benchmark):
         return rows
 
     def _r2_due(self) -> bool:
-        """Clone R^2 is measured at every log (``r2_every`` 0), or on multiples of ``r2_every``, the cloning and last step."""
+        """R^2 at every log (``r2_every`` 0), else on multiples of ``r2_every``, the cloning and the last step."""
         every = self.config.r2_every
         return every == 0 or self.step % every == 0 or self.step in (self.config.base_steps, self.total_steps)
 

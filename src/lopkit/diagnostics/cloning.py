@@ -24,7 +24,7 @@ from .units import check_finite, to_float_unit_matrix
 __all__ = ["R2_DEFINITIONS", "block_means", "cloning_r2"]
 
 R2_DEFINITIONS = ("std_ratio_barriers", "variance_ratio")
-"""Names of the cloning R^2 definitions: the Barriers authors' code (std ratio) and the paper's text (variance ratio)."""
+"""Cloning R^2 definitions: the Barriers authors' code (std ratio) and the paper's text (variance ratio)."""
 
 LEGACY_EPS = 1e-10  # the authors' code adds this to the per-sample std before dividing
 
