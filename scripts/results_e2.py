@@ -19,7 +19,8 @@ from pathlib import Path
 from lopkit.benchmarks.cloning import module_kind, r2_metric_name
 from lopkit.diagnostics.cloning import R2_DEFINITIONS
 
-VARIANTS = ("noisy_sgd", "sgd", "adam")
+FOLDERS = {"noisy_sgd": "noisy_sgd", "noisy_sgd_20k": "noisy_sgd", "sgd": "sgd", "adam": "adam"}
+"""Store folder -> variant (noisy_sgd_20k holds extra seeds of shorter noisy runs)."""
 KINDS = ("linear", "norm", "activation", "dropout")
 DIRECTIONS = ("forward", "backward")
 DEFINITION_LABELS = {
@@ -47,7 +48,7 @@ def read_store(path: Path) -> list[dict]:
     ):
         rows = conn.execute("SELECT step, layer, metric, value FROM metrics WHERE run_id = ?", (run_id,)).fetchall()
         runs.append({
-            "seed": seed, "status": status, "config": json.loads(config), "code_version": version,
+            "folder": path.parent.name, "seed": seed, "status": status, "config": json.loads(config), "code_version": version,
             "created": created, "updated": updated, "step": step, "total": total, "rows": rows,
         })  # fmt: skip
     conn.close()
@@ -102,7 +103,7 @@ def command(variant: str, run: dict) -> str:
             sets.append(f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}")
     return (
         f"OMP_NUM_THREADS=1 lopkit run cloning --preset default --seed-list {run['seed']} "
-        f"--set {' '.join(sets)} --out /work/runs/e2/{variant}"
+        f"--set {' '.join(sets)} --out /work/runs/e2/{run['folder']}"
     )
 
 
@@ -155,6 +156,45 @@ def noisy_section(runs: list[dict]) -> list[str]:
             "| R^2 | " + " | ".join(fmt(mean(values_at(run, r2_metric, s).values())) for s in marks) + " |"
         )
         out += ["", *loss_rank_table(run, step, PAPER["loss_noise"], PAPER["rank_noise"]), ""]
+    return out
+
+
+def seeds_section(runs: list[dict]) -> list[str]:
+    """Noisy SGD across seeds at the largest paired step every run has logged."""
+    metric = r2_metric_name("std_ratio_barriers", "forward")
+    reached = [last_step(run, metric) for run in runs]
+    if len(runs) < 2 or None in reached:
+        return []
+    paired = min(step - run["config"]["base_steps"] for step, run in zip(reached, runs))
+    out = [
+        f"### Noisy SGD across seeds, at about {paired:,} paired steps (the longest every seed reached)",
+        "",
+        "| seed | paired steps | R^2 std_ratio_barriers fwd / bwd | R^2 variance_ratio fwd / bwd | "
+        "train loss base / clone | eff. rank base / clone |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for run in runs:
+        base = run["config"]["base_steps"]
+        steps = sorted({s for s, _, m, _ in run["rows"] if m == metric})
+        step = min(steps, key=lambda s: abs(s - base - paired))
+        r2 = {
+            (d, k): r2_by_kind(run, d, k, step)["all"] for d in R2_DEFINITIONS for k in DIRECTIONS
+        }
+        get = lambda m: mean(values_at(run, m, step).values())  # noqa: E731
+        summary.append(r2[("std_ratio_barriers", "forward")])
+        out.append(
+            f"| {run['seed']} | {step - base:,} | {fmt(r2[('std_ratio_barriers', 'forward')])} / "
+            f"{fmt(r2[('std_ratio_barriers', 'backward')])} | {fmt(r2[('variance_ratio', 'forward')])} / "
+            f"{fmt(r2[('variance_ratio', 'backward')])} | {fmt(get('base_loss'))} / {fmt(get('clone_loss'))} | "
+            f"{fmt(get('base_effective_rank'), 1)} / {fmt(get('clone_effective_rank'), 1)} |"
+        )
+    out += [
+        "",
+        f"R^2 (`std_ratio_barriers`, forward, all hidden modules) over {len(summary)} seeds: mean "
+        f"{fmt(mean(summary))}, range {fmt(min(summary))}-{fmt(max(summary))}.",
+        "",
+    ]
     return out
 
 
@@ -212,10 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("/work/runs/e2"), help="folder of <variant>/results.sqlite")
     parser.add_argument("--out", type=Path, default=Path("docs/results_e2.md"))
     args = parser.parse_args(argv)
-    stores = {v: args.runs / v / "results.sqlite" for v in VARIANTS}
-    found = {v: read_store(p) for v, p in stores.items() if p.exists()}
+    found: dict[str, list[dict]] = {}
+    for folder, variant in FOLDERS.items():
+        path = args.runs / folder / "results.sqlite"
+        if path.exists():
+            found.setdefault(variant, []).extend(read_store(path))
     if not found:
-        print(f"error: no result store under {args.runs} (expected <variant>/results.sqlite for {VARIANTS})")
+        print(f"error: no result store under {args.runs} (expected <folder>/results.sqlite for {', '.join(FOLDERS)})")
         return 2
     lines = [
         "# E2 cloning: results against the paper (generated)",
@@ -258,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     if "noisy_sgd" in found:
         lines += noisy_section(found["noisy_sgd"])
+        lines += seeds_section(found["noisy_sgd"])
     for variant, paper_loss in (("sgd", PAPER["loss_sgd"]), ("adam", PAPER["loss_adam"])):
         if variant in found:
             lines += exact_section(variant, found[variant], paper_loss)
@@ -298,6 +342,17 @@ def verdict(found: dict[str, list[dict]]) -> list[str]:
         out.append(
             f"- Seed {run['seed']}, noisy clone's final training loss {fmt(losses['clone_loss'])} "
             f"{'below' if below else 'not below'} the base's {fmt(losses['base_loss'])} (paper: 0.24 vs 0.76)."
+        )
+        base_steps = run["config"]["base_steps"]
+        half = base_steps + (final - base_steps) / 2
+        pairs = [
+            (values_at(run, "base_loss", s)["model"], values_at(run, "clone_loss", s)["model"])
+            for s in sorted({s for s, _, m, _ in run["rows"] if m == "clone_loss" and s >= half})
+        ]
+        out.append(
+            f"  Over the second half of its paired phase the clone's training loss is below the base's at "
+            f"{sum(c < b for b, c in pairs)} of {len(pairs)} logs (mean base {fmt(mean(b for b, _ in pairs))}, "
+            f"clone {fmt(mean(c for _, c in pairs))})."
         )
     for variant in ("sgd", "adam"):
         for run in found.get(variant, []):
