@@ -135,3 +135,25 @@ def test_undefined_cases_warn():
         assert math.isnan(cloning_r2(h, torch.tensor([0, 0, 1, 1])))
     with pytest.warns(LopkitWarning):
         assert math.isnan(cloning_r2(torch.zeros(0, 4), torch.tensor([0, 0, 1, 1])))
+
+
+def test_std_ratio_barriers_matches_hand_computation():
+    # Two samples, blocks {0, 1} and {2, 3}; stds are unbiased (ddof 1), as in the authors' code.
+    # Sample 1, h = [0, 2, 4, 4]: block stds sqrt(2) and 0; across-layer std sqrt(11/3).
+    # Sample 2, h = [1, 1, 1, 3]: block stds 0 and sqrt(2); across-layer std 1.
+    h = torch.tensor([[0.0, 2.0, 4.0, 4.0], [1.0, 1.0, 1.0, 3.0]])
+    blocks = torch.tensor([0, 0, 1, 1])
+    by_hand = 1.0 - (math.sqrt(2.0) / math.sqrt(11.0 / 3.0) + 0.0 + 0.0 + math.sqrt(2.0) / 1.0) / 4.0
+    assert cloning_r2(h, blocks, definition="std_ratio_barriers") == pytest.approx(by_hand, rel=1e-9)
+    assert cloning_r2(h, blocks, legacy_std_ratio=True) == pytest.approx(by_hand, rel=1e-9)  # older spelling
+    # The paper text's variance ratio on the same numbers: residual SS 2 + 2, total SS 11 + 3.
+    assert cloning_r2(h, blocks, definition="variance_ratio") == pytest.approx(1.0 - 4.0 / 14.0, rel=1e-9)
+    assert cloning_r2(h, blocks) == pytest.approx(1.0 - 4.0 / 14.0, rel=1e-9)  # the default
+
+
+def test_definition_errors():
+    h = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="definition must be one of"):
+        cloning_r2(h, torch.tensor([0, 0, 1, 1]), definition="std")
+    with pytest.raises(ValueError, match="contradicts"):
+        cloning_r2(h, torch.tensor([0, 0, 1, 1]), legacy_std_ratio=True, definition="variance_ratio")

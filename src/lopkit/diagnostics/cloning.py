@@ -4,6 +4,14 @@
 layout work (interleaved, contiguous or scattered). R^2 = 1 means units in every block are exact clones
 (the network sits on the cloned-unit LoP manifold, Theorem 2.1); noise or dropout pull it below 1.
 Apply it to forward activations and to backward gradients (dL/dh) alike.
+
+Two definitions exist (spec ``lop_paper.md`` section 8.7, ``fidelity_notes.md`` E2), named after their source:
+
+- ``variance_ratio`` (the paper's text, lopkit's default): 1 - residual sum of squares / total sum of squares;
+- ``std_ratio_barriers`` (the Barriers authors' code, what their figures plot): 1 - mean over (sample, block) of
+  the std within the block / the std across the layer. Their code's "mean" key then sums the *forward* values
+  only but divides by the number of forward + backward entries (exact clones score about 0.5); lopkit does not
+  copy that: report forward and backward separately.
 """
 
 from __future__ import annotations
@@ -13,7 +21,10 @@ import torch
 from .errors import warn_nan
 from .units import check_finite, to_float_unit_matrix
 
-__all__ = ["block_means", "cloning_r2"]
+__all__ = ["R2_DEFINITIONS", "block_means", "cloning_r2"]
+
+R2_DEFINITIONS = ("std_ratio_barriers", "variance_ratio")
+"""Cloning R^2 definitions: the Barriers authors' code (std ratio) and the paper's text (variance ratio)."""
 
 LEGACY_EPS = 1e-10  # the authors' code adds this to the per-sample std before dividing
 
@@ -76,13 +87,13 @@ def _legacy_std_ratio_r2(m: torch.Tensor, labels: torch.Tensor, n_blocks: int) -
     block_size = int(counts[0])
     if not bool((counts == block_size).all()):
         raise ValueError(
-            "legacy_std_ratio=True needs every block to have the same size (the authors' code assumes a "
-            f"uniform expansion factor); got block sizes from {int(counts.min())} to {int(counts.max())}"
+            "the std_ratio_barriers cloning R^2 needs every block to have the same size (the authors' code "
+            f"assumes a uniform expansion factor); got block sizes from {int(counts.min())} to {int(counts.max())}"
         )
     if block_size < 2 or m.shape[1] < 2:
         return warn_nan(
-            "legacy cloning R^2 needs blocks of at least 2 units (the unbiased std of one value is "
-            "undefined); use the default variance version.",
+            "the std_ratio_barriers cloning R^2 needs blocks of at least 2 units (the unbiased std of one "
+            "value is undefined); use definition='variance_ratio'.",
             stacklevel=4,
         )
     x = m.to(torch.float64)
@@ -93,15 +104,23 @@ def _legacy_std_ratio_r2(m: torch.Tensor, labels: torch.Tensor, n_blocks: int) -
     return float(1.0 - (within_std / (across_std + LEGACY_EPS)).mean())
 
 
-def cloning_r2(h: torch.Tensor, block_ids: torch.Tensor, legacy_std_ratio: bool = False) -> float:
+def cloning_r2(
+    h: torch.Tensor, block_ids: torch.Tensor, legacy_std_ratio: bool = False, *, definition: str | None = None
+) -> float:
     """Cloning R^2 of a layer for a partition of its units into clone blocks (1 = exact clones).
 
-    Default (paper text): R^2 = 1 - sum (h - mean of the unit's block)^2 / sum (h - mean of all units)^2,
-    with both means taken per sample. ``legacy_std_ratio=True`` reproduces the authors' figures instead:
-    1 - mean over (sample, block) of std within the block / (std over all the sample's units + 1e-10),
-    both stds unbiased (torch's default, as in their code); it needs equal block sizes.
-    A partition of singleton blocks gives 1 by construction.
+    ``definition="variance_ratio"`` (default, paper text): R^2 = 1 - sum (h - mean of the unit's block)^2 /
+    sum (h - mean of all units)^2, with both means taken per sample. ``definition="std_ratio_barriers"`` (or the
+    older spelling ``legacy_std_ratio=True``) reproduces the authors' figures instead: 1 - mean over (sample,
+    block) of std within the block / (std over all the sample's units + 1e-10), both stds unbiased (torch's
+    default, as in their code); it needs equal block sizes. A partition of singleton blocks gives 1 by construction.
     """
+    if definition is None:
+        definition = "std_ratio_barriers" if legacy_std_ratio else "variance_ratio"
+    elif definition not in R2_DEFINITIONS:
+        raise ValueError(f"definition must be one of {', '.join(R2_DEFINITIONS)}; got {definition!r}")
+    elif legacy_std_ratio and definition != "std_ratio_barriers":
+        raise ValueError(f"legacy_std_ratio=True contradicts definition={definition!r}; pass only one of them")
     m = to_float_unit_matrix(h)
     ids = _validate_block_ids(block_ids, m.shape[1], m.device)
     if m.shape[0] == 0 or m.shape[1] == 0:
@@ -111,6 +130,6 @@ def cloning_r2(h: torch.Tensor, block_ids: torch.Tensor, legacy_std_ratio: bool 
     if not check_finite(m, "activations"):
         return float("nan")
     labels, n_blocks = _block_index(ids)
-    if legacy_std_ratio:
+    if definition == "std_ratio_barriers":
         return _legacy_std_ratio_r2(m, labels, n_blocks)
     return _variance_r2(m, labels, n_blocks)

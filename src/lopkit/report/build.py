@@ -16,6 +16,8 @@ PERFORMANCE_METRICS = [
 PLASTICITY_METRICS = [
     "dead_fraction", "frozen_fraction", "dormant_fraction", "duplicate_fraction", "effective_rank", "stable_rank",
     "correlation_rank", "cloning_r2_forward", "cloning_r2_backward", "base_effective_rank", "clone_effective_rank",
+    "cloning_r2_std_ratio_barriers_forward", "cloning_r2_std_ratio_barriers_backward",
+    "cloning_r2_variance_ratio_forward", "cloning_r2_variance_ratio_backward",
 ]
 
 

@@ -42,6 +42,10 @@ METRIC_TITLES = {
     "correlation_rank": "Correlation (Renyi-2) rank",
     "cloning_r2_forward": "Cloning R² forward",
     "cloning_r2_backward": "Cloning R² backward",
+    "cloning_r2_std_ratio_barriers_forward": "Cloning R² forward, std ratio (Barriers code)",
+    "cloning_r2_std_ratio_barriers_backward": "Cloning R² backward, std ratio (Barriers code)",
+    "cloning_r2_variance_ratio_forward": "Cloning R² forward, variance ratio (paper text)",
+    "cloning_r2_variance_ratio_backward": "Cloning R² backward, variance ratio (paper text)",
     "base_effective_rank": "Base effective rank",
     "clone_effective_rank": "Clone effective rank",
 }

@@ -28,6 +28,7 @@ from lopkit.theory.manifolds import ELEMENTWISE_ACTIVATIONS, WEIGHT_LAYERS, froz
 __all__ = [
     "track_clone_training",
     "measure_cloning",
+    "probe_clone_tensors",
     "add_relative_gradient_noise",
     "make_optimizer",
     "incoming_parameters",
@@ -81,6 +82,51 @@ def _unit_matrix(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     return as_unit_matrix(t, channels_last=channels_last)
 
 
+def probe_clone_tensors(
+    model: nn.Module,
+    names: list[str] | tuple[str, ...] | Mapping[str, torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Probe loss and, per named module, its output and dL/d(output) as unit matrices, in eval mode, on one batch.
+
+    Gradients come from ``torch.autograd.grad`` (``.grad`` fields are untouched); a module the loss does not
+    reach gets a zero gradient. In-place activations are switched off during the probe so captures stay valid.
+    """
+    loss_fn = loss_fn or _default_loss(targets)
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(f"partition names {missing} are not modules of the model; was it built for this model?")
+    captured: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_hook(_capture_output(captured, name)) for name in names]
+    inplace_modules = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    was_training = model.training
+    for m in inplace_modules:
+        m.inplace = False
+    model.eval()
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(model(inputs), targets)
+            order = list(captured)
+            grads = torch.autograd.grad(loss, [captured[n] for n in order], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in inplace_modules:
+            m.inplace = True
+        model.train(was_training)
+    units_last = getattr(names, "channels_last", frozenset())  # a Partition says which outputs are token-wise
+    tensors = {}
+    for name, grad in zip(order, grads):
+        output = captured[name].detach()
+        grad = torch.zeros_like(output) if grad is None else grad.detach()
+        last = name in units_last
+        tensors[name] = (_unit_matrix(output, last), _unit_matrix(grad, last))
+    return float(loss.detach()), tensors
+
+
 def measure_cloning(
     model: nn.Module,
     partition: Mapping[str, torch.Tensor],
@@ -93,42 +139,16 @@ def measure_cloning(
     """Forward / backward cloning R^2 of every partitioned module and the loss on one batch, in eval mode.
 
     Forward R^2 uses the module outputs, backward R^2 the gradients of the loss with respect to those
-    outputs (``torch.autograd.grad``, so ``.grad`` fields are untouched).  Returns
+    outputs (see :func:`probe_clone_tensors`).  Returns
     ``{"loss": {"model": value}, "cloning_r2_forward": {layer: r2}, "cloning_r2_backward": {layer: r2}}``.
-    In-place activations are switched off during the probe so the captured outputs stay valid.
     """
-    loss_fn = loss_fn or _default_loss(targets)
-    modules = dict(model.named_modules())
-    missing = [name for name in partition if name not in modules]
-    if missing:
-        raise ValueError(f"partition names {missing} are not modules of the model; was it built for this model?")
-    captured: dict[str, torch.Tensor] = {}
-    handles = [modules[name].register_forward_hook(_capture_output(captured, name)) for name in partition]
-    inplace_modules = [m for m in model.modules() if getattr(m, "inplace", False) is True]
-    was_training = model.training
-    for m in inplace_modules:
-        m.inplace = False
-    model.eval()
-    try:
-        with torch.enable_grad():
-            loss = loss_fn(model(inputs), targets)
-            names = list(captured)
-            grads = torch.autograd.grad(loss, [captured[n] for n in names], allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m in inplace_modules:
-            m.inplace = True
-        model.train(was_training)
+    loss, tensors = probe_clone_tensors(model, partition, inputs, targets, loss_fn)
     forward, backward = {}, {}
-    units_last = getattr(partition, "channels_last", frozenset())
-    for name, grad in zip(names, grads):
-        block_ids, last = partition[name], name in units_last
-        grad = torch.zeros_like(captured[name]) if grad is None else grad
-        forward[name] = cloning_r2(_unit_matrix(captured[name].detach(), last), block_ids,
-                                   legacy_std_ratio=legacy_std_ratio)
-        backward[name] = cloning_r2(_unit_matrix(grad.detach(), last), block_ids, legacy_std_ratio=legacy_std_ratio)
-    return {"loss": {"model": float(loss.detach())}, "cloning_r2_forward": forward, "cloning_r2_backward": backward}
+    for name, (output, grad) in tensors.items():
+        block_ids = partition[name]
+        forward[name] = cloning_r2(output, block_ids, legacy_std_ratio=legacy_std_ratio)
+        backward[name] = cloning_r2(grad, block_ids, legacy_std_ratio=legacy_std_ratio)
+    return {"loss": {"model": loss}, "cloning_r2_forward": forward, "cloning_r2_backward": backward}
 
 
 def _capture_output(store: dict, name: str):
