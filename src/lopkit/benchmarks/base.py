@@ -28,7 +28,7 @@ import torch
 
 from lopkit.benchmarks.registry import BENCHMARKS, get_benchmark  # noqa: F401  (re-exported)
 from lopkit.configs import ConfigError, build_config
-from lopkit.mitigations.base import Mitigation, compose
+from lopkit.mitigations.base import Compose, Mitigation, compose
 from lopkit.seeding import seed_global_rngs, seeded_generator
 
 ROW_KEYS = ("step", "task", "layer", "metric", "value")
@@ -124,6 +124,8 @@ class Benchmark(ABC):
     Config: ClassVar[type[BenchmarkConfig]]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     description: ClassVar[str] = ""
+    #: False for a benchmark whose training loop does not call the mitigation hooks: it refuses methods
+    accepts_methods: ClassVar[bool] = True
 
     def __init__(self, config: BenchmarkConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
         if not isinstance(config, self.Config):
@@ -132,6 +134,7 @@ class Benchmark(ABC):
         self.seed = int(seed)
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        check_accepts_methods(type(self), method)
         self.method = method if isinstance(method, Mitigation) else compose(method)
         self.method.seed_from_run(self.seed)  # every method's randomness derives from the run's seed
         self.step = 0
@@ -170,6 +173,17 @@ class Benchmark(ABC):
     def done(self) -> bool:
         """True once every step has run."""
         return self.step >= self.total_steps
+
+
+def check_accepts_methods(cls: type[Benchmark], methods: Mitigation | list[Mitigation] | None) -> None:
+    """ConfigError if ``methods`` holds a mitigation but benchmark ``cls`` cannot apply one (``accepts_methods``)."""
+    if isinstance(methods, Compose):
+        methods = methods.methods
+    present = [methods] if isinstance(methods, Mitigation) else list(methods or [])
+    if present and not cls.accepts_methods:
+        names = "+".join(m.name for m in present)
+        raise ConfigError(f"benchmark {cls.name!r} cannot apply mitigations (got --method {names}): its training "
+                          f"loop does not call the method hooks; run it without --method (or with sgd)")
 
 
 def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:

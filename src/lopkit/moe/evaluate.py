@@ -182,6 +182,7 @@ class MoEEval(Benchmark):
     """Evaluate one kept checkpoint at each declared k (one k per step, resumable)."""
 
     name = "moe_eval"
+    accepts_methods = False  # evaluates a kept checkpoint: nothing to mitigate
     Config = MoEEvalConfig
     description = "MoE-PHDS evaluation: accuracy, perplexity, agreement predictions, tokens/s, FLOPs, expert diagnostics."
     presets = {

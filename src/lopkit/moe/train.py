@@ -372,6 +372,7 @@ class MoEPretrain(Benchmark):
     """Byte-level MoE transformer pretraining at hard top-k_pre on GCIDE + fortunes + generated domains."""
 
     name = "moe_pretrain"
+    accepts_methods = False  # the training loop calls no mitigation hook
     Config = MoEPretrainConfig
     description = "MoE-PHDS stage 1: pretrain a byte-level top-k MoE transformer (hard top-k_pre, aux loss)."
     presets = {
@@ -624,6 +625,7 @@ class MoEFinetune(Benchmark):
     """SFT of a pretrained MoE on multiple-choice items: fixed-k (Oracle-k, Naive) or multi-k PHDS with curriculum."""
 
     name = "moe_finetune"
+    accepts_methods = False  # the training loop calls no mitigation hook
     Config = MoEFinetuneConfig
     description = ("MoE-PHDS stage 2: SFT from a moe_pretrain run at a fixed k (oracle/naive) or with per-step "
                    "k ~ q_t (PHDS), soft eps mask, per-k norms, anchor curriculum, checkpoint selection.")

@@ -28,7 +28,7 @@ import time
 import traceback
 from typing import Any, Iterable, Iterator, Sequence
 
-from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, DivergedError, get_benchmark
+from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, DivergedError, check_accepts_methods, get_benchmark
 from lopkit.configs import ConfigError, config_to_dict, parse_overrides
 from lopkit.data.errors import DatasetNotFoundError
 from lopkit.mitigations.base import Mitigation
@@ -280,6 +280,7 @@ def execute_run(
     if not (commit_seconds > 0):
         raise ConfigError(f"commit_seconds must be > 0, got {commit_seconds!r}")
     methods = resolve_methods(method_names)  # ConfigError before anything is written
+    check_accepts_methods(cls, methods)  # a benchmark that cannot apply methods refuses them
     label = label or method_label(method_names)
     config_dict = config_to_dict(config)
     run_id = make_run_id(cls.name, label, config_dict, seed)

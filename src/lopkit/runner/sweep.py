@@ -209,12 +209,16 @@ def _normalise_methods(value: Any, where: str, problems: list[str]) -> list[tupl
     return result
 
 
-def _check_methods(methods: tuple[str, ...], where: str, problems: list[str]) -> bool:
-    """Build the methods once through the registry (unknown names, bad hyper-parameters become problems)."""
+def _check_methods(methods: tuple[str, ...], where: str, problems: list[str], benchmark_cls: Any = None) -> bool:
+    """Build the methods once through the registry (unknown names, bad hyper-parameters, a benchmark that cannot
+    apply methods become problems)."""
+    from lopkit.benchmarks.base import check_accepts_methods
     from lopkit.runner.execute import resolve_methods
 
     try:
-        resolve_methods(methods)
+        built = resolve_methods(methods)
+        if benchmark_cls is not None:
+            check_accepts_methods(benchmark_cls, built)
     except (ConfigError, ValueError, TypeError) as err:
         problems.append(f"{where}: {'+'.join(methods)}: {err}")
         return False
@@ -269,7 +273,8 @@ def _parse_entry(
     seeds = _as_seed_list(entry["seeds"], f"{where}.seeds", problems) if "seeds" in entry else defaults["seeds"]
     methods = _normalise_methods(entry.get("methods", defaults["methods"]), f"{where}.methods", problems)
     checked_methods = [
-        specs for i, specs in enumerate(methods or []) if _check_methods(specs, f"{where}.methods[{i}]", problems)
+        specs for i, specs in enumerate(methods or [])
+        if _check_methods(specs, f"{where}.methods[{i}]", problems, benchmark_cls)
     ]
     fixed = entry.get("set") or {}
     if not isinstance(fixed, Mapping):
