@@ -184,3 +184,54 @@ def test_compare_plan_refuses_methods_on_moe_pretrain():
     with pytest.raises(ConfigError, match="cannot apply mitigations"):
         build_plan("moe_pretrain", "sgd,cbp", seeds=1, preset="smoke")
     build_plan("moe_pretrain", "sgd", seeds=1, preset="smoke")
+
+
+# ------------------------------------------------------------------------ stages get the state they continue passed in
+
+def test_benchmark_modules_do_not_import_the_results_store():
+    """No benchmark module (core, moe, kws) imports ``lopkit.runner.store``: the runner or the pipeline reads it."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "lopkit"
+    files = [src / "moe" / "train.py", src / "moe" / "evaluate.py", src / "kws" / "train.py",
+             src / "kws" / "continual.py", *sorted((src / "benchmarks").glob("*.py"))]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module != "lopkit.runner.store", f"{path.name} imports the store (line {node.lineno})"
+                assert node.module != "lopkit.runner" or "store" not in {a.name for a in node.names}, path.name
+
+
+def test_kept_state_and_load_kept_state_explain_what_is_missing(tmp_path):
+    from lopkit.runner.store import load_kept_state
+
+    with pytest.raises(ConfigError, match="holds no results.sqlite"):
+        load_kept_state(tmp_path / "none", "abc")
+    config = ToyBenchmark.make_config("smoke")
+    with ResultStore(tmp_path / "s") as store:
+        kept = execute_run(store, ToyBenchmark, config, 0, progress="never", keep_checkpoint=True)
+        dropped = execute_run(store, ToyBenchmark, config, 1, progress="never")
+        paused = execute_run(store, ToyBenchmark, config, 2, progress="never", stop_after_steps=5)
+        state = store.kept_state(kept.run_id)
+        assert state["step"] == kept.step == ToyBenchmark.make_config("smoke").num_tasks * config.steps_per_task
+        with pytest.raises(ConfigError, match="not in the store"):
+            store.kept_state("nope")
+        with pytest.raises(ConfigError, match="status finished.*keep_checkpoint=True"):
+            store.kept_state(dropped.run_id)
+        with pytest.raises(ConfigError, match="status running"):
+            store.kept_state(paused.run_id)
+    assert load_kept_state(tmp_path / "s", kept.run_id)["step"] == state["step"]
+
+
+def test_execute_run_refuses_an_initial_state_for_a_benchmark_that_continues_nothing(tmp_path):
+    with ResultStore(tmp_path) as store:
+        with pytest.raises(ConfigError, match="does not continue another run"):
+            execute_run(store, ToyBenchmark, ToyBenchmark.make_config("smoke"), 0, progress="never", initial_state={})
+
+
+def test_store_error_is_a_runtime_failure_not_a_config_error():
+    """A damaged or read-only store is an I/O failure (issue 14: runtime failures are not ConfigError)."""
+    from lopkit.runner.store import StoreError
+
+    assert issubclass(StoreError, RuntimeError) and not issubclass(StoreError, ConfigError)

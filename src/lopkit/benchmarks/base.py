@@ -148,6 +148,16 @@ class Benchmark(ABC):
             )
         return build_config(cls.Config, cls.presets[preset], overrides or {})
 
+    @classmethod
+    def continues_from(cls, config: BenchmarkConfig) -> tuple[str, str] | None:
+        """``(store path, run id)`` of the finished run whose kept state this stage starts from; None for most.
+
+        A benchmark that continues another (fine-tuning, evaluation) never opens a results store itself: the
+        runner (:func:`lopkit.runner.execute.execute_run`) or a pipeline reads that state and passes it to the
+        constructor as the keyword ``initial_state``.
+        """
+        return None
+
     @property
     @abstractmethod
     def total_steps(self) -> int:

@@ -111,7 +111,8 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 result = execute_run(store, cls, config, seed, method_names, args.checkpoint_every, progress,
                                      preset=args.preset, raise_on_error=False)
-            except SETUP_ERRORS as err:  # a benchmark's constructor: bad combination of values, missing dataset
+            except (*SETUP_ERRORS, StoreError) as err:  # a benchmark's constructor (bad combination of values,
+                # missing dataset) or a store that cannot be written
                 return _error(str(err))
             except KeyboardInterrupt:
                 result = None

@@ -325,14 +325,14 @@ def _check_override(benchmark_cls: Any, preset: str, key: str, value: Any, where
     Only the key and the type are checked here, independently of the other keys, so that every such problem of
     an entry is reported; whether a value is allowed can depend on other keys (the config's ``validate``).
     """
-    from lopkit.configs import _coerce, _field_types, build_config
+    from lopkit.configs import coerce_value, config_field_types, build_config
 
-    fields = _field_types(benchmark_cls.Config)
+    fields = config_field_types(benchmark_cls.Config)
     try:
         if key not in fields:
             build_config(benchmark_cls.Config, {key: value})  # raises the registry's "unknown config key" message
         else:
-            _coerce(value, fields[key], key)
+            coerce_value(value, fields[key], key)
     except ConfigError as err:
         problems.append(f"{where}: {err}")
         return False
@@ -653,9 +653,9 @@ def _absorb(store: Any, sweep: Sweep, result: _TaskResult) -> None:
 
 def _progress_bar(total: int, initial: int, enabled: bool | str, description: str) -> Any:
     """The overall tqdm bar over runs (on stderr), or None when progress is off."""
-    from lopkit.runner.execute import _progress_enabled
+    from lopkit.runner.execute import progress_enabled
 
-    if not _progress_enabled(enabled):
+    if not progress_enabled(enabled):
         return None
     from tqdm.auto import tqdm
 
