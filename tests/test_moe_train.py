@@ -129,7 +129,10 @@ def test_bad_pretrain_config_raises_config_error_naming_the_field():
         T.MoEPretrain.make_config("huge")
 
 
-def test_bad_finetune_config_raises_config_error_with_a_fix():
+def test_bad_finetune_config_raises_config_error_with_a_fix(tmp_path):
+    from lopkit.runner.execute import execute_run
+    from lopkit.runner.store import ResultStore
+
     with pytest.raises(ConfigError, match="lopkit moe pretrain"):
         T.MoEFinetune.make_config("smoke")  # no init run
     base = {"init_store": "/nowhere", "init_run_id": "abc"}
@@ -142,7 +145,11 @@ def test_bad_finetune_config_raises_config_error_with_a_fix():
     config = T.MoEFinetune.make_config("smoke", {**base, "k_fixed": 3})
     with pytest.raises(ConfigError, match="k_pre=2"):
         config.check_against_model(k_pre=2, n_experts=8)
-    with pytest.raises(ConfigError, match="holds no results.sqlite"):
+    with ResultStore(tmp_path) as store:  # the runner reads the pretrain state the finetune continues
+        with pytest.raises(ConfigError, match="holds no results.sqlite"):
+            execute_run(store, T.MoEFinetune, config, 0, progress="never")
+        assert len(store.runs()) == 0
+    with pytest.raises(ConfigError, match="initial_state"):  # the benchmark itself never opens a store
         T.MoEFinetune(config, 0)
 
 

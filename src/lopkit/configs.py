@@ -13,7 +13,8 @@ class ConfigError(ValueError):
     """A config is invalid: unknown key, wrong type or impossible value. The message says which and how to fix it."""
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def config_field_types(cls: type) -> dict[str, Any]:
+    """The resolved type hint of every init field of the config dataclass ``cls``, by field name."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
@@ -66,7 +67,7 @@ def _parse_scalar(text: str, kind: Any, key: str) -> Any:
     raise ConfigError(f"{key}: values of type {kind} cannot be set from the command line")
 
 
-def _coerce(value: Any, kind: Any, key: str) -> Any:
+def coerce_value(value: Any, kind: Any, key: str) -> Any:
     """Check (and gently convert) a Python value given in a preset or dict against the field type."""
     if isinstance(value, str) and kind is not str:
         return _parse_scalar(value, kind, key)
@@ -77,7 +78,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
     if origin in (tuple, list) and isinstance(value, (list, tuple)):
         (item_kind, *_rest) = typing.get_args(kind) or (Any,)
-        items = [value_i if item_kind is Any else _coerce(value_i, item_kind, key) for value_i in value]
+        items = [value_i if item_kind is Any else coerce_value(value_i, item_kind, key) for value_i in value]
         return tuple(items) if origin is tuple else items
     if origin is typing.Literal and value not in typing.get_args(kind):
         raise ConfigError(f"{key}: must be one of {', '.join(map(str, typing.get_args(kind)))}; got {value!r}")
@@ -100,7 +101,7 @@ def build_config(cls: type, *layers: Mapping[str, Any]) -> Any:
 
     The dataclass may define ``validate(self)`` raising ConfigError for impossible values; it is called here.
     """
-    fields = _field_types(cls)
+    fields = config_field_types(cls)
     values: dict[str, Any] = {}
     for layer in layers:
         for key, value in (layer or {}).items():
@@ -110,7 +111,7 @@ def build_config(cls: type, *layers: Mapping[str, Any]) -> Any:
                 raise ConfigError(
                     f"unknown config key {key!r} for {cls.__name__}.{hint} Valid keys: {', '.join(sorted(fields))}"
                 )
-            values[key] = _coerce(value, fields[key], key)
+            values[key] = coerce_value(value, fields[key], key)
     try:
         config = cls(**values)
     except TypeError as err:

@@ -28,7 +28,7 @@ import torch
 
 from lopkit.benchmarks.registry import BENCHMARKS, get_benchmark  # noqa: F401  (re-exported)
 from lopkit.configs import ConfigError, build_config
-from lopkit.mitigations.base import Mitigation, compose
+from lopkit.mitigations.base import Compose, Mitigation, compose
 from lopkit.seeding import seed_global_rngs, seeded_generator
 
 ROW_KEYS = ("step", "task", "layer", "metric", "value")
@@ -124,6 +124,8 @@ class Benchmark(ABC):
     Config: ClassVar[type[BenchmarkConfig]]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     description: ClassVar[str] = ""
+    #: False for a benchmark whose training loop does not call the mitigation hooks: it refuses methods
+    accepts_methods: ClassVar[bool] = True
 
     def __init__(self, config: BenchmarkConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
         if not isinstance(config, self.Config):
@@ -132,6 +134,7 @@ class Benchmark(ABC):
         self.seed = int(seed)
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        check_accepts_methods(type(self), method)
         self.method = method if isinstance(method, Mitigation) else compose(method)
         self.method.seed_from_run(self.seed)  # every method's randomness derives from the run's seed
         self.step = 0
@@ -144,6 +147,16 @@ class Benchmark(ABC):
                 f"benchmark {cls.name!r} has no preset {preset!r}; choose one of {', '.join(cls.presets)}"
             )
         return build_config(cls.Config, cls.presets[preset], overrides or {})
+
+    @classmethod
+    def continues_from(cls, config: BenchmarkConfig) -> tuple[str, str] | None:
+        """``(store path, run id)`` of the finished run whose kept state this stage starts from; None for most.
+
+        A benchmark that continues another (fine-tuning, evaluation) never opens a results store itself: the
+        runner (:func:`lopkit.runner.execute.execute_run`) or a pipeline reads that state and passes it to the
+        constructor as the keyword ``initial_state``.
+        """
+        return None
 
     @property
     @abstractmethod
@@ -170,6 +183,17 @@ class Benchmark(ABC):
     def done(self) -> bool:
         """True once every step has run."""
         return self.step >= self.total_steps
+
+
+def check_accepts_methods(cls: type[Benchmark], methods: Mitigation | list[Mitigation] | None) -> None:
+    """ConfigError if ``methods`` holds a mitigation but benchmark ``cls`` cannot apply one (``accepts_methods``)."""
+    if isinstance(methods, Compose):
+        methods = methods.methods
+    present = [methods] if isinstance(methods, Mitigation) else list(methods or [])
+    if present and not cls.accepts_methods:
+        names = "+".join(m.name for m in present)
+        raise ConfigError(f"benchmark {cls.name!r} cannot apply mitigations (got --method {names}): its training "
+                          f"loop does not call the method hooks; run it without --method (or with sgd)")
 
 
 def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:

@@ -35,7 +35,7 @@ from lopkit.benchmarks.base import (
 )
 from lopkit.configs import require
 from lopkit.data.seeding import seeded_generator
-from lopkit.mitigations.base import Mitigation
+from lopkit.mitigations.base import Mitigation, MitigationHooks
 
 __all__ = ["ToyBenchmark", "ToyConfig", "build_toy_model", "toy_teacher"]
 
@@ -118,14 +118,21 @@ class ToyBenchmark(Benchmark):
         "paper": {"num_tasks": 10, "steps_per_task": 200, "width": 64},
     }
 
-    def __init__(self, config: ToyConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
+    def __init__(self, config: ToyConfig, seed: int, method: Mitigation | list[Mitigation] | None = None, *,
+                 optimizer_hooks: bool = False):
+        """``optimizer_hooks``: attach the method with :meth:`Mitigation.hook` (before_step/after_step run inside
+        ``optimizer.step()``) instead of calling them around it; the rows are the same either way."""
         super().__init__(config, seed, method)
         self.rng = PrivateRNG(self.seed)
         self.data_generator = seeded_generator(self.seed, _DATA_KEY)
+        self.hooks: MitigationHooks | None = None
         with self.rng.active():
             self.model = self.method.prepare_model(build_toy_model(config, self.seed))
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr)
-            self.method.attach(self.model, self.optimizer)
+            if optimizer_hooks:
+                self.hooks = self.method.hook(self.model, self.optimizer)
+            else:
+                self.method.attach(self.model, self.optimizer)
         self._teacher_task = -1
         self._teacher: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bin_sum = 0.0
@@ -170,9 +177,12 @@ class ToyBenchmark(Benchmark):
         extra = method.loss_term(model)
         optimizer.zero_grad(set_to_none=True)
         (loss if extra is None else loss + extra).backward()
-        method.before_step(model, optimizer, index)
-        optimizer.step()
-        method.after_step(model, optimizer, index)
+        if self.hooks is None:
+            method.before_step(model, optimizer, index)
+            optimizer.step()
+            method.after_step(model, optimizer, index)
+        else:  # the hooks call before_step/after_step with their own counter, kept equal to self.step
+            optimizer.step()
         self.step += 1
         self._bin_sum += float(loss.detach())
         self._bin_count += 1
@@ -227,6 +237,8 @@ class ToyBenchmark(Benchmark):
         self.data_generator.set_state(state["data_generator"])
         self.rng.state = state["rng"]
         self.step = int(state["step"])
+        if self.hooks is not None:
+            self.hooks.step = self.step
         self._bin_sum = float(state["bin_sum"])
         self._bin_count = int(state["bin_count"])
         self._last_loss = float(state["last_loss"])

@@ -71,7 +71,7 @@ def _build(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from lopkit.kws.train import KWSTrainBenchmark, keyword_of
     from lopkit.runner.execute import execute_run
-    from lopkit.runner.store import ResultStore
+    from lopkit.runner.store import ResultStore, StoreError
 
     try:
         overrides = {**parse_overrides(args.overrides), "corpus_dir": args.corpus, "model_kind": args.model_kind}
@@ -85,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
         try:
             result = execute_run(store, KWSTrainBenchmark, config, args.seed, progress=not args.no_progress,
                                  preset=args.preset, keep_checkpoint=True, raise_on_error=False)
-        except (ConfigError, FileNotFoundError) as err:
+        except (ConfigError, FileNotFoundError, StoreError) as err:
             return _error(str(err))
     print(f"{args.model_kind}: {result.status} at step {result.step}/{result.total_steps} (run {result.run_id})")
     if result.status == "failed":

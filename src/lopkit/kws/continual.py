@@ -36,10 +36,10 @@ from lopkit.kws.metrics import clip_auc  # noqa: F401  (re-exported; defined wit
 from lopkit.seeding import seeded_generator
 from lopkit.kws.train import (
     SplitFeatures,
-    _lr_factor,
     augment_features,
     build_model,
     load_split_features,
+    warmup_cosine_factor,
 )
 
 __all__ = ["KWSContinualBenchmark", "KWSContinualConfig", "TaskData", "clip_auc", "load_exported_model", "voice_groups"]
@@ -271,7 +271,7 @@ class KWSContinualBenchmark(Benchmark):
         if config.augment:
             feats = augment_features(feats, seeded_generator(self.seed, 34, self.step))
         for group in self.optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step_in_task, config.steps_per_task, config.warmup_fraction)
+            group["lr"] = config.lr * warmup_cosine_factor(step_in_task, config.steps_per_task, config.warmup_fraction)
         self.model.train()
         loss = self._loss_fn(self.model(feats), batch)
         extra = self.method.loss_term(self.model)

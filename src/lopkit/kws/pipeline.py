@@ -146,9 +146,9 @@ def pipeline_config(preset: str, overrides: dict[str, Any] | None = None) -> Pip
 
 def bars_enabled(progress: bool) -> bool:
     """Whether to draw progress bars: asked for and stderr is a terminal (or ``LOPKIT_PROGRESS=1`` forces them)."""
-    from lopkit.runner.execute import _progress_enabled
+    from lopkit.runner.execute import progress_enabled
 
-    return _progress_enabled(True if progress else "never")
+    return progress_enabled(True if progress else "never")
 
 
 def _log(message: str, progress: bool) -> None:

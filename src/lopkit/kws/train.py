@@ -58,6 +58,7 @@ __all__ = [
     "load_split_features",
     "model_from_state",
     "phone_targets_for_split",
+    "warmup_cosine_factor",
 ]
 
 MODEL_KINDS = ("heimdal", "heimdal_no_offset", "heimdal_utterance", "dnn_hmm")
@@ -272,7 +273,7 @@ def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
+def warmup_cosine_factor(step: int, total: int, warmup_fraction: float) -> float:
     """Linear warm-up then cosine decay (to 0 at ``total``)."""
     warmup = max(1, int(round(warmup_fraction * total)))
     if step < warmup:
@@ -427,7 +428,7 @@ class KWSTrainBenchmark(Benchmark):
         if config.augment:
             feats = augment_features(feats, seeded_generator(self.seed, 12, self.step))
         for group in self.optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(self.step, self.total_steps, config.warmup_fraction)
+            group["lr"] = config.lr * warmup_cosine_factor(self.step, self.total_steps, config.warmup_fraction)
         self.model.train()
         loss, cls, off = self._loss(feats, index, train=True)
         extra = self.method.loss_term(self.model)

@@ -18,6 +18,8 @@ class Mitigation:
     ``loss_term`` to add a regulariser to the loss, ``before_step`` after ``backward`` and before
     ``optimizer.step()`` (e.g. to add gradient noise), and ``after_step`` after the update
     (e.g. to reset units). Hooks receive the model and optimizer so they work on any ``nn.Module``.
+    :meth:`hook` does ``attach`` and registers ``before_step``/``after_step`` as the optimizer's step pre/post
+    hooks, so a loop then only adds ``loss_term`` (and calls ``on_task_start``); explicit calls stay available.
 
     Randomness: a benchmark calls ``seed_from_run(run_seed)`` before any hook; a method draws its random
     numbers only from generators seeded with :meth:`method_seed`, so the same run seed gives the same draws in
@@ -50,6 +52,15 @@ class Mitigation:
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called once before training so the method can record initial weights or build state."""
 
+    def hook(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int = 0) -> "MitigationHooks":
+        """``attach``, then run ``before_step``/``after_step`` inside every ``optimizer.step()``; ``.remove()`` undoes the hooks.
+
+        ``step`` is the index passed to the first step's hooks (e.g. the step a resumed run continues from); it
+        rises by one after each ``optimizer.step()``. Do not also call ``before_step``/``after_step`` yourself.
+        """
+        self.attach(model, optimizer)
+        return MitigationHooks(self, model, optimizer, step=step)
+
     def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
         """Called when a new task begins."""
 
@@ -69,6 +80,48 @@ class Mitigation:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
+
+
+class MitigationHooks:
+    """Handle of a mitigation hooked into an optimizer's ``step``: counts steps; ``remove()`` detaches it.
+
+    Built by :meth:`Mitigation.hook`. The optimizer's step pre-hook calls ``method.before_step(model, optimizer,
+    step)`` and its post-hook ``method.after_step(model, optimizer, step)`` then adds one to ``step``. Usable as
+    a context manager (the hooks are removed on exit), like torch's ``RemovableHandle``.
+    """
+
+    def __init__(self, method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int = 0):
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self.method, self.model, self.step = method, model, step
+        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
+                         optimizer.register_step_post_hook(self._post_step)]
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """The optimizer's step pre-hook: ``before_step`` (returns None, so step's arguments are unchanged)."""
+        self.method.before_step(self.model, optimizer, self.step)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """The optimizer's step post-hook: ``after_step``, then count the step."""
+        self.method.after_step(self.model, optimizer, self.step)
+        self.step += 1
+
+    @property
+    def attached(self) -> bool:
+        """False once :meth:`remove` ran."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Detach both hooks from the optimizer (idempotent); the method's state is left as it is."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "MitigationHooks":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
 
 
 class Compose(Mitigation):

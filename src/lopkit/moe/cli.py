@@ -64,6 +64,7 @@ def _run_stages(args: argparse.Namespace) -> int:
     from lopkit.configs import parse_overrides
     from lopkit.moe.pipeline import run_pipeline
     from lopkit.runner.execute import SETUP_ERRORS
+    from lopkit.runner.store import StoreError
 
     try:
         overrides = parse_overrides(args.overrides)
@@ -75,7 +76,8 @@ def _run_stages(args: argparse.Namespace) -> int:
     try:
         result = run_pipeline(args.out, args.preset, seeds, overrides, progress, stages=_STAGES_OF[args.moe_command],
                               variants=args.variants or None, ablations=args.ablations)
-    except SETUP_ERRORS as err:  # a bad config or a missing dataset (dict-gcide, fortunes): nothing was run
+    except (*SETUP_ERRORS, StoreError) as err:  # a bad config or a missing dataset (dict-gcide, fortunes): nothing
+        # was run; or a store that cannot be used
         return _error(str(err))
     except KeyboardInterrupt:
         print(f"interrupted; completed chunks are saved. To resume: {_resume_command(args)}", file=sys.stderr)

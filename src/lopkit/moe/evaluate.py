@@ -182,6 +182,7 @@ class MoEEval(Benchmark):
     """Evaluate one kept checkpoint at each declared k (one k per step, resumable)."""
 
     name = "moe_eval"
+    accepts_methods = False  # evaluates a kept checkpoint: nothing to mitigate
     Config = MoEEvalConfig
     description = "MoE-PHDS evaluation: accuracy, perplexity, agreement predictions, tokens/s, FLOPs, expert diagnostics."
     presets = {
@@ -193,22 +194,25 @@ class MoEEval(Benchmark):
         "paper": {},
     }
 
-    def __init__(self, config: MoEEvalConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
+    def __init__(self, config: MoEEvalConfig, seed: int, method: Mitigation | list[Mitigation] | None = None,
+                 *, initial_state: dict[str, Any] | None = None):
+        """``initial_state``: the kept final state of the run ``config.source_run_id`` (the runner reads it from
+        ``config.source_store``, see :meth:`continues_from`)."""
         super().__init__(config, seed, method)
-        from lopkit.moe.train import _open_store, _resolve_domains, cached_heldout, cached_items, heldout_windows
-        from lopkit.moe.train import load_trained_model
+        from lopkit.moe.train import cached_heldout, cached_items, heldout_windows, model_from_state, resolve_domains
 
-        store = _open_store(config.source_store)
-        try:
-            self.model = load_trained_model(store, config.source_run_id, config.weights)  # type: ignore[arg-type]
-        finally:
-            store.close()
+        if initial_state is None:
+            raise ConfigError(
+                f"moe_eval evaluates the kept state of the run {config.source_run_id!r}: run it through "
+                f"'lopkit moe evaluate' or execute_run (they read it from source_store), or pass initial_state="
+            )
+        self.model = model_from_state(initial_state, config.weights)  # type: ignore[arg-type]
         k_pre, n_experts = int(self.model.config.k_pre), int(self.model.config.n_experts)
         self.ks = list(config.ks) or list(range(1, k_pre + 1))
         bad = [k for k in self.ks if not 1 <= k <= n_experts]
         if bad:
             raise ConfigError(f"ks {bad} are outside 1..n_experts={n_experts} of the evaluated model")
-        domains = _resolve_domains(config.domains)
+        domains = resolve_domains(config.domains)
         context = int(self.model.config.context)
         self.items_by_domain = {d: cached_items(d, config.test_items, config.data_seed, "test", context)
                                 for d in domains}
@@ -219,6 +223,11 @@ class MoEEval(Benchmark):
         windows = heldout_windows(text[config.heldout_bytes:], n_windows, context)
         self.timing_batch = windows[: config.timing_batch] if config.timing_batch else None
         self.probe_tokens = windows[config.timing_batch:] if config.probe_sequences else None
+
+    @classmethod
+    def continues_from(cls, config: MoEEvalConfig) -> tuple[str, str]:  # type: ignore[override]
+        """The run to evaluate: ``(source_store, source_run_id)``."""
+        return config.source_store, config.source_run_id
 
     @property
     def total_steps(self) -> int:

@@ -201,12 +201,17 @@ def run_pipeline(
     store = ResultStore(out)
     started = time.monotonic()
 
-    def execute(cls: Any, config: Any, seed: int, label: str, keep: bool, key: str) -> str:
+    def execute(cls: Any, config: Any, seed: int, label: str, keep: bool, key: str, source: str | None = None) -> str:
         # fine-tune states hold two copies of the weights plus AdamW moments: checkpoint 5 times per run
         # (and at least every 30 s), not 20
         every = max(1, config.steps // 5) if cls is MoEFinetune else None
+        # a stage that continues the run ``source`` gets its kept state from the pipeline's store (read here, not
+        # by the benchmark); a finished run is skipped without reading it
+        run_id = make_run_id(cls.name, label, config_to_dict(config), seed)
+        done = (store.get_run(run_id) or {}).get("status") == "finished"
+        initial = store.kept_state(source) if source is not None and not done else None
         result = execute_run(store, cls, config, seed, checkpoint_every=every, progress=progress, preset=preset,
-                             label=label, keep_checkpoint=keep)
+                             label=label, keep_checkpoint=keep, initial_state=initial)
         statuses[(key, seed)] = result.status
         if result.status != "skipped":
             timings.add(f"{key}/seed{seed}", result.seconds)
@@ -229,7 +234,7 @@ def run_pipeline(
                 ft_config = MoEFinetune.make_config(preset, values)
                 run_ids[(label, seed)] = make_run_id(MoEFinetune.name, label, config_to_dict(ft_config), seed)
                 if "finetune" in stages:
-                    if execute(MoEFinetune, ft_config, seed, label, True, label) == "interrupted":
+                    if execute(MoEFinetune, ft_config, seed, label, True, label, pre_id) == "interrupted":
                         return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
         if "evaluate" in stages:
             for seed in seeds:
@@ -241,7 +246,7 @@ def run_pipeline(
                     eval_config = MoEEval.make_config(preset, {**routed["eval"], "source_store": store_dir,
                                                                "source_run_id": source})
                     eval_ids[(label, seed)] = make_run_id(MoEEval.name, label, config_to_dict(eval_config), seed)
-                    if execute(MoEEval, eval_config, seed, label, False, f"eval_{label}") == "interrupted":
+                    if execute(MoEEval, eval_config, seed, label, False, f"eval_{label}", source) == "interrupted":
                         return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
     finally:
         store.close()

@@ -65,6 +65,8 @@ __all__ = [
     "load_trained_model",
     "lr_at",
     "model_config_from",
+    "model_from_state",
+    "resolve_domains",
     "sample_k",
     "selection_steps",
 ]
@@ -189,17 +191,7 @@ def build_model(model_config: Any, per_k_norm_ks: Sequence[int] | None, seed: in
 
 def load_trained_model(store: Any, run_id: str, which: Literal["selected", "last"] = "selected") -> Any:
     """The model of a finished ``moe_pretrain``/``moe_finetune`` run kept in ``store`` (selected weights by default)."""
-    found = store.load_checkpoint(run_id)
-    if found is None:
-        run = store.get_run(run_id)
-        if run is None:
-            raise ConfigError(f"run {run_id!r} is not in the store {store.path}; run the pretrain/finetune stage first")
-        raise ConfigError(
-            f"run {run_id} ({run['benchmark']} {run['method']}, status {run['status']}) has no kept checkpoint in "
-            f"{store.path}; it must be run with keep_checkpoint=True (the moe pipeline and CLI do this)"
-        )
-    _step, state = found
-    return model_from_state(state, which)
+    return model_from_state(store.kept_state(run_id), which)
 
 
 def model_from_state(state: dict[str, Any], which: Literal["selected", "last"] = "selected") -> Any:
@@ -247,15 +239,6 @@ def cached_items(domain: str, n: int, data_seed: int, split: str, context: int) 
     if not kept:
         raise ConfigError(f"no {domain} item of split {split} fits a context of {context} bytes; raise context")
     return kept
-
-
-def _open_store(path: str) -> Any:
-    """The results store at ``path`` (ConfigError if there is no store there)."""
-    from lopkit.runner.store import ResultStore, _resolve_store_file
-
-    if not _resolve_store_file(path).exists():
-        raise ConfigError(f"init_store {path!r} holds no results.sqlite; run 'lopkit moe pretrain --out DIR' first")
-    return ResultStore(path)
 
 
 # ------------------------------------------------------------------------------------------------ pretrain
@@ -372,6 +355,7 @@ class MoEPretrain(Benchmark):
     """Byte-level MoE transformer pretraining at hard top-k_pre on GCIDE + fortunes + generated domains."""
 
     name = "moe_pretrain"
+    accepts_methods = False  # the training loop calls no mitigation hook
     Config = MoEPretrainConfig
     description = "MoE-PHDS stage 1: pretrain a byte-level top-k MoE transformer (hard top-k_pre, aux loss)."
     presets = {
@@ -596,7 +580,7 @@ class MoEFinetuneConfig(BenchmarkConfig):
                     f"needs 1 <= k <= k_pre, hard routing 1 <= k <= n_experts; change k_fixed/k_train/anchor_k")
 
 
-def _resolve_domains(domains: Sequence[str]) -> tuple[str, ...]:
+def resolve_domains(domains: Sequence[str]) -> tuple[str, ...]:
     """The domains to use (all of MC_DOMAINS when empty); ConfigError for an unknown one."""
     from lopkit.moe.data import MC_DOMAINS
 
@@ -624,6 +608,7 @@ class MoEFinetune(Benchmark):
     """SFT of a pretrained MoE on multiple-choice items: fixed-k (Oracle-k, Naive) or multi-k PHDS with curriculum."""
 
     name = "moe_finetune"
+    accepts_methods = False  # the training loop calls no mitigation hook
     Config = MoEFinetuneConfig
     description = ("MoE-PHDS stage 2: SFT from a moe_pretrain run at a fixed k (oracle/naive) or with per-step "
                    "k ~ q_t (PHDS), soft eps mask, per-k norms, anchor curriculum, checkpoint selection.")
@@ -638,21 +623,17 @@ class MoEFinetune(Benchmark):
         "paper": {},
     }
 
-    def __init__(self, config: MoEFinetuneConfig, seed: int, method: Mitigation | list[Mitigation] | None = None):
+    def __init__(self, config: MoEFinetuneConfig, seed: int, method: Mitigation | list[Mitigation] | None = None,
+                 *, initial_state: dict[str, Any] | None = None):
+        """``initial_state``: the kept final state of the ``moe_pretrain`` run ``config.init_run_id`` (the runner
+        reads it from ``config.init_store``, see :meth:`continues_from`)."""
         super().__init__(config, seed, method)
-        store = _open_store(config.init_store)
-        try:
-            found = store.load_checkpoint(config.init_run_id)
-            run = store.get_run(config.init_run_id)
-        finally:
-            store.close()
-        if found is None or run is None or run["status"] != "finished":
-            status = "missing" if run is None else run["status"]
+        if initial_state is None:
             raise ConfigError(
-                f"init_run_id {config.init_run_id!r} is not a finished pretrain run with a kept checkpoint in "
-                f"{config.init_store} (status: {status}); finish 'lopkit moe pretrain' first"
+                f"moe_finetune starts from the kept state of the pretrain run {config.init_run_id!r}: run it through "
+                f"'lopkit run'/'lopkit moe run' or execute_run (they read it from init_store), or pass initial_state="
             )
-        init_state = found[1]
+        init_state = initial_state
         self.model_values = dict(init_state["model_config"])
         self.model_config = model_config_from(self.model_values)
         config.check_against_model(self.model_config.k_pre, self.model_config.n_experts)
@@ -665,7 +646,7 @@ class MoEFinetune(Benchmark):
             self.model.add_per_k_norms(self.per_k_norm_ks)
         self.rng = PrivateRNG(self.seed)
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
-        self.domains = _resolve_domains(config.domains)
+        self.domains = resolve_domains(config.domains)
         self.train_items = [item for d in self.domains
                             for item in cached_items(d, config.train_items, config.data_seed, "train", self.context)]
         self.val_items = [item for d in self.domains
@@ -679,6 +660,11 @@ class MoEFinetune(Benchmark):
         self.best_step = -1
         self._last: dict[str, float] = {"train_loss": float("nan"), "val": float("nan")}
         self._last_k = 0
+
+    @classmethod
+    def continues_from(cls, config: MoEFinetuneConfig) -> tuple[str, str]:  # type: ignore[override]
+        """The pretrain run to start from: ``(init_store, init_run_id)``."""
+        return config.init_store, config.init_run_id
 
     @property
     def total_steps(self) -> int:

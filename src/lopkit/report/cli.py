@@ -9,10 +9,11 @@ def _report(args: argparse.Namespace) -> int:
     from lopkit.configs import ConfigError
     from lopkit.report.build import build_report
     from lopkit.runner.cli_common import error_exit
+    from lopkit.runner.store import StoreError
 
     try:
         result = build_report(args.experiment_dir, args.output, args.png_dir)
-    except (FileNotFoundError, ConfigError) as err:  # no store, or a damaged one (StoreError)
+    except (FileNotFoundError, ConfigError, StoreError) as err:  # no store, a bad option, or a damaged store
         return error_exit(str(err))
     except PermissionError as err:  # e.g. a read-only experiment folder: the store was read, the HTML cannot go there
         return error_exit(f"cannot write the report: {err}; pass -o PATH/report.html somewhere writable")

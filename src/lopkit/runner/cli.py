@@ -76,7 +76,7 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     """Validate everything first, then run each seed in turn; exit 0, 1 (a run failed), 2 (bad input) or 130."""
-    from lopkit.benchmarks.base import get_benchmark
+    from lopkit.benchmarks.base import check_accepts_methods, get_benchmark
     from lopkit.configs import config_to_dict, parse_overrides
     from lopkit.runner.store import ResultStore, StoreError
     from lopkit.runner.execute import SETUP_ERRORS, execute_run, method_label, resolve_methods
@@ -86,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
         config = cls.make_config(args.preset, parse_overrides(args.overrides))
         seeds = resolve_seeds(args.seeds, args.seed_list, args.seed_offset)
         method_names = args.methods or ["sgd"]
-        resolve_methods(method_names)  # unknown methods / bad hyper-parameters fail before anything runs
+        # unknown methods / bad hyper-parameters / a benchmark that cannot apply methods fail before anything runs
+        check_accepts_methods(cls, resolve_methods(method_names))
         if args.checkpoint_every is not None and args.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
         apply_threads(args)
@@ -110,7 +111,8 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 result = execute_run(store, cls, config, seed, method_names, args.checkpoint_every, progress,
                                      preset=args.preset, raise_on_error=False)
-            except SETUP_ERRORS as err:  # a benchmark's constructor: bad combination of values, missing dataset
+            except (*SETUP_ERRORS, StoreError) as err:  # a benchmark's constructor (bad combination of values,
+                # missing dataset) or a store that cannot be written
                 return _error(str(err))
             except KeyboardInterrupt:
                 result = None

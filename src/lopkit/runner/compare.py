@@ -81,13 +81,17 @@ def parse_method_list(text: str | Sequence[str]) -> list[MethodEntry]:
     return entries
 
 
-def validate_methods(entries: Sequence[MethodEntry]) -> None:
-    """Build every method once so unknown names and bad hyper-parameters fail (ConfigError) before any run."""
+def validate_methods(entries: Sequence[MethodEntry], benchmark_cls: Any = None) -> None:
+    """Build every method once so unknown names, bad hyper-parameters and methods given to a benchmark that cannot
+    apply them (``benchmark_cls``) fail (ConfigError) before any run."""
+    from lopkit.benchmarks.base import check_accepts_methods
     from lopkit.runner.execute import resolve_methods
 
     for entry in entries:
         try:
-            resolve_methods(entry.specs)
+            built = resolve_methods(entry.specs)
+            if benchmark_cls is not None:
+                check_accepts_methods(benchmark_cls, built)
         except ConfigError as err:
             raise ConfigError(f"method {entry.label!r}: {err}") from None
 
@@ -128,7 +132,7 @@ def build_plan(benchmark: str, methods: str | Sequence[str], seeds: str | int | 
     cls = get_benchmark(benchmark)
     config = cls.make_config(preset, overrides or {})
     entries = parse_method_list(methods)
-    validate_methods(entries)
+    validate_methods(entries, cls)
     return ComparePlan(cls.name, preset, dict(overrides or {}), config, entries, parse_seeds(seeds))
 
 

@@ -86,7 +86,8 @@ def _compare(args: argparse.Namespace) -> int:
             try:
                 cells = run_plan(plan, store, progress=progress, checkpoint_every=args.checkpoint_every,
                                  on_result=lambda cell: print(_describe_cell(cell), flush=True))
-            except SETUP_ERRORS as err:  # a benchmark refusing a config/method combination, a missing dataset
+            except (*SETUP_ERRORS, StoreError) as err:  # a benchmark refusing a config/method combination, a
+                # missing dataset, a store that cannot be written
                 return _error(str(err))
             failures = sum(c.result.status == "failed" for c in cells)
             for cell in cells:

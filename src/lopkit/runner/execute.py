@@ -28,12 +28,12 @@ import time
 import traceback
 from typing import Any, Iterable, Iterator, Sequence
 
-from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, DivergedError, get_benchmark
+from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, DivergedError, check_accepts_methods, get_benchmark
 from lopkit.configs import ConfigError, config_to_dict, parse_overrides
 from lopkit.data.errors import DatasetNotFoundError
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.registry import split_method_specs
-from lopkit.runner.store import ResultStore, deserialize_state, make_run_id, serialize_state
+from lopkit.runner.store import ResultStore, deserialize_state, load_kept_state, make_run_id, serialize_state
 
 __all__ = [
     "BASELINE_METHOD",
@@ -42,6 +42,7 @@ __all__ = [
     "default_checkpoint_every",
     "execute_run",
     "method_label",
+    "progress_enabled",
     "resolve_methods",
     "split_method_names",
 ]
@@ -139,7 +140,7 @@ def resolve_methods(names: str | Iterable[str] | None) -> list[Mitigation]:
 # ----------------------------------------------------------------------------------------------- progress
 
 
-def _progress_enabled(progress: bool | str) -> bool:
+def progress_enabled(progress: bool | str) -> bool:
     """Whether to draw a bar: ``"always"``/``"never"`` force it; True means "if stderr is a terminal"."""
     forced = os.environ.get(PROGRESS_ENV, "").strip().lower()
     if progress in ("never", False):
@@ -260,6 +261,7 @@ def execute_run(
     stop_after_steps: int | None = None,
     handle_sigint: bool = True,
     keep_checkpoint: bool = False,
+    initial_state: Any = None,
 ) -> RunResult:
     """Run (or resume, or skip if finished) one benchmark run into ``store``; returns what happened.
 
@@ -268,7 +270,10 @@ def execute_run(
     steps between commits (default :func:`default_checkpoint_every`); commits also happen at least every
     ``commit_seconds``. ``progress``: True draws a bar on stderr if it is a terminal, ``"always"``/``"never"``
     force it (env ``LOPKIT_PROGRESS=1`` forces it too). ``keep_checkpoint``: keep the final ``state_dict()`` in
-    the store after the run finishes (a later stage, e.g. fine-tuning or evaluation, loads the trained weights). ``stop_after_steps``: commit and return with status
+    the store after the run finishes (a later stage, e.g. fine-tuning or evaluation, loads the trained weights).
+    ``initial_state``: for a benchmark that continues another run (``cls.continues_from(config)`` is not None), the
+    kept state it starts from; when omitted it is read from the store and run that ``continues_from`` names.
+    ``stop_after_steps``: commit and return with status
     ``paused`` after exactly that many new steps (a later call resumes from there). With ``raise_on_error`` an
     exception from the benchmark is recorded in the store and re-raised; otherwise a ``failed`` result is returned.
     """
@@ -280,6 +285,7 @@ def execute_run(
     if not (commit_seconds > 0):
         raise ConfigError(f"commit_seconds must be > 0, got {commit_seconds!r}")
     methods = resolve_methods(method_names)  # ConfigError before anything is written
+    check_accepts_methods(cls, methods)  # a benchmark that cannot apply methods refuses them
     label = label or method_label(method_names)
     config_dict = config_to_dict(config)
     run_id = make_run_id(cls.name, label, config_dict, seed)
@@ -288,12 +294,23 @@ def execute_run(
     existing = store.get_run(run_id)
     if existing is not None and existing["status"] == "finished":
         return RunResult(run_id, "skipped", int(existing["step"]), existing["total_steps"])
+    build_kwargs: dict[str, Any] = {}
+    source = cls.continues_from(config)
+    if source is not None:  # the stage it continues: read here, so that a benchmark never opens a store
+        if initial_state is None:
+            try:
+                initial_state = load_kept_state(*source)
+            except ConfigError as err:
+                raise ConfigError(f"{cls.name} continues run {source[1]!r} of {source[0]}: {err}") from None
+        build_kwargs["initial_state"] = initial_state
+    elif initial_state is not None:
+        raise ConfigError(f"{cls.name} does not continue another run; drop initial_state")
     # built before the run is registered: a set-up error (missing dataset, impossible combination) leaves the
     # store untouched and propagates; any other error of the constructor is recorded as the run's failure below
     benchmark: Benchmark | None = None
     build_error: Exception | None = None
     try:
-        benchmark = cls(config, seed, methods)
+        benchmark = cls(config, seed, methods, **build_kwargs)
     except SETUP_ERRORS:
         raise
     except Exception as err:  # noqa: BLE001  (re-raised inside the recording block)
@@ -318,7 +335,7 @@ def execute_run(
                 )
             resumed_from = saved_step
         chunk = int(checkpoint_every) if checkpoint_every is not None else default_checkpoint_every(total)
-        bar = _ProgressBar(_progress_enabled(progress), total, benchmark.step,
+        bar = _ProgressBar(progress_enabled(progress), total, benchmark.step,
                            getattr(benchmark, "progress_label", None) or f"{cls.name} {label} seed={seed}")
         with _graceful_sigint(handle_sigint) as interrupt:
             status = _advance(store, run_id, benchmark, chunk, commit_seconds, stop_after_steps, interrupt, bar)

@@ -12,10 +12,10 @@ __all__ = ["format_runs", "is_experiment_path", "list_runs"]
 
 def is_experiment_path(text: str) -> bool:
     """True if ``text`` names an experiment folder holding a results store, or a store file itself."""
-    from lopkit.runner.store import _resolve_store_file
+    from lopkit.runner.store import resolve_store_file
 
     path = Path(text)
-    return (path.is_dir() or path.is_file()) and _resolve_store_file(path).is_file()
+    return (path.is_dir() or path.is_file()) and resolve_store_file(path).is_file()
 
 
 def format_runs(runs: Any) -> str:
@@ -49,13 +49,13 @@ def format_runs(runs: Any) -> str:
 
 def list_runs(path: str) -> int:
     """Print the runs of the store at ``path`` (read-only); one ``error:`` line if it cannot be read."""
-    from lopkit.runner.store import ResultStore
+    from lopkit.runner.store import ResultStore, StoreError
 
     try:
         with ResultStore(path, read_only=True) as store:
             runs = store.runs()
             where = store.path
-    except (FileNotFoundError, ValueError) as err:  # ValueError: StoreError (damaged store)
+    except (FileNotFoundError, ValueError, StoreError) as err:  # StoreError: a damaged store
         return error_exit(str(err))
     print(f"runs in {where}:")
     print(format_runs(runs))

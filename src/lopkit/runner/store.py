@@ -58,7 +58,9 @@ __all__ = [
     "canonical_config_json",
     "code_version",
     "deserialize_state",
+    "load_kept_state",
     "make_run_id",
+    "resolve_store_file",
     "serialize_state",
     "store_path",
 ]
@@ -123,10 +125,19 @@ def store_path(experiment_dir: str | Path) -> Path:
     return Path(experiment_dir) / STORE_FILENAME
 
 
-def _resolve_store_file(path: str | Path) -> Path:
+def resolve_store_file(path: str | Path) -> Path:
     """A path ending in .sqlite/.sqlite3/.db is the file itself; anything else is an experiment folder."""
     path = Path(path)
     return path if path.suffix.lower() in _STORE_SUFFIXES else store_path(path)
+
+
+def load_kept_state(path: str | Path, run_id: str) -> Any:
+    """:meth:`ResultStore.kept_state` of the store at ``path`` (ConfigError if there is no store there)."""
+    if not resolve_store_file(path).exists():
+        raise ConfigError(f"{str(path)!r} holds no results.sqlite; run the stage it continues first "
+                          f"(e.g. 'lopkit moe pretrain --out DIR')")
+    with ResultStore(path) as store:
+        return store.kept_state(run_id)
 
 
 def _host() -> str:
@@ -212,8 +223,11 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-class StoreError(ConfigError):
-    """The results store cannot be used as asked (damaged, not a lopkit store, read-only); one line says why and what to do."""
+class StoreError(RuntimeError):
+    """The results store cannot be used as asked (damaged, not a lopkit store, read-only); one line says why and how.
+
+    A failure of I/O, not of the input: not a :class:`lopkit.configs.ConfigError` (commands report it as one line).
+    """
 
 
 def _where(path: Path) -> str:
@@ -304,7 +318,7 @@ class ResultStore:
         Raises StoreError if an existing file is damaged or not a lopkit store (it is left untouched), or if a
         new store cannot be created; FileNotFoundError if ``read_only`` and there is no store.
         """
-        self.path = _resolve_store_file(path)
+        self.path = resolve_store_file(path)
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.read_only = bool(read_only)
@@ -654,6 +668,19 @@ class ResultStore:
         """``(step, state)`` of the run's checkpoint (deserialised, see :func:`deserialize_state`), or None."""
         found = self.load_checkpoint_bytes(run_id)
         return None if found is None else (found[0], deserialize_state(found[1]))
+
+    def kept_state(self, run_id: str) -> Any:
+        """The final state kept by a finished run (``keep_checkpoint=True``); ConfigError saying what is missing."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise ConfigError(f"run {run_id!r} is not in the store {self.path}; run the stage that makes it first")
+        found = self.load_checkpoint(run_id) if run["status"] == "finished" else None
+        if found is None:
+            raise ConfigError(
+                f"run {run_id} ({run['benchmark']} {run['method']}, status {run['status']}) has no kept final state in "
+                f"{self.path}; finish it with keep_checkpoint=True (the moe pipeline and CLI do this)"
+            )
+        return found[1]
 
     def finish_run(self, run_id: str, keep_checkpoint: bool = False) -> None:
         """Mark the run finished; its checkpoint is deleted unless ``keep_checkpoint`` (it is no longer needed)."""

@@ -209,12 +209,16 @@ def _normalise_methods(value: Any, where: str, problems: list[str]) -> list[tupl
     return result
 
 
-def _check_methods(methods: tuple[str, ...], where: str, problems: list[str]) -> bool:
-    """Build the methods once through the registry (unknown names, bad hyper-parameters become problems)."""
+def _check_methods(methods: tuple[str, ...], where: str, problems: list[str], benchmark_cls: Any = None) -> bool:
+    """Build the methods once through the registry (unknown names, bad hyper-parameters, a benchmark that cannot
+    apply methods become problems)."""
+    from lopkit.benchmarks.base import check_accepts_methods
     from lopkit.runner.execute import resolve_methods
 
     try:
-        resolve_methods(methods)
+        built = resolve_methods(methods)
+        if benchmark_cls is not None:
+            check_accepts_methods(benchmark_cls, built)
     except (ConfigError, ValueError, TypeError) as err:
         problems.append(f"{where}: {'+'.join(methods)}: {err}")
         return False
@@ -269,7 +273,8 @@ def _parse_entry(
     seeds = _as_seed_list(entry["seeds"], f"{where}.seeds", problems) if "seeds" in entry else defaults["seeds"]
     methods = _normalise_methods(entry.get("methods", defaults["methods"]), f"{where}.methods", problems)
     checked_methods = [
-        specs for i, specs in enumerate(methods or []) if _check_methods(specs, f"{where}.methods[{i}]", problems)
+        specs for i, specs in enumerate(methods or [])
+        if _check_methods(specs, f"{where}.methods[{i}]", problems, benchmark_cls)
     ]
     fixed = entry.get("set") or {}
     if not isinstance(fixed, Mapping):
@@ -320,14 +325,14 @@ def _check_override(benchmark_cls: Any, preset: str, key: str, value: Any, where
     Only the key and the type are checked here, independently of the other keys, so that every such problem of
     an entry is reported; whether a value is allowed can depend on other keys (the config's ``validate``).
     """
-    from lopkit.configs import _coerce, _field_types, build_config
+    from lopkit.configs import coerce_value, config_field_types, build_config
 
-    fields = _field_types(benchmark_cls.Config)
+    fields = config_field_types(benchmark_cls.Config)
     try:
         if key not in fields:
             build_config(benchmark_cls.Config, {key: value})  # raises the registry's "unknown config key" message
         else:
-            _coerce(value, fields[key], key)
+            coerce_value(value, fields[key], key)
     except ConfigError as err:
         problems.append(f"{where}: {err}")
         return False
@@ -648,9 +653,9 @@ def _absorb(store: Any, sweep: Sweep, result: _TaskResult) -> None:
 
 def _progress_bar(total: int, initial: int, enabled: bool | str, description: str) -> Any:
     """The overall tqdm bar over runs (on stderr), or None when progress is off."""
-    from lopkit.runner.execute import _progress_enabled
+    from lopkit.runner.execute import progress_enabled
 
-    if not _progress_enabled(enabled):
+    if not progress_enabled(enabled):
         return None
     from tqdm.auto import tqdm
 
