@@ -12,14 +12,21 @@ Rows (``layer="model"`` unless stated):
   during the bin (each prediction is made *before* the update on that sample). A last, shorter bin is emitted
   at the final step when ``num_steps`` is not a multiple of ``bin_size``. The running sum is accumulated one
   step at a time in float64 and kept in the state, so rows do not depend on how ``run`` is chunked.
-- Monitor metrics at step 0 and every ``monitor_every`` steps, on a fixed probe of ``probe_size`` inputs drawn
-  from the *current* distribution (current flipping bits, random bits from a fixed seed; ``probe="uniform"``
-  instead draws all m bits once, uniformly, which is about what the authors' probe holds: 128 samples picked
-  at random from the inputs of the whole run, so from all flip states): for the hidden ReLU
-  layer ``"act1"`` the dead, dormant, saturated and duplicate fractions and the effective and stable ranks;
-  for the hidden Linear layer ``"fc1"`` its weight and gradient norms and the ranks and duplicates of the
-  pre-activations; and the probe ``loss``. Thresholds follow the paper's bit-flipping code: duplicate cosine
-  > 0.98, saturation ratio < 0.05 on > 80 % of samples.
+- Monitor metrics at step 0 and every ``monitor_every`` steps, on a fixed probe of ``probe_size`` inputs. The
+  default ``probe="run"`` is the paper's code's probe: rows drawn at random from the inputs of the whole run
+  (past and future flip states). Layers are named after the tensor they measure:
+
+  - ``fc1``: the hidden Linear layer's output, i.e. the **pre-activations**. The paper's bit-flipping figures
+    (duplicates, effective rank) are computed on this tensor (its code hooks named modules only, and the
+    ReLU is a function call). Its weight and gradient norms are reported here too.
+  - ``act1``: the ReLU outputs (dead, dormant, saturated and duplicate fractions, ranks).
+  - ``duplicate_fraction``: the paper's rule, uncentred cosine > ``duplicate_threshold`` (0.98) with some
+    later unit. ``live_clone_fraction`` (lopkit's, :func:`lopkit.diagnostics.similarity.live_clone_fraction`):
+    Pearson (centred) similarity > the same threshold, dead ReLU units excluded, on ``fc1`` and ``act1``.
+    ``dead_duplicate_fraction`` on ``fc1``: units that are both paper duplicates and dead ReLU units; when it
+    equals ``duplicate_fraction``, the paper's "duplicates" are dead units, not live clones.
+  - ``loss``: the probe MSE (``layer="model"``). Saturation thresholds follow the paper's bit-flipping code:
+    ratio < 0.05 on > 80 % of samples.
 
 ``task`` in every row is ``step // flip_period`` (the number of flips that happened before the step's
 distribution).
@@ -27,19 +34,38 @@ distribution).
 Two training engines give the same trajectory up to float rounding:
 
 - ``"lean"``: a hand-written forward/backward/update of the two-layer net in NumPy float32 on views of the
-  model's parameters (no autograd, no optimizer object). About 15x faster than eager autograd at batch 1.
-  It is used only when no mitigation is attached, because it calls no mitigation hooks.
+  model's parameters (no optimizer object). About 15x faster than eager autograd at batch 1 without a method.
+  With a method (see :func:`lean_supports`) it also calls ``on_task_start``, runs the hidden layer's torch
+  forward so that the method's forward hooks see the step, adds the autograd gradient of ``loss_term`` to the
+  update, and calls ``after_step``: 2-3x faster than autograd for ``cbp``, ``l2init``, ``shrink_perturb``.
 - ``"autograd"``: the generic loop (``torch.optim.SGD`` and autograd) that calls every mitigation hook:
   ``on_task_start`` at step 0 and at every flip, ``loss_term`` (added to the loss; the online MSE excludes it),
   ``before_step`` between ``backward`` and ``optimizer.step`` and ``after_step`` after it. Hooks receive the
   0-based index of the step being taken.
 
-``engine="auto"`` (the default) picks ``"lean"`` without a method and ``"autograd"`` with one.
+``engine="auto"`` (the default) picks ``"lean"`` whenever it supports the method.
 
-Presets. ``paper`` is the paper's run (5M steps, T = 10,000, metrics every 1000 steps). ``default`` keeps the
-paper's sizes and T but runs 2M steps (200 flips) with metrics every 2000 steps: about a minute per width on
-one core with the lean engine (~50k steps/s at width 100 without the Monitor). Run widths as separate runs,
-e.g. ``--set width=5``. ``smoke`` takes a second (T = 500 so that flips happen).
+Method switch (checklist T5). ``switch_step=S switch_method=SPEC`` trains with the run's ``--method`` (e.g.
+``sgd``) for steps ``0..S-1`` and with ``SPEC`` (a method spec as for ``--method``) from step S on; the first
+method is detached, the second attached to the same model and optimizer. The state records whether the switch
+happened, so a run resumed from a checkpoint before or after S continues exactly. Example, the paper's T5:
+``lopkit run bitflip --preset paper --set width=100 switch_step=2500000 switch_method=cbp_aggressive``.
+
+Presets (whose setup they follow; widths are the ``width`` field, e.g. ``--set width=5``):
+
+- ``paper``: the paper's ("Barriers") code: teacher ``spec_text``, m + 1 learner inputs (constant column),
+  zero biases, Kaiming-uniform fc1 (ReLU gain) and fc2 (linear), SGD lr 0.01, 5M steps, T = 10,000,
+  metrics every 1000 steps on the run probe of 128 rows, duplicate cosine > 0.98. Width 100 by default.
+- ``default``: the same setup for 2M steps (200 flips), metrics every 2000 steps: about a minute per width on
+  an idle core with the lean engine.
+- ``dohare``: Dohare et al.'s code: teacher ``dohare_code``, m learner inputs (no constant column; the hidden
+  bias plays that role), one bit flipped every T = 10,000 steps (his ``cfg/flip_one``
+  variant; his ``cfg/prob.json`` redraws all f bits every T, which this stream does not implement), probe of
+  the current distribution. His CBP is ``--method cbp``. Width 5 and 1M steps are lopkit's choices (``--set``).
+- ``smoke``: a second (T = 500 so that flips happen).
+
+The teacher rule ``count_with_bias`` is lopkit's own older reading (in neither reference code); no preset uses
+it, ``--set threshold_rule=count_with_bias`` still does.
 """
 
 from __future__ import annotations
@@ -474,8 +500,8 @@ class BitFlipBenchmark(Benchmark):
             "width": 100, "num_steps": 5_000_000, "flip_period": 10_000, "bin_size": 1000, "monitor_every": 1000,
             "threshold_rule": "spec_text", "constant_input": True, "probe": "run",
         },
-        # Dohare et al.'s code: dohare_code teacher, m inputs (no constant column), all f bits' flip schedule as
-        # his cfg/flip_one (one bit every T), 1M steps as his runs; his CBP is ``cbp`` with its defaults.
+        # Dohare et al.'s code: dohare_code teacher, m inputs (no constant column), one bit flipped every T (his
+        # cfg/flip_one); width and length are lopkit's choices. His CBP is ``cbp`` with its defaults.
         "dohare": {
             "width": 5, "num_steps": 1_000_000, "flip_period": 10_000, "bin_size": 1000, "monitor_every": 2000,
             "threshold_rule": "dohare_code", "constant_input": False, "probe": "current",
