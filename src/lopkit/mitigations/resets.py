@@ -510,10 +510,18 @@ class AggressiveContinualBackprop(ContinualBackprop):
             reinit_incoming(group, mask, self.generator, init=self.config.init, bias=self.config.bias_init)
         if self.config.zero_layer_bias and index == 0 and group.incoming.bias is not None:
             group.incoming.bias.zero_()
-        if self.config.bias_correction:
-            absorb_into_outgoing_bias(group, mask, self.mean_activation(index))
-        zero_outgoing(group, mask)
-        if self.config.reset_optimizer:
+        out = group.outgoing
+        if isinstance(out, nn.Linear) and group.outgoing_block == 1 and not group.is_conv:  # fast path, same result
+            columns = chosen.to(out.weight.device)
+            if self.config.bias_correction and out.bias is not None:
+                means = self.mean_activation(index)[chosen].to(device=out.weight.device, dtype=out.weight.dtype)
+                out.bias.add_(out.weight[:, columns] @ means)
+            out.weight[:, columns] = 0.0
+        else:
+            if self.config.bias_correction:
+                absorb_into_outgoing_bias(group, mask, self.mean_activation(index))
+            zero_outgoing(group, mask)
+        if self.config.reset_optimizer and optimizer is not None and len(optimizer.state) > 0:
             reset_optimizer_state(optimizer, group, mask)
         self.replaced_per_group[index] += count
         self.total_replaced += count
