@@ -117,9 +117,12 @@ def test_lean_engine_with_loss_term_matches_autograd_engine():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
 
 
-def test_before_step_methods_need_autograd():
-    bench = make(method=build_methods("noisy_sgd"))
+@pytest.mark.parametrize("spec", ["noisy_sgd", "layernorm", "dropout", "crelu"])
+def test_gradient_editing_and_architectural_methods_need_autograd(spec):
+    bench = make(method=build_methods(spec))
     assert bench.engine == "autograd" and not lean_supports(bench.method, bench.model)
+    with pytest.raises(ConfigError, match="lean"):
+        make({"engine": "lean"}, method=build_methods(spec))
 
 
 SWITCH = {"num_steps": 1700, "switch_step": 900, "switch_method": "cbp_aggressive:maturity=20"}

@@ -462,18 +462,21 @@ def _overrides(method: Mitigation, hook: str) -> bool:
 
 
 def lean_supports(method: Mitigation, model: nn.Module) -> bool:
-    """Whether the lean engine can train ``model`` with ``method``: the plain 2-layer learner and no ``before_step``.
+    """Whether the lean engine can train ``model`` with ``method``: the plain learner, no ``before_step``/``prepare_model``.
 
     The lean engine calls ``on_task_start``, ``loss_term`` (its gradient by autograd, added to the update),
     the forward hooks of fc1 and act1 (one torch forward of the hidden layer per step) and ``after_step``;
     it has no ``.grad`` tensors for ``before_step`` to edit and needs the plain fc1/ReLU/fc2 model.
     """
-    if _overrides(method, "before_step"):
+    if _overrides(method, "before_step") or _overrides(method, "prepare_model"):
         return False
     try:
         hidden, activation, output = learner_layers(model)
     except ValueError:
         return False
+    leaves = [m for m in model.modules() if not list(m.children())]
+    if any(not isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten, nn.Identity)) for m in leaves):
+        return False  # e.g. a norm or dropout layer that the hand-written step would skip
     hooked = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
     return all(m is hidden or m is activation for m in hooked) and not output._forward_hooks
 
