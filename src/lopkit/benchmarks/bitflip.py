@@ -692,7 +692,8 @@ class BitFlipBenchmark(Benchmark):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (parameters are copied in place; a saved switch is redone)."""
         if bool(state.get("switched", False)) and not self.switched:
-            self.switch_method()
+            with self.rng.active():  # as in run(); the saved generator states are restored below
+                self.switch_method()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
