@@ -488,6 +488,7 @@ class AggressiveContinualBackprop(ContinualBackprop):
 
     name = "cbp_aggressive"
     Config = AggressiveCBPConfig
+    _in_epsilon = 1e-10  # the script adds 1e-10 to sum |w_in|
 
     def num_to_replace(self, index: int, eligible: int) -> int:
         """``min(eligible, max(1, floor(units * rate)))`` when any unit is mature (and the rate is > 0)."""
