@@ -130,42 +130,54 @@ def width_section(runs_dir: Path) -> list[str]:
     return lines
 
 
+T5_STORES = (("t5_w100", "the Barriers script's CBP, `cbp_aggressive`"), ("t5cbp_w100", "Dohare's CBP, `cbp`"))
+
+
 def t5_section(runs_dir: Path) -> list[str]:
-    """Checklist T5: SGD, then cbp_aggressive from the switch step; the SGD continuation from the width run."""
-    loaded = load(runs_dir / "t5_w100")
-    lines = ["", "## T5: SGD, then CBP (`cbp_aggressive`) from half-way (width 100)", ""]
-    if loaded is None:
-        return lines + ["Not run."]
-    runs, metrics = loaded
-    runs = runs[runs.status == "finished"]
-    if runs.empty:
-        return lines + ["Not finished."]
-    config = json.loads(runs.config_json.iloc[0])
-    total, switch = int(config["num_steps"]), int(config["switch_step"])
-    window = min(WINDOW, switch // 3)
-    phases = {"SGD phase, before the switch": (switch - window, switch), "after the switch": (total - window, total)}
+    """Checklist T5: SGD, then CBP from the switch step; the SGD continuation comes from the width-100 run."""
+    lines = ["", "## T5: SGD, then CBP from half-way (width 100)", "",
+             "Each row: means over the window named of the online MSE (1000-step bins) and of the Monitor rows. "
+             "The SGD rows after the switch come from the width-100 SGD run above (same seed and stream, so the "
+             "same online errors up to the switch; its probe is drawn from its own, longer run).", ""]
     sgd = load(runs_dir / "paper_w100")
     sgd_metrics = sgd[1] if sgd is not None else None
-    lines += ["| window (steps) | method | online MSE | fc1 duplicates | fc1 dead duplicates | fc1 live clones | "
-              "fc1 effective rank | act1 dead | act1 effective rank |", "|" + "---|" * 9]
-    for name, (start, end) in phases.items():
-        sources = [(config["switch_method"] if end > switch else "sgd", metrics)]
-        if end > switch and sgd_metrics is not None:
-            sources.append(("sgd (paper_w100 run, no switch)", sgd_metrics))
-        for label, rows in sources:
-            lines.append(
-                f"| {start:,}-{end:,} ({name}) | {label} | {fmt(window_mean(rows, 'model', 'online_mse', start, end))} | "
-                f"{fmt(window_mean(rows, 'fc1', 'duplicate_fraction', start, end), 2)} | "
-                f"{fmt(window_mean(rows, 'fc1', 'dead_duplicate_fraction', start, end), 2)} | "
-                f"{fmt(window_mean(rows, 'fc1', 'live_clone_fraction', start, end), 2)} | "
-                f"{fmt(window_mean(rows, 'fc1', 'effective_rank', start, end), 2)} | "
-                f"{fmt(window_mean(rows, 'act1', 'dead_fraction', start, end), 2)} | "
-                f"{fmt(window_mean(rows, 'act1', 'effective_rank', start, end), 2)} |"
-            )
-    lines += ["", f"Seed {','.join(str(s) for s in sorted(runs.seed))}; windows of {window:,} steps. The SGD "
-              "comparison row comes from the width-100 SGD run (same seed, same stream, so the same online "
-              "errors up to the switch; its probe is drawn from its own, longer run).", "", "Command:", "",
-              f"    {command_of(runs)} --out {runs_dir / 't5_w100'}"]
+    header = ["| store | window (steps) | method | online MSE | fc1 duplicates | fc1 dead duplicates | fc1 live clones | "
+              "fc1 effective rank | act1 dead | act1 effective rank |", "|" + "---|" * 10]
+    lines += header
+    commands = []
+    for store, what in T5_STORES:
+        loaded = load(runs_dir / store)
+        if loaded is None:
+            lines.append(f"| {store} ({what}) | not run | | | | | | | | |")
+            continue
+        runs, metrics = loaded
+        runs = runs[runs.status == "finished"]
+        if runs.empty:
+            lines.append(f"| {store} ({what}) | not finished | | | | | | | | |")
+            continue
+        config = json.loads(runs.config_json.iloc[0])
+        total, switch = int(config["num_steps"]), int(config["switch_step"])
+        window = min(WINDOW, switch // 3)
+        phases = {"before the switch": (switch - window, switch), "after the switch": (total - window, total)}
+        for name, (start, end) in phases.items():
+            sources = [(config["switch_method"] if end > switch else "sgd", metrics)]
+            if end > switch and sgd_metrics is not None:
+                sources.append(("sgd, no switch", sgd_metrics[sgd_metrics.seed.isin(runs.seed)]))
+            for label, rows in sources:
+                lines.append(
+                    f"| {store} | {start:,}-{end:,} ({name}) | {label} | "
+                    f"{fmt(window_mean(rows, 'model', 'online_mse', start, end))} | "
+                    f"{fmt(window_mean(rows, 'fc1', 'duplicate_fraction', start, end), 2)} | "
+                    f"{fmt(window_mean(rows, 'fc1', 'dead_duplicate_fraction', start, end), 2)} | "
+                    f"{fmt(window_mean(rows, 'fc1', 'live_clone_fraction', start, end), 2)} | "
+                    f"{fmt(window_mean(rows, 'fc1', 'effective_rank', start, end), 2)} | "
+                    f"{fmt(window_mean(rows, 'act1', 'dead_fraction', start, end), 2)} | "
+                    f"{fmt(window_mean(rows, 'act1', 'effective_rank', start, end), 2)} |"
+                )
+        commands.append(f"{command_of(runs)} --out {runs_dir / store}    # {what}, seeds "
+                        f"{','.join(str(v) for v in sorted(runs.seed))}, windows of {window:,} steps")
+    lines += ["", "Commands (1 thread; shorter than the paper's 5M steps with the switch at 2.5M, CPU budget):", ""]
+    lines += [f"    {c}" for c in commands]
     return lines
 
 
