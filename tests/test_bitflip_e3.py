@@ -159,3 +159,20 @@ def test_switch_config_is_validated():
         make({"switch_step": 100, "switch_method": "no_such_method"})
     with pytest.raises(ConfigError, match="below num_steps"):
         make({"switch_step": 5000, "switch_method": "cbp"})
+
+
+def test_clone_rows_count_dead_duplicates_and_live_clones_by_hand():
+    from lopkit.benchmarks.bitflip import build_learner, clone_rows
+
+    config = BitFlipBenchmark.make_config("smoke", {"width": 4})
+    model = build_learner(config, 0)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(config.num_bits + 1, generator=gen) + 0.1  # positive weights: positive pre-activations
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.stack([-w, -2 * w, w, 3 * w]))  # 0, 1: dead and parallel; 2, 3: live clones
+        model.fc1.bias.zero_()
+    inputs = torch.cat([torch.randint(0, 2, (64, config.num_bits), generator=gen).float(), torch.ones(64, 1)], 1)
+    rows = {(r["layer"], r["metric"]): r["value"] for r in clone_rows(model, inputs, config, step=0)}
+    assert rows[("fc1", "dead_duplicate_fraction")] == pytest.approx(1 / 4)  # unit 0 (its later twin is unit 1)
+    assert rows[("fc1", "live_clone_fraction")] == pytest.approx(1 / 4)  # unit 2 (Pearson 1 with unit 3)
+    assert rows[("act1", "live_clone_fraction")] == pytest.approx(1 / 4)
