@@ -157,6 +157,10 @@ def test_switch_config_is_validated():
         make({"switch_step": 100})
     with pytest.raises(ConfigError):
         make({"switch_step": 100, "switch_method": "no_such_method"})
+    with pytest.raises(ConfigError, match="lean"):
+        make({"switch_step": 100, "switch_method": "noisy_sgd", "engine": "lean"})
+    with pytest.raises(ConfigError, match="architecture"):
+        make({"switch_step": 100, "switch_method": "layernorm"})
     with pytest.raises(ConfigError, match="below num_steps"):
         make({"switch_step": 5000, "switch_method": "cbp"})
 

@@ -230,7 +230,14 @@ class BitFlipBenchmarkConfig(BenchmarkConfig):
         if self.switch_method:
             from lopkit.mitigations.registry import build_methods
 
-            build_methods(self.switch_method)  # raises ConfigError for an unknown method or parameter
+            from lopkit.mitigations.base import changes_architecture
+
+            switched = build_methods(self.switch_method)  # raises ConfigError for an unknown method or parameter
+            require(
+                not changes_architecture(switched),
+                f"switch_method={self.switch_method!r} changes the learner's architecture, which cannot happen "
+                "mid-run; switch to a training method (e.g. cbp, cbp_aggressive, l2init, shrink_perturb)",
+            )
         unknown = [m for m in self.monitor_metrics if m not in METRIC_NAMES]
         require(not unknown, f"unknown monitor_metrics {unknown}; valid names: {', '.join(METRIC_NAMES)}")
         require(
@@ -522,6 +529,14 @@ class BitFlipBenchmark(Benchmark):
         self.method.attach(self.model, self.optimizer)
         self.switched = False
         self.engine = self._resolve_engine(config.engine)
+        if config.switch_step and config.engine == "lean":
+            from lopkit.mitigations.registry import build_methods
+
+            if _overrides(build_methods(config.switch_method), "before_step"):
+                raise ConfigError(
+                    f"engine='lean' cannot run switch_method {config.switch_method!r} (it edits gradients in "
+                    "before_step); use engine='auto' or engine='autograd'"
+                )
         self.monitor = make_bitflip_monitor(self.model, config) if config.monitor_every > 0 else None
         self.run_probe_inputs: torch.Tensor | None = None
         if config.probe == "run" and config.monitor_every > 0:
