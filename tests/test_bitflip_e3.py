@@ -44,7 +44,7 @@ def test_paper_and_dohare_presets_follow_their_references():
     default = BitFlipBenchmark.make_config("default")
     assert (default.threshold_rule, default.constant_input, default.probe) == ("spec_text", True, "run")
     dohare = BitFlipBenchmark.make_config("dohare")
-    assert (dohare.threshold_rule, dohare.constant_input) == ("dohare_code", False)
+    assert (dohare.threshold_rule, dohare.constant_input, dohare.flip_mode) == ("dohare_code", False, "redraw")
     for preset in BitFlipBenchmark.presets:
         assert BitFlipBenchmark.make_config(preset).threshold_rule != "count_with_bias"
 
@@ -71,8 +71,9 @@ def test_run_probe_rows_are_inputs_of_the_run():
     assert not torch.equal(run_probe_steps(other.config, 1), steps)
 
 
-def test_run_inputs_at_matches_stream_in_any_order():
-    config = stream_config(BitFlipBenchmark.make_config("smoke", SMALL))
+@pytest.mark.parametrize("flip_mode", ["one", "redraw"])
+def test_run_inputs_at_matches_stream_in_any_order(flip_mode):
+    config = stream_config(BitFlipBenchmark.make_config("smoke", {**SMALL, "flip_mode": flip_mode}))
     stream = BitFlipStream(config, 4)
     x, _ = stream.next_batches(3000)
     idx = torch.tensor([2999, 0, 299, 300, 1500, 0])

@@ -59,8 +59,8 @@ Presets (whose setup they follow; widths are the ``width`` field, e.g. ``--set w
 - ``default``: the same setup for 2M steps (200 flips), metrics every 2000 steps: about a minute per width on
   an idle core with the lean engine.
 - ``dohare``: Dohare et al.'s code: teacher ``dohare_code``, m learner inputs (no constant column; the hidden
-  bias plays that role), one bit flipped every T = 10,000 steps (his ``cfg/flip_one``
-  variant; his ``cfg/prob.json`` redraws all f bits every T, which this stream does not implement), probe of
+  bias plays that role), all f slow bits redrawn every T = 10,000 steps (``flip_mode="redraw"``, his
+  ``cfg/prob.json``; ``--set flip_mode=one`` is his ``cfg/flip_one``, the papers' description), probe of
   the current distribution. His CBP is ``--method cbp``. Width 5 and 1M steps are lopkit's choices (``--set``).
 - ``smoke``: a second (T = 500 so that flips happen).
 
@@ -86,7 +86,7 @@ from lopkit.benchmarks.base import (
     register_benchmark,
 )
 from lopkit.configs import ConfigError, require
-from lopkit.data.bitflip import THRESHOLD_RULES, BitFlipConfig, BitFlipStream, run_inputs_at
+from lopkit.data.bitflip import FLIP_MODES, THRESHOLD_RULES, BitFlipConfig, BitFlipStream, run_inputs_at
 from lopkit.data.seeding import seeded_generator
 from lopkit.diagnostics.activations import dead_unit_mask
 from lopkit.diagnostics.monitor import METRIC_NAMES, Monitor, MonitorConfig
@@ -140,6 +140,9 @@ class BitFlipBenchmarkConfig(BenchmarkConfig):
     """f: slowly changing bits; one of them is inverted every ``flip_period`` steps."""
     flip_period: int = 10_000
     """T: steps between two flips."""
+    flip_mode: str = "one"
+    """``one``: invert one random slow bit every T (the papers); ``redraw``: redraw all f slow bits every T
+    (Dohare et al.'s default cfg)."""
     teacher_width: int = 100
     """LTUs in the teacher ("size of the data generating function")."""
     beta: float = 0.7
@@ -197,6 +200,7 @@ class BitFlipBenchmarkConfig(BenchmarkConfig):
             f"num_flipping_bits={self.num_flipping_bits} cannot exceed num_bits={self.num_bits}",
         )
         require(math.isfinite(self.beta), f"beta must be finite, got {self.beta}")
+        require(self.flip_mode in FLIP_MODES, f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {self.flip_mode!r}")
         require(
             self.threshold_rule in THRESHOLD_RULES,
             f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {self.threshold_rule!r}",
@@ -255,6 +259,7 @@ def stream_config(config: BitFlipBenchmarkConfig) -> BitFlipConfig:
         hidden_units=config.teacher_width,
         beta=config.beta,
         threshold_rule=config.threshold_rule,
+        flip_mode=config.flip_mode,
     )
 
 
@@ -510,11 +515,12 @@ class BitFlipBenchmark(Benchmark):
             "width": 100, "num_steps": 5_000_000, "flip_period": 10_000, "bin_size": 1000, "monitor_every": 1000,
             "threshold_rule": "spec_text", "constant_input": True, "probe": "run",
         },
-        # Dohare et al.'s code: dohare_code teacher, m inputs (no constant column), one bit flipped every T (his
-        # cfg/flip_one); width and length are lopkit's choices. His CBP is ``cbp`` with its defaults.
+        # Dohare et al.'s code: dohare_code teacher, m inputs (no constant column), all f slow bits redrawn every T
+        # (his cfg/prob.json; flip_mode=one is his cfg/flip_one); width and length are lopkit's choices. His CBP
+        # is ``cbp`` with its defaults.
         "dohare": {
             "width": 5, "num_steps": 1_000_000, "flip_period": 10_000, "bin_size": 1000, "monitor_every": 2000,
-            "threshold_rule": "dohare_code", "constant_input": False, "probe": "current",
+            "threshold_rule": "dohare_code", "constant_input": False, "probe": "current", "flip_mode": "redraw",
         },
     }
 

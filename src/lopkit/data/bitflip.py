@@ -19,6 +19,10 @@ For ``S_i`` three readings exist, selectable with ``BitFlipConfig.threshold_rule
   weights among all ``m + 1`` input weights, the bias weight counted as an input. It equals ``"spec_text"``
   plus 0.5, i.e. every threshold 0.5 lower. Kept for comparison with older lopkit runs only.
 
+Slow bits (``BitFlipConfig.flip_mode``): ``"one"`` (default) inverts one of the f bits, chosen uniformly, every
+T steps (both papers' description; Dohare et al.'s ``cfg/flip_one``); ``"redraw"`` redraws all f bits uniformly
+every T steps (what Dohare et al.'s default ``cfg/prob.json`` does, as it leaves ``flip_one`` unset).
+
 With the default beta = 0.7 every threshold is non-integer, so ``>=`` versus ``>`` in the LTU does not
 matter. Time is counted in *steps*: one call of :meth:`BitFlipStream.next_batch` is one step whatever the
 batch size (the paper's learner uses batch 1, where a step is one example), and the state after a call
@@ -35,9 +39,10 @@ import torch
 
 from lopkit.data.seeding import seeded_generator
 
-__all__ = ["THRESHOLD_RULES", "BitFlipConfig", "BitFlipStream", "ltu_thresholds", "run_inputs_at"]
+__all__ = ["FLIP_MODES", "THRESHOLD_RULES", "BitFlipConfig", "BitFlipStream", "ltu_thresholds", "run_inputs_at"]
 
 THRESHOLD_RULES = ("count_with_bias", "dohare_code", "spec_text")
+FLIP_MODES = ("one", "redraw")
 _TEACHER_STREAM, _FLIP_STREAM, _BITS_STREAM, _PROBE_STREAM = 1, 2, 3, 4
 _TARGET_CHUNK = 1 << 15  # rows per chunk when evaluating the teacher on many inputs
 
@@ -58,6 +63,7 @@ class BitFlipConfig:
     hidden_units: int = 100  # LTUs in the teacher ("size of the data generating function")
     beta: float = 0.7  # LTU threshold parameter
     threshold_rule: str = "spec_text"  # how S_i is counted, see module docstring
+    flip_mode: str = "one"  # "one": invert one random slow bit every T (the papers); "redraw": redraw all f
 
     def __post_init__(self) -> None:
         _check_int(self.num_bits, "num_bits", 1)
@@ -72,6 +78,8 @@ class BitFlipConfig:
             raise ValueError(f"beta must be finite, got {self.beta!r}")
         if self.threshold_rule not in THRESHOLD_RULES:
             raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
+        if self.flip_mode not in FLIP_MODES:
+            raise ValueError(f"flip_mode must be one of {FLIP_MODES}, got {self.flip_mode!r}")
 
     @property
     def input_dim(self) -> int:
@@ -159,9 +167,18 @@ class BitFlipStream:
         """Current values (f,) of the flipping bits, i.e. those the next step will use."""
         return self._flip_bits.clone()
 
-    def _draw_flip(self) -> int:
-        """Draw which flipping bit to invert next (consumes the flip generator)."""
-        return int(torch.randint(self.config.num_flipping_bits, (1,), generator=self._flip_generator))
+    def _next_flip_state(self, state: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The slow bits after a boundary: one bit inverted (``flip_mode="one"``) or all f redrawn (``"redraw"``)."""
+        generator = self._flip_generator if generator is None else generator
+        f = self.config.num_flipping_bits
+        if self.config.flip_mode == "redraw":
+            self.last_flipped_bit = None
+            return torch.randint(0, 2, (f,), generator=generator, dtype=torch.float32)
+        bit = int(torch.randint(f, (1,), generator=generator))
+        self.last_flipped_bit = bit
+        result = state.clone()
+        result[bit] = 1.0 - result[bit]
+        return result
 
     def _assemble(self, flip_rows: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
         """Concatenate flipping bits, random bits and the bias column into inputs (N, m + 1)."""
@@ -181,10 +198,8 @@ class BitFlipStream:
         y = self.targets(x)
         self.step += 1
         if self.config.num_flipping_bits and self.step % self.config.flip_period == 0:
-            bit = self._draw_flip()
-            self._flip_bits[bit] = 1.0 - self._flip_bits[bit]
+            self._flip_bits = self._next_flip_state(self._flip_bits)
             self.num_flips += 1
-            self.last_flipped_bit = bit
         return x, y
 
     def next_batches(self, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,12 +214,8 @@ class BitFlipStream:
             for boundary in range(first_boundary, start + n_steps + 1, period):
                 lengths.append(boundary - start - row)
                 row = boundary - start
-                bit = self._draw_flip()
-                state = states[-1].clone()
-                state[bit] = 1.0 - state[bit]
-                states.append(state)
+                states.append(self._next_flip_state(states[-1]))
                 self.num_flips += 1
-                self.last_flipped_bit = bit
         lengths.append(n_steps - row)
         flip_rows = torch.repeat_interleave(torch.stack(states), torch.tensor(lengths), dim=0)
         x = self._assemble(flip_rows, random_bits)
@@ -285,8 +296,7 @@ def run_inputs_at(config: BitFlipConfig, seed: int, steps: torch.Tensor) -> torc
             position += 1
         if config.num_flipping_bits:
             for _boundary in range((start // period + 1) * period, start + length + 1, period):
-                bit = stream._draw_flip()
-                stream._flip_bits[bit] = 1.0 - stream._flip_bits[bit]
+                stream._flip_bits = stream._next_flip_state(stream._flip_bits)
         stream.step += length
     return out
 
@@ -301,8 +311,9 @@ def _flip_state_at(stream: BitFlipStream, state: torch.Tensor, start: int, step:
         return state
     generator = torch.Generator().manual_seed(0)
     generator.set_state(stream._flip_generator.get_state())
+    last = stream.last_flipped_bit
     result = state.clone()
     for _ in boundaries:
-        bit = int(torch.randint(cfg.num_flipping_bits, (1,), generator=generator))
-        result[bit] = 1.0 - result[bit]
+        result = stream._next_flip_state(result, generator)
+    stream.last_flipped_bit = last
     return result
