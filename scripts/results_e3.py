@@ -151,14 +151,16 @@ def t5_section(runs_dir: Path) -> list[str]:
             lines.append(f"| {store} ({what}) | not run | | | | | | | | |")
             continue
         runs, metrics = loaded
-        runs = runs[runs.status == "finished"]
-        if runs.empty:
-            lines.append(f"| {store} ({what}) | not finished | | | | | | | | |")
+        config = json.loads(runs.config_json.iloc[0]) if len(runs) else {}
+        reached = int(metrics.step.max()) if len(metrics) else 0
+        if runs.empty or reached <= int(config["switch_step"]) + 1000:
+            lines.append(f"| {store} ({what}) | not run past the switch | | | | | | | | |")
             continue
-        config = json.loads(runs.config_json.iloc[0])
-        total, switch = int(config["num_steps"]), int(config["switch_step"])
+        total, switch = reached, int(config["switch_step"])
+        if (runs.status != "finished").any():
+            what += f"; unfinished: stopped at step {reached:,} of {int(config['num_steps']):,}"
         window = min(WINDOW, switch // 3)
-        phases = {"before the switch": (switch - window, switch), "after the switch": (total - window, total)}
+        phases = {"before the switch": (switch - window, switch), "after the switch": (max(switch, total - window), total)}
         for name, (start, end) in phases.items():
             sources = [(config["switch_method"] if end > switch else "sgd", metrics)]
             if end > switch and sgd_metrics is not None:
