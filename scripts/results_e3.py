@@ -151,6 +151,9 @@ def t5_section(runs_dir: Path) -> list[str]:
             lines.append(f"| {store} ({what}) | not run | | | | | | | | |")
             continue
         runs, metrics = loaded
+        if (runs.status == "finished").any():  # finished seeds only; else the one unfinished run, labelled
+            runs = runs[runs.status == "finished"]
+            metrics = metrics[metrics.run_id.isin(runs.run_id)]
         config = json.loads(runs.config_json.iloc[0]) if len(runs) else {}
         reached = int(metrics.step.max()) if len(metrics) else 0
         if runs.empty or reached <= int(config["switch_step"]) + 1000:
@@ -162,9 +165,12 @@ def t5_section(runs_dir: Path) -> list[str]:
         window = min(WINDOW, switch // 3)
         phases = {"before the switch": (switch - window, switch), "after the switch": (max(switch, total - window), total)}
         for name, (start, end) in phases.items():
-            sources = [(config["switch_method"] if end > switch else "sgd", metrics)]
+            own_seeds = ",".join(str(v) for v in sorted(runs.seed))
+            sources = [(f"{config['switch_method'] if end > switch else 'sgd'} (seeds {own_seeds})", metrics)]
             if end > switch and sgd_metrics is not None:
-                sources.append(("sgd, no switch", sgd_metrics[sgd_metrics.seed.isin(runs.seed)]))
+                same = sgd_metrics[sgd_metrics.seed.isin(runs.seed)]
+                seeds = ",".join(str(v) for v in sorted(same.seed.unique()))
+                sources.append((f"sgd, no switch (seeds {seeds})", same))
             for label, rows in sources:
                 lines.append(
                     f"| {store} | {start:,}-{end:,} ({name}) | {label} | "
