@@ -86,6 +86,7 @@ def width_section(runs_dir: Path) -> list[str]:
               "online MSE first 100k | online MSE last 100k |")
     lines += [header, "|" + "---|" * 13]
     commands = []
+    summary: list[tuple[int, pd.Series]] = []
     for width in WIDTHS:
         loaded = load(runs_dir / f"paper_w{width}")
         if loaded is None:
@@ -114,6 +115,7 @@ def width_section(runs_dir: Path) -> list[str]:
                 "mse_last": window_mean(rows, "model", "online_mse", start, total),
             })
         frame = pd.DataFrame(per_seed).mean()
+        summary.append((width, frame))
         dup, rank = PAPER_BARS[width]
         seeds = ",".join(str(s) for s in sorted(runs.seed))
         lines.append(
@@ -123,6 +125,7 @@ def width_section(runs_dir: Path) -> list[str]:
             f"{fmt(frame.mse_first)} | {fmt(frame.mse_last)} |"
         )
         commands.append(command_of(runs) + f" --out {runs_dir / f'paper_w{width}'}")
+    lines += ["", *findings(summary)]
     lines += ["", "Values: mean over the seeds of the mean over the last 100k steps (Monitor every 1000 steps); "
               "online MSE: mean of the 1000-step bins of the first and the last 100k steps. Paper values in "
               "brackets (5M-step runs, seeds 40-44).", "", "Commands (1 thread each):", ""]
@@ -131,6 +134,25 @@ def width_section(runs_dir: Path) -> list[str]:
 
 
 T5_STORES = (("t5_w100", "the Barriers script's CBP, `cbp_aggressive`"), ("t5cbp_w100", "Dohare's CBP, `cbp`"))
+
+
+def findings(summary: list[tuple[int, pd.Series]]) -> list[str]:
+    """Sentences computed from the width table: are the paper's duplicates dead units, does the error rise."""
+    if not summary:
+        return []
+    dup = sum(f.fc1_dup for _, f in summary)
+    dead_dup = sum(f.fc1_dead_dup for _, f in summary)
+    live = max(f.fc1_live for _, f in summary)
+    rising = [w for w, f in summary if f.mse_last > f.mse_first]
+    share = f"{dead_dup / dup:.0%}" if dup > 0 else "- (no duplicates)"
+    return [
+        f"Findings (computed): of the fc1 units counted as duplicates by the paper's rule, {share} are dead ReLU "
+        f"units (summed over widths); the largest live-clone fraction on fc1 is {fmt(live, 2)}."
+        + (" So here the paper's bit-flip \"duplicates\" are dead units whose negative pre-activations point the "
+           "same way, not live clones." if dup > 0 and dead_dup >= 0.95 * dup and live == 0 else ""),
+        f"Online MSE under SGD is higher in the last 100k steps than in the first 100k at widths "
+        f"{', '.join(map(str, rising)) or 'none'} (of {', '.join(str(w) for w, _ in summary)}).",
+    ]
 
 
 def t5_section(runs_dir: Path) -> list[str]:
