@@ -167,6 +167,7 @@ def t5_section(runs_dir: Path) -> list[str]:
               "fc1 effective rank | act1 dead | act1 effective rank |", "|" + "---|" * 10]
     lines += header
     commands = []
+    notes: list[str] = []
     for store, what in T5_STORES:
         loaded = load(runs_dir / store)
         if loaded is None:
@@ -204,8 +205,22 @@ def t5_section(runs_dir: Path) -> list[str]:
                     f"{fmt(window_mean(rows, 'act1', 'dead_fraction', start, end), 2)} | "
                     f"{fmt(window_mean(rows, 'act1', 'effective_rank', start, end), 2)} |"
                 )
+        start, end = phases["after the switch"]
+        if sgd_metrics is not None:
+            same = sgd_metrics[sgd_metrics.seed.isin(runs.seed)]
+            ours = {k: window_mean(metrics, layer, k, start, end) for layer, k in
+                    (("model", "online_mse"), ("fc1", "duplicate_fraction"), ("act1", "dead_fraction"))}
+            base = {k: window_mean(same, layer, k, start, end) for layer, k in
+                    (("model", "online_mse"), ("fc1", "duplicate_fraction"), ("act1", "dead_fraction"))}
+            notes.append(
+                f"{store}: after the switch, {config['switch_method']} has "
+                + ", ".join(f"{'lower' if ours[k] < base[k] else 'higher or equal'} {k} ({fmt(ours[k])} vs "
+                            f"{fmt(base[k])})" for k in ours)
+                + " than SGD without the switch over the same steps."
+            )
         commands.append(f"{command_of(runs)} --out {runs_dir / store}    # {what}, seeds "
                         f"{','.join(str(v) for v in sorted(runs.seed))}, windows of {window:,} steps")
+    lines += ["", *(f"Findings (computed): {n}" for n in notes)]
     lines += ["", "Commands (1 thread; shorter than the paper's 5M steps with the switch at 2.5M, CPU budget):", ""]
     lines += [f"    {c}" for c in commands]
     return lines
