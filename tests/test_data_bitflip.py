@@ -187,3 +187,18 @@ def test_bad_call_arguments():
             call()
     with pytest.raises(ValueError, match="x must be"):
         stream.targets(torch.zeros(3, 20))
+
+
+def test_redraw_mode_redraws_all_slow_bits_and_vectorised_path_matches():
+    config = BitFlipConfig(flip_period=50, flip_mode="redraw")
+    slow, fast = BitFlipStream(config, seed=2), BitFlipStream(config, seed=2)
+    xs = torch.cat([slow.next_batch(1)[0] for _ in range(400)])
+    xf, _ = fast.next_batches(400)
+    assert torch.equal(xs, xf)
+    states = {tuple(xs[k * 50, :15].tolist()) for k in range(8)}
+    assert len(states) > 2  # new slow bits at boundaries
+    changed = [(xs[k * 50, :15] != xs[k * 50 - 1, :15]).sum().item() for k in range(1, 8)]
+    assert max(changed) > 1  # more than one bit can change at a boundary (unlike flip_mode="one")
+    assert all((xs[k * 50 : (k + 1) * 50, :15] == xs[k * 50, :15]).all() for k in range(8))
+    with pytest.raises(ValueError, match="flip_mode"):
+        BitFlipConfig(flip_mode="sometimes")

@@ -15,6 +15,7 @@ from lopkit.diagnostics.similarity import cosine_similarity_matrix, duplicate_cl
 from lopkit.mitigations.layers import UnitGroup, unit_activations
 from lopkit.mitigations.registry import available_methods, build_methods, get_method
 from lopkit.mitigations.resets import (
+    AggressiveCBPConfig,
     AggressiveContinualBackprop,
     BreakClones,
     BreakClonesConfig,
@@ -115,7 +116,7 @@ def _run_frozen_weights(method, model, steps, batch=4, in_features=4, seed=0):
 
 def test_cbp_replaces_rate_times_eligible_and_respects_maturity():
     units, maturity, rate, steps = 10, 20, 0.02, 1200
-    method = ContinualBackprop(CBPConfig(replacement_rate=rate, maturity=maturity, seed=0))
+    method = ContinualBackprop(CBPConfig(replacement_rate=rate, maturity=maturity, schedule="accumulate", seed=0))
     ages = np.zeros(units, dtype=int)  # independent bookkeeping from the observed weight changes
     expected = 0.0
     replaced = 0
@@ -133,10 +134,10 @@ def test_cbp_replaces_rate_times_eligible_and_respects_maturity():
 
 def test_cbp_all_mature_gives_floor_rate_units_steps():
     units, rate, steps = 10, 0.006, 500
-    method = ContinualBackprop(CBPConfig(replacement_rate=rate, maturity=10**6, seed=0))
+    method = ContinualBackprop(CBPConfig(replacement_rate=rate, maturity=10**6, schedule="accumulate", seed=0))
     list(_run_frozen_weights(method, mlp((4, units, 1)), 200))
     assert method.total_replaced == 0  # nobody is mature
-    method = ContinualBackprop(CBPConfig(replacement_rate=rate, maturity=0, seed=0))
+    method = ContinualBackprop(CBPConfig(replacement_rate=rate, maturity=0, schedule="accumulate", seed=0))
     list(_run_frozen_weights(method, mlp((4, units, 1)), steps))
     assert abs(method.total_replaced - rate * units * steps) < 1.0 + 1e-9  # 30 (float accumulation may give 29)
 
@@ -152,10 +153,14 @@ def test_cbp_full_rate_replaces_each_unit_exactly_when_it_matures():
 
 def test_cbp_aggressive_replaces_one_unit_per_step_after_maturity():
     maturity, steps = 5, 60
-    method = AggressiveContinualBackprop(CBPConfig(replacement_rate=1e-4, maturity=maturity, seed=0))
+    method = AggressiveContinualBackprop(
+        AggressiveCBPConfig(replacement_rate=1e-4, maturity=maturity, redraw_incoming=True, seed=0)
+    )
     counts = [int(changed.sum()) for _s, changed in _run_frozen_weights(method, mlp((4, 10, 1)), steps)]
     assert counts == [0] * maturity + [1] * (steps - maturity)
-    method = AggressiveContinualBackprop(CBPConfig(replacement_rate=0.25, maturity=maturity, seed=0))
+    method = AggressiveContinualBackprop(
+        AggressiveCBPConfig(replacement_rate=0.25, maturity=maturity, redraw_incoming=True, seed=0)
+    )
     counts = [int(changed.sum()) for _s, changed in _run_frozen_weights(method, mlp((4, 10, 1)), 8)]
     assert counts[maturity] == 2  # max(1, floor(10 * 0.25))
 
@@ -175,7 +180,9 @@ def test_cbp_contribution_utility_matches_closed_form():
     """With lr = 0, u_t = (1-eta) sum_s eta^(t-s) mean|h_s| * sum|w_out| for every unit (no replacement)."""
     eta, steps = 0.9, 25
     model = mlp((4, 6, 1))
-    method = ContinualBackprop(CBPConfig(replacement_rate=0.0, decay_rate=eta, seed=0))
+    method = ContinualBackprop(
+        CBPConfig(replacement_rate=0.0, decay_rate=eta, utility_type="contribution", weight_magnitude="sum", seed=0)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     method.attach(model, optimizer)
     gen = torch.Generator().manual_seed(1)
@@ -200,7 +207,9 @@ def test_cbp_bias_correction_exact_for_constant_unit_and_predictable_otherwise()
         model[0].weight[3] = 0.0
         model[0].bias[3] = 0.8  # unit 3 is constant: relu(0.8)
         model[2].weight[:, 3] *= 1e-3  # ... and has by far the lowest contribution utility
-    method = ContinualBackprop(CBPConfig(replacement_rate=1.0 / 6, maturity=4, seed=0))
+    method = ContinualBackprop(
+        CBPConfig(replacement_rate=1.0 / 6, maturity=4, utility_type="contribution", bias_correction=True, seed=0)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     method.attach(model, optimizer)
     probe = torch.randn(16, 4)
@@ -221,7 +230,12 @@ def test_cbp_bias_correction_changes_output_by_deviation_from_running_mean():
     with torch.no_grad():
         model[0].bias.fill_(0.5)
         model[2].weight[:, 1] *= 1e-3  # unit 1: lowest utility, but its activation varies with x
-    method = ContinualBackprop(CBPConfig(replacement_rate=1.0 / 6, maturity=4, decay_rate=eta, seed=0))
+    method = ContinualBackprop(
+        CBPConfig(
+            replacement_rate=1.0 / 6, maturity=4, decay_rate=eta, utility_type="contribution", bias_correction=True,
+            seed=0,
+        )
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     method.attach(model, optimizer)
     gen = torch.Generator().manual_seed(5)
@@ -546,3 +560,94 @@ def test_groups_can_be_passed_for_non_sequential_models():
     assert method.total_replaced > 0
     with pytest.raises(ValueError, match="nn.Sequential"):
         ContinualBackprop(CBPConfig()).attach(net, optimizer)
+
+
+# --------------------------------------------------------------------------- one replacement step by hand
+
+
+def _hand_cbp_setup(in_features=4, units=4, seed=7):
+    """A lr-0 learner (last input column constant 1), three batch-1 inputs and their ReLU features."""
+    model = mlp((in_features, units, 1), seed=seed)
+    with torch.no_grad():
+        model[0].bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.05]))
+        model[2].bias.fill_(0.25)
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.cat([torch.randn(1, in_features - 1, generator=gen), torch.ones(1, 1)], dim=1) for _ in range(3)]
+    return model, xs
+
+
+def _hand_utilities(model, xs, eta, magnitude, constant_column):
+    """Bias-corrected adaptable-contribution utilities and activation means after len(xs) steps (NumPy, float64)."""
+    w_in = model[0].weight.detach().double().numpy()
+    b_in = model[0].bias.detach().double().numpy()
+    w_out = model[2].weight.detach().double().numpy()[0]
+    cols = w_in[:, :-1] if constant_column else w_in
+    in_mag = np.abs(cols).mean(1) if magnitude == "mean" else np.abs(cols).sum(1)
+    out_mag = np.abs(w_out)
+    mean = np.zeros(w_in.shape[0])
+    util = np.zeros(w_in.shape[0])
+    for t, x in enumerate(xs, start=1):
+        h = np.maximum(w_in @ x.double().numpy()[0] + b_in, 0.0)
+        mean = eta * mean + (1 - eta) * h
+        hbar = mean / (1 - eta**t)
+        util = eta * util + (1 - eta) * np.abs(h - hbar) * out_mag / in_mag
+    n = len(xs)
+    return util / (1 - eta**n), mean / (1 - eta**n)
+
+
+def test_cbp_one_replacement_step_matches_hand_computation():
+    """Dohare's gnt.py: mean magnitudes, constant column out of |w_in| and zeroed, bias 0, no bias absorption."""
+    eta = 0.9
+    model, xs = _hand_cbp_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    corrected, _means = _hand_utilities(model, xs, eta, "mean", constant_column=True)
+    chosen = int(np.argmin(corrected))
+    method = ContinualBackprop(CBPConfig(replacement_rate=0.25, maturity=2, decay_rate=eta, constant_column=True, seed=0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    method.attach(model, optimizer)
+    for step, x in enumerate(xs):
+        train_step(model, optimizer, method, step, x)
+    assert method.total_replaced == 1  # rate * eligible = 0.25 * 4 = 1: no coin flip
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    others = [u for u in range(4) if u != chosen]
+    assert torch.equal(w[others], before["0.weight"][others]) and torch.equal(b[others], before["0.bias"][others])
+    assert float(b[chosen]) == 0.0 and float(w[chosen, -1]) == 0.0  # bias and constant-column weight: 0
+    bound = nn.init.calculate_gain("relu") * np.sqrt(3.0 / 4)
+    assert not torch.equal(w[chosen, :-1], before["0.weight"][chosen, :-1])
+    assert float(w[chosen, :-1].abs().max()) <= bound
+    assert float(model[2].weight.detach()[0, chosen]) == 0.0
+    assert torch.equal(model[2].bias.detach(), before["2.bias"])  # his absorbed mean was already zeroed: adds 0
+    assert int(method.stats[0]["age"][chosen]) == 0 and float(method.stats[0]["utility"][chosen]) == 0.0
+
+
+def test_cbp_coin_flip_replaces_with_probability_rate_times_eligible():
+    method = ContinualBackprop(CBPConfig(replacement_rate=0.05, seed=3))
+    method.attach(mlp((4, 4, 1)), torch.optim.SGD(mlp((4, 4, 1)).parameters(), lr=0.0))
+    counts = [method.num_to_replace(0, 4) for _ in range(4000)]  # p = 0.05 * 4 = 0.2
+    assert set(counts) == {0, 1} and abs(np.mean(counts) - 0.2) < 0.03
+    assert method.num_to_replace(0, 0) == 0
+    method.config.replacement_rate = 0.6
+    assert method.num_to_replace(0, 4) == 2  # floor(2.4) once the expectation is >= 1
+
+
+def test_cbp_aggressive_one_replacement_step_matches_hand_computation():
+    """The Barriers script: summed magnitudes over all columns, rows kept, whole fc1 bias zeroed, mean absorbed."""
+    eta = 0.9
+    model, xs = _hand_cbp_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    corrected, means = _hand_utilities(model, xs, eta, "sum", constant_column=False)
+    chosen = int(np.argmin(corrected))
+    method = AggressiveContinualBackprop(AggressiveCBPConfig(maturity=2, decay_rate=eta, seed=0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    method.attach(model, optimizer)
+    for step, x in enumerate(xs):
+        train_step(model, optimizer, method, step, x)
+    assert method.total_replaced == 1  # max(1, floor(4 * 1e-4))
+    assert torch.equal(model[0].weight.detach(), before["0.weight"])  # the script's redraw hits a copy
+    assert torch.all(model[0].bias.detach() == 0)
+    w_out_before = before["2.weight"][0].double().numpy()
+    expected_bias = float(before["2.bias"][0]) + w_out_before[chosen] * means[chosen]
+    np.testing.assert_allclose(float(model[2].bias.detach()[0]), expected_bias, rtol=1e-6)
+    w_out = model[2].weight.detach()[0]
+    assert float(w_out[chosen]) == 0.0
+    assert torch.equal(w_out[[u for u in range(4) if u != chosen]], before["2.weight"][0][[u for u in range(4) if u != chosen]])

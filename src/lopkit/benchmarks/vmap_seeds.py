@@ -50,14 +50,16 @@ from lopkit.benchmarks.bitflip import (
     build_learner,
     learner_layers,
     make_bitflip_monitor,
+    learner_inputs,
     monitor_rows,
+    run_probe_steps,
     mse_loss,
     next_block_length,
     stream_config,
 )
 from lopkit.benchmarks.base import make_row
 from lopkit.configs import ConfigError
-from lopkit.data.bitflip import BitFlipStream
+from lopkit.data.bitflip import BitFlipStream, run_inputs_at
 from lopkit.diagnostics.monitor import Monitor
 
 __all__ = ["VMAP_ENGINES", "run_bitflip_seeds"]
@@ -73,6 +75,7 @@ class _SeedRun:
     stream: BitFlipStream
     model: nn.Module
     monitor: Monitor | None
+    probe_inputs: torch.Tensor | None = None
     bin_sum: float = 0.0
     bin_count: int = 0
 
@@ -184,6 +187,10 @@ def run_bitflip_seeds(
             stream=BitFlipStream(stream_config(config), seed),
             model=build_learner(config, seed),
             monitor=None,
+            probe_inputs=(
+                run_inputs_at(stream_config(config), seed, run_probe_steps(config, seed))
+                if config.probe == "run" and config.monitor_every > 0 else None
+            ),
         )
         for seed in seeds
     ]
@@ -198,12 +205,12 @@ def run_bitflip_seeds(
     rows: dict[int, list[dict[str, Any]]] = {run.seed: [] for run in runs}
     if config.monitor_every > 0:
         for run in runs:
-            rows[run.seed] += monitor_rows(run.monitor, run.stream, config, 0)
+            rows[run.seed] += monitor_rows(run.monitor, run.stream, config, 0, run.probe_inputs)
     step = 0
     while step < total:
         length = next_block_length(step, total, config.block_size, config.bin_size, config.monitor_every)
         batches = [run.stream.next_batches(length) for run in runs]
-        inputs = torch.stack([x for x, _ in batches])  # (S, L, D)
+        inputs = torch.stack([learner_inputs(x, config) for x, _ in batches])  # (S, L, D)
         targets = torch.stack([y for _, y in batches])  # (S, L, 1)
         sums = [run.bin_sum for run in runs]
         if engine == "func":
@@ -218,5 +225,5 @@ def run_bitflip_seeds(
                 rows[run.seed].append(make_row(step, step // config.flip_period, "model", "online_mse", mse))
                 run.bin_sum, run.bin_count = 0.0, 0
             if run.monitor is not None and step % config.monitor_every == 0:
-                rows[run.seed] += monitor_rows(run.monitor, run.stream, config, step)
+                rows[run.seed] += monitor_rows(run.monitor, run.stream, config, step, run.probe_inputs)
     return rows

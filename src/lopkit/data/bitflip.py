@@ -7,16 +7,21 @@ i.i.d. uniform at every step. Targets come from a fixed random teacher with ``hi
 threshold units (LTUs): all weights, including the bias weight and the output bias, are random +-1;
 ``h_i = 1[w_i . x >= theta_i]`` with ``theta_i = (m + 1) * beta - S_i``, and ``y = w_out . h + b_out``.
 
-Threshold choice (spec ``lop_paper.md`` sections 4.4 and 8.10). The paper's text writes ``m * beta``;
-Dohare et al. and the authors' code use ``(m + 1) * beta`` because the bias is an input, and we follow
-that. For ``S_i`` three readings exist, selectable with ``BitFlipConfig.threshold_rule``:
+Threshold choice (spec ``lop_paper.md`` sections 4.4 and 8.10, ``fidelity_notes.md``). The paper's text
+writes ``m * beta``; both reference codes use ``(m + 1) * beta`` because the bias is an input, and so do we.
+For ``S_i`` three readings exist, selectable with ``BitFlipConfig.threshold_rule``:
 
-* ``"count_with_bias"`` (default): ``S_i`` = number of negative weights among all ``m + 1`` input
-  weights, the bias weight counted as an input (Dohare et al.'s definition, "count the bias weight").
+* ``"spec_text"`` (default): ``S_i`` = (negatives among the m bit weights) - b_i/2, the rule of the paper's
+  own ("Barriers") bit-flipping code and of the spec's wording.
 * ``"dohare_code"``: ``S_i = (m - sum_j w_ij + b_i) / 2`` = (negatives among the m bit weights) + b_i/2,
-  the formula literally in Dohare et al.'s ``FixLTUNet``.
-* ``"spec_text"``: (negatives among the m bit weights) - b_i/2, the wording of spec section 4.4.
-  It equals ``"count_with_bias"`` minus 0.5, i.e. every threshold 0.5 higher.
+  the formula in Dohare et al.'s ``FixLTUNet``.
+* ``"count_with_bias"``: lopkit's own reading, in neither reference code: ``S_i`` = number of negative
+  weights among all ``m + 1`` input weights, the bias weight counted as an input. It equals ``"spec_text"``
+  plus 0.5, i.e. every threshold 0.5 lower. Kept for comparison with older lopkit runs only.
+
+Slow bits (``BitFlipConfig.flip_mode``): ``"one"`` (default) inverts one of the f bits, chosen uniformly, every
+T steps (both papers' description; Dohare et al.'s ``cfg/flip_one``); ``"redraw"`` redraws all f bits uniformly
+every T steps (what Dohare et al.'s default ``cfg/prob.json`` does, as it leaves ``flip_one`` unset).
 
 With the default beta = 0.7 every threshold is non-integer, so ``>=`` versus ``>`` in the LTU does not
 matter. Time is counted in *steps*: one call of :meth:`BitFlipStream.next_batch` is one step whatever the
@@ -34,9 +39,10 @@ import torch
 
 from lopkit.data.seeding import seeded_generator
 
-__all__ = ["THRESHOLD_RULES", "BitFlipConfig", "BitFlipStream", "ltu_thresholds"]
+__all__ = ["FLIP_MODES", "THRESHOLD_RULES", "BitFlipConfig", "BitFlipStream", "ltu_thresholds", "run_inputs_at"]
 
 THRESHOLD_RULES = ("count_with_bias", "dohare_code", "spec_text")
+FLIP_MODES = ("one", "redraw")
 _TEACHER_STREAM, _FLIP_STREAM, _BITS_STREAM, _PROBE_STREAM = 1, 2, 3, 4
 _TARGET_CHUNK = 1 << 15  # rows per chunk when evaluating the teacher on many inputs
 
@@ -56,7 +62,8 @@ class BitFlipConfig:
     flip_period: int = 10_000  # T, steps between two flips
     hidden_units: int = 100  # LTUs in the teacher ("size of the data generating function")
     beta: float = 0.7  # LTU threshold parameter
-    threshold_rule: str = "count_with_bias"  # how S_i is counted, see module docstring
+    threshold_rule: str = "spec_text"  # how S_i is counted, see module docstring
+    flip_mode: str = "one"  # "one": invert one random slow bit every T (the papers); "redraw": redraw all f
 
     def __post_init__(self) -> None:
         _check_int(self.num_bits, "num_bits", 1)
@@ -71,6 +78,8 @@ class BitFlipConfig:
             raise ValueError(f"beta must be finite, got {self.beta!r}")
         if self.threshold_rule not in THRESHOLD_RULES:
             raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
+        if self.flip_mode not in FLIP_MODES:
+            raise ValueError(f"flip_mode must be one of {FLIP_MODES}, got {self.flip_mode!r}")
 
     @property
     def input_dim(self) -> int:
@@ -84,7 +93,7 @@ class BitFlipConfig:
 
 
 def ltu_thresholds(
-    input_weights: torch.Tensor, beta: float = 0.7, rule: str = "count_with_bias"
+    input_weights: torch.Tensor, beta: float = 0.7, rule: str = "spec_text"
 ) -> torch.Tensor:
     """LTU thresholds theta_i = (m + 1) * beta - S_i for weights (H, m + 1) whose last column is the bias."""
     if input_weights.ndim != 2 or input_weights.shape[1] < 2:
@@ -158,9 +167,18 @@ class BitFlipStream:
         """Current values (f,) of the flipping bits, i.e. those the next step will use."""
         return self._flip_bits.clone()
 
-    def _draw_flip(self) -> int:
-        """Draw which flipping bit to invert next (consumes the flip generator)."""
-        return int(torch.randint(self.config.num_flipping_bits, (1,), generator=self._flip_generator))
+    def _next_flip_state(self, state: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The slow bits after a boundary: one bit inverted (``flip_mode="one"``) or all f redrawn (``"redraw"``)."""
+        generator = self._flip_generator if generator is None else generator
+        f = self.config.num_flipping_bits
+        if self.config.flip_mode == "redraw":
+            self.last_flipped_bit = None
+            return torch.randint(0, 2, (f,), generator=generator, dtype=torch.float32)
+        bit = int(torch.randint(f, (1,), generator=generator))
+        self.last_flipped_bit = bit
+        result = state.clone()
+        result[bit] = 1.0 - result[bit]
+        return result
 
     def _assemble(self, flip_rows: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
         """Concatenate flipping bits, random bits and the bias column into inputs (N, m + 1)."""
@@ -180,10 +198,8 @@ class BitFlipStream:
         y = self.targets(x)
         self.step += 1
         if self.config.num_flipping_bits and self.step % self.config.flip_period == 0:
-            bit = self._draw_flip()
-            self._flip_bits[bit] = 1.0 - self._flip_bits[bit]
+            self._flip_bits = self._next_flip_state(self._flip_bits)
             self.num_flips += 1
-            self.last_flipped_bit = bit
         return x, y
 
     def next_batches(self, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,12 +214,8 @@ class BitFlipStream:
             for boundary in range(first_boundary, start + n_steps + 1, period):
                 lengths.append(boundary - start - row)
                 row = boundary - start
-                bit = self._draw_flip()
-                state = states[-1].clone()
-                state[bit] = 1.0 - state[bit]
-                states.append(state)
+                states.append(self._next_flip_state(states[-1]))
                 self.num_flips += 1
-                self.last_flipped_bit = bit
         lengths.append(n_steps - row)
         flip_rows = torch.repeat_interleave(torch.stack(states), torch.tensor(lengths), dim=0)
         x = self._assemble(flip_rows, random_bits)
@@ -253,3 +265,55 @@ class BitFlipStream:
         self.output_weights = state["output_weights"].clone().to(torch.float32)
         self.output_bias = state["output_bias"].clone().to(torch.float32)
         self.thresholds = ltu_thresholds(self.input_weights, self.config.beta, self.config.threshold_rule)
+
+
+def run_inputs_at(config: BitFlipConfig, seed: int, steps: torch.Tensor) -> torch.Tensor:
+    """Inputs (len(steps), m + 1) that the stream of ``(config, seed)`` yields at the given 0-based ``steps``.
+
+    Replays the flips and random bits of a fresh stream up to ``max(steps)`` (no teacher evaluation), so the
+    rows are exactly those a batch-1 run sees at those steps, whatever flip state they fall in.
+    """
+    steps = torch.as_tensor(steps, dtype=torch.long).reshape(-1)
+    if steps.numel() == 0 or int(steps.min()) < 0:
+        raise ValueError(f"steps must be a non-empty list of non-negative step indices, got {steps.tolist()[:5]}")
+    stream = BitFlipStream(config, seed)
+    out = torch.empty(steps.numel(), config.input_dim, dtype=torch.float32)
+    order = torch.argsort(steps, stable=True)
+    sorted_steps = steps[order]
+    chunk = 1 << 18
+    position = 0
+    for start in range(0, int(sorted_steps[-1]) + 1, chunk):
+        length = min(chunk, int(sorted_steps[-1]) + 1 - start)
+        bits = stream._random_bits(length)
+        flip_state = stream._flip_bits.clone()
+        period = config.flip_period
+        while position < len(sorted_steps) and int(sorted_steps[position]) < start + length:
+            step = int(sorted_steps[position])
+            # flips between the chunk start and this step (replayed on a copy: the chunk's flips happen below)
+            out[order[position], : config.num_flipping_bits] = _flip_state_at(stream, flip_state, start, step)
+            out[order[position], config.num_flipping_bits : -1] = bits[step - start]
+            out[order[position], -1] = 1.0
+            position += 1
+        if config.num_flipping_bits:
+            for _boundary in range((start // period + 1) * period, start + length + 1, period):
+                stream._flip_bits = stream._next_flip_state(stream._flip_bits)
+        stream.step += length
+    return out
+
+
+def _flip_state_at(stream: BitFlipStream, state: torch.Tensor, start: int, step: int) -> torch.Tensor:
+    """Flip bits at ``step`` given ``state`` at ``start``: replays the flips in between on a cloned generator."""
+    cfg = stream.config
+    if not cfg.num_flipping_bits:
+        return state
+    boundaries = range((start // cfg.flip_period + 1) * cfg.flip_period, step + 1, cfg.flip_period)
+    if len(boundaries) == 0:
+        return state
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(stream._flip_generator.get_state())
+    last = stream.last_flipped_bit
+    result = state.clone()
+    for _ in boundaries:
+        result = stream._next_flip_state(result, generator)
+    stream.last_flipped_bit = last
+    return result

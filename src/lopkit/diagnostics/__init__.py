@@ -32,11 +32,12 @@ from lopkit.diagnostics.similarity import (
     duplicate_clusters,
     duplicate_fraction,
     duplicate_unit_mask,
+    live_clone_fraction,
 )
 from lopkit.diagnostics.units import activation_derivative, as_unit_matrix
 
 __all__ = [
-    "dead_fraction", "dead_unit_mask", "dormant_fraction", "dormant_scores", "dormant_unit_mask", "frozen_fraction",
+    "dead_fraction", "dead_unit_mask", "live_clone_fraction", "dormant_fraction", "dormant_scores", "dormant_unit_mask", "frozen_fraction",
     "frozen_unit_mask", "saturated_fraction", "saturated_unit_mask", "block_means", "cloning_r2", "gradient_norm",
     "parameter_norm", "top_hessian_eigenvalue", "LopkitWarning", "Monitor", "MonitorConfig", "correlation_matrix",
     "correlation_rank", "effective_rank", "numerical_rank", "renyi2_rank", "stable_rank", "cosine_similarity_matrix",

@@ -26,6 +26,7 @@ __all__ = [
     "duplicate_unit_mask",
     "duplicate_fraction",
     "duplicate_clusters",
+    "live_clone_fraction",
 ]
 
 
@@ -156,3 +157,26 @@ def duplicate_clusters(
     clusters = [g.tolist() for g in groups if g.size >= 2]
     clusters.sort(key=lambda c: (-len(c), c[0]))
     return clusters
+
+
+def live_clone_fraction(h: torch.Tensor, threshold: float = 0.98, dead: torch.Tensor | None = None) -> float:
+    """Fraction of the layer's units that are live clones: Pearson (centred) correlation > ``threshold`` with
+    some later live unit, dead units (``dead`` mask, e.g. :func:`~lopkit.diagnostics.activations.dead_unit_mask`
+    of the ReLU outputs) and constant units excluded; the denominator is all D units.
+
+    lopkit's definition, reported beside the paper's (uncentred) duplicate fraction: on bit-flipping the
+    paper's "duplicates" of the fc1 pre-activations are dead units whose negative pre-activations point the
+    same way, which this count leaves out (``fidelity_notes.md``).
+    """
+    _check_threshold(threshold)
+    m = to_float_unit_matrix(h)
+    if not _check_input(m):
+        return float("nan")
+    x, degenerate = normalised_unit_columns(m, centered=True)
+    if dead is not None:
+        dead = torch.as_tensor(dead, dtype=torch.bool, device=m.device).reshape(-1)
+        if dead.numel() != m.shape[1]:
+            raise ValueError(f"dead mask has {dead.numel()} entries, the activations have {m.shape[1]} units")
+        degenerate = degenerate | dead
+        x = x * (~dead).to(x.dtype)
+    return _has_later_duplicate(x, degenerate, threshold, absolute=False).float().mean().item()

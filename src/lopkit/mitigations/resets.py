@@ -4,10 +4,10 @@ All four act on the *unit groups* of a network (see :mod:`lopkit.mitigations.lay
 installed by ``attach`` collect per-unit statistics of the training batches, and ``after_step`` (called
 after ``optimizer.step()``) decides which units to touch.
 
-- ``cbp`` (Dohare et al. 2021/2024): every step, a running *utility* per unit; a fraction
-  ``replacement_rate`` of the mature units with the lowest utility is re-initialised (fractional counts
-  accumulate across steps). ``cbp_aggressive``: the variant of the paper's bit-flipping code (spec 8.11),
-  ``max(1, floor(units * replacement_rate))`` mature units every step.
+- ``cbp`` (Dohare et al. 2021/2024, as his ``gnt.py``): every step, a running *utility* per unit; on average
+  a fraction ``replacement_rate`` of the mature units with the lowest utility is re-initialised.
+  ``cbp_aggressive``: CBP as the paper's (Barriers) bit-flipping script does it,
+  ``max(1, floor(units * replacement_rate))`` mature units every step (``docs/methods/cbp.md``).
 - ``redo`` (Sokar et al. 2023): every ``every`` steps, re-initialise the tau-dormant units.
 - ``reset_frozen`` (the paper's frozen-unit manifold, Theorem 2.1): every ``every`` steps, re-initialise units
   whose activation derivative is below ``eps`` on at least ``sample_fraction`` of recent samples.
@@ -61,6 +61,7 @@ __all__ = [
     "CBPConfig",
     "ContinualBackprop",
     "AggressiveContinualBackprop",
+    "AggressiveCBPConfig",
     "PeriodicConfig",
     "ReDoConfig",
     "ReDo",
@@ -237,17 +238,41 @@ def _device_of(group: UnitGroup) -> torch.device:
 
 @dataclasses.dataclass
 class CBPConfig:
-    """Continual backprop hyper-parameters (defaults: Dohare et al., and spec 4.4 for the bit-flipping runs)."""
+    """``cbp`` hyper-parameters; defaults follow Dohare et al.'s ``gnt.py`` as his bit-flipping script runs it."""
 
     replacement_rate: float = 1e-4
-    maturity: int = 100
+    """rho: expected replacements per mature unit and step."""
+    maturity: int = 10
+    """Units with age > maturity are eligible (10: what Dohare's bit-flipping script effectively uses)."""
     decay_rate: float = 0.99
-    utility_type: str = "contribution"
-    bias_correction: bool = True
+    """eta of the running averages."""
+    utility_type: str = "adaptable_contribution"
+    """``adaptable_contribution`` (his bit-flipping runs) or ``contribution``."""
+    bias_correction: bool = False
+    """Add the replaced unit's bias-corrected mean contribution to the next layer's bias. False for ``cbp``:
+    Dohare's ``gen_new_features`` adds the running mean *after* ``test_features`` zeroed it, i.e. adds 0."""
+    schedule: str = "coin"
+    """How many units per step: ``coin`` (his default, ``accumulate=False``: floor(rate * eligible), and when
+    that is below 1 one unit with probability rate * eligible) or ``accumulate`` (his ``accumulate=True``:
+    replace the integer part of the running sum of rate * eligible, keep the remainder)."""
+    weight_magnitude: str = "mean"
+    """``mean`` (his: mean |w| over the outgoing and over the incoming weights) or ``sum`` (the Barriers
+    script's sums). Both rank units the same; only the utility's scale differs."""
+    constant_column: bool | None = None
+    """The first layer's last input column is a constant 1 (the paper's bit-flipping learner). True: treat its
+    weight as the unit's bias, as Dohare (whose learner has no such column) treats the bias: left out of
+    |w_in|, set to 0 on replacement. None: the benchmark decides (bit-flipping: its ``constant_input``)."""
     init: str = "kaiming_uniform"
+    """Incoming weights of a replaced unit."""
     bias_init: str = "zero"
+    """Bias of a replaced unit."""
     reset_optimizer: bool = True
+    """Zero the optimizer state of the replaced units' weights."""
     seed: int | None = None
+    """Seed of the method's generator (init draws, coin flips); None follows the run's seed."""
+
+    SCHEDULES = ("coin", "accumulate")
+    MAGNITUDES = ("mean", "sum")
 
     def validate(self) -> None:
         """Raise ConfigError for impossible values."""
@@ -258,27 +283,31 @@ class CBPConfig:
             self.utility_type in ContinualBackprop.UTILITY_TYPES,
             f"utility_type must be one of {', '.join(ContinualBackprop.UTILITY_TYPES)}, got {self.utility_type!r}",
         )
+        require(self.schedule in self.SCHEDULES, f"schedule must be one of {', '.join(self.SCHEDULES)}, got {self.schedule!r}")
+        require(
+            self.weight_magnitude in self.MAGNITUDES,
+            f"weight_magnitude must be one of {', '.join(self.MAGNITUDES)}, got {self.weight_magnitude!r}",
+        )
         _check_init(self.init, self.bias_init)
         _check_seed(self.seed)
 
 
 @register_method
 class ContinualBackprop(UnitMethod):
-    """Continual backprop (Dohare et al.): replace a fraction of mature, low-utility units every step.
+    """Continual backprop as Dohare et al.'s ``gnt.py`` does it (``docs/methods/cbp.md``).
 
-    Per unit: age a (steps since its last reset), running mean of its activation m <- eta m + (1-eta) mean(h),
-    and utility u <- eta u + (1-eta) y with the instantaneous utility y
+    After every optimizer step, per unit: age a += 1, running mean m <- eta m + (1-eta) mean(h) of its
+    activation on the step's training batch, and utility u <- eta u + (1-eta) y with
 
-    - ``contribution``:           mean_batch |h| * sum_k |w_out,k|
-    - ``adaptable_contribution``: mean_batch |h - hbar| * sum_k |w_out,k| / sum_i |w_in,i|
+    - ``contribution``:           mean_batch |h| * |w_out|
+    - ``adaptable_contribution``: mean_batch |h - hbar| * |w_out| / |w_in|
 
-    where hbar = m / (1 - eta^a) and utilities are compared after the same bias correction u / (1 - eta^a).
-    Every step, ``replacement_rate * (number of units with age > maturity)`` is added to an
-    accumulator; its integer part is the number of lowest-utility mature units replaced (the remainder is
-    kept). A replaced unit gets fresh incoming weights (``init``, bias 0) and zero outgoing weights, and with
-    ``bias_correction`` its mean contribution hbar * w_out is first added to the next layer's bias, so the
-    network's output is unchanged when the unit's activation is constant (approximately otherwise). Its age,
-    utility and running mean restart at 0 and its optimizer state is zeroed.
+    where hbar = m / (1 - eta^a), |w| is the mean (``weight_magnitude="mean"``, his) or sum of absolute weights
+    (the first layer's bias, and a ``constant_column``, left out) and units are ranked by u / (1 - eta^a).
+    Units with age > ``maturity`` are eligible; the number replaced follows ``schedule``; the lowest-utility
+    ones get fresh incoming weights (``init``, bias 0, a constant column's weight 0) and zero outgoing weights
+    (with ``bias_correction`` their mean contribution first goes to the next layer's bias), and their age,
+    utility and mean restart at 0.
     """
 
     name = "cbp"
@@ -298,6 +327,10 @@ class ContinualBackprop(UnitMethod):
         self._batch: list[dict[str, torch.Tensor] | None] = [None] * len(self.groups)
         self._warned_missing = False
 
+    def _constant_column(self, index: int) -> bool:
+        """Whether group ``index``'s incoming layer has a constant last input column (first group only)."""
+        return bool(getattr(self.config, "constant_column", None)) and index == 0 and not self.groups[0].is_conv
+
     @torch.no_grad()
     def _on_activation(self, index: int, kind: str, m: torch.Tensor) -> None:
         """Reduce the training batch to the per-unit means the utility needs (nothing else is kept)."""
@@ -313,14 +346,20 @@ class ContinualBackprop(UnitMethod):
         self._batch[index] = {"mean": batch_mean, "deviation": deviation}
 
     def num_to_replace(self, index: int, eligible: int) -> int:
-        """Dohare's schedule: accumulate ``rate * eligible``, replace its integer part, keep the remainder."""
-        if eligible == 0:
+        """Units to replace this step given ``eligible`` mature ones (``schedule``: coin flip or accumulate)."""
+        if eligible == 0 or self.config.replacement_rate == 0:
             return 0
-        state = self.stats[index]
-        state["accumulated"] += self.config.replacement_rate * eligible
-        count = int(math.floor(state["accumulated"]))
-        state["accumulated"] -= count
-        return min(count, eligible)
+        expected = self.config.replacement_rate * eligible
+        if self.config.schedule == "accumulate":
+            state = self.stats[index]
+            state["accumulated"] += expected
+            count = int(math.floor(state["accumulated"]))
+            state["accumulated"] -= count
+            return min(count, eligible)
+        if expected < 1.0:
+            draw = float(torch.rand(1, generator=self.generator, dtype=torch.float64))
+            return 1 if draw <= expected else 0
+        return min(int(expected), eligible)
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Update ages and utilities from the step's training batch, then replace units."""
@@ -344,16 +383,33 @@ class ContinualBackprop(UnitMethod):
             )
             self._warned_missing = True
 
+    def weight_magnitudes(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per unit (|w_out|, |w_in|) as the utility uses them (mean or sum; bias and constant column excluded)."""
+        group = self.groups[index]
+        out_sum = outgoing_weight_magnitude(group).double()
+        weight = group.incoming.weight.detach()
+        rows = weight.reshape(weight.shape[0], -1)
+        if self._constant_column(index):
+            rows = rows[:, :-1]
+        in_sum = rows.abs().sum(dim=1).double()
+        if self.config.weight_magnitude == "sum":
+            return out_sum, in_sum
+        out_count = group.outgoing.weight.numel() // group.num_units if group.outgoing is not None else 1
+        return out_sum / max(out_count, 1), in_sum / rows.shape[1]
+
     @torch.no_grad()
     def _update_utility(self, index: int, group: UnitGroup, batch: dict[str, torch.Tensor]) -> None:
         """Age += 1, running mean and utility updates with the post-step outgoing (and incoming) weights."""
         state, eta = self.stats[index], self.config.decay_rate
         state["age"] += 1
         state["mean_activation"].mul_(eta).add_(batch["mean"], alpha=1.0 - eta)
-        instant = batch["deviation"] * outgoing_weight_magnitude(group).double()
+        out_mag, in_mag = self.weight_magnitudes(index)
+        instant = batch["deviation"] * out_mag
         if self.config.utility_type == "adaptable_contribution":
-            instant /= incoming_weight_magnitude(group).double().clamp_min(1e-12)
+            instant /= in_mag + self._in_epsilon
         state["utility"].mul_(eta).add_(instant, alpha=1.0 - eta)
+
+    _in_epsilon = 1e-12  # guards |w_in| = 0 (Dohare: none; the Barriers script: 1e-10)
 
     def corrected_utility(self, index: int) -> torch.Tensor:
         """Bias-corrected utility u / (1 - eta^age) of group ``index`` (units of age 0 get 0)."""
@@ -371,6 +427,14 @@ class ContinualBackprop(UnitMethod):
             correction > 0, state["mean_activation"] / correction.clamp_min(1e-300), torch.zeros_like(correction)
         )
 
+    def choose(self, index: int, count: int) -> torch.Tensor:
+        """The ``count`` eligible units of group ``index`` with the lowest corrected utility (ties: lower index)."""
+        state = self.stats[index]
+        eligible = (state["age"] > self.config.maturity).nonzero().flatten()
+        utility = self.corrected_utility(index)[eligible]
+        order = torch.argsort(utility.cpu(), stable=True)
+        return eligible.cpu()[order[:count]]
+
     @torch.no_grad()
     def _replace(self, index: int, group: UnitGroup, optimizer: torch.optim.Optimizer) -> None:
         state = self.stats[index]
@@ -378,14 +442,12 @@ class ContinualBackprop(UnitMethod):
         count = self.num_to_replace(index, int(mature.sum()))
         if count == 0:
             return
-        eligible = mature.nonzero().flatten()
-        utility = self.corrected_utility(index)[eligible]
-        order = torch.argsort(utility.cpu(), stable=True)  # lowest utility first; ties by unit index
-        chosen = eligible.cpu()[order[:count]]
         mask = torch.zeros(group.num_units, dtype=torch.bool)
-        mask[chosen] = True
+        mask[self.choose(index, count)] = True
         means = self.mean_activation(index) if self.config.bias_correction else None
         self._reset_units(index, mask, optimizer, unit_means=means)
+        if self._constant_column(index):
+            group.incoming.weight[mask.to(group.incoming.weight.device), -1] = 0.0
         device_mask = mask.to(state["age"].device)
         state["utility"][device_mask] = 0.0
         state["mean_activation"][device_mask] = 0.0
@@ -393,17 +455,39 @@ class ContinualBackprop(UnitMethod):
         self.events += 1
 
 
+@dataclasses.dataclass
+class AggressiveCBPConfig(CBPConfig):
+    """``cbp_aggressive`` hyper-parameters; defaults follow the paper's (Barriers) bit-flipping script."""
+
+    maturity: int = 100
+    """Units with age > maturity are eligible (the script's ``maturity_threshold``)."""
+    bias_correction: bool = True
+    """Add the replaced units' bias-corrected mean contribution to the next layer's bias (the script does)."""
+    weight_magnitude: str = "sum"
+    """The script sums |w_out| and |w_in| (all fc1 input columns, the constant one included)."""
+    constant_column: bool | None = False
+    """The script treats the constant column as an ordinary input."""
+    redraw_incoming: bool = False
+    """Redraw the replaced units' incoming weights. False, as the script *does*: its Kaiming-uniform redraw
+    writes into ``fc1.weight[units]``, an advanced-indexing copy, so fc1's rows keep their weights."""
+    zero_layer_bias: bool = True
+    """At each replacement zero the *whole* bias of the first layer, as the script does."""
+
+
 @register_method
 class AggressiveContinualBackprop(ContinualBackprop):
-    """The paper's bit-flipping CBP variant: ``max(1, floor(units * replacement_rate))`` mature units every step.
+    """CBP as the paper's (Barriers) bit-flipping script does it (``docs/methods/cbp.md``, section cbp_aggressive).
 
-    Same utilities and replacement as ``cbp``; only the schedule differs (no fractional accumulation), which
-    for layers of <= 1/replacement_rate units means one replacement per step once any unit is mature. The
-    authors' code also zeroes all first-layer biases at each replacement and stores the running mean as an
-    integer; neither quirk is reproduced.
+    Same utility as ``cbp`` (summed magnitudes); once any unit is mature, ``min(eligible, max(1,
+    floor(units * rate)))`` lowest-utility mature units are replaced *every step*. A replacement adds the
+    units' mean contribution to the next layer's bias, zeroes their outgoing weights and zeroes the whole
+    first-layer bias; their incoming weights are kept (``redraw_incoming=False``, what the script's code does).
+    Differences left: the script measures h with a second forward after the update and starts at step 1.
     """
 
     name = "cbp_aggressive"
+    Config = AggressiveCBPConfig
+    _in_epsilon = 1e-10  # the script adds 1e-10 to sum |w_in|
 
     def num_to_replace(self, index: int, eligible: int) -> int:
         """``min(eligible, max(1, floor(units * rate)))`` when any unit is mature (and the rate is > 0)."""
@@ -411,6 +495,41 @@ class AggressiveContinualBackprop(ContinualBackprop):
             return 0
         units = self.groups[index].num_units
         return min(eligible, max(1, int(math.floor(units * self.config.replacement_rate))))
+
+    @torch.no_grad()
+    def _replace(self, index: int, group: UnitGroup, optimizer: torch.optim.Optimizer) -> None:
+        state = self.stats[index]
+        mature = state["age"] > self.config.maturity
+        count = self.num_to_replace(index, int(mature.sum()))
+        if count == 0:
+            return
+        chosen = self.choose(index, count)
+        mask = torch.zeros(group.num_units, dtype=torch.bool)
+        mask[chosen] = True
+        if self.config.redraw_incoming:
+            reinit_incoming(group, mask, self.generator, init=self.config.init, bias=self.config.bias_init)
+        if self.config.zero_layer_bias and index == 0 and group.incoming.bias is not None:
+            group.incoming.bias.zero_()
+        out = group.outgoing
+        if isinstance(out, nn.Linear) and group.outgoing_block == 1 and not group.is_conv:  # fast path, same result
+            columns = chosen.to(out.weight.device)
+            if self.config.bias_correction and out.bias is not None:
+                means = self.mean_activation(index)[chosen].to(device=out.weight.device, dtype=out.weight.dtype)
+                out.bias.add_(out.weight[:, columns] @ means)
+            out.weight[:, columns] = 0.0
+        else:
+            if self.config.bias_correction:
+                absorb_into_outgoing_bias(group, mask, self.mean_activation(index))
+            zero_outgoing(group, mask)
+        if self.config.reset_optimizer and optimizer is not None and len(optimizer.state) > 0:
+            reset_optimizer_state(optimizer, group, mask)
+        self.replaced_per_group[index] += count
+        self.total_replaced += count
+        device_mask = mask.to(state["age"].device)
+        state["utility"][device_mask] = 0.0
+        state["mean_activation"][device_mask] = 0.0
+        state["age"][device_mask] = 0
+        self.events += 1
 
 
 # --------------------------------------------------------------------------- periodic methods
