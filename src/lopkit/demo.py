@@ -1,9 +1,12 @@
-"""``lopkit demo``: watch a network lose the ability to learn, and a cure keep it learning (about 2 minutes).
+"""``lopkit demo``: watch a network lose the ability to learn, and cures keep it learning (about 2 minutes).
 
 The demo runs lopkit's E1 analogue, the ``random_labels`` benchmark's ``e1`` preset: the paper's 5 x 128 ReLU
 MLP, trained with the paper's optimiser (Adam, lr 1e-3, state kept across tasks), memorises a new random
-labelling of the same 1000 Fashion-MNIST images at every task (12 tasks x 300 steps). A plain network learns
-each new labelling worse than the last; the cures (lopkit mitigation methods) keep learning. Per method it
+labelling of the same 1000 Fashion-MNIST images at every task. The demo runs 12 tasks of 600 steps, twice the
+preset's 300: the online accuracy averages a whole task, including its first steps from chance, so longer
+tasks let the first tasks reach high online accuracy and make the decline plain (seed 0: 0.73 on the first
+task, 0.21 on the last). A plain network learns each new labelling worse than the last; BatchNorm and
+LayerNorm (lopkit's ``batchnorm``/``layernorm`` methods, the paper's cure) keep learning. Per method it
 records, per task:
 
 - ``online_accuracy``: the paper's metric, the running minibatch training accuracy over the task (argmax over
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 #: Methods the demo runs by default: the plain network first, then the cures (lopkit method specs).
-DEFAULT_METHODS = ("none", "layernorm", "l2init")
+DEFAULT_METHODS = ("none", "batchnorm", "layernorm")
 
 #: Readable legend labels of the method specs the demo knows; others are shown as written.
 METHOD_LABELS = {
@@ -175,7 +178,7 @@ def plot_demo(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path
 
     panels = [
         ("online_accuracy", "Can it still learn?\nonline training accuracy on each new task"),
-        ("dead_fraction", "Dead units (mean over hidden layers)\nfraction of ReLUs silent on every probe image"),
+        ("dead_fraction", "Dead units (mean over hidden layers)\nfraction of ReLUs that output 0 on >95 % of probe images"),
         ("effective_rank", "Effective rank (mean over hidden layers)\nhow many directions the features use"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), dpi=110)
@@ -185,14 +188,20 @@ def plot_demo(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path
                  "linewidth": 2.6 if number == 0 else 1.8, "label": method}
         for ax, (metric, _) in zip(axes, panels):
             values = series(rows, method, metric)
-            ax.plot(range(1, len(values) + 1), values, **style)
+            ax.plot(range(len(values)), values, **style)
     for ax, (metric, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("task (a new random labelling of the same images)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        if metric == "dead_fraction":
-            ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=9)
+        if metric in ("online_accuracy", "dead_fraction"):
+            ax.set_ylim(-0.02, 1)
+        if metric == "effective_rank":
+            ax.set_ylim(bottom=0)
+    axes[0].axhline(0.1, color="grey", linestyle=":", linewidth=1)
+    axes[0].text(len(series(rows, methods[0], "online_accuracy")) - 1, 0.12, "chance (10 classes)", color="grey",
+                 fontsize=8, ha="right")
+    axes[1].legend(fontsize=10, loc="upper left")  # the empty corner of the dead-unit panel
     fig.suptitle("Loss of plasticity: the plain network learns each new task worse; the cures keep learning\n"
                  + subtitle, fontsize=11)
     fig.tight_layout()
@@ -269,7 +278,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  {name:>20}: " + " ".join(f"{a:.2f}" for a in accuracy)
               + f"   (first 3 tasks - last 3: {window_drop(accuracy):+.2f})")
     for name in names:
-        print(f"\n{name}: per-layer diagnosis (task-end probe of 500 images, ReLU outputs)")
+        print(f"\n{name}: per-layer diagnosis (task-end probe of {overrides['probe_size']} images, ReLU outputs)")
         for line in diagnose(rows, name):
             print(f"  {line}")
     print(f"\n{names[0]}: {trap_summary(rows, names[0])}")
@@ -292,7 +301,7 @@ def register(subparsers) -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated method specs, the plain one first (default {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--tasks", type=int, default=12, help="number of random labellings (default 12)")
-    parser.add_argument("--steps", type=int, default=300, help="Adam steps per task (default 300)")
+    parser.add_argument("--steps", type=int, default=600, help="Adam steps per task (default 600)")
     parser.add_argument("--samples", type=int, default=1000, help="images to memorise (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
