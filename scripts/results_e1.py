@@ -46,15 +46,16 @@ DEFINITIONS = (
 )
 
 
-def load_stores(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Finished runs and their metric rows from every store in ``folders`` (pooled)."""
+def load_stores(folders: list[Path], finished_only: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Runs (finished ones only, unless told) and their metric rows from every store in ``folders`` (pooled)."""
     runs, metrics = [], []
     for folder in folders:
         if not (folder / "results.sqlite").exists():
             continue
         with ResultStore(folder) as store:
             found = store.runs()
-            found = found[found["status"] == "finished"]
+            if finished_only:
+                found = found[found["status"] == "finished"]
             if found.empty:
                 continue
             runs.append(found)
@@ -239,8 +240,8 @@ def e1_section(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
 
 def split_section(folder: Path) -> list[str]:
     """What the harder class split (5-way, ~10k steps per task) showed, if it was run."""
-    runs, metrics = load_stores([folder])
-    if runs.empty:
+    runs, metrics = load_stores([folder], finished_only=False)
+    if runs.empty or metrics.empty:
         return ["## Harder class split: `class_split` preset `e1_5way`", "",
                 f"Not run yet (no finished run in `{folder}`). Command: `{SPLIT_COMMAND}`.", ""]
     metrics = with_labels(runs, metrics)
@@ -252,8 +253,9 @@ def split_section(folder: Path) -> list[str]:
     lines = ["## Harder class split: `class_split` preset `e1_5way`", "",
              f"5-way Fashion-MNIST tasks (two disjoint groups of 5 classes per cycle, reshuffled every cycle), shared "
              f"10-way head zeroed at every task, masked cross-entropy, Adam lr {config['lr']:g}, "
-             f"{config['steps_per_task']} steps per task, {config['num_tasks']} tasks run "
-             f"(the preset has 40). Command: `{SPLIT_COMMAND.replace('N', str(config['num_tasks']))}`; seeds "
+             f"{config['steps_per_task']} steps per task, {config['num_tasks']} tasks asked for (the preset has 40), "
+             f"{int(runs['step'].max())} of {int(runs['total_steps'].max())} steps run (status: "
+             f"{', '.join(sorted(runs['status'].unique()))}). Command: `{SPLIT_COMMAND.replace('N', str(config['num_tasks']))}`; seeds "
              f"{', '.join(map(str, sorted(runs['seed'].unique())))}.", "",
              "| quantity | " + " | ".join(f"t{t}" for t in sorted(metrics['task'].unique())) + " |",
              "|---|" + "---|" * metrics["task"].nunique()]
