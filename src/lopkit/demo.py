@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -226,7 +225,7 @@ def run_all(methods: Sequence[str], overrides: dict[str, Any], seed: int, jobs: 
 def _check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the demo's arguments, as an error message (None when they are fine)."""
     for name in ("tasks", "steps", "samples", "jobs"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
     if args.tasks < 2:
         return f"--tasks must be >= 2 to show a trend, got {args.tasks}"
@@ -250,6 +249,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    jobs = args.jobs if args.jobs is not None else len(methods)
     overrides = demo_overrides(args.tasks, args.steps, args.samples)
     try:
         for spec in methods:
@@ -265,8 +265,8 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     print(f"[demo] {len(methods)} methods x {args.tasks} tasks x {args.steps} Adam steps (lr 1e-3) on random labels "
-          f"of {args.samples} Fashion-MNIST images, {args.jobs} process(es) ...", flush=True)
-    raw = run_all(methods, overrides, args.seed, args.jobs)
+          f"of {args.samples} Fashion-MNIST images, {jobs} process(es) ...", flush=True)
+    raw = run_all(methods, overrides, args.seed, jobs)
     labels = {spec: method_label(spec) for spec in methods}
     if len(set(labels.values())) < len(labels):
         labels = {spec: spec for spec in methods}
@@ -304,7 +304,8 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=600, help="Adam steps per task (default 600)")
     parser.add_argument("--samples", type=int, default=1000, help="images to memorise (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                        help="processes running methods in parallel (default: 2, or 1 on a one-core machine)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="processes running methods in parallel (default: one per method, which balances 3 "
+                             "methods over 2 cores better than 2 processes; 1 runs everything in this process)")
     parser.add_argument("--out", default="out/demo", help="folder for demo.png and demo_metrics.csv")
     parser.set_defaults(func=run_demo)
