@@ -129,6 +129,11 @@ def test_bad_values_of_other_benchmarks_and_presets():
         for preset in ("smoke", "default", "paper"):
             cls.make_config(preset)  # every preset is valid
     assert ClassSplitBenchmark.make_config("paper").epochs_per_task == 500.0
+    # the paper-analogue presets use the paper's optimiser (Adam, lr 1e-3) and its 5 x 128 MLP
+    for cls, preset in ((RandomLabelsBenchmark, "e1"), (ClassSplitBenchmark, "e1_5way"), (ClassSplitBenchmark, "paper")):
+        config = cls.make_config(preset)
+        assert (config.optimizer, config.lr, config.width, config.depth, config.norm) == ("adam", 1e-3, 128, 5, "none")
+    assert ClassSplitBenchmark.make_config("e1_5way").classes_per_task == 5
     assert ClassSplitBenchmark.make_config("default").reset_head is True
 
 
@@ -325,6 +330,8 @@ def test_smoke_runs_emit_expected_metrics(cls, model, task_metrics):
     rows = bench.run(bench.total_steps)
     metrics = {r["metric"] for r in rows}
     base = {"online_accuracy", "online_loss", "task_online_accuracy", "task_online_loss"}
+    if cls is ClassSplitBenchmark:  # masked tasks also report the paper's unmasked online accuracy
+        base |= {"online_accuracy_unmasked", "task_online_accuracy_unmasked"}
     assert metrics == base | task_metrics | MONITOR_METRICS
     assert all(set(r) == {"step", "task", "layer", "metric", "value"} for r in rows)
     layers = {r["layer"] for r in rows if r["metric"] == "dead_fraction"}
@@ -365,3 +372,35 @@ def test_non_finite_loss_raises_floating_point_error_naming_step_and_task():
     bench = _make(ClassSplitBenchmark, {"monitor": False}, method=NaNLoss())
     with pytest.raises(FloatingPointError, match=r"step 35 \(task 1"):
         bench.run(bench.total_steps)
+
+
+@needs_data
+def test_unmasked_online_accuracy_scores_the_training_minibatches_by_argmax_over_all_logits(monkeypatch):
+    import lopkit.benchmarks.continual as continual
+
+    seen = []  # (logits, targets, mask) of every training step, recorded from the benchmark's own scoring call
+    original = continual.masked_accuracy_count
+
+    def recording(logits, targets, class_mask=None):
+        if class_mask is not None:
+            seen.append((logits.clone(), targets.clone()))
+        return original(logits, targets, class_mask)
+
+    monkeypatch.setattr(continual, "masked_accuracy_count", recording)
+    bench = _make(ClassSplitBenchmark, {"num_tasks": 2, "log_every": 7, "monitor": False})
+    rows = bench.run(bench.total_steps)
+    steps = bench._steps_per_task[0]
+    train_calls = [seen[i] for i in range(len(seen)) if seen[i][0].shape[0] == bench.config.batch_size]
+    assert len(train_calls) == bench.total_steps
+    for task in (0, 1):
+        logits = torch.cat([c[0] for c in train_calls[task * steps : (task + 1) * steps]])
+        targets = torch.cat([c[1] for c in train_calls[task * steps : (task + 1) * steps]])
+        expected_unmasked = int((logits.argmax(1) == targets).sum()) / targets.numel()
+        (reported,) = [r["value"] for r in rows if r["metric"] == "task_online_accuracy_unmasked" and r["task"] == task]
+        assert reported == pytest.approx(expected_unmasked, abs=1e-12)
+        (masked,) = [r["value"] for r in rows if r["metric"] == "task_online_accuracy" and r["task"] == task]
+        assert reported <= masked  # right over all logits implies right over the active ones
+    bins = [r for r in rows if r["metric"] == "online_accuracy_unmasked"]
+    assert [r["step"] for r in bins] == [r["step"] for r in rows if r["metric"] == "online_accuracy"]
+    unmasked_free = _make(RandomLabelsBenchmark, {"num_tasks": 1, "monitor": False})
+    assert not [r for r in unmasked_free.run(unmasked_free.total_steps) if "unmasked" in r["metric"]]

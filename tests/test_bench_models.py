@@ -178,3 +178,25 @@ def test_models_work_with_clone_and_monitor():
         assert "act1" in partition
         rows = Monitor(model, metrics=["dead_fraction"]).measure(x)
         assert {r["layer"] for r in rows} >= {"act1", "act2"}
+
+
+def test_every_benchmark_model_uses_the_same_readable_layer_names():
+    import re
+
+    from lopkit.benchmarks.base import get_benchmark
+    from lopkit.benchmarks.bitflip import build_learner
+    from lopkit.benchmarks.continual import build_model
+    from lopkit.benchmarks.toy import build_toy_model
+
+    readable = re.compile(r"^(flatten|head|(fc|act|norm|drop|conv|pool)[1-9][0-9]*)$")
+    continual = get_benchmark("class_split")
+    models = {
+        "continual mlp": build_model(continual.make_config("e1_5way", {"norm": "layer", "dropout": 0.1})),
+        "continual cnn": build_model(continual.make_config("smoke", {"model": "cnn", "norm": "batch"})),
+        "toy": build_toy_model(get_benchmark("toy").make_config("smoke"), 0),
+        "bitflip": build_learner(get_benchmark("bitflip").make_config("smoke"), 0),
+    }
+    for what, model in models.items():
+        names = [name for name, _ in model.named_children()]
+        assert names and all(readable.match(name) for name in names), (what, names)
+        assert names[-1] == "head" and any(name.startswith("act") for name in names), (what, names)

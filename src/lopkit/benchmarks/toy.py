@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -82,7 +83,9 @@ class ToyConfig(BenchmarkConfig):
 def build_toy_model(config: ToyConfig, seed: int) -> nn.Sequential:
     """The learner: Linear(input_dim, width) -> ReLU -> Linear(width, 1), initialised from the seed only."""
     with torch.random.fork_rng(devices=[]):  # the default init draws from the global RNG; leave it untouched
-        model = nn.Sequential(nn.Linear(config.input_dim, config.width), nn.ReLU(), nn.Linear(config.width, 1))
+        model = nn.Sequential(OrderedDict(  # the readable names every lopkit model uses (fc1, act1, head)
+            [("fc1", nn.Linear(config.input_dim, config.width)), ("act1", nn.ReLU()), ("head", nn.Linear(config.width, 1))]
+        ))
     generator = seeded_generator(seed, _INIT_KEY)
     with torch.no_grad():
         for layer, gain in ((model[0], "relu"), (model[2], "linear")):
