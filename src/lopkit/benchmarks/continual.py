@@ -46,7 +46,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -68,7 +67,6 @@ from lopkit.configs import ConfigError, config_to_dict, require
 from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.data.seeding import derive_seed, seeded_generator
 from lopkit.data.tasks import TaskStream, class_split_tasks, pixel_permutations, random_label_tasks
-from lopkit.diagnostics.errors import LopkitWarning
 from lopkit.diagnostics.monitor import ACTIVATION_TYPES, METRIC_NAMES, Monitor, MonitorConfig
 
 __all__ = [
@@ -382,7 +380,6 @@ class ContinualBenchmark(Benchmark):
         self._bin = _empty_sums()
         self._task_sums = _empty_sums()
         self._last_online = {"online_accuracy": float("nan"), "online_loss": float("nan")}
-        self._warned: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ subclass interface
     def _build_tasks(self) -> list[TaskSpec]:
@@ -543,16 +540,6 @@ class ContinualBenchmark(Benchmark):
         rows = self.monitor.measure(self._probe[0], self._probe[1], self._loss_fn(spec), step=self.step)
         return [make_row(r["step"], spec.task_id, r["layer"], r["metric"], r["value"]) for r in rows]
 
-    def _reemit_once(self, caught: list[warnings.WarningMessage]) -> None:
-        """Re-emit each distinct warning of the measurements once per run (dead layers repeat them every probe)."""
-        for item in caught:
-            text = str(item.message)
-            if issubclass(item.category, LopkitWarning) and "constant unit" in text:
-                continue  # dead units are an expected LoP state; dead_fraction already counts them
-            key = (item.category.__name__, text)
-            if key not in self._warned:
-                self._warned.add(key)
-                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
     def _start_task(self) -> list[dict[str, Any]]:
         """Task boundary: probe measurement, head/optimizer resets, mitigation hook, fresh minibatch stream."""

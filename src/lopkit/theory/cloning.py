@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lopkit.theory.partition import Partition, interleaved_block_ids, tiled_block_ids
+from lopkit.theory.partition import Partition
+from lopkit.theory.unit_maps import clone_weight_layer, index_unit_tensors, new_unit_map
 
 __all__ = ["clone", "SUPPORTED_MODULES", "LAYOUTS"]
 
@@ -172,8 +173,8 @@ def _clone_module(
         state = _resolve_flatten(state, module.in_features, name, blocks)
         if state.spatial is True:
             raise TypeError(f"clone(): Linear {name!r} is applied to a conv feature map; insert a Flatten before it")
-        out_map = None if is_last else _new_unit_map(module.out_features, factor, layout)
-        return _clone_weight_layer(module, out_map, state.unit_map), _State(out_map, spatial=False)
+        out_map = None if is_last else new_unit_map(module.out_features, factor, layout)
+        return clone_weight_layer(module, out_map, state.unit_map), _State(out_map, spatial=False)
     if isinstance(module, _CONV):
         if module.groups != 1:
             raise TypeError(
@@ -181,11 +182,11 @@ def _clone_module(
             )
         if state.pending_channels is not None or state.spatial is False and state.unit_map is not None:
             raise TypeError(f"clone(): {type(module).__name__} {name!r} follows flattened features; cannot clone")
-        out_map = None if is_last else _new_unit_map(module.out_channels, factor, layout)
-        return _clone_weight_layer(module, out_map, state.unit_map), _State(out_map, spatial=True)
+        out_map = None if is_last else new_unit_map(module.out_channels, factor, layout)
+        return clone_weight_layer(module, out_map, state.unit_map), _State(out_map, spatial=True)
     if isinstance(module, _BATCHNORM):
         state = _resolve_flatten(state, module.num_features, name, blocks)
-        return _index_unit_tensors(module, state.unit_map, ("weight", "bias", "running_mean", "running_var"),
+        return index_unit_tensors(module, state.unit_map, ("weight", "bias", "running_mean", "running_var"),
                                    num_features=_new_count(state, module.num_features)), state
     if isinstance(module, nn.LayerNorm):
         return _clone_layer_norm(name, module, state, blocks)
@@ -197,7 +198,7 @@ def _clone_module(
         _require_resolved(state, name)
         if state.unit_map is None:
             return copy.deepcopy(module), state
-        return _index_unit_tensors(module, state.unit_map, ("weight",), num_parameters=len(state.unit_map)), state
+        return index_unit_tensors(module, state.unit_map, ("weight",), num_parameters=len(state.unit_map)), state
     if isinstance(module, nn.Flatten):
         return copy.deepcopy(module), _flatten_state(name, module, state)
     if isinstance(module, _POOL):
@@ -213,56 +214,14 @@ def _clone_module(
     raise TypeError(f"clone(): module {name!r} of type {type(module).__name__} is not supported")
 
 
-def _new_unit_map(base_units: int, factor: int, layout: str) -> torch.Tensor:
-    if layout == "interleaved":
-        return interleaved_block_ids(base_units, factor)
-    return tiled_block_ids(base_units, factor)
 
 
 def _new_count(state: _State, base_count: int) -> int:
     return base_count if state.unit_map is None else int(state.unit_map.numel())
 
 
-def _clone_weight_layer(module: nn.Module, out_map: torch.Tensor | None, in_map: torch.Tensor | None) -> nn.Module:
-    """Linear/Conv with rows duplicated by ``out_map`` and columns duplicated and divided by their block size."""
-    new = copy.deepcopy(module)
-    weight = module.weight.detach()
-    if out_map is not None:
-        weight = weight[out_map.to(weight.device)]
-    if in_map is not None:
-        in_map_d = in_map.to(weight.device)
-        block_size = torch.bincount(in_map_d).to(weight.dtype)[in_map_d]
-        weight = weight[:, in_map_d] / block_size.view(1, -1, *([1] * (weight.dim() - 2)))
-    new.weight = nn.Parameter(weight.clone(), requires_grad=module.weight.requires_grad)
-    if module.bias is not None:
-        bias = module.bias.detach()
-        if out_map is not None:
-            bias = bias[out_map.to(bias.device)]
-        new.bias = nn.Parameter(bias.clone(), requires_grad=module.bias.requires_grad)
-    if isinstance(module, nn.Linear):
-        new.in_features, new.out_features = weight.shape[1], weight.shape[0]
-    else:
-        new.in_channels, new.out_channels = weight.shape[1], weight.shape[0]
-    return new
 
 
-def _index_unit_tensors(module: nn.Module, unit_map: torch.Tensor | None, names: tuple[str, ...], **attrs) -> nn.Module:
-    """Deep copy of ``module`` with its per-unit parameters/buffers duplicated along dim 0 by ``unit_map``."""
-    new = copy.deepcopy(module)
-    if unit_map is None:
-        return new
-    for tensor_name in names:
-        old = getattr(module, tensor_name, None)
-        if old is None:
-            continue
-        values = old.detach()[unit_map.to(old.device)].clone()
-        if isinstance(old, nn.Parameter):
-            setattr(new, tensor_name, nn.Parameter(values, requires_grad=old.requires_grad))
-        else:
-            new.register_buffer(tensor_name, values)
-    for attr, value in attrs.items():
-        setattr(new, attr, value)
-    return new
 
 
 def _clone_layer_norm(name: str, module: nn.LayerNorm, state: _State, blocks: dict) -> tuple[nn.Module, _State]:
@@ -277,7 +236,7 @@ def _clone_layer_norm(name: str, module: nn.LayerNorm, state: _State, blocks: di
     state = _resolve_flatten(state, module.normalized_shape[0], name, blocks)
     if state.spatial is True:
         raise TypeError(f"clone(): LayerNorm {name!r} on a conv feature map normalises over space, not channels")
-    new = _index_unit_tensors(module, state.unit_map, ("weight", "bias"))
+    new = index_unit_tensors(module, state.unit_map, ("weight", "bias"))
     new.normalized_shape = (int(state.unit_map.numel()),)
     return new, state
 
@@ -297,7 +256,7 @@ def _clone_group_norm(name: str, module: nn.GroupNorm, state: _State) -> nn.Modu
                 f"clone(): GroupNorm {name!r} with num_groups={groups} mixes clones of different base groups in this "
                 "layout; use layout='interleaved' or GroupNorm(1, C)"
             )
-    return _index_unit_tensors(module, unit_map, ("weight", "bias"), num_channels=channels)
+    return index_unit_tensors(module, unit_map, ("weight", "bias"), num_channels=channels)
 
 
 def _flatten_state(name: str, module: nn.Flatten, state: _State) -> _State:

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from lopkit.benchmarks.architectures import SmallResNet, SmallViT
-from lopkit.theory.cloning import _clone_weight_layer, _index_unit_tensors, _new_unit_map
+from lopkit.theory.unit_maps import clone_weight_layer, index_unit_tensors, new_unit_map
 from lopkit.theory.partition import Partition
 
 __all__ = ["ARCHITECTURES", "clone_architecture", "architecture_layer_blocks"]
@@ -74,14 +74,14 @@ def clone_architecture(model: nn.Module, factor: int, layout: str = "interleaved
 def _clone_norm(module: nn.Module, unit_map: torch.Tensor) -> nn.Module:
     """BatchNorm / GroupNorm(1, C) / LayerNorm with per-unit parameters and running statistics duplicated."""
     if isinstance(module, nn.BatchNorm2d):
-        return _index_unit_tensors(module, unit_map, ("weight", "bias", "running_mean", "running_var"),
+        return index_unit_tensors(module, unit_map, ("weight", "bias", "running_mean", "running_var"),
                                    num_features=len(unit_map))
     if isinstance(module, nn.GroupNorm):
         if module.num_groups != 1:
             raise TypeError(f"clone(): GroupNorm with {module.num_groups} groups; only GroupNorm(1, C) is supported")
-        return _index_unit_tensors(module, unit_map, ("weight", "bias"), num_channels=len(unit_map))
+        return index_unit_tensors(module, unit_map, ("weight", "bias"), num_channels=len(unit_map))
     if isinstance(module, nn.LayerNorm):
-        return _index_unit_tensors(module, unit_map, ("weight", "bias"), normalized_shape=(len(unit_map),))
+        return index_unit_tensors(module, unit_map, ("weight", "bias"), normalized_shape=(len(unit_map),))
     if isinstance(module, nn.Identity):
         return copy.deepcopy(module)
     raise TypeError(f"clone(): unsupported normalisation {type(module).__name__}")
@@ -95,22 +95,22 @@ def _clone_resnet(model: SmallResNet, factor: int, layout: str) -> tuple[SmallRe
         if not isinstance(module, nn.Identity):
             blocks[name] = ids
 
-    stream = _new_unit_map(model.stem.out_channels, factor, layout)
-    new.stem = _clone_weight_layer(model.stem, stream, None)
+    stream = new_unit_map(model.stem.out_channels, factor, layout)
+    new.stem = clone_weight_layer(model.stem, stream, None)
     new.stem_norm = _clone_norm(model.stem_norm, stream)
     for name in ("stem", "stem_norm", "stem_act"):
         record(name, getattr(new, name), stream)
     for index, block in enumerate(model.blocks(), start=1):
         prefix, target = f"block{index}", getattr(new, f"block{index}")
-        out = _new_unit_map(block.conv1.out_channels, factor, layout)
-        target.conv1 = _clone_weight_layer(block.conv1, out, stream)
+        out = new_unit_map(block.conv1.out_channels, factor, layout)
+        target.conv1 = clone_weight_layer(block.conv1, out, stream)
         target.norm1 = _clone_norm(block.norm1, out)
-        target.conv2 = _clone_weight_layer(block.conv2, out, out)
+        target.conv2 = clone_weight_layer(block.conv2, out, out)
         target.norm2 = _clone_norm(block.norm2, out)
         for name in ("conv1", "norm1", "act1", "conv2", "norm2"):
             record(f"{prefix}.{name}", getattr(target, name), out)
         if isinstance(block.shortcut, nn.Sequential):
-            target.shortcut.conv = _clone_weight_layer(block.shortcut.conv, out, stream)
+            target.shortcut.conv = clone_weight_layer(block.shortcut.conv, out, stream)
             target.shortcut.norm = _clone_norm(block.shortcut.norm, out)
             record(f"{prefix}.shortcut.conv", target.shortcut.conv, out)
             record(f"{prefix}.shortcut.norm", target.shortcut.norm, out)
@@ -120,7 +120,7 @@ def _clone_resnet(model: SmallResNet, factor: int, layout: str) -> tuple[SmallRe
         stream = out
     for name in ("pool", "flatten", "drop"):
         record(name, getattr(new, name), stream)
-    new.head = _clone_weight_layer(model.head, None, stream)
+    new.head = clone_weight_layer(model.head, None, stream)
     return new, Partition(blocks, factor=factor)
 
 
@@ -135,8 +135,8 @@ def _clone_vit(model: SmallViT, factor: int, layout: str) -> tuple[SmallViT, Par
             if units_last:
                 last.add(name)
 
-    stream = _new_unit_map(model.embed.proj.out_channels, factor, layout)
-    new.embed.proj = _clone_weight_layer(model.embed.proj, stream, None)
+    stream = new_unit_map(model.embed.proj.out_channels, factor, layout)
+    new.embed.proj = clone_weight_layer(model.embed.proj, stream, None)
     for tensor in ("cls_token", "pos_embed"):
         old = getattr(model.embed, tensor)
         setattr(new.embed, tensor, nn.Parameter(old.detach()[..., stream].clone(), requires_grad=old.requires_grad))
@@ -144,17 +144,17 @@ def _clone_vit(model: SmallViT, factor: int, layout: str) -> tuple[SmallViT, Par
     record("embed", new.embed, stream)
     for index, block in enumerate(model.blocks(), start=1):
         prefix, target, attn = f"block{index}", getattr(new, f"block{index}"), block.attn
-        head_map = _new_unit_map(attn.heads, factor, layout)
+        head_map = new_unit_map(attn.heads, factor, layout)
         features = (head_map.view(-1, 1) * attn.head_dim + torch.arange(attn.head_dim).view(1, -1)).reshape(-1)
-        hidden = _new_unit_map(block.mlp.fc1.out_features, factor, layout)
+        hidden = new_unit_map(block.mlp.fc1.out_features, factor, layout)
         target.norm1 = _clone_norm(block.norm1, stream)
         target.norm2 = _clone_norm(block.norm2, stream)
         for name in ("q", "k", "v"):
-            setattr(target.attn, name, _clone_weight_layer(getattr(attn, name), features, stream))
-        target.attn.o = _clone_weight_layer(attn.o, stream, features)
+            setattr(target.attn, name, clone_weight_layer(getattr(attn, name), features, stream))
+        target.attn.o = clone_weight_layer(attn.o, stream, features)
         target.attn.heads = attn.heads * factor
-        target.mlp.fc1 = _clone_weight_layer(block.mlp.fc1, hidden, stream)
-        target.mlp.fc2 = _clone_weight_layer(block.mlp.fc2, stream, hidden)
+        target.mlp.fc1 = clone_weight_layer(block.mlp.fc1, hidden, stream)
+        target.mlp.fc2 = clone_weight_layer(block.mlp.fc2, stream, hidden)
         record(f"{prefix}.norm1", target.norm1, stream)
         for name in ("q", "k", "v"):
             record(f"{prefix}.attn.{name}", getattr(target.attn, name), features)
@@ -167,7 +167,7 @@ def _clone_vit(model: SmallViT, factor: int, layout: str) -> tuple[SmallViT, Par
         record(prefix, target, stream)
     new.norm = _clone_norm(model.norm, stream)
     record("norm", new.norm, stream)
-    new.head = _clone_weight_layer(model.head, None, stream)
+    new.head = clone_weight_layer(model.head, None, stream)
     return new, Partition(blocks, factor=factor, channels_last=frozenset(last))
 
 
