@@ -198,3 +198,19 @@ def test_labels_of_a_store_with_several_benchmarks_name_only_what_differs_within
     assert labels.tolist() == ["toy sgd batch_size=16", "toy sgd batch_size=16", "toy sgd batch_size=32",
                                "bitflip sgd", "bitflip sgd"]
     assert not any("nan" in label for label in labels)
+
+
+def test_restrict_layers_reads_each_metric_on_the_chosen_layer_where_it_was_recorded():
+    rows = [
+        ("r", 0, "fc1", "duplicate_fraction", 0.4), ("r", 0, "act1", "duplicate_fraction", 0.0),
+        ("r", 0, "act1", "dead_fraction", 0.9), ("r", 0, "model", "online_mse", 0.3),
+        ("r", 0, "fc1", "effective_rank", 7.5), ("r", 0, "act1", "effective_rank", 3.0),
+    ]
+    metrics = pd.DataFrame(rows, columns=["run_id", "step", "layer", "metric", "value"]).assign(task=0)
+    default = aggregate.step_values(metrics).set_index("metric")["value"]
+    chosen = aggregate.step_values(aggregate.restrict_layers(metrics, ["fc1"])).set_index("metric")["value"]
+    assert default["duplicate_fraction"] == 0.0 and chosen["duplicate_fraction"] == 0.4  # act1 by default, fc1 asked
+    assert default["effective_rank"] == 3.0 and chosen["effective_rank"] == 7.5
+    assert chosen["dead_fraction"] == 0.9 and chosen["online_mse"] == 0.3  # not recorded on fc1: kept as they were
+    with pytest.raises(ValueError, match="no metric was recorded on layer"):
+        aggregate.restrict_layers(metrics, ["fc9"])

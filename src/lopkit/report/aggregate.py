@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 import math
 from typing import Iterable
@@ -82,6 +84,19 @@ def representation_layers(metrics: pd.DataFrame) -> list[str]:
     if len(with_dead):
         return sorted(map(str, with_dead))
     return sorted(str(layer) for layer in metrics["layer"].unique() if layer != MODEL_LAYER)
+
+
+def restrict_layers(metrics: pd.DataFrame, layers: Sequence[str] | None) -> pd.DataFrame:
+    """Per metric, only the rows of ``layers`` when the metric was recorded there (e.g. ``["fc1"]``: bit-flipping's
+    duplicate fraction and rank on the pre-activations, as the paper plots them); other metrics keep every row."""
+    if metrics.empty or not layers:
+        return metrics
+    wanted = metrics["layer"].astype(str).isin({str(layer) for layer in layers})
+    if not wanted.any():
+        found = sorted(str(layer) for layer in metrics["layer"].unique() if layer != MODEL_LAYER)
+        raise ValueError(f"no metric was recorded on layer(s) {', '.join(layers)}; this store has {', '.join(found)}")
+    has_wanted = wanted.groupby(metrics["metric"]).transform("any")
+    return metrics[wanted | ~has_wanted]
 
 
 def select_layers(metrics: pd.DataFrame) -> pd.DataFrame:

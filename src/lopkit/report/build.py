@@ -62,15 +62,18 @@ def task_or_step_values(metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 def build_report(experiment_dir: str | Path, output: str | Path | None = None, png_dir: str | Path | None = None,
                  title: str | None = None, extra_tables: list[tuple[str, pd.DataFrame]] | None = None,
-                 extra_notes: list[str] | None = None, final_fraction: float = 0.1) -> ReportResult:
+                 extra_notes: list[str] | None = None, final_fraction: float = 0.1,
+                 layers: list[str] | None = None) -> ReportResult:
     """Read ``EXPERIMENT_DIR/results.sqlite`` and write PNGs and ``report.html`` (paths returned).
 
     ``extra_tables`` (caption, table) are shown before the summary (e.g. the ranking of ``lopkit compare``) and
     ``extra_notes`` after the standard notes. ``final_fraction``: the summary's final window (the ranking's
-    ``--final-fraction``, so both tables use the same window).
+    ``--final-fraction``, so both tables use the same window). ``layers``: read each metric on these layers where
+    it was recorded there (default: the activation layers; see :func:`aggregate.select_layers`).
     """
     experiment_dir = Path(experiment_dir)
     runs, metrics = _load(experiment_dir)
+    metrics = aggregate.restrict_layers(metrics, layers)
     output = Path(output) if output else experiment_dir / "report.html"
     png_dir = Path(png_dir) if png_dir else output.parent / (output.stem + "_png")
     png_dir.mkdir(parents=True, exist_ok=True)

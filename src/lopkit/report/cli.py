@@ -12,8 +12,9 @@ def _report(args: argparse.Namespace) -> int:
     from lopkit.runner.store import StoreError
 
     try:
-        result = build_report(args.experiment_dir, args.output, args.png_dir)
-    except (FileNotFoundError, ConfigError, StoreError) as err:  # no store, a bad option, or a damaged store
+        layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
+        result = build_report(args.experiment_dir, args.output, args.png_dir, layers=layers)
+    except (FileNotFoundError, ConfigError, StoreError, ValueError) as err:  # no store, a bad option or layer, damage
         return error_exit(str(err))
     except PermissionError as err:  # e.g. a read-only experiment folder: the store was read, the HTML cannot go there
         return error_exit(f"cannot write the report: {err}; pass -o PATH/report.html somewhere writable")
@@ -35,4 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("experiment_dir", help="folder written by 'lopkit run' (holds results.sqlite)")
     parser.add_argument("-o", "--output", default=None, help="HTML file to write (default: EXPERIMENT_DIR/report.html)")
     parser.add_argument("--png-dir", default=None, help="folder for the PNGs (default: next to the HTML file)")
+    parser.add_argument("--layers", default=None, metavar="NAMES",
+                        help="comma-separated layers to read each metric on where it was recorded there, e.g. fc1 for "
+                             "bit-flipping's pre-activations as the paper plots them (default: the activation layers)")
     parser.set_defaults(func=_report)

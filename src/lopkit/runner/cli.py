@@ -230,7 +230,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("benchmark", metavar="BENCHMARK", help="registered benchmark name (see 'lopkit list')")
-    run.add_argument("--preset", default="default", help="config preset: smoke, default or paper (default: %(default)s)")
+    run.add_argument("--preset", default="default", help="config preset: smoke, default, paper or a benchmark's own (lopkit list BENCHMARK shows them; default: %(default)s)")
     seeds = run.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", default=None, metavar="N",
                        help=f"seeds to run: {SEEDS_HELP}; each plus OFFSET (default: {DEFAULT_SEEDS})")

@@ -143,7 +143,7 @@ def register(subparsers: Any) -> None:
                              "hyper-parameters as cbp:replacement_rate=1e-4; '+' combines methods (cbp+l2init)")
     parser.add_argument("--seeds", default=DEFAULT_SEEDS,
                         help=f"seeds: {SEEDS_HELP} (default: {DEFAULT_SEEDS})")
-    parser.add_argument("--preset", default="default", help="benchmark preset: smoke, default or paper")
+    parser.add_argument("--preset", default="default", help="benchmark preset: smoke, default, paper or a benchmark's own (lopkit list BENCHMARK shows them)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to every run, e.g. --set num_steps=200000 width=50")
     parser.add_argument("--out", default=None, help="experiment folder (default: runs/compare_BENCHMARK)")
