@@ -44,6 +44,12 @@ _EXPORTS: dict[str, str] = {
     "DropoutInsertion": "lopkit.mitigations.architecture",
     "CReLUActivation": "lopkit.mitigations.architecture",
     "NormalizeAndProject": "lopkit.mitigations.architecture",
+    "ProperAdam": "lopkit.mitigations.field",
+    "Parseval": "lopkit.mitigations.field",
+    "Spectral": "lopkit.mitigations.field",
+    "PeriodicReset": "lopkit.mitigations.field",
+    "HareTortoise": "lopkit.mitigations.field",
+    "UPGD": "lopkit.mitigations.field",
     # benchmarks and results
     "Benchmark": "lopkit.benchmarks.base",
     "register_benchmark": "lopkit.benchmarks.base",
@@ -67,6 +73,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
         NormalizeAndProject,
     )
     from lopkit.mitigations.base import Mitigation
+    from lopkit.mitigations.field import UPGD, HareTortoise, Parseval, PeriodicReset, ProperAdam, Spectral
     from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
     from lopkit.mitigations.registry import available_methods, build_methods, get_method
     from lopkit.mitigations.regularizers import L2, L2Init

@@ -1,0 +1,586 @@
+"""Methods of the 2022-2025 plasticity literature (issue 17): proper Adam, Parseval and spectral regularisation,
+periodic full/layer/head resets, Hare & Tortoise and UPGD.
+
+Each is a :class:`~lopkit.mitigations.base.Mitigation` with a validated ``Config`` dataclass, registered by name
+(``proper_adam``, ``parseval``, ``spectral``, ``reset``, ``hare_tortoise``, ``upgd``), with its whole state in
+``state_dict()`` so a resumed run continues exactly. Every random draw comes from the method's private
+generator seeded with :meth:`Mitigation.method_seed` (the run's seed through :mod:`lopkit.seeding`).
+The docs page of each (``docs/methods/<name>.md``) cites the paper and states every choice made here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lopkit.configs import ConfigError, require
+from lopkit.mitigations.base import Mitigation
+from lopkit.mitigations.layers import INIT_SCHEMES, UnitGroup, find_unit_groups, reinit_incoming
+from lopkit.mitigations.perturbation import MethodGenerator, _randn_like, weight_layers
+from lopkit.mitigations.registry import register_method
+from lopkit.mitigations.regularizers import is_norm_module
+
+__all__ = [
+    "ProperAdam",
+    "Parseval",
+    "Spectral",
+    "PeriodicReset",
+    "HareTortoise",
+    "UPGD",
+    "parseval_penalty",
+    "power_iteration",
+    "spectral_penalty",
+    "upgd_gate",
+    "weight_matrix",
+    "reset_layers_",
+    "clear_optimizer_state",
+]
+
+
+def _check_seed(seed: int | None) -> None:
+    require(seed is None or seed >= 0, f"seed must be >= 0 or None, got {seed}")
+
+
+def _check_finite_nonnegative(name: str, value: float) -> None:
+    require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight of a Linear/Conv layer as an ``(out, fan_in)`` matrix (one row per output unit or filter)."""
+    return layer.weight.reshape(layer.weight.shape[0], -1)
+
+
+def _selected_layers(model: nn.Module, include_output: bool) -> list[nn.Module]:
+    """The model's Linear/Conv layers in module order, without the last one unless ``include_output``."""
+    layers = weight_layers(model)
+    return layers if include_output else layers[:-1]
+
+
+def clear_optimizer_state(optimizer: torch.optim.Optimizer | None, params: list[torch.Tensor]) -> None:
+    """Forget the optimizer's whole state (moments, step counter) of ``params``: they restart as fresh parameters."""
+    if optimizer is None:
+        return
+    for param in params:
+        optimizer.state.pop(param, None)
+
+
+# ---------------------------------------------------------------------------------------------- proper Adam
+
+
+@register_method
+class ProperAdam(Mitigation):
+    """The "proper Adam" of Dohare et al. 2024): Adam with ``beta1 = beta2``, set on the optimizer at ``attach``."""
+
+    name = "proper_adam"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``proper_adam``."""
+
+        beta: float = 0.99
+        """The common value of beta1 and beta2 (Dohare et al. 2024 use 0.99)."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for a beta outside [0, 1)."""
+            require(math.isfinite(self.beta) and 0.0 <= self.beta < 1.0, f"beta must be in [0, 1), got {self.beta}")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Set ``betas = (beta, beta)`` on every parameter group; ConfigError if the optimizer has no betas."""
+        groups = getattr(optimizer, "param_groups", None) or []
+        if not groups or any("betas" not in group for group in groups):
+            raise ConfigError(
+                f"proper_adam sets Adam's betas, but the optimizer is {type(optimizer).__name__}, which has none; "
+                "use it with an Adam-family optimizer (e.g. a benchmark with optimizer=adam)"
+            )
+        for group in groups:
+            group["betas"] = (self.config.beta, self.config.beta)
+
+
+# ---------------------------------------------------------------------------------------------- Parseval
+
+
+def parseval_penalty(weights: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """``sum_l ||W_l W_l^T - scale * I||_F^2`` over ``(out, fan_in)`` matrices (differentiable; gradient 4(WW^T-sI)W)."""
+    if not weights:
+        return torch.zeros(())
+    terms = []
+    for w in weights:
+        gram = w @ w.transpose(0, 1)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        terms.append((gram - scale * eye).pow(2).sum())
+    return torch.stack(terms).sum()
+
+
+@register_method
+class Parseval(Mitigation):
+    """Parseval regularisation (Chung et al. 2024): ``strength * sum_l ||W_l W_l^T - s I||_F^2`` added to the loss."""
+
+    name = "parseval"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``parseval``."""
+
+        strength: float = 1e-3
+        """lambda in lambda * sum_l ||W W^T - s I||_F^2."""
+        scale: float = 1.0
+        """s: the rows of each W are pushed to be orthogonal with squared norm s."""
+        include_output: bool = False
+        """Also regularise the last Linear/Conv layer (the output head)."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for a negative or non-finite strength or scale."""
+            _check_finite_nonnegative("strength", self.strength)
+            _check_finite_nonnegative("scale", self.scale)
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """``strength * sum_l ||W_l W_l^T - s I||_F^2`` over the selected layers (None when strength is 0)."""
+        if self.config.strength == 0:
+            return None
+        layers = _selected_layers(model, self.config.include_output)
+        return self.config.strength * parseval_penalty([weight_matrix(m) for m in layers], self.config.scale)
+
+
+# ---------------------------------------------------------------------------------------------- spectral
+
+
+@torch.no_grad()
+def power_iteration(w: torch.Tensor, u: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iterations`` steps of ``v = W^T u/|.|, u = W v/|.|`` from ``u``; returns the unit vectors ``(u, v)``."""
+    w = w.detach()
+    for _ in range(iterations):
+        v = torch.nn.functional.normalize(w.transpose(0, 1) @ u, dim=0)
+        u = torch.nn.functional.normalize(w @ v, dim=0)
+    return u, v
+
+
+def spectral_penalty(sigmas: list[torch.Tensor], power: float) -> torch.Tensor:
+    """``sum_l (sigma_l^power - 1)^2`` (differentiable in the sigmas)."""
+    if not sigmas:
+        return torch.zeros(())
+    return torch.stack([(s.pow(power) - 1.0).pow(2) for s in sigmas]).sum()
+
+
+@register_method
+class Spectral(Mitigation):
+    """Spectral regularisation (Lewandowski et al. 2025): ``strength * sum_l (sigma_max(W_l)^k - 1)^2``.
+
+    ``sigma_max`` is estimated by power iteration with a persistent left vector ``u`` per layer (kept in
+    ``state_dict``), as ``u^T W v`` with ``u, v`` held constant, so its gradient is ``u v^T``.
+    """
+
+    name = "spectral"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``spectral``."""
+
+        strength: float = 1e-4
+        """lambda in lambda * sum_l (sigma_max(W_l)^k - 1)^2."""
+        power: float = 2.0
+        """k: the exponent of sigma_max in the penalty."""
+        iterations: int = 1
+        """Power-iteration steps per training step (the vectors persist, so one step keeps tracking sigma_max)."""
+        include_output: bool = True
+        """Also regularise the last Linear/Conv layer (the output head)."""
+        seed: int | None = None
+        """Seed of the generator of the initial power-iteration vectors; None derives it from the run's seed."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for impossible values."""
+            _check_finite_nonnegative("strength", self.strength)
+            require(math.isfinite(self.power) and self.power > 0, f"power must be a finite number > 0, got {self.power}")
+            require(self.iterations >= 1, f"iterations must be a positive integer, got {self.iterations}")
+            _check_seed(self.seed)
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.generator = MethodGenerator()
+        self.vectors: list[torch.Tensor] | None = None
+        self.last_sigmas: list[float] = []
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Draw a random unit vector ``u`` per layer from the method's generator."""
+        self.generator.reset(self.method_seed(self.config.seed))
+        generator = self.generator.get("cpu")
+        self.vectors = []
+        for layer in _selected_layers(model, self.config.include_output):
+            u = torch.randn(layer.weight.shape[0], generator=generator, dtype=torch.float64)
+            self.vectors.append(u / u.norm())
+
+    def sigmas(self, model: nn.Module) -> list[torch.Tensor]:
+        """Differentiable ``sigma_max`` estimates ``u^T W v`` of the selected layers, advancing the power iteration."""
+        if self.vectors is None:
+            raise RuntimeError("spectral has no power-iteration vectors yet: call attach(model, optimizer) first")
+        layers = _selected_layers(model, self.config.include_output)
+        if len(layers) != len(self.vectors):
+            raise ValueError(f"spectral: the model has {len(layers)} regularised layers, attach() saw {len(self.vectors)}")
+        sigmas = []
+        for i, layer in enumerate(layers):
+            w = weight_matrix(layer)
+            u0 = self.vectors[i].to(device=w.device, dtype=w.dtype)
+            u, v = power_iteration(w, u0, self.config.iterations)
+            self.vectors[i] = u.detach().to(device="cpu", dtype=torch.float64)
+            sigmas.append(u @ w @ v)
+        self.last_sigmas = [float(s.detach()) for s in sigmas]
+        return sigmas
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """``strength * sum_l (sigma_l^k - 1)^2`` (None when strength is 0)."""
+        if self.config.strength == 0:
+            return None
+        return self.config.strength * spectral_penalty(self.sigmas(model), self.config.power)
+
+    def state_dict(self) -> dict:
+        """The persistent power-iteration vectors and the generator."""
+        vectors = None if self.vectors is None else [u.clone() for u in self.vectors]
+        return {"vectors": vectors, "generator": self.generator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        vectors = state.get("vectors")
+        self.vectors = None if vectors is None else [u.clone() for u in vectors]
+        self.generator.load_state_dict(state.get("generator", {}))
+
+
+# ---------------------------------------------------------------------------------------------- periodic resets
+
+
+def _unit_group_of(model: nn.Module) -> dict[int, UnitGroup]:
+    """id(incoming layer) -> its unit group (for the activation gain and the norm), empty for non-Sequential models."""
+    try:
+        return {id(g.incoming): g for g in find_unit_groups(model)}
+    except ValueError:
+        return {}
+
+
+@torch.no_grad()
+def reset_layers_(
+    model: nn.Module, layers: list[nn.Module], generator: torch.Generator, init: str, bias: str
+) -> tuple[list[torch.Tensor], int]:
+    """Re-draw every weight and bias of ``layers`` (and reset their per-unit norm layer); returns (params, units).
+
+    Weights follow ``init`` (see :func:`lopkit.mitigations.layers.reinit_incoming`, gain from the activation
+    that follows the layer), biases ``bias``; a norm layer right after a reset layer gets weight 1, bias 0 and
+    fresh running statistics.
+    """
+    groups = _unit_group_of(model)
+    params: list[torch.Tensor] = []
+    units = 0
+    for layer in layers:
+        group = groups.get(id(layer)) or UnitGroup(incoming=layer, outgoing=None)
+        units += reinit_incoming(group, torch.ones(group.num_units, dtype=torch.bool), generator, init=init, bias=bias)
+        params += [p for p in (layer.weight, layer.bias) if p is not None]
+        if group.norm is not None:
+            _reset_norm(group.norm)
+            params += [p for p in group.norm.parameters(recurse=False)]
+    return params, units
+
+
+def _reset_norm(norm: nn.Module) -> None:
+    """A fresh normalisation layer: affine weight 1, bias 0, running statistics reset (no randomness)."""
+    if hasattr(norm, "reset_parameters"):
+        norm.reset_parameters()
+
+
+@register_method
+class PeriodicReset(Mitigation):
+    """Full, layer or head resets (Nikishin et al. 2022): re-initialise layers periodically and forget their optimizer state.
+
+    ``scope=head`` resets the last Linear/Conv layer, ``scope=layers`` the last ``layers`` of them, ``scope=full``
+    all of them (and every normalisation layer). Every ``every`` optimizer steps (0: never) and, with
+    ``at_task_start``, at every task start after the first.
+    """
+
+    name = "reset"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``reset``."""
+
+        scope: Literal["full", "layers", "head"] = "head"
+        """What is reset: every weight layer, the last ``layers`` weight layers, or the last one."""
+        layers: int = 1
+        """scope=layers: how many of the last Linear/Conv layers are reset."""
+        every: int = 1000
+        """Reset after every ``every``-th optimizer step; 0 disables the step schedule."""
+        at_task_start: bool = False
+        """Also reset at every task start (task 0 excepted)."""
+        init: str = "default"
+        """Law of the new weights: one of lopkit's init schemes (default: PyTorch's U(+-1/sqrt(fan_in)))."""
+        bias_init: Literal["zero", "default"] = "default"
+        """New biases: zero, or PyTorch's default U(+-1/sqrt(fan_in)) (a fresh network's biases)."""
+        reset_optimizer: bool = True
+        """Forget the optimizer state (moments and step count) of the reset parameters."""
+        seed: int | None = None
+        """Seed of the generator of the new weights; None derives it from the run's seed."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for impossible values."""
+            require(self.scope in ("full", "layers", "head"), f"scope must be full, layers or head, got {self.scope!r}")
+            require(self.layers >= 1, f"layers must be a positive integer, got {self.layers}")
+            require(self.every >= 0, f"every must be >= 0 (0: no step schedule), got {self.every}")
+            require(self.init in INIT_SCHEMES, f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
+            require(self.bias_init in ("zero", "default"), f"bias_init must be zero or default, got {self.bias_init!r}")
+            _check_seed(self.seed)
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.generator = MethodGenerator()
+        self.steps = 0
+        self.resets = 0
+        self.total_replaced = 0
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Restart the step counter and the generator; ConfigError if the model has too few weight layers."""
+        count = len(weight_layers(model))
+        needed = self.config.layers if self.config.scope == "layers" else 1
+        if count < needed:
+            raise ConfigError(f"reset: scope={self.config.scope} needs {needed} Linear/Conv layers, the model has {count}")
+        self.steps = self.resets = self.total_replaced = 0
+        self.generator.reset(self.method_seed(self.config.seed))
+
+    def target_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The Linear/Conv layers this scope resets, in module order."""
+        layers = weight_layers(model)
+        if self.config.scope == "full":
+            return layers
+        return layers[-(self.config.layers if self.config.scope == "layers" else 1):]
+
+    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Reset the scope now (and, for scope=full, every normalisation layer), with its optimizer state."""
+        generator = self.generator.get("cpu")
+        params, units = reset_layers_(model, self.target_layers(model), generator, self.config.init, self.config.bias_init)
+        if self.config.scope == "full":
+            for module in model.modules():
+                if is_norm_module(module):
+                    _reset_norm(module)
+                    params += list(module.parameters(recurse=False))
+        if self.config.reset_optimizer:
+            clear_optimizer_state(optimizer, params)
+        self.resets += 1
+        self.total_replaced += units
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Reset after every ``every``-th step."""
+        self.steps += 1
+        if self.config.every and self.steps % self.config.every == 0:
+            self.apply(model, optimizer)
+
+    def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
+        """With ``at_task_start``, reset at every task boundary after the first task."""
+        if self.config.at_task_start and task > 0:
+            self.apply(model, optimizer)
+
+    def state_dict(self) -> dict:
+        """Counters and generator state."""
+        return {"steps": self.steps, "resets": self.resets, "total_replaced": self.total_replaced,
+                "generator": self.generator.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.steps = int(state.get("steps", 0))
+        self.resets = int(state.get("resets", 0))
+        self.total_replaced = int(state.get("total_replaced", 0))
+        self.generator.load_state_dict(state.get("generator", {}))
+
+
+# ---------------------------------------------------------------------------------------------- Hare & Tortoise
+
+
+@register_method
+class HareTortoise(Mitigation):
+    """Hare & Tortoise (Lee et al. 2024): a slow EMA copy (tortoise) of the trained net (hare); the hare is reset to it.
+
+    After every step ``theta_T <- tau * theta_T + (1 - tau) * theta_H``; after every ``every``-th step (and, with
+    ``at_task_start``, at each task start after the first) ``theta_H <- theta_T``.
+    """
+
+    name = "hare_tortoise"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``hare_tortoise``."""
+
+        tau: float = 0.999
+        """EMA coefficient of the tortoise: theta_T <- tau*theta_T + (1-tau)*theta_H."""
+        every: int = 1000
+        """Reset the hare to the tortoise after every ``every``-th step; 0 disables the step schedule."""
+        at_task_start: bool = False
+        """Also reset the hare at every task start (task 0 excepted)."""
+        reset_optimizer: bool = True
+        """Forget the optimizer state (moments and step count) of the hare at each reset."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for impossible values."""
+            require(math.isfinite(self.tau) and 0.0 <= self.tau < 1.0, f"tau must be in [0, 1), got {self.tau}")
+            require(self.every >= 0, f"every must be >= 0 (0: no step schedule), got {self.every}")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.tortoise: dict[str, torch.Tensor] | None = None
+        self.steps = 0
+        self.resets = 0
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The tortoise starts as a copy of the hare's parameters."""
+        self.tortoise = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.steps = self.resets = 0
+
+    def _require(self) -> dict[str, torch.Tensor]:
+        if self.tortoise is None:
+            raise RuntimeError("hare_tortoise has no tortoise yet: call attach(model, optimizer) first")
+        return self.tortoise
+
+    @torch.no_grad()
+    def reset_hare(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Copy the tortoise into the hare (and forget the hare's optimizer state if configured)."""
+        tortoise = self._require()
+        params = []
+        for name, p in model.named_parameters():
+            p.copy_(tortoise[name].to(device=p.device, dtype=p.dtype))
+            params.append(p)
+        if self.config.reset_optimizer:
+            clear_optimizer_state(optimizer, params)
+        self.resets += 1
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Update the tortoise; reset the hare to it after every ``every``-th step."""
+        tortoise = self._require()
+        for name, p in model.named_parameters():
+            tortoise[name].mul_(self.config.tau).add_(p.detach().to(tortoise[name].device), alpha=1 - self.config.tau)
+        self.steps += 1
+        if self.config.every and self.steps % self.config.every == 0:
+            self.reset_hare(model, optimizer)
+
+    def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
+        """With ``at_task_start``, reset the hare at every task boundary after the first task."""
+        if self.config.at_task_start and task > 0:
+            self.reset_hare(model, optimizer)
+
+    def state_dict(self) -> dict:
+        """The tortoise's parameters (CPU) and the counters."""
+        tortoise = None if self.tortoise is None else {k: v.detach().cpu().clone() for k, v in self.tortoise.items()}
+        return {"tortoise": tortoise, "steps": self.steps, "resets": self.resets}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        tortoise = state.get("tortoise")
+        self.tortoise = None if tortoise is None else {k: v.detach().clone() for k, v in tortoise.items()}
+        self.steps = int(state.get("steps", 0))
+        self.resets = int(state.get("resets", 0))
+
+
+# ---------------------------------------------------------------------------------------------- UPGD
+
+
+def upgd_gate(corrected_utilities: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``sigmoid(u / max u)`` with the max over every weight of the network (UPGD's global scaling; 0 if max is 0)."""
+    if not corrected_utilities:
+        return []
+    top = torch.stack([u.max() for u in corrected_utilities]).max()
+    if float(top) == 0.0:
+        return [torch.sigmoid(torch.zeros_like(u)) for u in corrected_utilities]
+    return [torch.sigmoid(u / top) for u in corrected_utilities]
+
+
+@register_method
+class UPGD(Mitigation):
+    """Utility-based perturbed gradient descent (Elsayed & Mahmood 2024), global first-order utility.
+
+    Before each step, every gradient ``g`` of a weight ``w`` is replaced by ``(g + xi) * (1 - s)`` (plus
+    ``weight_decay * w``), where ``u <- beta*u + (1-beta)*(-g*w)``, ``s = sigmoid(u_hat / max u_hat)`` with the
+    bias-corrected ``u_hat = u / (1 - beta^t)`` and ``xi ~ N(0, sigma^2)``. With plain SGD at learning rate
+    ``alpha`` the optimizer's step is then exactly UPGD's ``w <- w - alpha (g + xi)(1 - s)``.
+    """
+
+    name = "upgd"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``upgd``."""
+
+        sigma: float = 1e-3
+        """Std of the Gaussian perturbation xi added to each gradient entry."""
+        beta_utility: float = 0.999
+        """EMA coefficient of the utility trace."""
+        weight_decay: float = 0.0
+        """Coupled weight decay added to the gated gradient (w <- w - alpha*(gated + wd*w))."""
+        seed: int | None = None
+        """Seed of the noise generator; None derives it from the run's seed."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for impossible values."""
+            _check_finite_nonnegative("sigma", self.sigma)
+            _check_finite_nonnegative("weight_decay", self.weight_decay)
+            require(0.0 <= self.beta_utility < 1.0, f"beta_utility must be in [0, 1), got {self.beta_utility}")
+            _check_seed(self.seed)
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.noise = MethodGenerator()
+        self.utilities: dict[str, torch.Tensor] = {}
+        self.t = 0
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Zero utility traces, t = 0, a fresh noise stream."""
+        self.utilities = {name: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
+                          for name, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+        self.t = 0
+        self.noise.reset(self.method_seed(self.config.seed))
+
+    @torch.no_grad()
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Update the utilities from this step's gradients and replace each gradient by UPGD's gated, noisy one."""
+        named = [(name, p) for name, p in model.named_parameters() if p.grad is not None and name in self.utilities]
+        if not named:
+            return
+        self.t += 1
+        beta = self.config.beta_utility
+        correction = 1.0 - beta**self.t
+        corrected = []
+        for name, p in named:
+            trace = self.utilities[name]
+            trace.mul_(beta).add_(-p.grad * p, alpha=1 - beta)
+            corrected.append(trace / correction)
+        gates = upgd_gate(corrected)
+        generator = self.noise.get("cpu") if self.config.sigma > 0 else None
+        for (name, p), gate in zip(named, gates):
+            update = p.grad.clone()
+            if generator is not None:
+                update.add_(_randn_like(p.grad, generator), alpha=self.config.sigma)
+            update.mul_(1.0 - gate)
+            if self.config.weight_decay:
+                update.add_(p, alpha=self.config.weight_decay)
+            p.grad.copy_(update)
+
+    def state_dict(self) -> dict:
+        """Utility traces (CPU), t and the noise generator."""
+        return {"utilities": {k: v.detach().cpu().clone() for k, v in self.utilities.items()}, "t": self.t,
+                "noise": self.noise.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (onto the devices of the attached model's traces)."""
+        saved = state.get("utilities", {})
+        for name, value in saved.items():
+            device = self.utilities[name].device if name in self.utilities else value.device
+            self.utilities[name] = value.detach().clone().to(device)
+        self.t = int(state.get("t", 0))
+        self.noise.load_state_dict(state.get("noise", {}))
