@@ -1,4 +1,4 @@
-"""Tests of the issue-17 methods (proper_adam, parseval, spectral, reset, hare_tortoise, upgd) against hand computations."""
+"""Issue-17 methods (proper_adam ... infer, cchain) against hand computations of one step."""
 
 from __future__ import annotations
 
@@ -12,7 +12,17 @@ from torch import nn
 
 from lopkit.benchmarks.base import get_benchmark
 from lopkit.configs import ConfigError
-from lopkit.mitigations.field import UPGD, HareTortoise, Parseval, PeriodicReset, ProperAdam, Spectral, upgd_gate
+from lopkit.mitigations.field import (
+    UPGD,
+    CChain,
+    HareTortoise,
+    InFeR,
+    Parseval,
+    PeriodicReset,
+    ProperAdam,
+    Spectral,
+    upgd_gate,
+)
 from lopkit.mitigations.registry import build_methods, get_method
 from lopkit.runner.execute import execute_run, resolve_methods
 from lopkit.runner.store import ResultStore
@@ -311,7 +321,8 @@ def test_upgd_noise_is_gated_and_drawn_from_the_run_seed():
     generator.manual_seed(derive_seed(9, stable_key("upgd")))
     xi = torch.randn(2, generator=generator, dtype=torch.float64) * 0.3
     gates = torch.tensor([sigmoid(-1.0), sigmoid(1.0)], dtype=torch.float64)
-    expected = (torch.tensor([2.0, 1.0], dtype=torch.float64) + xi) * (1 - gates) + 0.01 * torch.tensor([1.0, -2.0], dtype=torch.float64)
+    weights = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    expected = (torch.tensor([2.0, 1.0], dtype=torch.float64) + xi) * (1 - gates) + 0.01 * weights
     np.testing.assert_allclose(w.grad.numpy(), expected.numpy(), rtol=1e-12)
 
 
@@ -331,6 +342,105 @@ def test_upgd_gate_global_max_and_state_round_trip():
         get_method("upgd", {"sigma": "-0.1"})
 
 
+# ---------------------------------------------------------------------------------------------- InFeR
+
+
+def test_infer_loss_and_one_sgd_step_of_its_heads_by_hand():
+    model = mlp(8, sizes=(3, 4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    method = InFeR(InFeR.Config(heads=2, strength=0.3, target_scale=2.0))
+    method.seed_from_run(1)
+    method.attach(model, optimizer)
+    assert method.head.weight in optimizer.param_groups[-1]["params"]  # the heads train with the model
+    w1_0, b1_0 = model[0].weight.detach().double().numpy().copy(), model[0].bias.detach().double().numpy().copy()
+    h_w, h_b = method.head.weight.detach().double().numpy().copy(), method.head.bias.detach().double().numpy().copy()
+    with torch.no_grad():
+        model[0].weight.add_(0.2)  # the live features move away from the initial ones
+    x = torch.randn(5, 3)
+    model(x)  # loss_term uses the batch of this training forward
+    term = method.loss_term(model)
+    xn = x.double().numpy()
+    phi0 = np.maximum(xn @ w1_0.T + b1_0, 0)
+    phi = np.maximum(xn @ (w1_0 + 0.2).T + b1_0, 0)
+    target = 2.0 * (phi0 @ h_w.T + h_b)
+    pred = phi @ h_w.T + h_b
+    assert term.item() == pytest.approx(0.3 * ((pred - target) ** 2).mean(), rel=1e-5)
+    optimizer.zero_grad()
+    term.backward()
+    optimizer.step()
+    grad_w = 0.3 * 2 * (pred - target).T @ phi / pred.size  # d/dH of strength * mean((H phi + b - t)^2)
+    np.testing.assert_allclose(method.head.weight.detach().numpy(), h_w - 0.5 * grad_w, rtol=1e-4, atol=1e-6)
+    assert method.initial_head.weight.detach().double().numpy() == pytest.approx(h_w)  # the target head is frozen
+
+
+def test_infer_is_zero_at_attach_with_unit_scale_and_ignores_eval_forwards():
+    model = mlp(9)
+    method = InFeR()
+    method.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model.eval()
+    model(torch.randn(4, 4))
+    assert method.loss_term(model) is None  # no training forward yet
+    model.train()
+    model(torch.randn(4, 4))
+    assert method.loss_term(model).item() == pytest.approx(0.0, abs=1e-12)
+    other = InFeR()
+    other.attach(mlp(10), None)
+    other.load_state_dict(round_trip(method.state_dict()))
+    assert torch.equal(other.head.weight, method.head.weight)
+    assert all(torch.equal(a, b) for a, b in zip(other.frozen.parameters(), method.frozen.parameters()))
+    with pytest.raises(ConfigError, match="heads must be"):
+        get_method("infer", {"heads": "0"})
+
+
+# ---------------------------------------------------------------------------------------------- C-CHAIN
+
+
+def test_cchain_churn_of_the_last_update_and_its_gradient_by_hand():
+    model = nn.Sequential(nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = CChain(CChain.Config(strength=0.5))
+    method.attach(model, optimizer)
+    x0, x1 = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, -1.0], [0.0, 3.0]])
+    loss = model(x0).sum()
+    assert method.loss_term(model) is None  # no update yet, so no churn
+    optimizer.zero_grad()
+    loss.backward()
+    method.before_step(model, optimizer, 0)
+    optimizer.step()  # d/dw sum(w.x + b) = x0, d/db = 1: w moves by -0.1*x0, b by -0.1
+    model(x1)  # the next batch is the reference batch
+    term = method.loss_term(model)
+    delta_w, delta_b = -0.1 * np.array([1.0, 2.0]), -0.1
+    diffs = x1.numpy() @ delta_w + delta_b  # f_theta(x) - f_theta-(x) per reference sample
+    assert term.item() == pytest.approx(0.5 * np.mean(diffs**2), rel=1e-5)
+    optimizer.zero_grad()
+    term.backward()
+    expected_grad = 0.5 * 2 * (diffs[:, None] * x1.numpy()).mean(0)
+    np.testing.assert_allclose(model[0].weight.grad.numpy()[0], expected_grad, rtol=1e-5)
+    assert model[0].bias.grad.item() == pytest.approx(0.5 * 2 * diffs.mean(), rel=1e-5)
+    method.on_task_start(model, optimizer, 1)
+    model(x1)
+    assert method.loss_term(model) is None  # a task change is not churn
+    other = CChain()
+    method.before_step(model, optimizer, 1)
+    other.load_state_dict(round_trip(method.state_dict()))
+    assert all(torch.equal(other.previous[k], v) for k, v in method.previous.items())
+
+
+def test_cchain_reference_forwards_are_invisible_to_other_methods_hooks():
+    model = mlp(11)
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    method = CChain()
+    method.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model(torch.randn(3, 4))
+    method.before_step(model, None, 0)
+    model(torch.randn(3, 4))
+    assert method.loss_term(model) is not None
+    assert len(seen) == 2  # only the two training forwards
+    with pytest.raises(ConfigError, match="strength must be"):
+        get_method("c-chain", {"strength": "-1"})
+
+
 # ---------------------------------------------------------------------------------------------- integration
 
 FIELD_SPECS = [
@@ -340,7 +450,9 @@ FIELD_SPECS = [
     "reset:scope=layers:layers=2:every=7",
     "hare_tortoise:every=7:tau=0.9",
     "upgd:sigma=0.01",
-    "reset:every=9+upgd+spectral",
+    "infer:strength=1.0",
+    "cchain:strength=1.0",
+    "reset:every=9+upgd+spectral+infer+cchain",
 ]
 SHORT_CLASS_SPLIT = {"num_tasks": 2, "steps_per_task": 12}
 
@@ -368,14 +480,15 @@ def test_benchmark_run_with_the_method_resumes_exactly(tmp_path, spec):
 
 
 def test_methods_are_registered_composable_and_change_training():
-    names = [type(m).__name__ for m in resolve_methods("proper_adam+parseval+spectral+reset+hare_tortoise+upgd")]
-    assert names == ["ProperAdam", "Parseval", "Spectral", "PeriodicReset", "HareTortoise", "UPGD"]
+    spec = "proper_adam+parseval+spectral+reset+hare_tortoise+upgd+infer+cchain"
+    names = [type(m).__name__ for m in resolve_methods(spec)]
+    assert names == ["ProperAdam", "Parseval", "Spectral", "PeriodicReset", "HareTortoise", "UPGD", "InFeR", "CChain"]
     assert type(build_methods("hat")) is HareTortoise
     cls = get_benchmark("class_split")
     config = cls.make_config("smoke", SHORT_CLASS_SPLIT)
     baseline = cls(config, 0, [])
     base_rows = baseline.run(baseline.total_steps)
-    for spec in ["parseval:strength=0.1", "upgd:sigma=0.1", "reset:every=5"]:
+    for spec in ["parseval:strength=0.1", "upgd:sigma=0.1", "reset:every=5", "infer:strength=10", "cchain:strength=10"]:
         bench = cls(config, 0, resolve_methods(spec))
         rows = bench.run(bench.total_steps)
         assert [r["value"] for r in rows if r["metric"] == "loss"] != [

@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "PeriodicReset": "lopkit.mitigations.field",
     "HareTortoise": "lopkit.mitigations.field",
     "UPGD": "lopkit.mitigations.field",
+    "InFeR": "lopkit.mitigations.field",
+    "CChain": "lopkit.mitigations.field",
     # benchmarks and results
     "Benchmark": "lopkit.benchmarks.base",
     "register_benchmark": "lopkit.benchmarks.base",
@@ -73,7 +75,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
         NormalizeAndProject,
     )
     from lopkit.mitigations.base import Mitigation
-    from lopkit.mitigations.field import UPGD, HareTortoise, Parseval, PeriodicReset, ProperAdam, Spectral
+    from lopkit.mitigations.field import (
+        UPGD,
+        CChain,
+        HareTortoise,
+        InFeR,
+        Parseval,
+        PeriodicReset,
+        ProperAdam,
+        Spectral,
+    )
     from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
     from lopkit.mitigations.registry import available_methods, build_methods, get_method
     from lopkit.mitigations.regularizers import L2, L2Init

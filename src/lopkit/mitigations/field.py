@@ -1,15 +1,16 @@
 """Methods of the 2022-2025 plasticity literature (issue 17): proper Adam, Parseval and spectral regularisation,
-periodic full/layer/head resets, Hare & Tortoise and UPGD.
+periodic full/layer/head resets, Hare & Tortoise, UPGD, InFeR and C-CHAIN.
 
 Each is a :class:`~lopkit.mitigations.base.Mitigation` with a validated ``Config`` dataclass, registered by name
-(``proper_adam``, ``parseval``, ``spectral``, ``reset``, ``hare_tortoise``, ``upgd``), with its whole state in
-``state_dict()`` so a resumed run continues exactly. Every random draw comes from the method's private
-generator seeded with :meth:`Mitigation.method_seed` (the run's seed through :mod:`lopkit.seeding`).
+(``proper_adam``, ``parseval``, ``spectral``, ``reset``, ``hare_tortoise``, ``upgd``, ``infer``, ``cchain``), with
+its whole state in ``state_dict()`` so a resumed run continues exactly. Every random draw comes from the method's
+private generator seeded with :meth:`Mitigation.method_seed` (the run's seed through :mod:`lopkit.seeding`).
 The docs page of each (``docs/methods/<name>.md``) cites the paper and states every choice made here.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Literal
@@ -31,6 +32,8 @@ __all__ = [
     "PeriodicReset",
     "HareTortoise",
     "UPGD",
+    "InFeR",
+    "CChain",
     "parseval_penalty",
     "power_iteration",
     "spectral_penalty",
@@ -108,7 +111,7 @@ class ProperAdam(Mitigation):
 
 
 def parseval_penalty(weights: list[torch.Tensor], scale: float) -> torch.Tensor:
-    """``sum_l ||W_l W_l^T - scale * I||_F^2`` over ``(out, fan_in)`` matrices (differentiable; gradient 4(WW^T-sI)W)."""
+    """``sum_l ||W_l W_l^T - scale * I||_F^2`` over ``(out, fan_in)`` matrices (gradient ``4 (W W^T - sI) W``)."""
     if not weights:
         return torch.zeros(())
     terms = []
@@ -201,7 +204,8 @@ class Spectral(Mitigation):
         def validate(self) -> None:
             """Raise ConfigError for impossible values."""
             _check_finite_nonnegative("strength", self.strength)
-            require(math.isfinite(self.power) and self.power > 0, f"power must be a finite number > 0, got {self.power}")
+            finite = math.isfinite(self.power) and self.power > 0
+            require(finite, f"power must be a finite number > 0, got {self.power}")
             require(self.iterations >= 1, f"iterations must be a positive integer, got {self.iterations}")
             _check_seed(self.seed)
 
@@ -227,7 +231,10 @@ class Spectral(Mitigation):
             raise RuntimeError("spectral has no power-iteration vectors yet: call attach(model, optimizer) first")
         layers = _selected_layers(model, self.config.include_output)
         if len(layers) != len(self.vectors):
-            raise ValueError(f"spectral: the model has {len(layers)} regularised layers, attach() saw {len(self.vectors)}")
+            raise ValueError(
+                f"spectral: the model has {len(layers)} regularised layers, attach() saw {len(self.vectors)}; "
+                "call attach() again after changing the model"
+            )
         sigmas = []
         for i, layer in enumerate(layers):
             w = weight_matrix(layer)
@@ -298,7 +305,7 @@ def _reset_norm(norm: nn.Module) -> None:
 
 @register_method
 class PeriodicReset(Mitigation):
-    """Full, layer or head resets (Nikishin et al. 2022): re-initialise layers periodically and forget their optimizer state.
+    """Full, layer or head resets (Nikishin et al. 2022): periodic re-initialisation plus an optimizer-state reset.
 
     ``scope=head`` resets the last Linear/Conv layer, ``scope=layers`` the last ``layers`` of them, ``scope=full``
     all of them (and every normalisation layer). Every ``every`` optimizer steps (0: never) and, with
@@ -350,7 +357,9 @@ class PeriodicReset(Mitigation):
         count = len(weight_layers(model))
         needed = self.config.layers if self.config.scope == "layers" else 1
         if count < needed:
-            raise ConfigError(f"reset: scope={self.config.scope} needs {needed} Linear/Conv layers, the model has {count}")
+            raise ConfigError(
+                f"reset: scope={self.config.scope} needs {needed} Linear/Conv layers, the model has {count}"
+            )
         self.steps = self.resets = self.total_replaced = 0
         self.generator.reset(self.method_seed(self.config.seed))
 
@@ -364,7 +373,8 @@ class PeriodicReset(Mitigation):
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """Reset the scope now (and, for scope=full, every normalisation layer), with its optimizer state."""
         generator = self.generator.get("cpu")
-        params, units = reset_layers_(model, self.target_layers(model), generator, self.config.init, self.config.bias_init)
+        layers = self.target_layers(model)
+        params, units = reset_layers_(model, layers, generator, self.config.init, self.config.bias_init)
         if self.config.scope == "full":
             for module in model.modules():
                 if is_norm_module(module):
@@ -584,3 +594,248 @@ class UPGD(Mitigation):
             self.utilities[name] = value.detach().clone().to(device)
         self.t = int(state.get("t", 0))
         self.noise.load_state_dict(state.get("noise", {}))
+
+
+# ---------------------------------------------------------------------------------------------- InFeR
+
+
+def _strip_hooks(model: nn.Module) -> None:
+    """Remove every forward hook of a copied model (other methods' statistics must not see the copy's forwards)."""
+    for module in model.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        for name in ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            table = getattr(module, name, None)
+            if table is not None:
+                table.clear()
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``module.state_dict()``."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class _InputCapture:
+    """Forward pre-hooks recording the model's last training input and the features entering its last layer."""
+
+    def __init__(self, model: nn.Module, last: nn.Module):
+        self.inputs: tuple | None = None
+        self.features: torch.Tensor | None = None
+        self._handles = [
+            model.register_forward_pre_hook(self._on_input),
+            last.register_forward_pre_hook(self._on_features),
+        ]
+        self._model = model
+
+    def _on_input(self, module: nn.Module, args: tuple) -> None:
+        if module.training:
+            self.inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+    def _on_features(self, module: nn.Module, args: tuple) -> None:
+        if self._model.training:
+            self.features = args[0]
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@register_method
+class InFeR(Mitigation):
+    """InFeR (Lyle et al. 2022): linear heads on the features keep regressing the initial network's head outputs.
+
+    ``loss = strength * mean_{batch, heads} (H phi_theta(x) - scale * H_0 phi_0(x))^2``: ``phi`` are the features
+    entering the model's last Linear layer, ``H`` the trainable auxiliary heads (added to the optimizer as a new
+    parameter group, initialised as ``H_0``), ``phi_0, H_0`` the network and heads at ``attach``, frozen.
+    """
+
+    name = "infer"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``infer``."""
+
+        heads: int = 10
+        """Number of auxiliary linear outputs k."""
+        strength: float = 0.1
+        """Weight of the auxiliary regression loss."""
+        target_scale: float = 1.0
+        """Multiplier of the frozen initial outputs (the regression target)."""
+        seed: int | None = None
+        """Seed of the auxiliary heads' initial weights; None derives it from the run's seed."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for impossible values."""
+            require(self.heads >= 1, f"heads must be a positive integer, got {self.heads}")
+            _check_finite_nonnegative("strength", self.strength)
+            require(math.isfinite(self.target_scale), f"target_scale must be finite, got {self.target_scale}")
+            _check_seed(self.seed)
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.generator = MethodGenerator()
+        self.head: nn.Linear | None = None
+        self.initial_head: nn.Linear | None = None
+        self.frozen: nn.Module | None = None
+        self._frozen_last: nn.Module | None = None
+        self._capture: _InputCapture | None = None
+        self._frozen_features: torch.Tensor | None = None
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Freeze a copy of the network, build the heads (seeded) and add them to the optimizer."""
+        if self._capture is not None:
+            self._capture.remove()
+        layers = weight_layers(model)
+        if not layers or not isinstance(layers[-1], nn.Linear):
+            raise ConfigError("infer needs a model whose last weight layer is an nn.Linear (its input: the features)")
+        last = layers[-1]
+        self.frozen = copy.deepcopy(model)
+        _strip_hooks(self.frozen)
+        self.frozen.eval()
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+        self._frozen_last = weight_layers(self.frozen)[-1]
+        self._frozen_last.register_forward_pre_hook(self._on_frozen_features)
+        self.generator.reset(self.method_seed(self.config.seed))
+        generator = self.generator.get("cpu")
+        width = last.in_features
+        bound = 1.0 / math.sqrt(width)  # PyTorch's default Linear law, drawn from the method's generator
+        weight = (torch.rand((self.config.heads, width), generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        bias = (torch.rand((self.config.heads,), generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        device, dtype = last.weight.device, last.weight.dtype
+        self.head = nn.Linear(width, self.config.heads, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
+        self.initial_head = copy.deepcopy(self.head).requires_grad_(False)
+        if optimizer is not None:
+            optimizer.add_param_group({"params": list(self.head.parameters())})
+        self._capture = _InputCapture(model, last)
+
+    def _on_frozen_features(self, module: nn.Module, args: tuple) -> None:
+        self._frozen_features = args[0]
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """The auxiliary regression loss on the last training batch (None before any training forward)."""
+        if self._capture is None or self.head is None:
+            raise RuntimeError("infer has no heads yet: call attach(model, optimizer) before training")
+        if self.config.strength == 0 or self._capture.inputs is None or self._capture.features is None:
+            return None
+        with torch.no_grad():
+            self.frozen(*self._capture.inputs)
+            target = self.config.target_scale * self.initial_head(self._frozen_features)
+        prediction = self.head(self._capture.features)
+        self._capture.inputs = self._capture.features = self._frozen_features = None
+        return self.config.strength * (prediction - target).pow(2).mean()
+
+    def state_dict(self) -> dict:
+        """The frozen network, both heads (CPU) and the generator."""
+        if self.head is None:
+            return {}
+        cpu = _cpu_state
+        return {"frozen": cpu(self.frozen), "head": cpu(self.head), "initial_head": cpu(self.initial_head),
+                "generator": self.generator.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (after :meth:`attach`, which built the modules)."""
+        if not state:
+            return
+        if self.head is None:
+            raise RuntimeError("infer: call attach(model, optimizer) before load_state_dict")
+        self.frozen.load_state_dict(state["frozen"])
+        with torch.no_grad():
+            for module, key in ((self.head, "head"), (self.initial_head, "initial_head")):
+                for name, value in module.state_dict().items():
+                    value.copy_(state[key][name])
+        self.generator.load_state_dict(state.get("generator", {}))
+
+
+# ---------------------------------------------------------------------------------------------- C-CHAIN
+
+
+def _hook_free_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without forward hooks, in eval mode and without gradients (a functional template)."""
+    template = copy.deepcopy(model)
+    _strip_hooks(template)
+    template.eval()
+    for p in template.parameters():
+        p.requires_grad_(False)
+    return template
+
+
+@register_method
+class CChain(Mitigation):
+    """C-CHAIN (Tang et al. 2025), supervised port: penalise the churn of the last update on a reference batch.
+
+    ``loss = strength * mean (f_theta(x_ref) - f_theta-(x_ref))^2``: ``theta-`` are the parameters before the last
+    optimizer step (snapshot in ``before_step``), ``x_ref`` the inputs of the current training batch (which did
+    not take part in the last update). Both outputs come from a hook-free copy of the network in eval mode
+    (``torch.func.functional_call``), so other methods' statistics never see the reference forwards.
+    """
+
+    name = "cchain"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``cchain``."""
+
+        strength: float = 0.1
+        """lambda: weight of the churn-reduction loss (fixed; see the docs page for the paper's adaptive one)."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for a negative or non-finite strength."""
+            _check_finite_nonnegative("strength", self.strength)
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.previous: dict[str, torch.Tensor] | None = None
+        self.last_churn: float = float("nan")
+        self._template: nn.Module | None = None
+        self._capture: _InputCapture | None = None
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Build the functional template and the input capture; no snapshot yet (no churn on the first step)."""
+        if self._capture is not None:
+            self._capture.remove()
+        self._template = _hook_free_copy(model)
+        layers = weight_layers(model)
+        self._capture = _InputCapture(model, layers[-1] if layers else model)
+        self.previous = None
+
+    def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
+        """Forget the snapshot: the task change (e.g. a head reset) is not churn to undo."""
+        self.previous = None
+
+    @torch.no_grad()
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Snapshot the parameters the coming update starts from (theta-)."""
+        self.previous = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """``strength * mean (f_theta(x_ref) - f_theta-(x_ref))^2`` (None on a first step or before a forward)."""
+        if self._capture is None:
+            raise RuntimeError("cchain: call attach(model, optimizer) before training")
+        inputs, self._capture.inputs = self._capture.inputs, None
+        if self.config.strength == 0 or self.previous is None or inputs is None:
+            return None
+        buffers = dict(model.named_buffers())
+        current = torch.func.functional_call(self._template, {**dict(model.named_parameters()), **buffers}, inputs)
+        with torch.no_grad():
+            before = torch.func.functional_call(self._template, {**self.previous, **buffers}, inputs)
+        churn = (current - before).pow(2).mean()
+        self.last_churn = float(churn.detach())
+        return self.config.strength * churn
+
+    def state_dict(self) -> dict:
+        """The snapshot theta- (CPU)."""
+        previous = None if self.previous is None else {k: v.detach().cpu().clone() for k, v in self.previous.items()}
+        return {"previous": previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        previous = state.get("previous")
+        self.previous = None if previous is None else {k: v.detach().clone() for k, v in previous.items()}

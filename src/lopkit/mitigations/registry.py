@@ -44,6 +44,9 @@ METHOD_ALIASES: dict[str, str] = {
     "head_reset": "reset",
     "hare_and_tortoise": "hare_tortoise",
     "hat": "hare_tortoise",
+    "infer_heads": "infer",
+    "c_chain": "cchain",
+    "c-chain": "cchain",
 }
 
 # ',' or '+' separate methods; a '+' inside a number's exponent (1e+4) does not
