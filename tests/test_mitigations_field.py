@@ -13,14 +13,18 @@ from torch import nn
 from lopkit.benchmarks.base import get_benchmark
 from lopkit.configs import ConfigError
 from lopkit.mitigations.field import (
+    FIRE,
     UPGD,
     CChain,
     HareTortoise,
     InFeR,
     Parseval,
     PeriodicReset,
+    PlasticityInjection,
     ProperAdam,
+    ReGraMa,
     Spectral,
+    newton_schulz,
     upgd_gate,
 )
 from lopkit.mitigations.registry import build_methods, get_method
@@ -441,6 +445,104 @@ def test_cchain_reference_forwards_are_invisible_to_other_methods_hooks():
         get_method("c-chain", {"strength": "-1"})
 
 
+# ---------------------------------------------------------------------------------------------- plasticity injection
+
+
+def test_injection_keeps_the_function_and_moves_learning_to_the_new_head():
+    model = mlp(12)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = PlasticityInjection(PlasticityInjection.Config(when="step", at=2))
+    method.seed_from_run(3)
+    method.attach(model, optimizer)
+    x = torch.randn(6, 4)
+    before = model(x).detach()
+    method.after_step(model, optimizer, 0)
+    assert not method.injected
+    method.after_step(model, optimizer, 1)
+    assert method.injected
+    assert torch.equal(model(x).detach(), before)  # h_new - h_new0 is exactly 0 at injection
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(3, stable_key("injection")))
+    expected = (torch.rand((3, 5), generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(5)
+    np.testing.assert_allclose(method.new.weight.detach().numpy(), expected.float().numpy(), rtol=1e-6)
+    head_before, new_before = model[4].weight.detach().clone(), method.new.weight.detach().clone()
+    features = model[:4](x).detach()
+    optimizer.zero_grad()
+    model(x).sum().backward()
+    optimizer.step()
+    assert model[4].weight.grad is None and torch.equal(model[4].weight, head_before)  # the old head is frozen
+    # d sum(out) / d W_new = sum over the batch of the features, for every output row
+    np.testing.assert_allclose(method.new.weight.detach().numpy(),
+                               (new_before - 0.1 * features.sum(0).expand(3, 5)).numpy(), rtol=1e-5, atol=1e-6)
+    other = PlasticityInjection()
+    other_model = mlp(13)
+    other.attach(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1))
+    other.load_state_dict(round_trip(method.state_dict()))
+    assert other.injected and not other_model[4].weight.requires_grad and other.new.weight.requires_grad
+    assert torch.equal(other.new.weight, method.new.weight)
+
+
+# ---------------------------------------------------------------------------------------------- FIRE
+
+
+def test_newton_schulz_one_step_by_hand_and_its_limit_is_the_polar_factor():
+    one = newton_schulz(torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64), 1)
+    # X0 = diag(0.6, 0.8); 1.5x - 0.5x^3 = 0.792, 0.944
+    np.testing.assert_allclose(one.numpy(), np.diag([0.792, 0.944]), rtol=1e-12)
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    np.testing.assert_allclose(newton_schulz(w, 60).numpy(), (u @ vh).numpy(), atol=1e-8)
+
+
+def test_fire_orthogonalises_hidden_layers_at_task_starts_and_clears_their_optimizer_state():
+    model = mlp(14)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    optimizer.zero_grad()
+    model(torch.randn(4, 4)).sum().backward()
+    optimizer.step()
+    head = model[4].weight.detach().clone()
+    method = FIRE(FIRE.Config(scale=2.0, iterations=60))
+    method.attach(model, optimizer)
+    method.on_task_start(model, optimizer, 0)
+    assert method.applications == 0
+    method.on_task_start(model, optimizer, 1)
+    w0, w1 = model[0].weight.detach().double(), model[2].weight.detach().double()
+    np.testing.assert_allclose((w0.T @ w0).numpy(), 4.0 * np.eye(4), atol=1e-5)  # 6x4: orthogonal columns, scale 2
+    np.testing.assert_allclose((w1 @ w1.T).numpy(), 4.0 * np.eye(5), atol=1e-5)  # 5x6: orthogonal rows
+    assert torch.equal(model[4].weight, head)
+    assert model[0].weight not in optimizer.state and model[4].weight in optimizer.state
+    with pytest.raises(ConfigError, match="scale must be"):
+        get_method("fire", {"scale": "0"})
+
+
+# ---------------------------------------------------------------------------------------------- ReGraMa
+
+
+def test_regrama_scores_units_by_gradient_magnitude_by_hand_and_resets_them():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.copy_(torch.tensor([1.0, 1.0]))  # both units active (h > 0) on the inputs below
+        model[2].weight.copy_(torch.tensor([[1.0, 0.01]]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    method = ReGraMa(ReGraMa.Config(every=1, window_steps=1, tau=0.025))
+    method.attach(model, optimizer)
+    x = torch.tensor([[0.5, 2.0], [1.0, 3.0]])
+    optimizer.zero_grad()
+    model(x).sum().backward()
+    # dL/dh = W2 for every sample: |g| = (1, 0.01); scores = |g| / mean|g| = (1.98, 0.0198): unit 1 is <= 0.025
+    assert method.dormant_mask(0).tolist() == [False, True]
+    # ReDo, on activations (h = x + 1: large for unit 1), would keep it
+    mean_h = (x + 1).mean(0)
+    assert float(mean_h[1] / mean_h.mean()) > 0.025
+    optimizer.step()
+    method.after_step(model, optimizer, 0)
+    assert method.total_replaced == 1
+    assert model[2].weight[0, 1].item() == 0.0 and model[2].weight[0, 0].item() == 1.0  # outgoing zeroed
+    assert model[0].weight[1].tolist() != [0.0, 1.0] and model[0].weight[0].tolist() == [1.0, 0.0]
+
+
 # ---------------------------------------------------------------------------------------------- integration
 
 FIELD_SPECS = [
@@ -452,6 +554,9 @@ FIELD_SPECS = [
     "upgd:sigma=0.01",
     "infer:strength=1.0",
     "cchain:strength=1.0",
+    "injection:when=step:at=7",
+    "fire",
+    "regrama:every=5:window_steps=5:tau=0.5",
     "reset:every=9+upgd+spectral+infer+cchain",
 ]
 SHORT_CLASS_SPLIT = {"num_tasks": 2, "steps_per_task": 12}
@@ -480,15 +585,18 @@ def test_benchmark_run_with_the_method_resumes_exactly(tmp_path, spec):
 
 
 def test_methods_are_registered_composable_and_change_training():
-    spec = "proper_adam+parseval+spectral+reset+hare_tortoise+upgd+infer+cchain"
+    spec = "proper_adam+parseval+spectral+reset+hare_tortoise+upgd+infer+cchain+injection+fire"
     names = [type(m).__name__ for m in resolve_methods(spec)]
-    assert names == ["ProperAdam", "Parseval", "Spectral", "PeriodicReset", "HareTortoise", "UPGD", "InFeR", "CChain"]
+    assert names == ["ProperAdam", "Parseval", "Spectral", "PeriodicReset", "HareTortoise", "UPGD", "InFeR", "CChain",
+                     "PlasticityInjection", "FIRE"]
+    assert type(build_methods("re_grama")) is ReGraMa
     assert type(build_methods("hat")) is HareTortoise
     cls = get_benchmark("class_split")
     config = cls.make_config("smoke", SHORT_CLASS_SPLIT)
     baseline = cls(config, 0, [])
     base_rows = baseline.run(baseline.total_steps)
-    for spec in ["parseval:strength=0.1", "upgd:sigma=0.1", "reset:every=5", "infer:strength=10", "cchain:strength=10"]:
+    for spec in ["parseval:strength=0.1", "upgd:sigma=0.1", "reset:every=5", "infer:strength=10", "cchain:strength=10",
+                 "injection:when=step:at=3", "fire"]:
         bench = cls(config, 0, resolve_methods(spec))
         rows = bench.run(bench.total_steps)
         assert [r["value"] for r in rows if r["metric"] == "loss"] != [

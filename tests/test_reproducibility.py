@@ -29,6 +29,7 @@ FAST_SPECS = {
     "reset_frozen": "reset_frozen:every=20:window_steps=10:eps=0.5:sample_fraction=0.5",
     "break_clones": "break_clones:every=20:window_steps=10:threshold=0.0",
     "reset": "reset:every=30",
+    "regrama": "regrama:every=20:window_steps=10:tau=0.5",
 }
 RESET_METHODS = set(FAST_SPECS)
 SHORT = {

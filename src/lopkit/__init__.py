@@ -52,6 +52,9 @@ _EXPORTS: dict[str, str] = {
     "UPGD": "lopkit.mitigations.field",
     "InFeR": "lopkit.mitigations.field",
     "CChain": "lopkit.mitigations.field",
+    "PlasticityInjection": "lopkit.mitigations.field",
+    "FIRE": "lopkit.mitigations.field",
+    "ReGraMa": "lopkit.mitigations.field",
     # benchmarks and results
     "Benchmark": "lopkit.benchmarks.base",
     "register_benchmark": "lopkit.benchmarks.base",
@@ -76,13 +79,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
     )
     from lopkit.mitigations.base import Mitigation
     from lopkit.mitigations.field import (
+        FIRE,
         UPGD,
         CChain,
         HareTortoise,
         InFeR,
         Parseval,
         PeriodicReset,
+        PlasticityInjection,
         ProperAdam,
+        ReGraMa,
         Spectral,
     )
     from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb

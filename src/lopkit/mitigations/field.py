@@ -1,10 +1,11 @@
 """Methods of the 2022-2025 plasticity literature (issue 17): proper Adam, Parseval and spectral regularisation,
-periodic full/layer/head resets, Hare & Tortoise, UPGD, InFeR and C-CHAIN.
+periodic full/layer/head resets, Hare & Tortoise, UPGD, InFeR, C-CHAIN, plasticity injection, FIRE and ReGraMa.
 
 Each is a :class:`~lopkit.mitigations.base.Mitigation` with a validated ``Config`` dataclass, registered by name
-(``proper_adam``, ``parseval``, ``spectral``, ``reset``, ``hare_tortoise``, ``upgd``, ``infer``, ``cchain``), with
-its whole state in ``state_dict()`` so a resumed run continues exactly. Every random draw comes from the method's
-private generator seeded with :meth:`Mitigation.method_seed` (the run's seed through :mod:`lopkit.seeding`).
+(``proper_adam``, ``parseval``, ``spectral``, ``reset``, ``hare_tortoise``, ``upgd``, ``infer``, ``cchain``,
+``injection``, ``fire``, ``regrama``), with its whole state in ``state_dict()`` so a resumed run continues
+exactly. Every random draw comes from the method's private generator seeded with :meth:`Mitigation.method_seed`
+(the run's seed through :mod:`lopkit.seeding`).
 The docs page of each (``docs/methods/<name>.md``) cites the paper and states every choice made here.
 """
 
@@ -19,11 +20,13 @@ import torch
 from torch import nn
 
 from lopkit.configs import ConfigError, require
+from lopkit.diagnostics.activations import dormant_unit_mask
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.layers import INIT_SCHEMES, UnitGroup, find_unit_groups, reinit_incoming
 from lopkit.mitigations.perturbation import MethodGenerator, _randn_like, weight_layers
 from lopkit.mitigations.registry import register_method
 from lopkit.mitigations.regularizers import is_norm_module
+from lopkit.mitigations.resets import ReDo, ReDoConfig
 
 __all__ = [
     "ProperAdam",
@@ -34,6 +37,10 @@ __all__ = [
     "UPGD",
     "InFeR",
     "CChain",
+    "PlasticityInjection",
+    "FIRE",
+    "ReGraMa",
+    "newton_schulz",
     "parseval_penalty",
     "power_iteration",
     "spectral_penalty",
@@ -839,3 +846,276 @@ class CChain(Mitigation):
         """Restore what :meth:`state_dict` returned."""
         previous = state.get("previous")
         self.previous = None if previous is None else {k: v.detach().clone() for k, v in previous.items()}
+
+
+# ---------------------------------------------------------------------------------------------- plasticity injection
+
+
+def _default_linear_draw(layer: nn.Linear, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias drawn from PyTorch's default Linear law U(+-1/sqrt(fan_in)) with ``generator`` (float64, CPU)."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    weight = (torch.rand(tuple(layer.weight.shape), generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    if layer.bias is None:
+        return weight, None
+    return weight, (torch.rand((layer.out_features,), generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+
+@register_method
+class PlasticityInjection(Mitigation):
+    """Plasticity injection (Nikishin et al. 2023): freeze the head, add a fresh head minus a frozen copy of it.
+
+    After the injection the output is ``h_frozen(phi) + h_new(phi) - h_new0(phi)``: unchanged at that moment
+    (``h_new = h_new0``), while all further learning of the head goes through the fresh ``h_new``.
+    """
+
+    name = "injection"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``injection``."""
+
+        when: Literal["task", "step"] = "task"
+        """Inject at the start of task ``at``, or after optimizer step number ``at``."""
+        at: int = 1
+        """The task index (when=task) or the number of optimizer steps (when=step) at which to inject, once."""
+        reset_optimizer: bool = True
+        """Forget the optimizer state of the frozen head."""
+        seed: int | None = None
+        """Seed of the new head's weights; None derives it from the run's seed."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for impossible values."""
+            require(self.when in ("task", "step"), f"when must be task or step, got {self.when!r}")
+            require(self.at >= 1, f"at must be a positive integer (task index or step count), got {self.at}")
+            _check_seed(self.seed)
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.generator = MethodGenerator()
+        self.injected = False
+        self.steps = 0
+        self.head: nn.Linear | None = None
+        self.new: nn.Linear | None = None
+        self.new0: nn.Linear | None = None
+        self._handle = None
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Build the (not yet active) new head, add it to the optimizer and hook the model's last Linear layer."""
+        if self._handle is not None:
+            self._handle.remove()
+        layers = weight_layers(model)
+        if not layers or not isinstance(layers[-1], nn.Linear):
+            raise ConfigError("injection needs a model whose last weight layer is an nn.Linear (the head)")
+        self.head = layers[-1]
+        w = self.head.weight
+        self.new = nn.Linear(self.head.in_features, self.head.out_features, bias=self.head.bias is not None,
+                             device=w.device, dtype=w.dtype)  # fmt: skip
+        self.new.requires_grad_(False)  # no gradient, so the optimizer skips it until the injection
+        self.new0 = copy.deepcopy(self.new)
+        if optimizer is not None:
+            optimizer.add_param_group({"params": list(self.new.parameters())})
+        self._handle = self.head.register_forward_hook(self._add_injected)
+        self.generator.reset(self.method_seed(self.config.seed))
+        self.injected, self.steps = False, 0
+
+    def _add_injected(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.injected:
+            return None
+        return output + self.new(args[0]) - self.new0(args[0])
+
+    @torch.no_grad()
+    def inject(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Inject now: draw the new head (= its frozen copy), start training it and freeze the old head."""
+        weight, bias = _default_linear_draw(self.new, self.generator.get("cpu"))
+        for module in (self.new, self.new0):
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+        self.new.requires_grad_(True)
+        self.head.requires_grad_(False)
+        if self.config.reset_optimizer:
+            clear_optimizer_state(optimizer, list(self.head.parameters()))
+        self.injected = True
+
+    def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
+        """when=task: inject at the start of task ``at``."""
+        if self.config.when == "task" and task == self.config.at and not self.injected:
+            self.inject(optimizer)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """when=step: inject after the ``at``-th optimizer step."""
+        self.steps += 1
+        if self.config.when == "step" and self.steps == self.config.at and not self.injected:
+            self.inject(optimizer)
+
+    def state_dict(self) -> dict:
+        """Whether injected, the step counter, both new heads (CPU) and the generator."""
+        if self.new is None:
+            return {}
+        return {"injected": self.injected, "steps": self.steps, "new": _cpu_state(self.new),
+                "new0": _cpu_state(self.new0), "generator": self.generator.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (after :meth:`attach`), including which head trains."""
+        if not state:
+            return
+        if self.new is None:
+            raise RuntimeError("injection: call attach(model, optimizer) before load_state_dict")
+        with torch.no_grad():
+            for module, key in ((self.new, "new"), (self.new0, "new0")):
+                for name, value in module.state_dict().items():
+                    value.copy_(state[key][name])
+        self.injected, self.steps = bool(state["injected"]), int(state["steps"])
+        self.new.requires_grad_(self.injected)
+        self.head.requires_grad_(not self.injected)
+        self.generator.load_state_dict(state.get("generator", {}))
+
+
+# ---------------------------------------------------------------------------------------------- FIRE
+
+
+def newton_schulz(w: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``iterations`` cubic Newton-Schulz steps ``X <- 1.5 X - 0.5 X X^T X`` from ``X = W / ||W||_F``.
+
+    The singular values of X (all <= 1 after the scaling) go to 1 and the singular vectors stay: the limit is the
+    orthogonal polar factor ``U V^T`` of W, the (semi-)orthogonal matrix nearest to W in Frobenius norm. Zero
+    singular values stay 0. Computed in float64 on the smaller Gram side.
+    """
+    x = w.detach().to(torch.float64)
+    transpose = x.shape[0] > x.shape[1]
+    if transpose:
+        x = x.transpose(0, 1)
+    norm = torch.linalg.matrix_norm(x)
+    if float(norm) == 0.0:
+        return torch.zeros_like(w)
+    x = x / norm
+    for _ in range(iterations):
+        x = 1.5 * x - 0.5 * (x @ x.transpose(0, 1)) @ x
+    if transpose:
+        x = x.transpose(0, 1)
+    return x.to(dtype=w.dtype)
+
+
+@register_method
+class FIRE(Mitigation):
+    """FIRE (Han et al. 2026): at a task boundary, replace each weight by its Newton-Schulz orthogonalisation.
+
+    ``W <- scale * NS(W)``, NS the cubic Newton-Schulz iteration (:func:`newton_schulz`), for each selected
+    Linear/Conv weight (conv filters as ``(out, in * k...)`` matrices); biases are kept.
+    """
+
+    name = "fire"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``fire``."""
+
+        iterations: int = 30
+        """Newton-Schulz steps (the singular values converge to 1 from any positive start; small ones need more)."""
+        scale: float = 1.0
+        """Every non-zero singular value of the new weight (1: an isometry on the weight's range)."""
+        include_output: bool = False
+        """Also orthogonalise the last Linear/Conv layer (the output head)."""
+        first_task: bool = False
+        """Also apply at the start of task 0."""
+        reset_optimizer: bool = True
+        """Forget the optimizer state of the orthogonalised weights."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for impossible values."""
+            require(self.iterations >= 1, f"iterations must be a positive integer, got {self.iterations}")
+            finite = math.isfinite(self.scale) and self.scale > 0
+            require(finite, f"scale must be a finite number > 0, got {self.scale}")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.applications = 0
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Reset the counter."""
+        self.applications = 0
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Orthogonalise the selected weights now."""
+        params = []
+        for layer in _selected_layers(model, self.config.include_output):
+            matrix = newton_schulz(weight_matrix(layer), self.config.iterations) * self.config.scale
+            layer.weight.copy_(matrix.reshape(layer.weight.shape))
+            params.append(layer.weight)
+        if self.config.reset_optimizer:
+            clear_optimizer_state(optimizer, params)
+        self.applications += 1
+
+    def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
+        """Apply at every task start (task 0 only with ``first_task``)."""
+        if task > 0 or self.config.first_task:
+            self.apply(model, optimizer)
+
+    def state_dict(self) -> dict:
+        """The application counter (FIRE is deterministic)."""
+        return {"applications": self.applications}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.applications = int(state.get("applications", 0))
+
+
+# ---------------------------------------------------------------------------------------------- ReGraMa
+
+
+@register_method
+class ReGraMa(ReDo):
+    """ReGraMa (Liu et al. 2025): ReDo's periodic recycling, with dormancy measured on gradients (GraMa).
+
+    Score ``s_i = E|dL/dh_i| / mean_k E|dL/dh_k|`` over the samples of the last ``window_steps`` training steps
+    (``h`` the unit's post-activation output); units with ``s_i <= tau`` are reset as in ``redo`` (fresh
+    incoming weights, zero outgoing weights, zeroed optimizer state). The gradients are read by tensor hooks
+    registered on the activations of training forwards.
+    """
+
+    name = "regrama"
+    Config = ReDoConfig
+
+    def _new_group_state(self, group: UnitGroup) -> dict:
+        state = super()._new_group_state(group)
+        state["sum_abs_grad"] = torch.zeros_like(state["sum_abs"])
+        state["grad_count"] = 0
+        return state
+
+    def _after_attach(self) -> None:
+        super()._after_attach()
+        self._grad_handles = [group.output_module.register_forward_hook(self._make_grad_hook(index))
+                              for index, group in enumerate(self.groups)]  # fmt: skip
+
+    def detach(self) -> None:
+        """Remove the forward hooks and the gradient hooks."""
+        super().detach()
+        for handle in getattr(self, "_grad_handles", []):
+            handle.remove()
+        self._grad_handles = []
+
+    def _make_grad_hook(self, index: int):
+        group = self.groups[index]
+
+        def hook(module: nn.Module, _inputs, output) -> None:
+            capturing = self.capture is not None and self.capture.enabled
+            if module.training and capturing and isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(lambda grad: self._on_gradient(index, group.to_unit_matrix(grad.detach())))
+
+        return hook
+
+    def _on_gradient(self, index: int, g: torch.Tensor) -> None:
+        state = self.stats[index]
+        state["sum_abs_grad"] += g.double().abs().sum(dim=0).to(state["sum_abs_grad"].device)
+        state["grad_count"] += g.shape[0]
+
+    def dormant_mask(self, index: int) -> torch.Tensor:
+        """Gradient-dormant (GraMa) units of group ``index`` on the gradients collected so far (none without data)."""
+        state = self.stats[index]
+        if state["grad_count"] == 0:
+            return torch.zeros(self.groups[index].num_units, dtype=torch.bool)
+        mean_abs = (state["sum_abs_grad"] / state["grad_count"]).unsqueeze(0)
+        return dormant_unit_mask(mean_abs, self.config.tau).cpu()

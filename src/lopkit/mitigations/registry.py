@@ -47,6 +47,8 @@ METHOD_ALIASES: dict[str, str] = {
     "infer_heads": "infer",
     "c_chain": "cchain",
     "c-chain": "cchain",
+    "plasticity_injection": "injection",
+    "re_grama": "regrama",
 }
 
 # ',' or '+' separate methods; a '+' inside a number's exponent (1e+4) does not
