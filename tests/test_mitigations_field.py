@@ -23,8 +23,10 @@ from lopkit.mitigations.field import (
     PlasticityInjection,
     ProperAdam,
     ReGraMa,
+    SelfNormalizedResets,
     Spectral,
     newton_schulz,
+    snr_reset_mask,
     upgd_gate,
 )
 from lopkit.mitigations.registry import build_methods, get_method
@@ -78,6 +80,14 @@ def test_proper_adam_sets_equal_betas_and_two_adam_steps_match_the_hand_computat
     v_default = 0.999 * 0.001 * g1**2 + 0.001 * g2**2
     other = 0.1 * (m_default / (1 - 0.81)) / (math.sqrt(v_default / (1 - 0.999**2)) + 1e-8)
     assert abs(other - step2) > 1e-4  # far above the 1e-12 tolerance of the check above
+
+
+def test_proper_adam_reaches_parameter_groups_added_later_by_other_methods():
+    model = mlp(15)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    build_methods("proper_adam:beta=0.95+infer").attach(model, optimizer)
+    assert len(optimizer.param_groups) == 2
+    assert all(group["betas"] == (0.95, 0.95) for group in optimizer.param_groups)
 
 
 def test_proper_adam_refuses_an_optimizer_without_betas_and_bad_beta():
@@ -543,6 +553,43 @@ def test_regrama_scores_units_by_gradient_magnitude_by_hand_and_resets_them():
     assert model[0].weight[1].tolist() != [0.0, 1.0] and model[0].weight[0].tolist() == [1.0, 0.0]
 
 
+# ---------------------------------------------------------------------------------------------- SNR
+
+
+def test_snr_test_by_hand():
+    fires = torch.tensor([50.0, 0.0, 900.0, 10.0, 50.0], dtype=torch.float64)
+    samples = torch.tensor([100.0, 100.0, 1000.0, 50.0, 100.0], dtype=torch.float64)
+    silent = torch.tensor([14.0, 100.0, 3.0, 50.0, 13.0], dtype=torch.float64)
+    mask = snr_reset_mask(fires, samples, silent, threshold=1e-4, maturity=100)
+    # p = 0.5: 0.5^14 = 6.1e-5 < 1e-4 (reset), 0.5^13 = 1.2e-4 (kept); never fired and mature: reset;
+    # p = 0.9: 0.1^3 = 1e-3 (kept); 50 samples < maturity 100: not tested
+    assert mask.tolist() == [True, True, False, False, False]
+
+
+def test_snr_counts_silent_runs_and_resets_a_dead_unit():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.copy_(torch.tensor([0.0, -100.0]))  # unit 1 never fires
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    method = SelfNormalizedResets(SelfNormalizedResets.Config(maturity=4, threshold=1e-3))
+    method.seed_from_run(2)
+    method.attach(model, optimizer)
+    model(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]))  # unit 0 fires on sample 1 only
+    state = method.stats[0]
+    assert state["silent"].tolist() == [2.0, 3.0] and state["fires"].tolist() == [1.0, 0.0]
+    method.after_step(model, optimizer, 0)  # 3 samples < maturity 4: nothing tested
+    assert method.total_replaced == 0
+    model(torch.tensor([[-1.0, 0.0]]))
+    assert state["silent"].tolist() == [3.0, 4.0] and state["samples"].tolist() == [4.0, 4.0]
+    method.after_step(model, optimizer, 1)  # unit 0: p = 1/4, 0.75^3 = 0.42 (kept); unit 1 never fired: reset
+    assert method.total_replaced == 1
+    assert model[0].bias[1].item() == 0.0 and model[2].weight[0, 1].item() == 0.0
+    assert method.stats[0]["samples"].tolist() == [4.0, 0.0]
+    with pytest.raises(ConfigError, match="threshold must be"):
+        get_method("snr", {"threshold": "1"})
+
+
 # ---------------------------------------------------------------------------------------------- integration
 
 FIELD_SPECS = [
@@ -557,6 +604,7 @@ FIELD_SPECS = [
     "injection:when=step:at=7",
     "fire",
     "regrama:every=5:window_steps=5:tau=0.5",
+    "snr:maturity=64:threshold=0.01",
     "reset:every=9+upgd+spectral+infer+cchain",
 ]
 SHORT_CLASS_SPLIT = {"num_tasks": 2, "steps_per_task": 12}
@@ -590,6 +638,7 @@ def test_methods_are_registered_composable_and_change_training():
     assert names == ["ProperAdam", "Parseval", "Spectral", "PeriodicReset", "HareTortoise", "UPGD", "InFeR", "CChain",
                      "PlasticityInjection", "FIRE"]
     assert type(build_methods("re_grama")) is ReGraMa
+    assert type(build_methods("self_normalized_resets")) is SelfNormalizedResets
     assert type(build_methods("hat")) is HareTortoise
     cls = get_benchmark("class_split")
     config = cls.make_config("smoke", SHORT_CLASS_SPLIT)

@@ -30,6 +30,7 @@ FAST_SPECS = {
     "break_clones": "break_clones:every=20:window_steps=10:threshold=0.0",
     "reset": "reset:every=30",
     "regrama": "regrama:every=20:window_steps=10:tau=0.5",
+    "snr": "snr:maturity=20:threshold=0.01",
 }
 RESET_METHODS = set(FAST_SPECS)
 SHORT = {

@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "PlasticityInjection": "lopkit.mitigations.field",
     "FIRE": "lopkit.mitigations.field",
     "ReGraMa": "lopkit.mitigations.field",
+    "SelfNormalizedResets": "lopkit.mitigations.field",
     # benchmarks and results
     "Benchmark": "lopkit.benchmarks.base",
     "register_benchmark": "lopkit.benchmarks.base",
@@ -89,6 +90,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
         PlasticityInjection,
         ProperAdam,
         ReGraMa,
+        SelfNormalizedResets,
         Spectral,
     )
     from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb

@@ -1,9 +1,9 @@
 """Methods of the 2022-2025 plasticity literature (issue 17): proper Adam, Parseval and spectral regularisation,
-periodic full/layer/head resets, Hare & Tortoise, UPGD, InFeR, C-CHAIN, plasticity injection, FIRE and ReGraMa.
+periodic full/layer/head resets, Hare & Tortoise, UPGD, InFeR, C-CHAIN, plasticity injection, FIRE, ReGraMa and SNR.
 
 Each is a :class:`~lopkit.mitigations.base.Mitigation` with a validated ``Config`` dataclass, registered by name
 (``proper_adam``, ``parseval``, ``spectral``, ``reset``, ``hare_tortoise``, ``upgd``, ``infer``, ``cchain``,
-``injection``, ``fire``, ``regrama``), with its whole state in ``state_dict()`` so a resumed run continues
+``injection``, ``fire``, ``regrama``, ``snr``), with its whole state in ``state_dict()`` so a resumed run continues
 exactly. Every random draw comes from the method's private generator seeded with :meth:`Mitigation.method_seed`
 (the run's seed through :mod:`lopkit.seeding`).
 The docs page of each (``docs/methods/<name>.md``) cites the paper and states every choice made here.
@@ -26,7 +26,7 @@ from lopkit.mitigations.layers import INIT_SCHEMES, UnitGroup, find_unit_groups,
 from lopkit.mitigations.perturbation import MethodGenerator, _randn_like, weight_layers
 from lopkit.mitigations.registry import register_method
 from lopkit.mitigations.regularizers import is_norm_module
-from lopkit.mitigations.resets import ReDo, ReDoConfig
+from lopkit.mitigations.resets import ReDo, ReDoConfig, UnitMethod
 
 __all__ = [
     "ProperAdam",
@@ -40,6 +40,8 @@ __all__ = [
     "PlasticityInjection",
     "FIRE",
     "ReGraMa",
+    "SelfNormalizedResets",
+    "snr_reset_mask",
     "newton_schulz",
     "parseval_penalty",
     "power_iteration",
@@ -92,7 +94,7 @@ class ProperAdam(Mitigation):
         """Hyper-parameters of ``proper_adam``."""
 
         beta: float = 0.99
-        """The common value of beta1 and beta2 (Dohare et al. 2024 use 0.99)."""
+        """The common value of beta1 and beta2 (0.99: our reading of Dohare et al. 2024)."""
 
         def validate(self) -> None:
             """Raise ConfigError for a beta outside [0, 1)."""
@@ -112,6 +114,8 @@ class ProperAdam(Mitigation):
             )
         for group in groups:
             group["betas"] = (self.config.beta, self.config.beta)
+        if "betas" in getattr(optimizer, "defaults", {}):  # groups added later (infer, injection heads) inherit them
+            optimizer.defaults["betas"] = (self.config.beta, self.config.beta)
 
 
 # ---------------------------------------------------------------------------------------------- Parseval
@@ -1119,3 +1123,97 @@ class ReGraMa(ReDo):
             return torch.zeros(self.groups[index].num_units, dtype=torch.bool)
         mean_abs = (state["sum_abs_grad"] / state["grad_count"]).unsqueeze(0)
         return dormant_unit_mask(mean_abs, self.config.tau).cpu()
+
+
+# ---------------------------------------------------------------------------------------------- SNR
+
+
+def snr_reset_mask(fires: torch.Tensor, samples: torch.Tensor, silent: torch.Tensor, threshold: float,
+                   maturity: int) -> torch.Tensor:  # fmt: skip
+    """Units whose current silent run is implausible under their own firing rate: ``(1 - p)^a < threshold``.
+
+    ``p = fires / samples`` since the unit's last reset, ``a`` the number of samples since it last fired; only
+    units with ``samples >= maturity`` are tested; a mature unit that never fired (p = 0) is always reset.
+    """
+    mature = samples >= maturity
+    rate = fires / samples.clamp(min=1)
+    never = mature & (fires == 0)
+    log_plausibility = silent * torch.log1p(-rate.clamp(max=1.0))
+    return never | (mature & (fires > 0) & (log_plausibility < math.log(threshold)))
+
+
+@dataclasses.dataclass
+class SNRConfig:
+    """Hyper-parameters of ``snr``."""
+
+    threshold: float = 1e-4
+    """eta: reset when the probability (1-p)^a of the current silent run, under the unit's own rate p, is < eta."""
+    maturity: int = 1000
+    """Samples a unit must have seen since its last reset before it is tested."""
+    init: str = "default"
+    """Law of the new incoming weights (one of lopkit's init schemes)."""
+    bias_init: str = "zero"
+    """New biases: zero or default."""
+    reset_optimizer: bool = True
+    """Zero the reset units' optimizer-state entries."""
+    seed: int | None = None
+    """Seed of the generator of the new weights; None derives it from the run's seed."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible values."""
+        require(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")
+        require(self.maturity >= 1, f"maturity must be a positive number of samples, got {self.maturity}")
+        require(self.init in INIT_SCHEMES, f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
+        require(self.bias_init in ("zero", "default"), f"bias_init must be zero or default, got {self.bias_init!r}")
+        _check_seed(self.seed)
+
+
+@register_method
+class SelfNormalizedResets(UnitMethod):
+    """Self-normalised resets (Farias & Jozefiak 2025): reset a unit whose silence is implausible given its own rate.
+
+    Per unit, since its last reset: samples seen, samples on which it fired (``h > 0``) and the length ``a`` of
+    its current run of silent samples. After every step, a mature unit is reset when ``(1 - p)^a < threshold``
+    (:func:`snr_reset_mask`), as in ``redo`` (fresh incoming weights, zero outgoing weights, zeroed optimizer state),
+    and its statistics restart.
+    """
+
+    name = "snr"
+    Config = SNRConfig
+
+    def _new_group_state(self, group: UnitGroup) -> dict:
+        units, device = group.num_units, group.incoming.weight.device
+        zeros = lambda: torch.zeros(units, dtype=torch.float64, device=device)  # noqa: E731
+        return {"fires": zeros(), "samples": zeros(), "silent": zeros()}
+
+    @torch.no_grad()
+    def _on_activation(self, index: int, kind: str, m: torch.Tensor) -> None:
+        state = self.stats[index]
+        fired = m > 0
+        batch = m.shape[0]
+        positions = torch.arange(1, batch + 1, device=m.device, dtype=torch.float64).unsqueeze(1)
+        last = (positions * fired).amax(dim=0).to(state["silent"].device)  # 1-based, 0 if silent on the whole batch
+        any_fired = fired.any(dim=0).to(state["silent"].device)
+        state["silent"] = torch.where(any_fired, batch - last, state["silent"] + batch)
+        state["fires"] += fired.sum(dim=0).to(state["fires"])
+        state["samples"] += batch
+
+    def reset_mask(self, index: int) -> torch.Tensor:
+        """The units of group ``index`` that fail the test now."""
+        state = self.stats[index]
+        mask = snr_reset_mask(state["fires"], state["samples"], state["silent"], self.config.threshold,
+                              self.config.maturity)  # fmt: skip
+        return mask.cpu()
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Test every unit and reset those that fail; their statistics restart from zero."""
+        self._require_attached()
+        for index in range(len(self.groups)):
+            mask = self.reset_mask(index)
+            if not bool(mask.any()):
+                continue
+            self._reset_units(index, mask, optimizer)
+            state = self.stats[index]
+            for key in ("fires", "samples", "silent"):
+                state[key][mask.to(state[key].device)] = 0.0
+            self.events += 1

@@ -49,6 +49,7 @@ METHOD_ALIASES: dict[str, str] = {
     "c-chain": "cchain",
     "plasticity_injection": "injection",
     "re_grama": "regrama",
+    "self_normalized_resets": "snr",
 }
 
 # ',' or '+' separate methods; a '+' inside a number's exponent (1e+4) does not
