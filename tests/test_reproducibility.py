@@ -28,14 +28,17 @@ FAST_SPECS = {
     "redo": "redo:every=20:window_steps=10:tau=0.5",
     "reset_frozen": "reset_frozen:every=20:window_steps=10:eps=0.5:sample_fraction=0.5",
     "break_clones": "break_clones:every=20:window_steps=10:threshold=0.0",
+    "reset": "reset:every=30",
+    "regrama": "regrama:every=20:window_steps=10:tau=0.5",
+    "snr": "snr:maturity=20:threshold=0.01",
 }
 RESET_METHODS = set(FAST_SPECS)
 SHORT = {
     "bitflip": {"num_steps": 80, "flip_period": 40, "bin_size": 20, "monitor_every": 40},
     "class_split": {"num_tasks": 2, "steps_per_task": 15},
 }
-# batch norm cannot train on bitflip's single-sample online steps
-UNSUPPORTED = {("bitflip", "batchnorm")}
+# batch norm cannot train on bitflip's single-sample online steps; proper_adam needs Adam, bitflip trains with SGD
+UNSUPPORTED = {("bitflip", "batchnorm"), ("bitflip", "proper_adam")}
 
 DIGEST_SCRIPT = textwrap.dedent(
     """

@@ -48,6 +48,18 @@ _EXPORTS: dict[str, str] = {
     "DropoutInsertion": "lopkit.mitigations.architecture",
     "CReLUActivation": "lopkit.mitigations.architecture",
     "NormalizeAndProject": "lopkit.mitigations.architecture",
+    "ProperAdam": "lopkit.mitigations.field",
+    "Parseval": "lopkit.mitigations.field",
+    "Spectral": "lopkit.mitigations.field",
+    "PeriodicReset": "lopkit.mitigations.field",
+    "HareTortoise": "lopkit.mitigations.field",
+    "UPGD": "lopkit.mitigations.field",
+    "InFeR": "lopkit.mitigations.field",
+    "CChain": "lopkit.mitigations.field",
+    "PlasticityInjection": "lopkit.mitigations.field",
+    "FIRE": "lopkit.mitigations.field",
+    "ReGraMa": "lopkit.mitigations.field",
+    "SelfNormalizedResets": "lopkit.mitigations.field",
     # benchmarks and results
     "Benchmark": "lopkit.benchmarks.base",
     "register_benchmark": "lopkit.benchmarks.base",
@@ -72,6 +84,20 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
         NormalizeAndProject,
     )
     from lopkit.mitigations.base import Mitigation
+    from lopkit.mitigations.field import (
+        FIRE,
+        UPGD,
+        CChain,
+        HareTortoise,
+        InFeR,
+        Parseval,
+        PeriodicReset,
+        PlasticityInjection,
+        ProperAdam,
+        ReGraMa,
+        SelfNormalizedResets,
+        Spectral,
+    )
     from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
     from lopkit.mitigations.registry import available_methods, build_methods, get_method
     from lopkit.mitigations.regularizers import L2, L2Init

@@ -19,7 +19,8 @@ from lopkit.mitigations.base import Mitigation, compose
 METHODS: dict[str, type[Mitigation]] = {}
 # modules that define methods; imported lazily so that a missing optional module never breaks the others
 METHOD_MODULES = ["lopkit.mitigations.regularizers", "lopkit.mitigations.perturbation",
-                  "lopkit.mitigations.resets", "lopkit.mitigations.architecture"]
+                  "lopkit.mitigations.resets", "lopkit.mitigations.architecture",
+                  "lopkit.mitigations.field"]
 NO_OP_NAMES = {"sgd", "none", "baseline", "adam"}
 
 #: Short or alternative method names, mapped to registered names (resolved everywhere a spec is parsed).
@@ -37,6 +38,18 @@ METHOD_ALIASES: dict[str, str] = {
     "noisysgd": "noisy_sgd",
     "continual_backprop": "cbp",
     "weight_decay": "l2",
+    "properadam": "proper_adam",
+    "parseval_reg": "parseval",
+    "spectral_reg": "spectral",
+    "head_reset": "reset",
+    "hare_and_tortoise": "hare_tortoise",
+    "hat": "hare_tortoise",
+    "infer_heads": "infer",
+    "c_chain": "cchain",
+    "c-chain": "cchain",
+    "plasticity_injection": "injection",
+    "re_grama": "regrama",
+    "self_normalized_resets": "snr",
 }
 
 # ',' or '+' separate methods; a '+' inside a number's exponent (1e+4) does not
