@@ -46,7 +46,6 @@ from lopkit.mitigations.layers import (
     UnitGroup,
     absorb_into_outgoing_bias,
     add_incoming_noise,
-    incoming_weight_magnitude,
     outgoing_weight_magnitude,
     reinit_incoming,
     reset_norm_units,
