@@ -118,7 +118,8 @@ def test_lean_engine_with_loss_term_matches_autograd_engine():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["noisy_sgd", "layernorm", "dropout", "crelu"])
+@pytest.mark.parametrize("spec", ["noisy_sgd", "layernorm", "dropout", "crelu", "regrama", "infer", "cchain",
+                                  "cbp+regrama"])
 def test_gradient_editing_and_architectural_methods_need_autograd(spec):
     bench = make(method=build_methods(spec))
     assert bench.engine == "autograd" and not lean_supports(bench.method, bench.model)

@@ -478,6 +478,13 @@ def _overrides(method: Mitigation, hook: str) -> bool:
     return getattr(type(method), hook) is not getattr(Mitigation, hook)
 
 
+def _needs_autograd_step(method: Mitigation) -> bool:
+    """Whether ``method`` (or a member of a composition) needs the training step's autograd graph."""
+    if isinstance(method, Compose):
+        return any(_needs_autograd_step(m) for m in method.methods)
+    return bool(getattr(method, "needs_autograd_step", False))
+
+
 def lean_supports(method: Mitigation, model: nn.Module) -> bool:
     """Whether the lean engine can train ``model`` with ``method``: the plain learner, no ``before_step``/``prepare_model``.
 
@@ -485,7 +492,7 @@ def lean_supports(method: Mitigation, model: nn.Module) -> bool:
     the forward hooks of fc1 and act1 (one torch forward of the hidden layer per step) and ``after_step``;
     it has no ``.grad`` tensors for ``before_step`` to edit and needs the plain fc1/ReLU/fc2 model.
     """
-    if _overrides(method, "before_step") or _overrides(method, "prepare_model"):
+    if _overrides(method, "before_step") or _overrides(method, "prepare_model") or _needs_autograd_step(method):
         return False
     try:
         hidden, activation, output = learner_layers(model)

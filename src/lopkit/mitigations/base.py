@@ -27,6 +27,9 @@ class Mitigation:
     """
 
     name: str = "none"
+    #: True when the method needs the training step's autograd graph or trains parameters outside the model
+    #: (gradient hooks, auxiliary heads): engines that update the weights by hand (bitflip's lean engine) refuse it
+    needs_autograd_step: bool = False
     #: ``(run_seed, *keys)`` given by :meth:`seed_from_run`; empty means run seed 0
     _seed_source: tuple[int, ...] = ()
 

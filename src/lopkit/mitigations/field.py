@@ -662,6 +662,8 @@ class InFeR(Mitigation):
     parameter group, initialised as ``H_0``), ``phi_0, H_0`` the network and heads at ``attach``, frozen.
     """
 
+    needs_autograd_step = True  # reads the training step's graph or trains parameters outside the model
+
     name = "infer"
 
     @dataclasses.dataclass
@@ -787,6 +789,8 @@ class CChain(Mitigation):
     (``torch.func.functional_call``), so other methods' statistics never see the reference forwards.
     """
 
+    needs_autograd_step = True  # reads the training step's graph or trains parameters outside the model
+
     name = "cchain"
 
     @dataclasses.dataclass
@@ -871,6 +875,8 @@ class PlasticityInjection(Mitigation):
     After the injection the output is ``h_frozen(phi) + h_new(phi) - h_new0(phi)``: unchanged at that moment
     (``h_new = h_new0``), while all further learning of the head goes through the fresh ``h_new``.
     """
+
+    needs_autograd_step = True  # reads the training step's graph or trains parameters outside the model
 
     name = "injection"
 
@@ -1079,6 +1085,8 @@ class ReGraMa(ReDo):
     incoming weights, zero outgoing weights, zeroed optimizer state). The gradients are read by tensor hooks
     registered on the activations of training forwards.
     """
+
+    needs_autograd_step = True  # reads the training step's graph or trains parameters outside the model
 
     name = "regrama"
     Config = ReDoConfig
