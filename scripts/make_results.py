@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ EXPERIMENTS = (
 def run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run one step with the repository's source first on the path; echo the command."""
     print("$ " + " ".join(command), flush=True)
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

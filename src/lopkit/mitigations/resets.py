@@ -434,24 +434,37 @@ class ContinualBackprop(UnitMethod):
         order = torch.argsort(utility.cpu(), stable=True)
         return eligible.cpu()[order[:count]]
 
-    @torch.no_grad()
-    def _replace(self, index: int, group: UnitGroup, optimizer: torch.optim.Optimizer) -> None:
-        state = self.stats[index]
-        mature = state["age"] > self.config.maturity
+    def _units_to_replace(self, index: int, group: UnitGroup) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(chosen indices, boolean mask)`` of this step's replacements in group ``index``; None when none."""
+        mature = self.stats[index]["age"] > self.config.maturity
         count = self.num_to_replace(index, int(mature.sum()))
         if count == 0:
-            return
+            return None
+        chosen = self.choose(index, count)
         mask = torch.zeros(group.num_units, dtype=torch.bool)
-        mask[self.choose(index, count)] = True
-        means = self.mean_activation(index) if self.config.bias_correction else None
-        self._reset_units(index, mask, optimizer, unit_means=means)
-        if self._constant_column(index):
-            group.incoming.weight[mask.to(group.incoming.weight.device), -1] = 0.0
+        mask[chosen] = True
+        return chosen, mask
+
+    def _forget_units(self, index: int, mask: torch.Tensor) -> None:
+        """Replaced units start afresh: utility, running mean and age back to 0; one more replacement event."""
+        state = self.stats[index]
         device_mask = mask.to(state["age"].device)
         state["utility"][device_mask] = 0.0
         state["mean_activation"][device_mask] = 0.0
         state["age"][device_mask] = 0
         self.events += 1
+
+    @torch.no_grad()
+    def _replace(self, index: int, group: UnitGroup, optimizer: torch.optim.Optimizer) -> None:
+        picked = self._units_to_replace(index, group)
+        if picked is None:
+            return
+        _, mask = picked
+        means = self.mean_activation(index) if self.config.bias_correction else None
+        self._reset_units(index, mask, optimizer, unit_means=means)
+        if self._constant_column(index):
+            group.incoming.weight[mask.to(group.incoming.weight.device), -1] = 0.0
+        self._forget_units(index, mask)
 
 
 @dataclasses.dataclass
@@ -497,14 +510,11 @@ class AggressiveContinualBackprop(ContinualBackprop):
 
     @torch.no_grad()
     def _replace(self, index: int, group: UnitGroup, optimizer: torch.optim.Optimizer) -> None:
-        state = self.stats[index]
-        mature = state["age"] > self.config.maturity
-        count = self.num_to_replace(index, int(mature.sum()))
-        if count == 0:
+        picked = self._units_to_replace(index, group)
+        if picked is None:
             return
-        chosen = self.choose(index, count)
-        mask = torch.zeros(group.num_units, dtype=torch.bool)
-        mask[chosen] = True
+        chosen, mask = picked
+        count = len(chosen)
         if self.config.redraw_incoming:
             reinit_incoming(group, mask, self.generator, init=self.config.init, bias=self.config.bias_init)
         if self.config.zero_layer_bias and index == 0 and group.incoming.bias is not None:
@@ -524,11 +534,7 @@ class AggressiveContinualBackprop(ContinualBackprop):
             reset_optimizer_state(optimizer, group, mask)
         self.replaced_per_group[index] += count
         self.total_replaced += count
-        device_mask = mask.to(state["age"].device)
-        state["utility"][device_mask] = 0.0
-        state["mean_activation"][device_mask] = 0.0
-        state["age"][device_mask] = 0
-        self.events += 1
+        self._forget_units(index, mask)
 
 
 # --------------------------------------------------------------------------- periodic methods

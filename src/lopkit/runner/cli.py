@@ -78,8 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     """Validate everything first, then run each seed in turn; exit 0, 1 (a run failed), 2 (bad input) or 130."""
     from lopkit.benchmarks.base import check_accepts_methods, get_benchmark
     from lopkit.configs import config_to_dict, parse_overrides
-    from lopkit.runner.store import ResultStore, StoreError
     from lopkit.runner.execute import SETUP_ERRORS, execute_run, method_label, resolve_methods
+    from lopkit.runner.store import ResultStore, StoreError
 
     try:
         cls = get_benchmark(args.benchmark)

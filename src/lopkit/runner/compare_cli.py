@@ -53,8 +53,8 @@ def _compare(args: argparse.Namespace) -> int:
     """Validate everything, run the grid, then print the ranking and write CSV + HTML; exit 0, 1, 2 or 130."""
     from lopkit.configs import parse_overrides
     from lopkit.runner.compare import build_plan, describe_plan, rank_plan, run_plan, write_outputs
-    from lopkit.runner.store import ResultStore, StoreError
     from lopkit.runner.execute import SETUP_ERRORS
+    from lopkit.runner.store import ResultStore, StoreError
 
     try:
         plan = build_plan(args.benchmark, args.methods, args.seeds, args.preset, parse_overrides(args.overrides))
