@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "lopkit.runner.cli",
     "lopkit.runner.compare_cli",
     "lopkit.runner.sweep_cli",
+    "lopkit.runner.diagnose_cli",
     "lopkit.report.cli",
     "lopkit.moe.cli",
     "lopkit.kws.cli",

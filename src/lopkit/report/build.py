@@ -129,10 +129,14 @@ def build_report(experiment_dir: str | Path, output: str | Path | None = None, p
         notes.append(f"INTERRUPTED run {run['run_id']} (seed {run['seed']}) at step {run['step']}/{run['total_steps']}: "
                      "its process is gone; rerun the command that started it to resume from its last checkpoint")
     notes += list(extra_notes or [])
+    from lopkit.report.diagnose_section import diagnose_tables
+
+    diagnosis_tables, diagnosis_notes = diagnose_tables(experiment_dir)
+    notes += diagnosis_notes
     page = html.render_page(title or f"lopkit report: {experiment_dir.name}",
                             f"Experiment folder {experiment_dir.resolve()}", sections,
                             list(extra_tables or [])
                             + [(f"Summary (final {final_fraction:.0%} of each run; layer metrics over {layer_text})",
-                                summary)], notes)
+                                summary)] + diagnosis_tables, notes)
     output.write_text(page, encoding="utf-8")
     return ReportResult(output, pngs, summary)
