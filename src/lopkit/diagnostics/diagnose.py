@@ -58,7 +58,7 @@ class DiagnoseConfig:
     dead_rise: float = 0.05
     """... and that is at least this much above the reference (first measurement, or a fresh copy)."""
     saturated_fraction: float = 0.10
-    """Saturated-but-not-dead units (derivative-frozen or gradient-starved, minus the dead ones): trap level ..."""
+    """Saturated-but-not-dead units (|f'(z)| ~ 0 on almost every sample, minus the dead ones): trap level ..."""
     saturated_rise: float = 0.05
     """... and its rise over the reference."""
     clone_fraction: float = 0.05
@@ -283,8 +283,14 @@ class Diagnosis:
         return [f.layer for f in self.findings if f.trap == trap]
 
     def top_cure(self, allowed: Callable[[str], bool] | None = None) -> tuple[Finding, Cure] | None:
-        """The first cure (passing ``allowed``) of the most severe finding that has one, or None."""
-        for finding in sorted(self.findings, key=lambda f: -f.severity):
+        """The first cure (passing ``allowed``) of the top finding that has one, or None.
+
+        Findings are ranked by trap first, in the order of :data:`TRAPS` (the paper's manifolds, which are causes,
+        before the symptoms they produce), then by severity (how far past its threshold); severities of different
+        traps are not comparable.
+        """
+        order = list(TRAPS)
+        for finding in sorted(self.findings, key=lambda f: (order.index(f.trap), -f.severity)):
             for cure in finding.cures:
                 if allowed is None or allowed(cure.method):
                     return finding, cure
@@ -379,9 +385,10 @@ def judge(measures: Mapping[str, LayerMeasure], config: DiagnoseConfig | None = 
 
     for layer, m in measures.items():
         add(layer, "dead_units", [_fraction_rule(m, "dead_fraction", config.dead_fraction, config.dead_rise, ref)])
+        # derivative-based only: the paper's gradient-ratio saturation also fires on any well-fitted network (dL/dh
+        # ~ 0 once the loss is ~ 0), so it is measured and shown but not judged (docs/diagnose.md)
         add(layer, "saturated_units", [
-            _fraction_rule(m, name, config.saturated_fraction, config.saturated_rise, ref)
-            for name in ("saturated_not_dead_fraction", "frozen_not_dead_fraction")])
+            _fraction_rule(m, "frozen_not_dead_fraction", config.saturated_fraction, config.saturated_rise, ref)])
         clone_hits = [_fraction_rule(m, "live_clone_fraction", config.clone_fraction, config.clone_rise, ref)]
         if "live_clone_fraction" not in m.values:  # the paper's (uncentred) duplicate fraction when nothing better
             clone_hits.append(_fraction_rule(m, "duplicate_fraction", config.clone_fraction, config.clone_rise, ref))
@@ -499,7 +506,7 @@ def probe_gain(model: nn.Module, probe_x: Tensor, steps: int = 50, lr: float = 1
         before = None
         for _ in range(steps):
             loss = F.mse_loss(twin(probe_x), target)
-            before = float(loss) if before is None else before
+            before = float(loss.detach()) if before is None else before
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -599,10 +606,14 @@ def _measure_one(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None, loss
         fraction, found = _clone_stats(h, config, defaults.dead_threshold, defaults.dead_sample_fraction)
         per_layer.setdefault(name, {})["live_clone_fraction"] = fraction
         clusters[name], units[name] = found, int(h.shape[1])
+    weight_layers = _weight_layers(model)
+    head = weight_layers[-1][0] if weight_layers else None
     for name in list(per_layer):
         if name not in activations:  # unit metrics on weight-layer outputs are not judged (the activations are)
             per_layer[name] = {k: v for k, v in per_layer[name].items()
                                if k in ("weight_norm", "loss", "hessian_top_eigenvalue")}
+        if name == head:  # the output head's norm is the logits' scale (it grows with any fit), not a hidden trap
+            per_layer.pop(name)
     per_layer.setdefault("model", {})["probe_gain"] = probe_gain(model, probe_x, config.probe_steps, config.probe_lr,
                                                                  config.seed)
     for values in per_layer.values():
@@ -669,6 +680,8 @@ def diagnose(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None = None,
              f"seed {config.seed}); value and reference use the same probe batch of {probe_x.shape[0]} samples.",
              f"Plasticity probe: lopkit's minimal private probe (fit a fresh random target on the probe for "
              f"{config.probe_steps} Adam steps at lr {config.probe_lr:g}; gain = 1 - L_after / L_before)."]
+    notes.append("Weight growth is judged on the hidden weight layers; the output head (the last Linear/Conv) is left "
+                 "out, its norm is the scale of the logits and grows with any fit.")
     if probe_y is None:
         notes.append("No probe targets: the saturated fraction (needs dL/dh) and the Hessian were not measured.")
     return judge(measures, config, source=f"{type(model).__name__} on a probe of shape {tuple(probe_x.shape)}",

@@ -1,0 +1,237 @@
+"""``lopkit diagnose``: traps found where the answer is known (clones, frozen units, a plain continual MLP, a healthy
+LayerNorm net), the CLI's inputs and bad-input errors, --fix and the report section."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lopkit as lk
+from lopkit.cli import main
+from lopkit.configs import ConfigError, build_config
+from lopkit.diagnostics.activations import dead_fraction
+from lopkit.diagnostics.diagnose import CURES, DiagnoseConfig, diagnose
+from lopkit.seeding import seeded_generator
+
+torch.set_num_threads(1)
+
+
+def _mlp(width: int = 32, depth: int = 2, inputs: int = 10, outputs: int = 4, norm: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    d = inputs
+    for _ in range(depth):
+        layers += [nn.Linear(d, width)] + ([nn.LayerNorm(width)] if norm else []) + [nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, outputs))
+    return nn.Sequential(*layers)
+
+
+def _probe(n: int = 256, inputs: int = 10, outputs: int = 4, seed: int = 1):
+    g = seeded_generator(seed, 7)
+    x = torch.randn(n, inputs, generator=g)
+    y = torch.randint(0, outputs, (n,), generator=g)
+    return x, y
+
+
+def _activation_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    captured = {}
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
+    with torch.no_grad():
+        model.eval()(x)
+    handle.remove()
+    return captured["h"]
+
+
+FAST = DiagnoseConfig(probe_steps=20, hessian=False)
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_is_validated_at_the_door():
+    with pytest.raises(ConfigError, match="dead_fraction"):
+        DiagnoseConfig(dead_fraction=1.5)
+    with pytest.raises(ConfigError, match="weight_growth"):
+        DiagnoseConfig(weight_growth=0.5)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        build_config(DiagnoseConfig, {"dead_fractoin": "0.2"})
+    assert build_config(DiagnoseConfig, {"rank_ratio": "0.5"}).rank_ratio == 0.5
+
+
+def test_every_cure_is_a_registered_method():
+    from lopkit.mitigations.registry import available_methods
+
+    names = set(available_methods())
+    assert {cure.method for cures in CURES.values() for cure in cures} <= names
+
+
+# ------------------------------------------------------------------------------------------------ known answers
+def test_cloned_network_is_diagnosed_as_cloned_units_with_the_partition_as_clusters():
+    base = _mlp(width=16)
+    cloned, partition = lk.clone(base, 2)
+    x, y = _probe()
+    result = diagnose(cloned, x, y, config=FAST)
+    for name in _activation_names(cloned):
+        assert "cloned_units" in result.traps(name), (name, result.findings)
+        # the clusters must be the clone blocks of the live units (dead units join none)
+        h = _outputs(cloned, x, name)
+        live = (h.abs() >= 1e-7).float().mean(dim=0) >= 0.05
+        blocks: dict[int, list[int]] = {}
+        for unit, block in enumerate(partition[name].tolist()):
+            if live[unit]:
+                blocks.setdefault(block, []).append(unit)
+        expected = sorted(sorted(units) for units in blocks.values() if len(units) >= 2)
+        finding = next(f for f in result.findings if f.layer == name and f.trap == "cloned_units")
+        assert sorted(finding.clusters) == expected
+    base_result = diagnose(base, x, y, config=FAST)
+    assert not any(f.trap == "cloned_units" for f in base_result.findings)
+
+
+def test_units_frozen_by_their_bias_are_diagnosed_as_frozen_units():
+    model = _mlp(width=32)
+    with torch.no_grad():
+        model[0].bias[:12] = -1e3  # ReLU units 0..11 of the first layer are dead on every input
+    x, y = _probe()
+    result = diagnose(model, x, y, config=FAST)
+    first = _activation_names(model)[0]
+    assert "dead_units" in result.traps(first)
+    finding = next(f for f in result.findings if f.layer == first and f.trap == "dead_units")
+    measured = dead_fraction(_outputs(model, x, first))
+    assert finding.evidence[0].value == pytest.approx(measured)
+    assert measured >= 12 / 32
+    assert finding.cures[0].method == "reset_frozen"
+
+
+def test_a_layernorm_net_trained_on_random_labels_has_no_trap():
+    model = _mlp(width=32, norm=True)
+    x, y = _probe(512)  # random labels: memorisation, as in the E1 analogue
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(200):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    result = diagnose(model, x, y, config=DiagnoseConfig(probe_steps=20))
+    assert result.healthy, [(f.layer, f.trap, [e.describe() for e in f.evidence]) for f in result.findings]
+
+
+@pytest.mark.slow
+def test_plain_mlp_continual_run_flags_the_layers_whose_metrics_cross_the_thresholds(tmp_path):
+    pytest.importorskip("lopkit.data.fashion_mnist")
+    from lopkit.data.fashion_mnist import fashion_mnist_dir
+
+    try:
+        fashion_mnist_dir()
+    except Exception:  # noqa: BLE001
+        pytest.skip("Fashion-MNIST not installed")
+    from lopkit.benchmarks.registry import get_benchmark
+    from lopkit.runner.diagnose_cli import diagnose_store
+    from lopkit.runner.execute import execute_run
+    from lopkit.runner.store import ResultStore
+
+    cls = get_benchmark("random_labels")
+    config = cls.make_config("e1", {"num_tasks": 4})
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        execute_run(store, cls, config, 0, ["sgd"], progress="never", handle_sigint=False)
+        metrics = store.metrics()
+    dconfig = DiagnoseConfig(final_fraction=1e-9)  # the value is the last measurement, the reference the first
+    [(result, _)] = diagnose_store(tmp_path / "results.sqlite", dconfig)
+    dead = metrics[metrics["metric"] == "dead_fraction"].sort_values("step")
+    expected = []
+    for layer, rows in dead.groupby("layer", sort=False):
+        first, last = rows["value"].iloc[0], rows["value"].iloc[-1]
+        if last >= dconfig.dead_fraction and last - first >= dconfig.dead_rise:
+            expected.append(layer)
+    rank = metrics[metrics["metric"] == "effective_rank"].sort_values("step")
+    collapsed = [layer for layer, rows in rank.groupby("layer", sort=False)
+                 if rows["value"].iloc[-1] <= dconfig.rank_ratio * rows["value"].iloc[0]]
+    assert sorted(result.layers_with("dead_units")) == sorted(expected)
+    assert sorted(result.layers_with("rank_collapse")) == sorted(collapsed)
+    assert expected or collapsed, "the plain MLP showed neither dead units nor rank collapse"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _run_cli(capsys, *argv):
+    code = main(["diagnose", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_model_and_probe_json_names_the_clones(tmp_path, capsys):
+    cloned, _ = lk.clone(_mlp(width=16), 2)
+    x, y = _probe()
+    torch.save(cloned, tmp_path / "m.pt")
+    torch.save((x, y), tmp_path / "p.pt")
+    code, out, err = _run_cli(capsys, "--model", tmp_path / "m.pt", "--probe", tmp_path / "p.pt", "--json",
+                              "--set", "probe_steps=10", "hessian=false")
+    assert code == 0, err
+    [report] = json.loads(out)
+    traps = {(f["layer"], f["trap"]) for f in report["findings"]}
+    assert {(name, "cloned_units") for name in _activation_names(cloned)} <= traps
+    assert report["findings"][0]["cures"][0]["rank"] == 1
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "empty_store", "not_a_model", "probe_mismatch", "no_store"])
+def test_cli_bad_input_gives_one_error_line(tmp_path, capsys, case):
+    from lopkit.runner.store import ResultStore
+
+    if case == "missing_dir":
+        argv = [tmp_path / "nope"]
+    elif case == "no_store":
+        (tmp_path / "empty").mkdir()
+        argv = [tmp_path / "empty"]
+    elif case == "empty_store":
+        ResultStore(tmp_path / "results.sqlite").close()
+        argv = [tmp_path]
+    else:
+        x, _ = _probe()
+        torch.save(_mlp().state_dict() if case == "not_a_model" else _mlp(), tmp_path / "m.pt")
+        torch.save(x if case == "not_a_model" else torch.randn(8, 3), tmp_path / "p.pt")
+        argv = ["--model", tmp_path / "m.pt", "--probe", tmp_path / "p.pt"]
+    code, out, err = _run_cli(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    expected = {"missing_dir": "does not exist", "no_store": "holds no results.sqlite", "empty_store": "holds no run",
+                "not_a_model": "not a pickled torch.nn.Module", "probe_mismatch": "does not fit the model"}[case]
+    assert expected in lines[0]
+
+
+def test_fix_on_a_model_with_frozen_units_revives_them(tmp_path, capsys):
+    model = _mlp(width=32)
+    with torch.no_grad():
+        model[0].bias[:12] = -1e3
+    x, y = _probe()
+    torch.save(model, tmp_path / "m.pt")
+    torch.save({"x": x, "y": y}, tmp_path / "p.pt")
+    code, out, err = _run_cli(capsys, "--model", tmp_path / "m.pt", "--probe", tmp_path / "p.pt", "--fix",
+                              "--fix-steps", "40", "--set", "probe_steps=10", "hessian=false")
+    assert code == 0, err
+    assert "cure --method reset_frozen" in out
+    row = next(line for line in out.splitlines() if line.startswith("| dead_fraction @ 1 "))
+    before, control, cured = (float(cell) for cell in row.split("|")[2:5])
+    assert cured < control and cured < before  # the re-drawn units are live again; without the cure they stay dead
+    assert row.rstrip().endswith("| yes |")
+
+
+def test_report_gets_a_diagnosis_section(tmp_path):
+    from lopkit.report.diagnose_section import diagnose_tables
+    from lopkit.runner.store import ResultStore
+
+    rows = [{"step": s, "task": 0, "layer": "act1", "metric": "dead_fraction", "value": v}
+            for s, v in ((0, 0.0), (100, 0.3), (200, 0.6))]
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        store.start_run("toy", "sgd", {"a": 1}, 0, run_id="r0")
+        store.commit_chunk("r0", rows, b"", 200)
+        store.finish_run("r0")
+    tables, notes = diagnose_tables(tmp_path)
+    [(caption, frame)] = tables
+    assert list(frame["trap"]) == ["frozen/dead units"] and "0.6" in frame["evidence"].iloc[0]
+    assert "0 -> 0.6" in frame["trend"].iloc[0]
