@@ -123,7 +123,6 @@ def test_a_layernorm_net_trained_on_random_labels_has_no_trap():
 
 @pytest.mark.slow
 def test_plain_mlp_continual_run_flags_the_layers_whose_metrics_cross_the_thresholds(tmp_path):
-    pytest.importorskip("lopkit.data.fashion_mnist")
     from lopkit.data.fashion_mnist import fashion_mnist_dir
 
     try:
@@ -154,6 +153,31 @@ def test_plain_mlp_continual_run_flags_the_layers_whose_metrics_cross_the_thresh
     assert sorted(result.layers_with("dead_units")) == sorted(expected)
     assert sorted(result.layers_with("rank_collapse")) == sorted(collapsed)
     assert expected or collapsed, "the plain MLP showed neither dead units nor rank collapse"
+
+
+@pytest.mark.slow
+def test_layernorm_continual_run_has_no_dead_unit_or_rank_trap(tmp_path):
+    from lopkit.data.fashion_mnist import fashion_mnist_dir
+
+    try:
+        fashion_mnist_dir()
+    except Exception:  # noqa: BLE001
+        pytest.skip("Fashion-MNIST not installed")
+    from lopkit.benchmarks.registry import get_benchmark
+    from lopkit.runner.diagnose_cli import diagnose_store
+    from lopkit.runner.execute import execute_run
+    from lopkit.runner.store import ResultStore
+
+    cls = get_benchmark("random_labels")
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        execute_run(store, cls, cls.make_config("e1", {"num_tasks": 4}), 0, ["layernorm"], progress="never",
+                    handle_sigint=False)
+    [(result, _)] = diagnose_store(tmp_path / "results.sqlite")
+    assert not result.traps() & {"dead_units", "rank_collapse"}, [(f.layer, f.trap) for f in result.findings]
+
+
+def test_lazy_top_level_names():
+    assert lk.diagnose is diagnose and lk.DiagnoseConfig is DiagnoseConfig
 
 
 # ------------------------------------------------------------------------------------------------ CLI

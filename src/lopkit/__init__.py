@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     "MetricContext": "lopkit.diagnostics.metric_registry",
     "register_metric": "lopkit.diagnostics.metric_registry",
     "available_metrics": "lopkit.diagnostics.metric_registry",
+    "diagnose": "lopkit.diagnostics.diagnose",
+    "DiagnoseConfig": "lopkit.diagnostics.diagnose",
     # theory
     "clone": "lopkit.theory.cloning",
     "Partition": "lopkit.theory.partition",
@@ -74,6 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
     from lopkit.benchmarks.base import Benchmark, register_benchmark
     from lopkit.benchmarks.registry import get_benchmark
     from lopkit.configs import ConfigError
+    from lopkit.diagnostics.diagnose import DiagnoseConfig, diagnose
     from lopkit.diagnostics.metric_registry import MetricContext, MetricSpec, available_metrics, register_metric
     from lopkit.diagnostics.monitor import Monitor, MonitorConfig
     from lopkit.mitigations.architecture import (

@@ -694,6 +694,7 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
     lines = [f"diagnosis of {diagnosis.source}"]
     if diagnosis.healthy:
         lines.append("  no trap found: every layer is within the thresholds (see --json for the measured values)")
+    explained: dict[str, str] = {}
     for finding in diagnosis.findings:
         lines.append(f"  [{finding.layer}] {finding.label} (severity {finding.severity:.2g})")
         for evidence in finding.evidence:
@@ -705,7 +706,11 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
             shown = "; ".join(str(c) for c in finding.clusters[:5])
             more = f" (+{len(finding.clusters) - 5} more)" if len(finding.clusters) > 5 else ""
             lines.append(f"    clusters of live clones ({len(finding.clusters)}): {shown}{more}")
-        lines.append(f"    theory: {finding.theory}")
+        if finding.trap in explained:
+            lines.append(f"    theory: as for {explained[finding.trap]} above")
+        else:
+            explained[finding.trap] = finding.layer
+            lines.append(f"    theory: {finding.theory}")
         cures = "; ".join(f"{i + 1}. --method {c.method} ({c.kind})" for i, c in enumerate(finding.cures))
         lines.append(f"    cures: {cures}")
     for note in diagnosis.notes:

@@ -257,6 +257,9 @@ def _benchmark_probe(benchmark: Any) -> Any:
     import torch
 
     probe = getattr(benchmark, "_probe", None)
+    tasks = getattr(benchmark, "tasks", None)
+    if probe is None and callable(getattr(benchmark, "_make_probe", None)) and tasks:  # between two tasks (continual)
+        probe = benchmark._make_probe(tasks[min(int(getattr(benchmark, "task", 0)), len(tasks) - 1)])
     if isinstance(probe, (tuple, list)) and probe:
         probe = probe[0]
     if probe is None:
@@ -298,6 +301,7 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
     source = ResultStore(store_file, read_only=True)
     try:
         run = source.get_run(run_id)
+        stored_rows = source.metrics(run_id=run_id).to_dict("records") if run is not None else []
     finally:
         source.close()
     if run is None:
@@ -352,9 +356,14 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
         rows.append((f"{stored_name} @ {finding.layer}", before, _last(control_rows, finding.layer, stored_name),
                      _last(cured_rows, finding.layer, stored_name)))
     rows.append(("probe_gain @ model", gain_before, gain_control, gain_cured))
+    first_metric = rows[0][0].split(" @ ")[0]
+    stored_last = _last(stored_rows, finding.layer, first_metric)
+    same = math.isclose(stored_last, rows[0][2], rel_tol=1e-6, abs_tol=1e-9) if math.isfinite(stored_last) else None
+    check = ("" if same is None else f"; the control {'reproduces' if same else 'does NOT reproduce'} the stored run's "
+             f"final {first_metric} ({stored_last:.4g})")
     header = (f"--fix: top finding {finding.label} in layer {finding.layer} (run {run_id}, seed {seed}); the run was "
               f"replayed into {out_dir} up to step {branch} and finished twice: as stored (control) and with "
-              f"--method {spec} added for its last {fix_steps} steps")
+              f"--method {spec} added for its last {fix_steps} steps{check}")
     return spec, header + "\n\n" + _fix_table(rows)
 
 

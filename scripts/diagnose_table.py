@@ -1,0 +1,66 @@
+"""Print a markdown table of ``lopkit diagnose``'s verdict on every stored benchmark run under ``--runs``.
+
+One row per configuration (seeds pooled) of every ``results.sqlite`` below the folder, read-only: the layers where
+each trap was found, and the top-ranked cure that can join a running training. The table in docs/diagnose.md is
+this script's output.
+
+Usage: ``PYTHONPATH=src python scripts/diagnose_table.py --runs /work/runs [--set key=value ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+COLUMNS = ("dead_units", "saturated_units", "cloned_units", "rank_collapse", "weight_growth", "sharp_curvature",
+           "low_plasticity")
+
+
+def _layers(diagnosis, trap: str) -> str:
+    """The layers where ``trap`` was found, comma-separated, or an en dash."""
+    layers = diagnosis.layers_with(trap)
+    return ", ".join(layers) if layers else "–"
+
+
+def table(runs: Path, overrides: list[str]) -> list[str]:
+    """The markdown lines of the table."""
+    from lopkit.configs import build_config, parse_overrides
+    from lopkit.diagnostics.diagnose import TRAPS, DiagnoseConfig
+    from lopkit.runner.diagnose_cli import continuable, diagnose_store, find_stores
+
+    config = build_config(DiagnoseConfig, parse_overrides(overrides))
+    header = ["store", "configuration", "seeds", *(TRAPS[c][0] for c in COLUMNS), "top cure to try"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for store_file in find_stores(runs):
+        store = store_file.parent.relative_to(runs)
+        try:
+            results = diagnose_store(store_file, config)
+        except Exception as err:  # noqa: BLE001  (one damaged store must not hide the others)
+            lines.append(f"| {store} | not diagnosed: {err} |" + " |" * (len(header) - 2))
+            continue
+        for diagnosis, ids in results:
+            label = diagnosis.source.split(": ", 1)[1].rsplit(" (", 1)[0]
+            top = diagnosis.top_cure(continuable)
+            cure = f"`--method {top[1].method}` ({top[0].label}, {top[0].layer})" if top else "none needed"
+            cells = [str(store), label, str(len(ids)), *(_layers(diagnosis, c) for c in COLUMNS), cure]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="/work/runs", help="folder holding experiment folders (read-only)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DiagnoseConfig thresholds")
+    args = parser.parse_args(argv)
+    runs = Path(args.runs)
+    if not runs.is_dir():
+        print(f"error: --runs {runs} is not a folder", file=sys.stderr)
+        return 2
+    print("\n".join(table(runs, args.set)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
