@@ -211,8 +211,8 @@ def _fit(model: Any, probe_x: Any, target: Any, loss_fn: Callable, steps: int, l
 
 
 def fix_model(model: Any, probe_x: Any, probe_y: Any, diagnosis: Any, config: Any, steps: int, lr: float,
-              ) -> tuple[str, str]:
-    """Fit copies of the model on the probe without and with the top cure; returns (cure spec, markdown table)."""
+              ) -> tuple[str, str, list]:
+    """Fit copies of the model on the probe without and with the top cure; returns (cure spec, header, table rows)."""
     import torch
 
     from lopkit.diagnostics.diagnose import _default_loss, _random_target, measure_model
@@ -242,7 +242,7 @@ def fix_model(model: Any, probe_x: Any, probe_y: Any, diagnosis: Any, config: An
     header = (f"--fix: top finding {finding.label} in layer {finding.layer}; cure --method {spec}; {steps} Adam steps "
               f"(lr {lr:g}) on the probe ({'its targets' if probe_y is not None else 'a seeded random target'}), from "
               "copies of the model: control without a method, then with the cure")
-    return spec, header + "\n\n" + _fix_table(rows)
+    return spec, header, rows
 
 
 def _empty() -> Any:
@@ -282,11 +282,11 @@ def _last(rows: list[dict], layer: str, metric: str) -> float:
 
 
 def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_steps: int, out_dir: Path,
-               progress: Any = "never") -> tuple[str, str]:
+               progress: Any = "never") -> tuple[str, str, list]:
     """Replay a stored run to ``fix_steps`` before its end, then finish it as stored and with the top cure.
 
     Everything is written under ``out_dir`` (its own results.sqlite): the replayed run (paused at the branch step,
-    its checkpoint kept) and the cured continuation as a finished run. Returns (cure spec, markdown table).
+    its checkpoint kept) and the cured continuation as a finished run. Returns (cure spec, header, table rows).
     """
     from lopkit.benchmarks.base import get_benchmark
     from lopkit.configs import build_config, config_to_dict
@@ -364,7 +364,7 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
     header = (f"--fix: top finding {finding.label} in layer {finding.layer} (run {run_id}, seed {seed}); the run was "
               f"replayed into {out_dir} up to step {branch} and finished twice: as stored (control) and with "
               f"--method {spec} added for its last {fix_steps} steps{check}")
-    return spec, header + "\n\n" + _fix_table(rows)
+    return spec, header, rows
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -395,45 +395,59 @@ def _diagnose_checked(args: argparse.Namespace, apply_threads: Callable) -> int:
                           "--model ckpt.pt --probe x.pt")
     if args.fix_steps < 1:
         raise ConfigError(f"--fix-steps must be >= 1, got {args.fix_steps}")
+    if args.fix and args.path is not None and args.out is None:
+        raise ConfigError("--fix on a stored run needs --out DIR for the continuation runs (the stored folder is "
+                          "never written)")
     if args.model is not None:
         model, probe_x, probe_y = load_model_and_probe(args.model, args.probe, args.targets)
         result = diagnose(model, probe_x, probe_y, None, config)
-        _emit([result], args)
-        if args.fix:
-            _, table = fix_model(model, probe_x, probe_y, result, config, args.fix_steps, args.fix_lr)
-            print(table)
+        fixed = fix_model(model, probe_x, probe_y, result, config, args.fix_steps, args.fix_lr) if args.fix else None
+        _emit([result], args, fixed)
         return 0
     stores = find_stores(args.path)
     results: list[tuple[Any, list[str], Path]] = []
     for store_file in stores:
         results += [(d, ids, store_file) for d, ids in diagnose_store(store_file, config)]
-    _emit([d for d, _, _ in results], args)
-    if args.fix:
-        if args.out is None:
-            raise ConfigError("--fix on a stored run needs --out DIR for the continuation runs (the stored folder is "
-                              "never written)")
-        chosen = [(d, ids, f) for d, ids, f in results if d.top_cure(continuable) is not None]
-        if args.run is not None:
-            chosen = [(d, ids, f) for d, ids, f in results if args.run in ids]
-            if not chosen:
-                raise ConfigError(f"run {args.run!r} is not in {args.path}")
+    diagnoses = [d for d, _, _ in results]
+    if not args.fix:
+        _emit(diagnoses, args)
+        return 0
+    if any((Path(args.out) / "results.sqlite").resolve() == f.resolve() for f in stores):
+        raise ConfigError(f"--out {args.out} is the diagnosed experiment's own folder; pass a new folder (the stored "
+                          "runs are never written)")
+    chosen = [(d, ids, f) for d, ids, f in results if d.top_cure(continuable) is not None]
+    if args.run is not None:
+        chosen = [(d, ids, f) for d, ids, f in results if args.run in ids]
         if not chosen:
-            raise ConfigError("no configuration has a trap with a cure that can join a running training; nothing to fix")
-        diagnosis, ids, store_file = chosen[0]
-        run_id = args.run or ids[0]
-        _, table = fix_stored(store_file, run_id, diagnosis, config, args.fix_steps, Path(args.out))
-        print(table)
+            raise ConfigError(f"run {args.run!r} is not in {args.path}")
+    if not chosen:
+        raise ConfigError("no configuration has a trap with a cure that can join a running training; nothing to fix")
+    diagnosis, ids, store_file = chosen[0]
+    run_id = args.run or ids[0]
+    fixed = fix_stored(store_file, run_id, diagnosis, config, args.fix_steps, Path(args.out))
+    _emit(diagnoses, args, fixed)
     return 0
 
 
-def _emit(diagnoses: list[Any], args: argparse.Namespace) -> None:
-    """Print text or JSON."""
-    from lopkit.diagnostics.diagnose import format_diagnosis
+def _emit(diagnoses: list[Any], args: argparse.Namespace, fixed: tuple[str, str, list] | None = None) -> None:
+    """Print text or JSON (a list of diagnoses; with --fix an object {"diagnoses": [...], "fix": {...}})."""
+    from lopkit.diagnostics.diagnose import _json_float, format_diagnosis
 
     if args.json:
-        print(json.dumps([d.to_dict() for d in diagnoses], indent=1))
-    else:
-        print("\n\n".join(format_diagnosis(d) for d in diagnoses))
+        listed = [d.to_dict() for d in diagnoses]
+        if fixed is None:
+            print(json.dumps(listed, indent=1))
+            return
+        spec, header, rows = fixed
+        fix = {"cure": spec, "description": header,
+               "rows": [{"quantity": name, "before": _json_float(b), "after_control": _json_float(c),
+                         "after_cure": _json_float(k), "recovered": _recovered(name.split(" @ ")[0], b, c, k)}
+                        for name, b, c, k in rows]}
+        print(json.dumps({"diagnoses": listed, "fix": fix}, indent=1))
+        return
+    print("\n\n".join(format_diagnosis(d) for d in diagnoses))
+    if fixed is not None:
+        print("\n" + fixed[1] + "\n\n" + _fix_table(fixed[2]))
 
 
 def register(subparsers: Any) -> None:
