@@ -201,7 +201,8 @@ def test_cli_model_and_probe_json_names_the_clones(tmp_path, capsys):
     assert report["findings"][0]["cures"][0]["rank"] == 1
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "empty_store", "not_a_model", "probe_mismatch", "no_store"])
+@pytest.mark.parametrize("case", ["missing_dir", "empty_store", "not_a_model", "probe_mismatch", "no_store",
+                                  "target_mismatch"])
 def test_cli_bad_input_gives_one_error_line(tmp_path, capsys, case):
     from lopkit.runner.store import ResultStore
 
@@ -213,6 +214,11 @@ def test_cli_bad_input_gives_one_error_line(tmp_path, capsys, case):
     elif case == "empty_store":
         ResultStore(tmp_path / "results.sqlite").close()
         argv = [tmp_path]
+    elif case == "target_mismatch":
+        x, _ = _probe()
+        torch.save(_mlp(), tmp_path / "m.pt")
+        torch.save((x, torch.randn(x.shape[0], 3)), tmp_path / "p.pt")
+        argv = ["--model", tmp_path / "m.pt", "--probe", tmp_path / "p.pt"]
     else:
         x, _ = _probe()
         torch.save(_mlp().state_dict() if case == "not_a_model" else _mlp(), tmp_path / "m.pt")
@@ -224,7 +230,8 @@ def test_cli_bad_input_gives_one_error_line(tmp_path, capsys, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     expected = {"missing_dir": "does not exist", "no_store": "holds no results.sqlite", "empty_store": "holds no run",
-                "not_a_model": "not a pickled torch.nn.Module", "probe_mismatch": "does not fit the model"}[case]
+                "not_a_model": "not a pickled torch.nn.Module", "probe_mismatch": "does not fit the model",
+                "target_mismatch": "cannot compare the model output"}[case]
     assert expected in lines[0]
 
 
@@ -259,3 +266,36 @@ def test_report_gets_a_diagnosis_section(tmp_path):
     [(caption, frame)] = tables
     assert list(frame["trap"]) == ["frozen/dead units"] and "0.6" in frame["evidence"].iloc[0]
     assert "0 -> 0.6" in frame["trend"].iloc[0]
+
+
+@pytest.mark.slow
+def test_fix_on_a_stored_run_replays_it_exactly_and_leaves_the_store_untouched(tmp_path, capsys):
+    from lopkit.data.fashion_mnist import fashion_mnist_dir
+
+    try:
+        fashion_mnist_dir()
+    except Exception:  # noqa: BLE001
+        pytest.skip("Fashion-MNIST not installed")
+    from lopkit.benchmarks.registry import get_benchmark
+    from lopkit.runner.execute import execute_run
+    from lopkit.runner.store import ResultStore
+
+    cls = get_benchmark("random_labels")
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    with ResultStore(stored / "results.sqlite") as store:
+        result = execute_run(store, cls, cls.make_config("e1", {"num_tasks": 4}), 0, ["sgd"], progress="never",
+                             handle_sigint=False)
+    before = (stored / "results.sqlite").read_bytes()
+    code, out, err = _run_cli(capsys, stored, "--fix", "--fix-steps", "300", "--out", tmp_path / "fix", "--json",
+                              "--set", "probe_steps=10", "--threads", "1")
+    assert code == 0, err
+    fix = json.loads(out)["fix"]
+    assert "the control reproduces the stored run's final" in fix["description"]
+    first = fix["rows"][0]
+    assert first["after_control"] is not None and first["after_cure"] is not None
+    assert (stored / "results.sqlite").read_bytes() == before
+    with ResultStore(tmp_path / "fix" / "results.sqlite", read_only=True) as out_store:
+        methods = set(out_store.runs()["method"])
+    assert any(m.startswith("diagnose-fix ") for m in methods) and "sgd" in methods
+    assert result.status == "finished"

@@ -469,7 +469,9 @@ def _default_loss(output: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy for integer targets, mean squared error otherwise."""
     if not target.dtype.is_floating_point:
         return F.cross_entropy(output, target)
-    return F.mse_loss(output, target.reshape(output.shape) if target.numel() == output.numel() else target)
+    if target.numel() != output.numel():
+        raise ValueError(f"float targets {tuple(target.shape)} have a different size from the output {tuple(output.shape)}")
+    return F.mse_loss(output, target.reshape(output.shape))
 
 
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
@@ -621,7 +623,7 @@ def _measure_one(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None, loss
     return per_layer, clusters, units
 
 
-def check_probe(model: nn.Module, probe_x: Any, probe_y: Any = None) -> None:
+def check_probe(model: nn.Module, probe_x: Any, probe_y: Any = None, loss_fn: Callable | None = None) -> None:
     """ValueError (one line saying what to pass) when the probe cannot go through the model or match its targets."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"diagnose needs a torch.nn.Module, got {type(model).__name__}")
@@ -647,6 +649,15 @@ def check_probe(model: nn.Module, probe_x: Any, probe_y: Any = None) -> None:
         if probe_y.shape[0] != probe_x.shape[0]:
             raise ValueError(f"probe targets have {probe_y.shape[0]} rows but the probe has {probe_x.shape[0]} samples; "
                              "pass one target per probe sample")
+        try:
+            loss = (loss_fn or _default_loss)(output, probe_y)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"the loss cannot compare the model output {tuple(output.shape)} with probe targets "
+                             f"{tuple(probe_y.shape)} ({first}); pass class indices (N,) or targets shaped like the "
+                             "output, or a loss_fn") from None
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn(output, targets) must return a scalar tensor")
 
 
 def measure_model(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None = None,
@@ -658,9 +669,9 @@ def measure_model(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None = No
     the gradient metrics (saturated fraction, Hessian) are skipped. The model is not modified.
     """
     config = config or DiagnoseConfig()
-    check_probe(model, probe_x, probe_y)
     if probe_y is not None and loss_fn is None:
         loss_fn = _default_loss
+    check_probe(model, probe_x, probe_y, loss_fn)
     values, clusters, units = _measure_one(model, probe_x, probe_y, loss_fn, config)
     reference, _, _ = _measure_one(fresh_copy(model, config.seed), probe_x, probe_y, loss_fn, config)
     measures: dict[str, LayerMeasure] = {}
