@@ -121,6 +121,55 @@ def test_a_layernorm_net_trained_on_random_labels_has_no_trap():
     assert result.healthy, [(f.layer, f.trap, [e.describe() for e in f.evidence]) for f in result.findings]
 
 
+def test_tanh_units_driven_into_their_tails_are_saturated_not_dead():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].bias[:16] = 50.0  # z ~ 50 on every input: tanh'(z) ~ 0 while tanh(z) = 1 (saturated, not silent)
+    x, y = _probe()
+    result = diagnose(model, x, y, config=FAST)
+    assert "saturated_units" in result.traps("1") and "dead_units" not in result.traps("1")
+    evidence = next(f for f in result.findings if f.layer == "1" and f.trap == "saturated_units").evidence[0]
+    assert evidence.metric == "frozen_not_dead_fraction" and evidence.value >= 0.5
+
+
+def test_inflated_hidden_weights_are_weight_growth_and_a_silenced_network_has_low_plasticity():
+    model = _mlp(width=32)
+    with torch.no_grad():
+        model[2].weight.mul_(3.0)
+    x, y = _probe()
+    result = diagnose(model, x, y, config=FAST)
+    assert "weight_growth" in result.traps("2")
+    ratio = result.measures["2"].values["weight_norm"] / result.measures["2"].reference["weight_norm"]
+    assert ratio >= FAST.weight_growth
+    silenced = _mlp(width=32)
+    with torch.no_grad():
+        silenced[0].bias.fill_(-1e3)  # every first-layer unit dead: only the head's bias can still learn
+    result = diagnose(silenced, x, y, config=FAST)
+    assert "low_plasticity" in result.traps("model")
+    gain = result.measures["model"]
+    assert gain.values["probe_gain"] <= FAST.plasticity_ratio * gain.reference["probe_gain"]
+
+
+def test_stored_rows_rising_curvature_and_a_flat_metric():
+    import pandas as pd
+
+    from lopkit.diagnostics.diagnose import judge, measure_rows
+
+    steps = [0, 100, 200, 300]
+    rows = [{"run_id": r, "step": s, "layer": "model", "metric": "hessian_top_eigenvalue", "value": v * (1 + i)}
+            for r in ("a", "b") for i, (s, v) in enumerate(zip(steps, (1.0, 5.0, 12.0, 20.0)))]
+    rows += [{"run_id": r, "step": s, "layer": "act1", "metric": "dead_fraction", "value": 0.3}
+             for r in ("a", "b") for s in steps]
+    config = DiagnoseConfig(final_fraction=0.25)
+    measures = measure_rows(pd.DataFrame(rows), config)
+    # both runs: 1, 10, 36, 80 (v * (1 + step index)); the final 25 % window holds only the last step
+    assert measures["model"].reference["hessian_top_eigenvalue"] == pytest.approx(1.0)
+    assert measures["model"].values["hessian_top_eigenvalue"] == pytest.approx(80.0)
+    result = judge(measures, config)
+    assert result.traps() == {"sharp_curvature"}  # the dead fraction is high but was so from the start
+
+
 @pytest.mark.slow
 def test_plain_mlp_continual_run_flags_the_layers_whose_metrics_cross_the_thresholds(tmp_path):
     from lopkit.data.fashion_mnist import fashion_mnist_dir
