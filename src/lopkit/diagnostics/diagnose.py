@@ -220,9 +220,9 @@ class Evidence:
 
     def describe(self) -> str:
         """One line: metric, value, reference and threshold."""
-        text = f"{self.metric} = {_fmt(self.value)}"
+        text = f"{self.metric} = {format_number(self.value)}"
         if self.reference is not None:
-            text += f" (reference {_fmt(self.reference)}: {self.reference_label})"
+            text += f" (reference {format_number(self.reference)}: {self.reference_label})"
         return f"{text}; trap when {self.threshold}"
 
 
@@ -303,31 +303,31 @@ class Diagnosis:
             "reference": self.reference_label,
             "healthy": self.healthy,
             "findings": [
-                {"layer": f.layer, "trap": f.trap, "label": f.label, "severity": _json_float(f.severity),
+                {"layer": f.layer, "trap": f.trap, "label": f.label, "severity": json_float(f.severity),
                  "theory": f.theory, "clusters": f.clusters,
-                 "evidence": [{"metric": e.metric, "value": _json_float(e.value), "reference": _json_float(e.reference),
+                 "evidence": [{"metric": e.metric, "value": json_float(e.value), "reference": json_float(e.reference),
                                "reference_label": e.reference_label, "threshold": e.threshold,
-                               "trend": [[int(s), _json_float(v)] for s, v in e.trend]} for e in f.evidence],
+                               "trend": [[int(s), json_float(v)] for s, v in e.trend]} for e in f.evidence],
                  "cures": [{"rank": i + 1, "method": c.method, "kind": c.kind, "why": c.why}
                            for i, c in enumerate(f.cures)]}
                 for f in self.findings
             ],
-            "measured": {layer: {"values": {k: _json_float(v) for k, v in m.values.items()},
-                                 "reference": {k: _json_float(v) for k, v in m.reference.items()},
+            "measured": {layer: {"values": {k: json_float(v) for k, v in m.values.items()},
+                                 "reference": {k: json_float(v) for k, v in m.reference.items()},
                                  "units": m.units}
                          for layer, m in self.measures.items()},
             "notes": list(self.notes),
         }
 
 
-def _json_float(value: float | None) -> float | None:
+def json_float(value: float | None) -> float | None:
     """NaN and None become JSON null."""
     if value is None or not math.isfinite(float(value)):
         return None
     return float(value)
 
 
-def _fmt(value: float | None) -> str:
+def format_number(value: float | None) -> str:
     """Compact number."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -465,7 +465,7 @@ def _thin(series: list[tuple[int, float]], points: int = 12) -> list[tuple[int, 
 
 
 # ------------------------------------------------------------------------------------------------ live models
-def _default_loss(output: Tensor, target: Tensor) -> Tensor:
+def default_loss(output: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy for integer targets, mean squared error otherwise."""
     if not target.dtype.is_floating_point:
         return F.cross_entropy(output, target)
@@ -486,7 +486,7 @@ def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
     return twin
 
 
-def _random_target(output: Tensor, seed: int) -> Tensor:
+def random_target(output: Tensor, seed: int) -> Tensor:
     """A standard-normal target shaped like the model output, from the seeding helper."""
     generator = seeded_generator(seed, stable_key("diagnose_probe_target"))
     return torch.randn(output.shape, generator=generator, dtype=torch.float32).to(output.device, output.dtype)
@@ -499,7 +499,7 @@ def probe_gain(model: nn.Module, probe_x: Tensor, steps: int = 50, lr: float = 1
     """
     twin = copy.deepcopy(model).eval()
     with torch.no_grad():
-        target = _random_target(twin(probe_x), seed)
+        target = random_target(twin(probe_x), seed)
     params = [p for p in twin.parameters() if p.requires_grad]
     if not params:
         return float("nan")
@@ -650,7 +650,7 @@ def check_probe(model: nn.Module, probe_x: Any, probe_y: Any = None, loss_fn: Ca
             raise ValueError(f"probe targets have {probe_y.shape[0]} rows but the probe has {probe_x.shape[0]} samples; "
                              "pass one target per probe sample")
         try:
-            loss = (loss_fn or _default_loss)(output, probe_y)
+            loss = (loss_fn or default_loss)(output, probe_y)
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"the loss cannot compare the model output {tuple(output.shape)} with probe targets "
@@ -670,7 +670,7 @@ def measure_model(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None = No
     """
     config = config or DiagnoseConfig()
     if probe_y is not None and loss_fn is None:
-        loss_fn = _default_loss
+        loss_fn = default_loss
     check_probe(model, probe_x, probe_y, loss_fn)
     values, clusters, units = _measure_one(model, probe_x, probe_y, loss_fn, config)
     reference, _, _ = _measure_one(fresh_copy(model, config.seed), probe_x, probe_y, loss_fn, config)
@@ -711,7 +711,7 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
         for evidence in finding.evidence:
             lines.append(f"    evidence: {evidence.describe()}")
             if evidence.trend:
-                trend = ", ".join(f"{s}:{_fmt(v)}" for s, v in evidence.trend)
+                trend = ", ".join(f"{s}:{format_number(v)}" for s, v in evidence.trend)
                 lines.append(f"    trend (step:value): {trend}")
         if finding.clusters:
             shown = "; ".join(str(c) for c in finding.clusters[:5])

@@ -9,14 +9,14 @@ import pandas as pd
 
 def diagnosis_frame(diagnosis) -> pd.DataFrame:
     """One row per finding of a :class:`~lopkit.diagnostics.diagnose.Diagnosis` (a single row when it is healthy)."""
-    from lopkit.diagnostics.diagnose import _fmt
+    from lopkit.diagnostics.diagnose import format_number
 
     if diagnosis.healthy:
         return pd.DataFrame([{"layer": "all", "trap": "none", "evidence": "every layer within the thresholds",
                               "trend": "", "cures to try": ""}])
     rows = []
     for finding in diagnosis.findings:
-        trend = "; ".join(" -> ".join(_fmt(v) for _, v in (e.trend[0], e.trend[-1])) + f" (steps {e.trend[0][0]}-"
+        trend = "; ".join(" -> ".join(format_number(v) for _, v in (e.trend[0], e.trend[-1])) + f" (steps {e.trend[0][0]}-"
                           f"{e.trend[-1][0]})" for e in finding.evidence if e.trend)
         rows.append({"layer": finding.layer, "trap": finding.label,
                      "evidence": "; ".join(e.describe() for e in finding.evidence), "trend": trend,

@@ -177,12 +177,12 @@ def _recovered(metric: str, before: float, control: float, cured: float) -> str:
 
 def _fix_table(rows: list[tuple[str, float, float, float]]) -> str:
     """Markdown before/after table."""
-    from lopkit.diagnostics.diagnose import _fmt
+    from lopkit.diagnostics.diagnose import format_number
 
     lines = ["| quantity | before | after, control | after, with the cure | recovered |", "|---|---:|---:|---:|---|"]
     for name, before, control, cured in rows:
         metric = name.split(" @ ")[0]
-        lines.append(f"| {name} | {_fmt(before)} | {_fmt(control)} | {_fmt(cured)} | "
+        lines.append(f"| {name} | {format_number(before)} | {format_number(control)} | {format_number(cured)} | "
                      f"{_recovered(metric, before, control, cured)} |")
     return "\n".join(lines)
 
@@ -215,7 +215,7 @@ def fix_model(model: Any, probe_x: Any, probe_y: Any, diagnosis: Any, config: An
     """Fit copies of the model on the probe without and with the top cure; returns (cure spec, header, table rows)."""
     import torch
 
-    from lopkit.diagnostics.diagnose import _default_loss, _random_target, measure_model
+    from lopkit.diagnostics.diagnose import default_loss, random_target, measure_model
     from lopkit.mitigations.registry import build_methods
 
     top = diagnosis.top_cure(continuable)
@@ -225,9 +225,9 @@ def fix_model(model: Any, probe_x: Any, probe_y: Any, diagnosis: Any, config: An
     spec = adapted_spec(cure.method, steps)
     if probe_y is None:
         with torch.no_grad():
-            target, loss_fn = _random_target(copy.deepcopy(model).eval()(probe_x), config.seed), torch.nn.functional.mse_loss
+            target, loss_fn = random_target(copy.deepcopy(model).eval()(probe_x), config.seed), torch.nn.functional.mse_loss
     else:
-        target, loss_fn = probe_y, _default_loss
+        target, loss_fn = probe_y, default_loss
     control = _fit(model, probe_x, target, loss_fn, steps, lr, build_methods("sgd"), config.seed)
     cured = _fit(model, probe_x, target, loss_fn, steps, lr, build_methods(spec), config.seed)
     measured = [diagnosis.measures]
@@ -382,7 +382,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 def _diagnose_checked(args: argparse.Namespace, apply_threads: Callable) -> int:
     from lopkit.configs import build_config, parse_overrides
-    from lopkit.diagnostics.diagnose import DiagnoseConfig, diagnose, format_diagnosis
+    from lopkit.diagnostics.diagnose import DiagnoseConfig, diagnose
 
     apply_threads(args)
     config = build_config(DiagnoseConfig, parse_overrides(args.set or []))
@@ -431,7 +431,7 @@ def _diagnose_checked(args: argparse.Namespace, apply_threads: Callable) -> int:
 
 def _emit(diagnoses: list[Any], args: argparse.Namespace, fixed: tuple[str, str, list] | None = None) -> None:
     """Print text or JSON (a list of diagnoses; with --fix an object {"diagnoses": [...], "fix": {...}})."""
-    from lopkit.diagnostics.diagnose import _json_float, format_diagnosis
+    from lopkit.diagnostics.diagnose import json_float, format_diagnosis
 
     if args.json:
         listed = [d.to_dict() for d in diagnoses]
@@ -440,8 +440,8 @@ def _emit(diagnoses: list[Any], args: argparse.Namespace, fixed: tuple[str, str,
             return
         spec, header, rows = fixed
         fix = {"cure": spec, "description": header,
-               "rows": [{"quantity": name, "before": _json_float(b), "after_control": _json_float(c),
-                         "after_cure": _json_float(k), "recovered": _recovered(name.split(" @ ")[0], b, c, k)}
+               "rows": [{"quantity": name, "before": json_float(b), "after_control": json_float(c),
+                         "after_cure": json_float(k), "recovered": _recovered(name.split(" @ ")[0], b, c, k)}
                         for name, b, c, k in rows]}
         print(json.dumps({"diagnoses": listed, "fix": fix}, indent=1))
         return
