@@ -348,3 +348,32 @@ def test_fix_on_a_stored_run_replays_it_exactly_and_leaves_the_store_untouched(t
         methods = set(out_store.runs()["method"])
     assert any(m.startswith("diagnose-fix ") for m in methods) and "sgd" in methods
     assert result.status == "finished"
+
+
+@pytest.mark.slow
+def test_fix_on_an_unfinished_run_continues_from_its_checkpoint(tmp_path, capsys):
+    from lopkit.data.fashion_mnist import fashion_mnist_dir
+
+    try:
+        fashion_mnist_dir()
+    except Exception:  # noqa: BLE001
+        pytest.skip("Fashion-MNIST not installed")
+    from lopkit.benchmarks.registry import get_benchmark
+    from lopkit.runner.execute import execute_run
+    from lopkit.runner.store import ResultStore
+
+    cls = get_benchmark("random_labels")
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    with ResultStore(stored / "results.sqlite") as store:
+        paused = execute_run(store, cls, cls.make_config("e1", {"num_tasks": 3}), 0, ["sgd"], progress="never",
+                             handle_sigint=False, stop_after_steps=600)
+    assert paused.status == "paused"
+    code, out, err = _run_cli(capsys, stored, "--fix", "--fix-steps", "150", "--out", tmp_path / "fix", "--json",
+                              "--set", "probe_steps=10", "--threads", "1")
+    assert code == 0, err
+    fix = json.loads(out)["fix"]
+    assert "continued from its checkpoint at step 600 and run to step 750" in fix["description"]
+    with ResultStore(tmp_path / "fix" / "results.sqlite", read_only=True) as out_store:
+        runs = out_store.runs()
+    assert list(runs["step"]) == [750] and runs["method"].iloc[0].startswith("diagnose-fix ")

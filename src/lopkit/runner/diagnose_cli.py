@@ -267,11 +267,11 @@ def _benchmark_probe(benchmark: Any) -> Any:
     return probe if isinstance(probe, torch.Tensor) else None
 
 
-def _finish(benchmark: Any) -> list[dict]:
-    """Advance a benchmark to its end; returns its rows."""
+def _finish(benchmark: Any, until: int) -> list[dict]:
+    """Advance a benchmark to step ``until`` (or its end); returns its rows."""
     rows: list[dict] = []
-    while not benchmark.done:
-        rows += benchmark.run(max(1, min(1000, benchmark.total_steps - benchmark.step)))
+    while not benchmark.done and benchmark.step < until:
+        rows += benchmark.run(max(1, min(1000, until - benchmark.step)))
     return rows
 
 
@@ -283,10 +283,12 @@ def _last(rows: list[dict], layer: str, metric: str) -> float:
 
 def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_steps: int, out_dir: Path,
                progress: Any = "never") -> tuple[str, str, list]:
-    """Replay a stored run to ``fix_steps`` before its end, then finish it as stored and with the top cure.
+    """Continue a stored run for ``fix_steps`` steps twice from one state: as stored (control) and with the top cure.
 
-    Everything is written under ``out_dir`` (its own results.sqlite): the replayed run (paused at the branch step,
-    its checkpoint kept) and the cured continuation as a finished run. Returns (cure spec, header, table rows).
+    The state is the run's checkpoint in the store when it has one (an unfinished run) and it is more than 0 steps
+    from the end; otherwise (finished runs keep none) the run is replayed from its config and seed to ``fix_steps``
+    before its end. Everything is written under ``out_dir`` (its own results.sqlite): the replay (paused at the branch
+    step, checkpoint kept) and the cured continuation. Returns (cure spec, header, table rows).
     """
     from lopkit.benchmarks.base import get_benchmark
     from lopkit.configs import build_config, config_to_dict
@@ -302,6 +304,7 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
     try:
         run = source.get_run(run_id)
         stored_rows = source.metrics(run_id=run_id).to_dict("records") if run is not None else []
+        checkpoint = source.load_checkpoint(run_id) if run is not None else None
     finally:
         source.close()
     if run is None:
@@ -313,36 +316,42 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
     total = int(cls(bench_config, seed, resolve_methods(method)).total_steps)
     if not 0 < fix_steps < total:
         raise ConfigError(f"--fix-steps must be between 1 and the run's {total} steps, got {fix_steps}")
-    branch = total - fix_steps
-    spec = adapted_spec(cure.method, fix_steps)
+    from_checkpoint = checkpoint is not None and int(checkpoint[0]) < total
+    branch = int(checkpoint[0]) if from_checkpoint else total - fix_steps
+    until = min(total, branch + fix_steps)
+    spec = adapted_spec(cure.method, until - branch)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out_dir / "results.sqlite")
     try:
-        replay = execute_run(store, cls, bench_config, seed, [method], stop_after_steps=branch, progress=progress,
-                             preset=run["preset"], handle_sigint=False)
-        saved = store.load_checkpoint(replay.run_id)
-        if saved is None:
-            raise ConfigError(f"the replay of run {run_id} kept no checkpoint at step {branch}")
-        state = saved[1]
-        replay_rows = store.metrics(run_id=replay.run_id).to_dict("records")
+        if from_checkpoint:
+            state = checkpoint[1]
+            replay_rows = [r for r in stored_rows if r["step"] <= branch]
+        else:
+            replay = execute_run(store, cls, bench_config, seed, [method], stop_after_steps=branch, progress=progress,
+                                 preset=run["preset"], handle_sigint=False)
+            saved = store.load_checkpoint(replay.run_id)
+            if saved is None:
+                raise ConfigError(f"the replay of run {run_id} kept no checkpoint at step {branch}")
+            state = saved[1]
+            replay_rows = store.metrics(run_id=replay.run_id).to_dict("records")
         control = cls(bench_config, seed, resolve_methods(method))
         control.load_state_dict(copy.deepcopy(state))
         probe = _benchmark_probe(control)
         gain_before = probe_gain(control.model, probe, config.probe_steps, config.probe_lr, config.seed) if probe is not None else float("nan")
-        control_rows = _finish(control)
+        control_rows = _finish(control, until)
         gain_control = probe_gain(control.model, probe, config.probe_steps, config.probe_lr, config.seed) if probe is not None else float("nan")
         cured = cls(bench_config, seed, resolve_methods([method, spec]))
         cured_state = copy.deepcopy(state)
         if "method" in cured_state:
             cured_state["method"] = cured.method.state_dict()  # the cure starts fresh; the stored method had its state
         cured.load_state_dict(cured_state)
-        cured_rows = _finish(cured)
+        cured_rows = _finish(cured, until)
         gain_cured = probe_gain(cured.model, probe, config.probe_steps, config.probe_lr, config.seed) if probe is not None else float("nan")
         label = f"{method}+{spec}" if method not in ("sgd", "none", "baseline") else spec
         cured_id = make_run_id(cls.name, f"diagnose-fix {label}", config_to_dict(bench_config), seed)
         store.start_run(cls.name, f"diagnose-fix {label}", config_to_dict(bench_config), seed, preset=run["preset"],
                         run_id=cured_id)
-        store.set_total_steps(cured_id, total)
+        store.set_total_steps(cured_id, until)
         store.commit_chunk(cured_id, cured_rows, serialize_state(cured.state_dict()), cured.step)
         store.finish_run(cured_id)
     finally:
@@ -357,13 +366,16 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
                      _last(cured_rows, finding.layer, stored_name)))
     rows.append(("probe_gain @ model", gain_before, gain_control, gain_cured))
     first_metric = rows[0][0].split(" @ ")[0]
-    stored_last = _last(stored_rows, finding.layer, first_metric)
-    same = math.isclose(stored_last, rows[0][2], rel_tol=1e-6, abs_tol=1e-9) if math.isfinite(stored_last) else None
+    stored_last = _last([r for r in stored_rows if r["step"] <= until], finding.layer, first_metric)
+    same = (math.isclose(stored_last, rows[0][2], rel_tol=1e-6, abs_tol=1e-9)
+            if math.isfinite(stored_last) and not from_checkpoint else None)
     check = ("" if same is None else f"; the control {'reproduces' if same else 'does NOT reproduce'} the stored run's "
              f"final {first_metric} ({stored_last:.4g})")
+    how = (f"continued from its checkpoint at step {branch}" if from_checkpoint else
+           f"replayed into {out_dir} up to step {branch}")
     header = (f"--fix: top finding {finding.label} in layer {finding.layer} (run {run_id}, seed {seed}); the run was "
-              f"replayed into {out_dir} up to step {branch} and finished twice: as stored (control) and with "
-              f"--method {spec} added for its last {fix_steps} steps{check}")
+              f"{how} and run to step {until} twice: as stored (control) and with --method {spec} added{check}; "
+              f"runs in {out_dir}")
     return spec, header, rows
 
 
