@@ -694,7 +694,7 @@ def diagnose(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None = None,
     notes.append("Weight growth is judged on the hidden weight layers; the output head (the last Linear/Conv) is left "
                  "out, its norm is the scale of the logits and grows with any fit.")
     if probe_y is None:
-        notes.append("No probe targets: the saturated fraction (needs dL/dh) and the Hessian were not measured.")
+        notes.append("No probe targets: the gradient-ratio saturation (needs dL/dh) and the Hessian were not measured.")
     return judge(measures, config, source=f"{type(model).__name__} on a probe of shape {tuple(probe_x.shape)}",
                  reference_label="fresh copy", notes=notes)
 
