@@ -315,6 +315,10 @@ def test_report_gets_a_diagnosis_section(tmp_path):
     [(caption, frame)] = tables
     assert list(frame["trap"]) == ["frozen/dead units"] and "0.6" in frame["evidence"].iloc[0]
     assert "0 -> 0.6" in frame["trend"].iloc[0]
+    from lopkit.report.build import build_report
+
+    page = build_report(tmp_path, tmp_path / "report.html").html_path.read_text()
+    assert "<h2>Diagnosis: " in page and "frozen/dead units" in page
 
 
 @pytest.mark.slow
