@@ -372,7 +372,7 @@ def _ratio_rule(measure: LayerMeasure, metric: str, ratio: float, below: bool, r
 
 def judge(measures: Mapping[str, LayerMeasure], config: DiagnoseConfig | None = None, *, source: str = "",
           reference_label: str = "reference", notes: Sequence[str] = ()) -> Diagnosis:
-    """Compare every layer's measurements with the thresholds and return the findings (most severe first)."""
+    """Compare every layer's measurements with the thresholds; findings in layer order, traps in :data:`TRAPS` order."""
     config = config or DiagnoseConfig()
     ref = reference_label
     findings: list[Finding] = []
@@ -452,6 +452,10 @@ def measure_rows(rows: Any, config: DiagnoseConfig | None = None) -> dict[str, L
             measure.trends[metric] = _thin([(s, sum(v) / len(v)) for s, v in sorted(series.items())])
         _derived(measure.values)
         _derived(measure.reference)
+        dead = dict(measure.trends.get("dead_fraction", []))
+        frozen = measure.trends.get("frozen_fraction", [])
+        if dead and frozen:  # the saturated trap's trend: frozen minus dead at the steps both were shown
+            measure.trends["frozen_not_dead_fraction"] = [(s, max(0.0, v - dead[s])) for s, v in frozen if s in dead]
         measures[str(layer)] = measure
     return measures
 
