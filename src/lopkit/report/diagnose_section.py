@@ -26,14 +26,13 @@ def diagnosis_frame(diagnosis) -> pd.DataFrame:
 
 def diagnose_tables(experiment_dir: str | Path) -> tuple[list[tuple[str, pd.DataFrame]], list[str]]:
     """(caption, table) per configuration of the experiment's store, plus notes; ([], [reason]) when it cannot run."""
-    from lopkit.configs import ConfigError
     from lopkit.runner.diagnose_cli import diagnose_store
     from lopkit.runner.store import store_path
 
     try:
         results = diagnose_store(store_path(experiment_dir))
-    except (ConfigError, ValueError, KeyError) as err:
-        return [], [f"Diagnosis: not available ({err})."]
+    except Exception as err:  # noqa: BLE001  (the rest of the report must not be lost to the diagnosis)
+        return [], [f"Diagnosis: not available ({type(err).__name__}: {err})."]
     tables = [(f"Diagnosis: {d.source}", diagnosis_frame(d)) for d, _ in results]
     notes = ["Diagnosis ('lopkit diagnose'): per layer the plasticity trap, its evidence against the threshold (the "
              "reference is each run's first measurement), and the cures ranked as --method specs; the theory behind "
