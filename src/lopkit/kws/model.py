@@ -29,7 +29,7 @@ back to frames.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -103,12 +103,14 @@ class CausalConv2d(nn.Module):
         )
         self.context = (kernel[1] - 1) * dilation
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Return the output and the new cache (the last ``context`` input frames); cache None = zeros."""
         if self.context == 0:
             return self.conv(x), None
         if cache is None:
-            cache = x.new_zeros(*x.shape[:-1], self.context)
+            shape = list(x.shape[:-1])
+            shape.append(self.context)
+            cache = x.new_zeros(shape)
         padded = torch.cat([cache, x], dim=-1)
         return self.conv(padded), padded[..., padded.shape[-1] - self.context :]
 
@@ -120,6 +122,7 @@ class BCResBlock(nn.Module):
                  sub_bands: int = SUB_BANDS, dropout: float = 0.1):
         super().__init__()
         self.transition = in_channels != out_channels
+        self.freq_stride = freq_stride
         if not self.transition and freq_stride != 1:
             raise ValueError("BCResBlock: a frequency stride needs a width change (no identity shortcut then)")
         self.expand = (
@@ -134,7 +137,7 @@ class BCResBlock(nn.Module):
         self.pointwise = nn.Conv2d(out_channels, out_channels, 1, bias=False)
         self.dropout = nn.Dropout2d(dropout)
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``[B, C_in, F, T] -> [B, C_out, F', T]`` plus the new temporal cache."""
         f2 = self.sub_spectral_norm(self.freq_depthwise(self.expand(x)))
         pooled = f2.mean(dim=2, keepdim=True)
@@ -148,6 +151,8 @@ class BCResBlock(nn.Module):
 
 class CausalBCResNet(nn.Module):
     """Causal BC-ResNet trunk + per-frame 1x1 head with ``n_outputs`` channels: ``[B, n_mels, T] -> [B, n_out, T]``."""
+
+    __jit_unused_properties__ = ["receptive_field_frames"]
 
     def __init__(self, channels: Sequence[int], n_outputs: int, n_mels: int = N_MELS, sub_bands: int = SUB_BANDS,
                  dropout: float = 0.1):
@@ -185,27 +190,50 @@ class CausalBCResNet(nn.Module):
         """Use these global mean/std stats to normalise the input log-mels (stored in state_dict)."""
         self.feature_stats.load_from(stats)
 
-    def run(self, features: torch.Tensor, caches: list | None = None) -> tuple[torch.Tensor, list]:
-        """Raw head outputs ``[B, n_out, T]`` and new caches, continuing from ``caches`` (None = stream start)."""
+    def run(self, features: torch.Tensor, caches: Optional[List[torch.Tensor]] = None
+            ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Raw head outputs ``[B, n_out, T]`` and new caches, continuing from ``caches`` (None = stream start).
+
+        TorchScript-compatible (``lopkit kws export`` scripts it): the caches are always tensors, zeros at the
+        start of a stream (what a causal convolution's left padding would be).
+        """
         if features.dim() != 3 or features.shape[1] != self.n_mels:
-            raise ValueError(f"expected log-mel features [B, {self.n_mels}, T], got {tuple(features.shape)}")
+            raise ValueError(f"expected log-mel features [B, {self.n_mels}, T], got {list(features.shape)}")
         n_caches = len(self.blocks) + 2
         if caches is None:
-            caches = [None] * n_caches
+            caches = self.initial_caches(features.shape[0], features.dtype, features.device)
         elif len(caches) != n_caches:
             raise ValueError(f"stream state has {len(caches)} caches, expected {n_caches}; pass None to start")
-        new_caches = []
+        new_caches: List[torch.Tensor] = []
         x = self.feature_stats(features).unsqueeze(1)
         x, cache = self.stem(x, caches[0])
+        assert cache is not None
         new_caches.append(cache)
         x = F.relu(self.stem_norm(x))
-        for block, block_cache in zip(self.blocks, caches[1:-1]):
-            x, cache = block(x, block_cache)
+        for index, block in enumerate(self.blocks):
+            x, cache = block(x, caches[index + 1])
+            assert cache is not None
             new_caches.append(cache)
-        x, cache = self.classifier_depthwise(x, caches[-1])
+        x, cache = self.classifier_depthwise(x, caches[n_caches - 1])
+        assert cache is not None
         new_caches.append(cache)
         x = F.relu(self.classifier_norm(self.classifier_pointwise(x)))
         return self.head(x.mean(dim=2)), new_caches
+
+    @torch.jit.export
+    def initial_caches(self, batch: int, dtype: torch.dtype = torch.float32,
+                       device: Optional[torch.device] = None) -> List[torch.Tensor]:
+        """Zero stream caches for ``batch`` streams: one ``[B, C, F, context]`` tensor per causal convolution."""
+        freq = self.n_mels
+        caches = [torch.zeros(batch, 1, freq, self.stem.context, dtype=dtype, device=device)]
+        freq = (freq + 1) // 2  # stem: frequency stride 2 with padding 2 and a 5-tap kernel
+        for block in self.blocks:
+            caches.append(torch.zeros(batch, block.pointwise.out_channels, 1, block.time_depthwise.context,
+                                      dtype=dtype, device=device))
+            freq = (freq + block.freq_stride - 1) // block.freq_stride
+        conv = self.classifier_depthwise
+        caches.append(torch.zeros(batch, conv.conv.in_channels, freq, conv.context, dtype=dtype, device=device))
+        return caches
 
 
 class BCResNetKWS(CausalBCResNet):
