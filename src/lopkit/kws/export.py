@@ -128,10 +128,12 @@ def export_torchscript(model: BCResNetKWS, path: str | Path, export: Dict[str, A
 def export_onnx(model: BCResNetKWS, path: str | Path, export: Dict[str, Any] | None = None,
                 chunk_samples: int = 1600) -> Path:
     """Write the streaming spotter as ONNX (needs the ``onnx`` and ``onnxscript`` packages); see docs/kws.md."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError("ONNX export needs the onnx package: pip install onnx onnxscript onnxruntime") from err
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"ONNX export needs {' and '.join(missing)}: pip install onnx onnxscript onnxruntime "
+                           "(or pip install 'lopkit[onnx]')")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spotter = _spotter(model, export)
