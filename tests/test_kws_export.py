@@ -185,3 +185,65 @@ def test_train_wakeword_refuses_a_phrase_without_words(capsys):
 
     assert main(["kws", "train-wakeword", "hey 123!"]) != 0
     assert "wake phrase" in capsys.readouterr().err
+
+
+def _reach(model: BCResNetKWS, feats: torch.Tensor, frame: int) -> int:
+    """How many frames after ``frame`` a change of the input at ``frame`` still moves the detect output."""
+    base = model(feats)["detect"][0]
+    moved = feats.clone()
+    moved[..., frame] += 5.0
+    changed = torch.nonzero((model(moved)["detect"][0] - base).abs() > 0).flatten()
+    assert changed.min().item() == frame  # causal: nothing before the change moves
+    return int(changed.max().item()) - frame
+
+
+@pytest.mark.parametrize("pool", [0, 40])
+def test_context_pool_streams_exactly_and_keeps_the_footprint_rule(pool):
+    """Chunked streaming equals the full forward; the baseline is sized to the pooled CNN's parameter count."""
+    from lopkit.kws.train import build_model, cnn_param_budget
+
+    torch.manual_seed(0)
+    model = BCResNetKWS(tau=1, context_pool_frames=pool).eval()
+    feats = torch.randn(2, 40, 300)
+    full = model(feats)["detect"]
+    state, pieces = None, []
+    for begin in range(0, 300, 37):
+        out, state = model.stream_step(feats[..., begin:begin + 37], state)
+        pieces.append(out["detect"])
+    torch.testing.assert_close(torch.cat(pieces, -1), full, atol=1e-5, rtol=1e-5)
+    assert model.receptive_field_frames == 117 + max(0, pool - 1)  # 1 + (4 + 4 + 8 + 32 + 64 + 4) conv contexts
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == cnn_param_budget(1, 40, pool)
+    baseline = build_model("dnn_hmm", 1, n_classes=6, context_pool_frames=pool)
+    assert abs(sum(p.numel() for p in baseline.parameters()) - n_params) / n_params < 0.03
+
+
+def test_context_pool_reaches_further_back_than_the_convolutions():
+    """The same trunk (same seed) with a 40-frame pool: an input change moves the output for more frames."""
+    feats = torch.randn(1, 40, 300, generator=torch.Generator().manual_seed(1))
+    reaches = {}
+    for pool in (0, 40):
+        torch.manual_seed(0)
+        reaches[pool] = _reach(BCResNetKWS(tau=1, context_pool_frames=pool).eval(), feats, 100)
+    assert reaches[40] > reaches[0]
+    assert reaches[0] <= 116 and reaches[40] <= 116 + 39
+
+
+def test_online_augmentation_noise_and_time_masks():
+    """Noise only raises mel power (by the drawn level on average); time masks set whole frames to the clip mean."""
+    from lopkit.kws.train import augment_features
+
+    feats = torch.randn(4, 40, 120) - 5.0
+    plain = augment_features(feats, torch.Generator().manual_seed(0), max_gain=0.0, max_mask=0)
+    torch.testing.assert_close(plain, feats)
+    noisy = augment_features(feats, torch.Generator().manual_seed(0), max_gain=0.0, max_mask=0,
+                             noise_snr_db=(0.0, 0.0))
+    assert (noisy >= feats).all()
+    added = (noisy.exp() - feats.exp()).mean(dim=(1, 2))
+    torch.testing.assert_close(added, feats.exp().mean(dim=(1, 2)), rtol=0.05, atol=0.0)  # SNR 0 dB: equal power
+    masked = augment_features(feats, torch.Generator().manual_seed(1), max_gain=0.0, max_mask=0, time_masks=2)
+    changed = (masked != feats).any(dim=1)  # [B, T]: frames touched
+    assert changed.any()
+    for clip in range(4):
+        fill = feats[clip].mean()
+        torch.testing.assert_close(masked[clip][:, changed[clip]], fill.expand(40, int(changed[clip].sum())))

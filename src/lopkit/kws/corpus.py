@@ -141,7 +141,7 @@ _SMOKE = dict(
 )
 _MINI = dict(
     n_pos=1500, n_neg=3000, n_test_pos=300, n_test_neg=300, n_cross_pos=300, n_cross_neg=300,
-    stream_neg_minutes=10.0, n_stream_pos=150, stream_chunk_minutes=5.0,
+    stream_neg_minutes=60.0, n_stream_pos=150, stream_chunk_minutes=10.0,
 )
 CORPUS_PRESETS: dict[str, CorpusConfig] = {
     "smoke": build_config(CorpusConfig, _SMOKE),

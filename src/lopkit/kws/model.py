@@ -14,6 +14,10 @@ until ``set_feature_stats`` is called, saved in ``state_dict``). Channel plan ``
   (plus the identity shortcut when the width is unchanged), then ReLU;
 - classifier: causal depthwise 5x5 conv without frequency padding (5 bins -> 1), 1x1 conv to ``32 tau``, BN,
   ReLU, mean over any remaining frequency bins, then per-frame 1x1 heads (one output channel per head).
+- optional temporal context (``context_pool_frames = P > 0``, issue 19): the heads also see the causal mean of the
+  last ``P`` frames of those features (zeros before the stream start), concatenated to the current frame's; it
+  adds ``P - 1`` frames of receptive field with a uniform gradient path over them, for ``32 tau`` extra weights
+  per head. Without it the receptive field is 117 frames (1.17 s) but its effective part is much shorter.
 
 Causality: every temporal convolution is padded on the left only. Its left context comes from a cache tensor that
 is all zeros for an offline forward, and holds the previous chunk's last frames when streaming; every other op is
@@ -155,9 +159,11 @@ class CausalBCResNet(nn.Module):
     __jit_unused_properties__ = ["receptive_field_frames"]
 
     def __init__(self, channels: Sequence[int], n_outputs: int, n_mels: int = N_MELS, sub_bands: int = SUB_BANDS,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, context_pool_frames: int = 0):
         super().__init__()
         channels = tuple(int(c) for c in channels)
+        require(context_pool_frames == 0 or context_pool_frames >= 2,
+                f"context_pool_frames must be 0 (off) or >= 2 frames; got {context_pool_frames}")
         require(len(channels) == 6 and min(channels) >= 1,
                 f"channels must be 6 positive ints (stem, stage1..4, classifier); got {channels}")
         require(n_outputs >= 1, f"n_outputs must be >= 1; got {n_outputs}")
@@ -179,12 +185,14 @@ class CausalBCResNet(nn.Module):
         self.classifier_depthwise = CausalConv2d(in_c, in_c, (5, 5), groups=in_c)
         self.classifier_pointwise = nn.Conv2d(in_c, final_c, 1, bias=False)
         self.classifier_norm = nn.BatchNorm2d(final_c)
-        self.head = nn.Conv1d(final_c, n_outputs, 1)
+        self.context_pool_frames = int(context_pool_frames)
+        self.head = nn.Conv1d(final_c * (2 if self.context_pool_frames else 1), n_outputs, 1)
 
     @property
     def receptive_field_frames(self) -> int:
         """Frames of input an output frame depends on (itself plus all cached left context)."""
-        return 1 + sum(module.context for module in self.modules() if isinstance(module, CausalConv2d))
+        convs = sum(module.context for module in self.modules() if isinstance(module, CausalConv2d))
+        return 1 + convs + max(0, self.context_pool_frames - 1)
 
     def set_feature_stats(self, stats: FeatureStats) -> None:
         """Use these global mean/std stats to normalise the input log-mels (stored in state_dict)."""
@@ -199,7 +207,7 @@ class CausalBCResNet(nn.Module):
         """
         if features.dim() != 3 or features.shape[1] != self.n_mels:
             raise ValueError(f"expected log-mel features [B, {self.n_mels}, T], got {list(features.shape)}")
-        n_caches = len(self.blocks) + 2
+        n_caches = len(self.blocks) + 2 + (1 if self.context_pool_frames else 0)
         if caches is None:
             caches = self.initial_caches(features.shape[0], features.dtype, features.device)
         elif len(caches) != n_caches:
@@ -214,11 +222,17 @@ class CausalBCResNet(nn.Module):
             x, cache = block(x, caches[index + 1])
             assert cache is not None
             new_caches.append(cache)
-        x, cache = self.classifier_depthwise(x, caches[n_caches - 1])
+        x, cache = self.classifier_depthwise(x, caches[len(self.blocks) + 1])
         assert cache is not None
         new_caches.append(cache)
         x = F.relu(self.classifier_norm(self.classifier_pointwise(x)))
-        return self.head(x.mean(dim=2)), new_caches
+        features = x.mean(dim=2)
+        if self.context_pool_frames:
+            padded = torch.cat([caches[n_caches - 1], features], dim=-1)
+            context = F.avg_pool1d(padded, self.context_pool_frames, stride=1)
+            new_caches.append(padded[:, :, padded.shape[-1] - (self.context_pool_frames - 1):])
+            features = torch.cat([features, context], dim=1)
+        return self.head(features), new_caches
 
     @torch.jit.export
     def initial_caches(self, batch: int, dtype: torch.dtype = torch.float32,
@@ -233,6 +247,9 @@ class CausalBCResNet(nn.Module):
             freq = (freq + block.freq_stride - 1) // block.freq_stride
         conv = self.classifier_depthwise
         caches.append(torch.zeros(batch, conv.conv.in_channels, freq, conv.context, dtype=dtype, device=device))
+        if self.context_pool_frames:
+            caches.append(torch.zeros(batch, self.classifier_pointwise.out_channels, self.context_pool_frames - 1,
+                                      dtype=dtype, device=device))
         return caches
 
 
@@ -240,13 +257,14 @@ class BCResNetKWS(CausalBCResNet):
     """HEiMDaL model: causal BC-ResNet-tau with per-frame heads ``detect`` (logit) and ``offset`` (scaled frames)."""
 
     def __init__(self, tau: float = 2, n_mels: int = N_MELS, heads: Sequence[str] = ("detect", "offset"),
-                 offset_scale: float = 1.0, dropout: float = 0.1, sub_bands: int = SUB_BANDS):
+                 offset_scale: float = 1.0, dropout: float = 0.1, sub_bands: int = SUB_BANDS,
+                 context_pool_frames: int = 0):
         heads = tuple(heads)
         require(tau > 0, f"tau must be > 0 (BC-ResNet width multiplier, e.g. 1, 2, 3); got {tau}")
         require(len(heads) >= 1 and len(set(heads)) == len(heads) and set(heads) <= {"detect", "offset"},
                 f"heads must be distinct names from ('detect', 'offset'); got {heads}")
         require(offset_scale > 0, f"offset_scale must be > 0 (e.g. 1.0 or 0.01); got {offset_scale}")
-        super().__init__(bcresnet_channels(tau), len(heads), n_mels, sub_bands, dropout)
+        super().__init__(bcresnet_channels(tau), len(heads), n_mels, sub_bands, dropout, context_pool_frames)
         self.tau, self.heads, self.offset_scale = tau, heads, float(offset_scale)
 
     def _split(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:

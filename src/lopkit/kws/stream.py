@@ -217,7 +217,7 @@ class CNNScorer:
         n = frames.shape[-1]
         t = np.arange(self.frame, self.frame + n, dtype=np.float64)
         self.frame += n
-        scores = torch.sigmoid(logits.float()).numpy().astype(np.float64)
+        scores = torch.sigmoid(logits.double()).numpy()  # float64: float32 sigmoids tie at 1.0 from logit 16.7
         if offset is None:
             return scores, np.full(n, np.nan)
         to_frames = getattr(self.model, "offset_frames", None)
