@@ -148,3 +148,16 @@ def test_phone_frame_targets_and_cross_entropy():
     kept = [t for t in range(12) if fuzzy[t] != i]
     expected = -sum(float(log_probs[fuzzy[t], t]) for t in kept) / len(kept)
     assert math.isclose(float(loss), expected, rel_tol=1e-5)
+
+
+def test_offset_training_mask_spans_from_inside_the_keyword_to_the_window_end():
+    from lopkit.kws.losses import batch_frame_targets, offset_training_mask
+
+    labels, valid = batch_frame_targets(60, [10, float("nan")], [30, float("nan")], delta=5, margin=2)
+    mask = offset_training_mask(labels, valid, torch.tensor([10.0, float("nan")]), 4)
+    positive = (labels[0] > 0.5) & (valid[0] > 0)
+    last = int(torch.nonzero(positive).max())
+    expected = torch.zeros(60, dtype=torch.bool)
+    expected[14:last + 1] = True
+    assert torch.equal(mask[0], expected)
+    assert not mask[1].any()  # a clip without a keyword trains no offset

@@ -125,3 +125,57 @@ def test_start_error_summary():
     assert summary["within_pct"] == pytest.approx(50.0)
     with pytest.raises(ValueError):
         start_error_summary([1.0], [1.0, 2.0])
+
+
+def test_bootstrap_interval_with_one_replicate_is_the_resampled_operating_point():
+    """n_boot=1: both ends equal FRR at the operating point recomputed by det_curve on the same resample."""
+    from lopkit.kws.metrics import bootstrap_frr_at_fa, det_curve, frr_at_fa, sweep_thresholds
+    from lopkit.seeding import derive_seed
+
+    rng = np.random.default_rng(5)
+    positive_max = rng.uniform(0.2, 1.0, size=40)
+    stream = rng.uniform(0.0, 0.6, size=6000 * 5) ** 3
+    thresholds = sweep_thresholds(positive_max, stream)
+    interval = bootstrap_frr_at_fa(positive_max, stream, [2.0, 50.0], thresholds, refractory_frames=100,
+                                   block_frames=6000, n_boot=1, seed=3)
+    draw = np.random.default_rng(derive_seed(3, 0x4B5753))
+    blocks = [stream[i:i + 6000] for i in range(0, stream.size, 6000)]
+    picked = [blocks[i] for i in draw.integers(0, len(blocks), size=(1, len(blocks)))[0]]
+    resampled = positive_max[draw.integers(0, positive_max.size, size=(1, positive_max.size))[0]]
+    det = det_curve(resampled, picked, sum(b.size for b in picked) / 100 / 3600, 100, thresholds)
+    for target in (2.0, 50.0):
+        expected = frr_at_fa(det, target)["frr"]
+        assert interval[target] == pytest.approx((expected, expected))
+
+
+def test_bootstrap_interval_brackets_the_point_estimate_and_is_reproducible():
+    from lopkit.kws.metrics import bootstrap_frr_at_fa, det_curve, frr_at_fa, sweep_thresholds
+
+    rng = np.random.default_rng(6)
+    positive_max = rng.uniform(0.3, 1.0, size=200)
+    stream = rng.uniform(0.0, 0.7, size=6000 * 20) ** 2
+    thresholds = sweep_thresholds(positive_max, stream)
+    point = frr_at_fa(det_curve(positive_max, stream, stream.size / 100 / 3600, 100, thresholds), 30.0)["frr"]
+    first = bootstrap_frr_at_fa(positive_max, stream, 30.0, thresholds, n_boot=300, seed=1)
+    assert first == bootstrap_frr_at_fa(positive_max, stream, 30.0, thresholds, n_boot=300, seed=1)
+    low, high = first[30.0]
+    assert low <= point <= high and low < high
+    with pytest.raises(ValueError, match="positive"):
+        bootstrap_frr_at_fa([], stream, 1.0, thresholds)
+
+
+def test_fa_by_kind_charges_each_trigger_to_the_utterance_it_falls_in():
+    from lopkit.kws.metrics import fa_by_kind
+
+    scores = np.zeros(2000)
+    # window end of frame t is (160 t + 400) / 16000 s = t / 100 + 0.025 s
+    for frame in (150, 420, 1100, 1900):
+        scores[frame] = 1.0
+    segments = [{"start_s": 1.0, "end_s": 2.0, "kind": "confusable"},  # frame 150 -> 1.525 s: inside
+                {"start_s": 3.0, "end_s": 3.9, "kind": "sentence"},  # frame 420 -> 4.225 s: within 0.5 s after
+                {"start_s": 12.0, "end_s": 13.0, "kind": "sentence"}]  # frame 1100 -> 11.025 s: before it: noise
+    hours = 2000 / 100 / 3600
+    result = fa_by_kind([scores], [segments], 0.5, hours, refractory_frames=100)
+    assert result == pytest.approx({"confusable": 1 / hours, "sentence": 1 / hours, "noise": 2 / hours})
+    with pytest.raises(ValueError, match="segment lists"):
+        fa_by_kind([scores], [], 0.5, hours)

@@ -200,7 +200,97 @@ def _listen(args: argparse.Namespace) -> int:
         return _error(str(err))
     print(f"{len(result.detections)} detection(s) in {result.audio_seconds:.2f} s of audio; "
           f"real-time factor {result.real_time_factor:.4f}")
+    latency = result.latency_ms()
+    if latency:
+        print(f"latency per {args.chunk_ms:g} ms chunk: mean {latency['mean']:.2f} ms, p95 {latency['p95']:.2f} ms, "
+              f"max {latency['max']:.2f} ms over {latency['chunks']:.0f} chunks")
+    print(describe_model_cost(detector.scorer))
     return EXIT_OK
+
+
+def describe_model_cost(scorer: Any) -> str:
+    """One line: the scorer's model size (parameters, float32 KiB) and its multiply-accumulates per audio second."""
+    from lopkit.kws.export import model_macs_per_second
+    from lopkit.kws.model import CausalBCResNet, count_parameters
+
+    model = getattr(getattr(scorer, "runner", None), "model", None)
+    if not isinstance(model, CausalBCResNet):
+        return "model: size unknown"
+    params = count_parameters(model)
+    return (f"model: {params} parameters ({params * 4 / 1024:.0f} KiB as float32), "
+            f"{model_macs_per_second(model) / 1e6:.2f} M multiply-accumulates per second of audio")
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``lopkit kws export MODEL -o spotter.pt|spotter.onnx``: a streaming module that runs without lopkit."""
+    from lopkit.kws.continual import load_exported_model
+    from lopkit.kws.export import export_onnx, export_torchscript, model_macs_per_second
+    from lopkit.kws.model import BCResNetKWS, count_parameters
+
+    output = Path(args.output)
+    if output.suffix not in (".pt", ".onnx"):
+        return _error(f"-o {output}: use a .pt file (TorchScript) or a .onnx file (ONNX)")
+    try:
+        model, export = load_exported_model(args.model)
+    except FileNotFoundError as err:
+        return _error(str(err))
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
+        return _error(f"{args.model} is not a model exported by the kws pipeline (models/<kind>.pt): {err}")
+    if not isinstance(model, BCResNetKWS):
+        return _error(f"{args.model} is a {export['config']['model_kind']} model; only the HEiMDaL CNNs stream "
+                      "as one module (the dnn_hmm baseline decodes with a Python Viterbi)")
+    try:
+        if output.suffix == ".onnx":
+            export_onnx(model, output, export, chunk_samples=int(round(args.chunk_ms * 16)))
+        else:
+            export_torchscript(model, output, export)
+    except (RuntimeError, ValueError) as err:
+        return _error(str(err))
+    print(f"wrote {output} ({output.stat().st_size / 1024:.0f} KiB): {count_parameters(model)} parameters, "
+          f"{model_macs_per_second(model) / 1e6:.1f} M multiply-accumulates per second of audio")
+    if output.suffix == ".pt":
+        print("load it without lopkit: spotter = torch.jit.load(path); state = spotter.initial_state(); "
+              "logits, start_s, end_s, state = spotter(chunk, state)")
+    else:
+        print("run it with onnxruntime: inputs chunk (float32 [S], S >= 400 samples) and the state tensors, "
+              "outputs logits, start_s, end_s and the new state (see docs/kws.md)")
+    return EXIT_OK
+
+
+def _train_wakeword(args: argparse.Namespace) -> int:
+    """``lopkit kws train-wakeword PHRASE``: corpus for a new phrase -> train -> evaluate -> export, resumable."""
+    from lopkit.kws.corpus import generate_confusables
+    from lopkit.kws.pipeline import pipeline_config, run_pipeline
+
+    phrase = " ".join(args.phrase.split())
+    if len(phrase.split()) < 1 or any(not (c.isalpha() or c in " '-") for c in phrase):
+        return _error(f"wake phrase {args.phrase!r}: use words of letters (e.g. \"hey lopkit\")")
+    out = Path(args.out or f"runs/wakeword_{'_'.join(phrase.lower().split())}")
+    try:
+        overrides = _pipeline_overrides(args.overrides)
+        corpus = dict(overrides.pop("corpus_overrides", {}) or {})
+        corpus["keyword"] = phrase
+        overrides.update(corpus_overrides=corpus, models=("heimdal",))
+        config = pipeline_config(args.preset, overrides)
+        config.validate()
+        apply_threads(args)
+        confusables = generate_confusables(phrase)
+    except (ConfigError, ValueError) as err:
+        return _error(str(err))
+    print(f"wake phrase {phrase!r}: {len(confusables)} confusables derived from it, e.g. "
+          + ", ".join(repr(c) for c in confusables[:5]))
+    try:
+        state = run_pipeline(config, out, stages=("corpus", "features", "train", "evaluate", "report"),
+                             progress=not args.no_progress, threads=args.threads)
+    except (ConfigError, FileNotFoundError) as err:
+        return _error(str(err))
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED if "interrupted" in str(err) else EXIT_FAILED
+    _print_summary(state)
+    model_file = out / "models" / "heimdal.pt"
+    export_args = argparse.Namespace(model=str(model_file), output=str(out / "spotter.pt"), chunk_ms=100.0)
+    return _export(export_args)
 
 
 def _add_pipeline_options(parser: argparse.ArgumentParser, default_out: str | None = None) -> None:
@@ -227,6 +317,9 @@ def register(subparsers: Any) -> None:
                "  lopkit kws run --preset mini --out runs/kws_mini --threads 2\n"
                "  lopkit kws listen speech.wav --model runs/kws_mini/models/heimdal.pt\n"
                "  sox speech.wav -t raw -r 16000 -e signed -b 16 -c 1 - | lopkit kws listen - --model M.pt\n"
+               "  arecord -f S16_LE -r 16000 -c 1 -t raw | lopkit kws listen - --model M.pt   (live microphone)\n"
+               "  lopkit kws export runs/kws_mini/models/heimdal.pt -o spotter.pt\n"
+               '  lopkit kws train-wakeword "hey lopkit" --preset mini\n'
                "see docs/kws.md for the definitions of FRR, FA/h, the operating point and the start error",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = kws.add_subparsers(dest="kws_command", metavar="SUBCOMMAND")
@@ -258,6 +351,25 @@ def register(subparsers: Any) -> None:
     evaluate = sub.add_parser("evaluate", help="evaluate the pipeline's trained models (DET, FRR@FA/h, start errors)")
     _add_pipeline_options(evaluate)
     evaluate.set_defaults(func=_evaluate)
+
+    export = sub.add_parser("export", help="write a trained HEiMDaL CNN as a streaming TorchScript (.pt) or ONNX "
+                                           "(.onnx) module that runs without lopkit")
+    export.add_argument("model", metavar="MODEL.pt", help="exported model (OUT/models/heimdal.pt)")
+    export.add_argument("-o", "--output", required=True, metavar="FILE", help="spotter.pt or spotter.onnx")
+    export.add_argument("--chunk-ms", type=float, default=100.0,
+                        help="ONNX only: example chunk length for tracing (chunks must be >= 25 ms; default %(default)s)")
+    export.set_defaults(func=_export)
+
+    wakeword = sub.add_parser("train-wakeword", help="one command for a new phrase: synthesise its corpus (with "
+                                                     "confusables derived from it), train, evaluate and export")
+    wakeword.add_argument("phrase", metavar="PHRASE", help='the wake phrase, e.g. "hey lopkit"')
+    wakeword.add_argument("--preset", default="smoke", help="pipeline preset: smoke, mini or default (default: %(default)s)")
+    wakeword.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/wakeword_<phrase>)")
+    wakeword.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                          help="override a pipeline setting, e.g. --set train_overrides.epochs=4")
+    add_threads_flag(wakeword)
+    wakeword.add_argument("--no-progress", action="store_true", help="no progress output")
+    wakeword.set_defaults(func=_train_wakeword)
 
     listen = sub.add_parser("listen", help="stream a WAV file (or raw 16-bit 16 kHz PCM on stdin) through a detector")
     listen.add_argument("audio", metavar="FILE.wav|-", help="WAV file, or '-' for raw s16le mono 16 kHz PCM on stdin")

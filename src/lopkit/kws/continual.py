@@ -130,7 +130,7 @@ def load_exported_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, An
     export = torch.load(path, weights_only=False)
     config = export["config"]
     model = build_model(config["model_kind"], config["tau"], config["n_mels"], config["offset_scale"],
-                        config["dropout"], export.get("meta", {}).get("n_classes"))
+                        config["dropout"], export.get("meta", {}).get("n_classes"), config.get("context_pool_frames", 0))
     model.load_state_dict(export["model"])
     return model.eval(), export
 

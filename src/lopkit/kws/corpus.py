@@ -54,7 +54,7 @@ COMMANDS = (
     "lock the door", "read my messages", "what is on my calendar", "dim the lights", "pause", "add milk to the list",
     "tell me a joke", "how far is the station", "wake me up at seven",
 )
-CONFUSABLES = (
+CONFUSABLES = (  # hand-written for the default phrase; kept as extra negatives when that phrase is used
     "hey commuter", "a computer", "hey, compute her", "computer", "hey", "computer hey", "hey you",
     "my computer is slow", "hey, commuter train", "they computed it", "the computer is on", "hey, come here",
 )
@@ -91,6 +91,7 @@ class CorpusConfig:
     test_variant_fraction: float = 0.2
     cross_voices: tuple[str, ...] = ()  # empty: every flite/festival voice installed
     confusable_fraction: float = 0.3
+    confusables: tuple[str, ...] = ()  # empty: generated from the keyword (see generate_confusables)
     lead_in_prob: float = 0.5
     command_prob: float = 0.8
     augment: bool = True
@@ -140,7 +141,7 @@ _SMOKE = dict(
 )
 _MINI = dict(
     n_pos=1500, n_neg=3000, n_test_pos=300, n_test_neg=300, n_cross_pos=300, n_cross_neg=300,
-    stream_neg_minutes=10.0, n_stream_pos=150, stream_chunk_minutes=5.0,
+    stream_neg_minutes=60.0, n_stream_pos=150, stream_chunk_minutes=10.0,
 )
 CORPUS_PRESETS: dict[str, CorpusConfig] = {
     "smoke": build_config(CorpusConfig, _SMOKE),
@@ -215,6 +216,80 @@ def _sentence_groups(keyword: str) -> dict[str, tuple[str, ...]]:
     }
 
 
+@lru_cache(maxsize=1)
+def _vocabulary() -> tuple[str, ...]:
+    """Lower-case alphabetic words (2-12 letters) of the fortune and GCIDE sentences, sorted: the confusable source."""
+    words = set()
+    for sentence in _fortune_sentences() + _gcide_definitions():
+        words.update(w for w in re.findall(r"[a-z]+", sentence.lower()) if 2 <= len(w) <= 12)
+    return tuple(sorted(words))
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions) between two strings."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def similar_words(word: str, vocabulary: tuple[str, ...], count: int = 3) -> list[str]:
+    """Up to ``count`` vocabulary words that sound alike on paper: edit distance <= 2, same first or last letters.
+
+    Ranked by (distance, length difference, word), so the choice is deterministic.
+    """
+    word = word.lower()
+    if len(word) < 3:
+        return []
+    ranked = []
+    for other in vocabulary:
+        if other == word or abs(len(other) - len(word)) > 2 or not (other[0] == word[0] or other[-2:] == word[-2:]):
+            continue
+        distance = edit_distance(word, other)
+        if distance <= 2:
+            ranked.append((distance, abs(len(other) - len(word)), other))
+    return [w for _, _, w in sorted(ranked)[:count]]
+
+
+@lru_cache(maxsize=8)
+def generate_confusables(keyword: str, vocabulary: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Negative phrases that sound like parts of ``keyword`` but never contain it, derived from the phrase itself.
+
+    Kinds: each word alone; the words reversed; the phrase with one word swapped for a similar word
+    (:func:`similar_words` over the fortune/GCIDE vocabulary); the last word after an article and inside short
+    carrier sentences; the first word followed by a common word. For the default phrase the hand-written list
+    :data:`CONFUSABLES` is added. Deterministic (sorted, no randomness).
+    """
+    words = _normalize_text(keyword).split()
+    if not words:
+        raise ValueError(f"keyword {keyword!r} has no words to derive confusables from")
+    vocabulary = _vocabulary() if vocabulary is None else vocabulary
+    first, last = words[0], words[-1]
+    phrases = set(words)
+    if len(words) > 1:
+        phrases.add(" ".join(reversed(words)))
+        phrases.update({f"{first} you", f"{first}, come here"})
+    for position, word in enumerate(words):
+        for other in similar_words(word, vocabulary):
+            phrases.add(" ".join(words[:position] + [other] + words[position + 1:]))
+    phrases.update({f"a {last}", f"the {last} is on", f"my {last} is slow", f"they said {last}"})
+    if _normalize_text(keyword) == _normalize_text(synth.DEFAULT_KEYWORD):
+        phrases.update(CONFUSABLES)
+    target = " ".join(words)
+    kept = sorted(p for p in phrases if target not in _normalize_text(p) and _normalize_text(p) != "")
+    if not kept:
+        raise ValueError(f"no confusables could be derived from keyword {keyword!r}; pass confusables= explicitly")
+    return tuple(kept)
+
+
+def confusables_for(config: "CorpusConfig") -> tuple[str, ...]:
+    """The confusable negatives of a corpus: ``config.confusables`` if given, else generated from its keyword."""
+    return tuple(config.confusables) if config.confusables else generate_confusables(config.keyword)
+
+
 def negative_sentences(keyword: str, group: str) -> tuple[str, ...]:
     """Speakable negative sentences for 'train' (train+val) or 'test' (the rest), a fixed hash split (80/20)."""
     if group not in ("train", "test"):
@@ -284,7 +359,8 @@ def plan_utterance(
     else:
         kw = -1
         if rng.random() < config.confusable_fraction:
-            segments, kind = [CONFUSABLES[int(rng.integers(len(CONFUSABLES)))]], "confusable"
+            pool = confusables_for(config)
+            segments, kind = [pool[int(rng.integers(len(pool)))]], "confusable"
         else:
             pool = negative_sentences(config.keyword, group)
             segments, kind = [pool[int(rng.integers(len(pool)))]], "sentence"

@@ -35,8 +35,10 @@ __all__ = [
     "hz_to_mel_htk",
     "mel_to_hz_htk",
     "mel_filterbank",
+    "padded_window",
     "num_frames",
     "log_mel",
+    "log_mel_frames",
     "StreamingLogMel",
     "FeatureStats",
 ]
@@ -94,12 +96,17 @@ def _filterbank(n_mels: int, device: torch.device) -> torch.Tensor:
     return _FILTERBANKS[key]
 
 
+def padded_window() -> torch.Tensor:
+    """The analysis window: a periodic 400-sample Hann window zero-padded on the right to ``N_FFT`` taps."""
+    window = torch.zeros(N_FFT)
+    window[:WIN_SAMPLES] = torch.hann_window(WIN_SAMPLES, periodic=True)
+    return window
+
+
 def _window(device: torch.device) -> torch.Tensor:
     key = str(device)
     if key not in _WINDOWS:
-        window = torch.zeros(N_FFT)
-        window[:WIN_SAMPLES] = torch.hann_window(WIN_SAMPLES, periodic=True)
-        _WINDOWS[key] = window.to(device)
+        _WINDOWS[key] = padded_window().to(device)
     return _WINDOWS[key]
 
 
@@ -115,15 +122,27 @@ def log_mel(audio: torch.Tensor | np.ndarray, n_mels: int = N_MELS) -> torch.Ten
     n_out = num_frames(n_samples)
     if n_out == 0:
         return audio.new_zeros(*lead_shape, n_mels, 0)
-    flat = audio.reshape(-1, n_samples)[:, : WIN_SAMPLES + (n_out - 1) * HOP_SAMPLES]
-    flat = torch.nn.functional.pad(flat, (0, N_FFT - WIN_SAMPLES))
+    flat = audio.reshape(-1, n_samples)
+    return log_mel_frames(flat, _window(flat.device), _filterbank(n_mels, flat.device)).reshape(*lead_shape, n_mels, n_out)
+
+
+def log_mel_frames(flat: torch.Tensor, window: torch.Tensor, filterbank: torch.Tensor, win_samples: int = WIN_SAMPLES,
+                   hop_samples: int = HOP_SAMPLES, log_floor: float = LOG_FLOOR) -> torch.Tensor:
+    """Log-mel ``[B, n_mels, T]`` of every complete frame of ``flat`` ``[B, S]`` (S >= 400), given the padded window.
+
+    The one implementation of the front end's arithmetic (TorchScript-compatible, so constants are arguments: the exported streaming spotter
+    of :mod:`lopkit.kws.export` calls it too); :func:`log_mel` wraps it with checks and cached constants.
+    """
+    n_fft = window.shape[0]
+    n_out = 1 + (flat.shape[-1] - win_samples) // hop_samples
+    flat = flat[:, : win_samples + (n_out - 1) * hop_samples]
+    flat = torch.nn.functional.pad(flat, (0, n_fft - win_samples))
     spec = torch.stft(
-        flat, n_fft=N_FFT, hop_length=HOP_SAMPLES, win_length=N_FFT, window=_window(flat.device),
+        flat, n_fft=n_fft, hop_length=hop_samples, win_length=n_fft, window=window,
         center=False, return_complex=True,
     )
     power = spec.real.square() + spec.imag.square()  # [B, n_fft//2+1, T]
-    mel = torch.matmul(_filterbank(n_mels, flat.device), power)
-    return torch.log(mel + LOG_FLOOR).reshape(*lead_shape, n_mels, n_out)
+    return torch.log(torch.matmul(filterbank, power) + log_floor)
 
 
 class StreamingLogMel:
@@ -205,6 +224,6 @@ class FeatureStats(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Normalise ``[..., n_mels, T]`` features: (x - mean) / std per mel channel."""
         if features.dim() < 2 or features.shape[-2] != self.n_mels:
-            raise ValueError(f"FeatureStats: expected [..., {self.n_mels}, T] features, got {tuple(features.shape)}")
+            raise ValueError(f"FeatureStats: expected [..., {self.n_mels}, T] features, got {list(features.shape)}")
         return (features - self.mean[:, None]) / self.std[:, None]
 

@@ -39,6 +39,7 @@ __all__ = [
     "frame_targets",
     "batch_frame_targets",
     "class_balanced_weights",
+    "offset_training_mask",
     "detection_loss",
     "offset_loss",
     "HeimdalLoss",
@@ -159,6 +160,21 @@ def offset_loss(offsets: torch.Tensor, start_frames: torch.Tensor, positive_mask
     return _check_finite(loss, "offset loss")
 
 
+def offset_training_mask(labels: torch.Tensor, valid: torch.Tensor, start_frames: torch.Tensor,
+                         min_frames_after_start: int) -> torch.Tensor:
+    """Frames from ``start + min_frames_after_start`` to the last positive-window frame, for clips with a keyword.
+
+    The start estimate is read at the first threshold crossing, which is often inside the keyword, before the
+    positive window ``e..e+Delta`` where the offset head is trained by default; this mask trains it there too.
+    """
+    positive = (labels > 0.5) & (valid > 0)
+    frames = torch.arange(labels.shape[-1], device=labels.device)
+    last = torch.where(positive, frames, torch.full_like(frames, -1)).amax(dim=-1, keepdim=True)
+    starts = torch.nan_to_num(torch.as_tensor(start_frames, dtype=torch.float64, device=labels.device),
+                              nan=float("inf")).reshape(-1, 1)
+    return (frames >= starts + min_frames_after_start) & (frames <= last) & positive.any(dim=-1, keepdim=True)
+
+
 class HeimdalLoss(NamedTuple):
     """Total loss and its parts (the parts are detached floats for logging)."""
 
@@ -169,13 +185,18 @@ class HeimdalLoss(NamedTuple):
 
 def heimdal_loss(logits: torch.Tensor, offsets: torch.Tensor | None, labels: torch.Tensor, valid: torch.Tensor,
                  start_frames: torch.Tensor, offset_weight: float = 1.0, offset_scale: float = 1.0,
-                 balance: str = "balanced", pos_weight: float = 1.0, beta: float = 1.0) -> HeimdalLoss:
-    """``L_cls + offset_weight * L_off`` from targets of :func:`batch_frame_targets` (offsets None = no offset head)."""
+                 balance: str = "balanced", pos_weight: float = 1.0, beta: float = 1.0,
+                 offset_mask: torch.Tensor | None = None) -> HeimdalLoss:
+    """``L_cls + offset_weight * L_off`` from targets of :func:`batch_frame_targets` (offsets None = no offset head).
+
+    The offset loss covers the positive-window frames unless ``offset_mask`` says which frames (see
+    :func:`offset_training_mask`).
+    """
     weights = class_balanced_weights(labels, valid, balance, pos_weight)
     classification = detection_loss(logits, labels, weights)
     if offsets is None or offset_weight == 0.0:
         return HeimdalLoss(classification, classification.item(), 0.0)
-    positive = (labels > 0.5) & (valid > 0)
+    positive = (labels > 0.5) & (valid > 0) if offset_mask is None else offset_mask
     off = offset_loss(offsets, start_frames, positive, offset_scale, beta)
     return HeimdalLoss(classification + offset_weight * off, classification.item(), off.item())
 

@@ -15,6 +15,12 @@ Definitions (also in docs/kws.md):
   is ``<= F`` (``method="step"``, the default: a threshold one could actually deploy). ``method="linear"``
   interpolates FRR linearly in FA/h between the two DET points bracketing ``F`` instead.
 - **Relative FRR reduction** of system B over baseline A: ``(FRR_A - FRR_B) / FRR_A`` (NaN when ``FRR_A`` is 0).
+- **Bootstrap interval of FRR at a target FA/h** (:func:`bootstrap_frr_at_fa`): resample the positive utterances and
+  the negative stream's fixed-length blocks (60 s by default; triggers counted within each block) with replacement,
+  recompute the operating point and FRR on each replicate, report the 2.5 and 97.5 percentiles.
+- **False accepts by negative kind** (:func:`fa_by_kind`): each trigger on the negative stream is charged to the
+  utterance it falls in or just after (``tail_s``): a confusable phrase (``confusable``), a background sentence
+  (``sentence``), or, outside every utterance, the noise between them (``noise``).
 - **Start error.** ``predicted_start - reference_start`` in ms for detected positives at the operating point;
   reported as the median and mean absolute error and the percentage within 50 ms.
 """
@@ -30,6 +36,8 @@ from torch import Tensor
 
 __all__ = [
     "DET_COLUMNS",
+    "bootstrap_frr_at_fa",
+    "fa_by_kind",
     "clip_auc",
     "count_triggers",
     "det_curve",
@@ -198,3 +206,95 @@ def clip_auc(positive: Tensor, negative: Tensor) -> float:
         return math.nan
     diff = positive.double().reshape(-1, 1) - negative.double().reshape(1, -1)
     return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+
+
+def _operating_frr(frr: np.ndarray, fa: np.ndarray, target: float) -> np.ndarray:
+    """FRR at the lowest threshold whose FA/h <= target, per row of ``frr``/``fa`` ``[R, n_thresholds]`` (1 if none)."""
+    allowed = fa <= target
+    first = np.argmax(allowed, axis=1)
+    out = frr[np.arange(frr.shape[0]), first]
+    return np.where(allowed.any(axis=1), out, 1.0)
+
+
+def bootstrap_frr_at_fa(
+    positive_max: Sequence[float] | np.ndarray,
+    negative_stream_scores: np.ndarray | Sequence[np.ndarray],
+    fa_per_hour: float | Sequence[float],
+    thresholds: Sequence[float] | np.ndarray,
+    refractory_frames: int = FRAMES_PER_SECOND,
+    block_frames: int = 60 * FRAMES_PER_SECOND,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[float, tuple[float, float]]:
+    """Percentile bootstrap interval of FRR at each target FA/h: ``{fa: (low, high)}`` (see the module docstring).
+
+    Positives and ``block_frames``-long blocks of the negative streams are resampled independently; every
+    replicate recomputes the step operating point on ``thresholds``. The generator is seeded by ``seed``.
+    """
+    from lopkit.seeding import derive_seed
+
+    positive_max = _as_1d(positive_max, "positive_max")
+    if positive_max.size == 0:
+        raise ValueError("bootstrap_frr_at_fa needs at least one positive utterance")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1 or block_frames < 1:
+        raise ValueError(f"n_boot and block_frames must be >= 1, got {n_boot}, {block_frames}")
+    streams = [negative_stream_scores] if isinstance(negative_stream_scores, np.ndarray) else list(negative_stream_scores)
+    blocks = [_as_1d(s, "negative_stream_scores")[i:i + block_frames]
+              for s in streams for i in range(0, len(s), block_frames)]
+    blocks = [b for b in blocks if b.size]
+    if not blocks:
+        raise ValueError("bootstrap_frr_at_fa needs a non-empty negative stream")
+    thresholds = np.sort(_as_1d(thresholds, "thresholds"))
+    counts = np.array([[count_triggers(b, float(t), refractory_frames) for t in thresholds] for b in blocks])
+    hours = np.array([b.size for b in blocks], dtype=np.float64) / FRAMES_PER_SECOND / 3600.0
+    rng = np.random.default_rng(derive_seed(int(seed), 0x4B5753))
+    block_index = rng.integers(0, len(blocks), size=(n_boot, len(blocks)))
+    pos_index = rng.integers(0, positive_max.size, size=(n_boot, positive_max.size))
+    fa = counts[block_index].sum(axis=1) / hours[block_index].sum(axis=1, keepdims=True)  # [R, n_thr]
+    sampled = np.sort(positive_max[pos_index], axis=1)
+    misses = np.stack([np.searchsorted(row, thresholds, side="right") for row in sampled])  # max <= theta: a miss
+    frr = misses / positive_max.size
+    targets = [fa_per_hour] if np.isscalar(fa_per_hour) else list(fa_per_hour)
+    tail = 100.0 * (1.0 - level) / 2.0
+    out = {}
+    for target in targets:
+        values = _operating_frr(frr, fa, float(target))
+        out[float(target)] = (float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail)))
+    return out
+
+
+def fa_by_kind(
+    negative_stream_scores: Sequence[np.ndarray],
+    segments: Sequence[Sequence[dict]],
+    threshold: float,
+    negative_hours: float,
+    refractory_frames: int = FRAMES_PER_SECOND,
+    tail_s: float = 0.5,
+) -> dict[str, float]:
+    """FA/h at ``threshold`` split by the kind of negative each trigger falls in (see the module docstring).
+
+    ``segments[i]`` lists stream ``i``'s utterances as dicts with ``start_s``, ``end_s`` and ``kind``; a trigger at
+    frame ``t`` happens at ``(160 t + 400) / 16000`` s and is charged to the last utterance that started before it
+    and ended less than ``tail_s`` earlier, else to ``noise``. Kinds without triggers are reported as 0.
+    """
+    if len(negative_stream_scores) != len(segments):
+        raise ValueError(f"{len(negative_stream_scores)} streams but {len(segments)} segment lists")
+    if not negative_hours > 0:
+        raise ValueError(f"negative_hours must be > 0, got {negative_hours}")
+    counts: dict[str, int] = {"noise": 0}
+    for scores, utterances in zip(negative_stream_scores, segments):
+        ordered = sorted(utterances, key=lambda u: float(u["start_s"]))
+        for utterance in ordered:
+            counts.setdefault(str(utterance.get("kind", "") or "unknown"), 0)
+        starts = np.array([float(u["start_s"]) for u in ordered])
+        for frame in trigger_frames(scores, threshold, refractory_frames):
+            time_s = (int(frame) * 160 + 400) / 16000
+            index = int(np.searchsorted(starts, time_s, side="right")) - 1
+            if index >= 0 and time_s <= float(ordered[index]["end_s"]) + tail_s:
+                counts[str(ordered[index].get("kind", "") or "unknown")] += 1
+            else:
+                counts["noise"] += 1
+    return {kind: n / negative_hours for kind, n in sorted(counts.items())}

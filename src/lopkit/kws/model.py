@@ -14,6 +14,10 @@ until ``set_feature_stats`` is called, saved in ``state_dict``). Channel plan ``
   (plus the identity shortcut when the width is unchanged), then ReLU;
 - classifier: causal depthwise 5x5 conv without frequency padding (5 bins -> 1), 1x1 conv to ``32 tau``, BN,
   ReLU, mean over any remaining frequency bins, then per-frame 1x1 heads (one output channel per head).
+- optional temporal context (``context_pool_frames = P > 0``, issue 19): the heads also see the causal mean of the
+  last ``P`` frames of those features (zeros before the stream start), concatenated to the current frame's; it
+  adds ``P - 1`` frames of receptive field with a uniform gradient path over them, for ``32 tau`` extra weights
+  per head. Without it the receptive field is 117 frames (1.17 s) but its effective part is much shorter.
 
 Causality: every temporal convolution is padded on the left only. Its left context comes from a cache tensor that
 is all zeros for an offline forward, and holds the previous chunk's last frames when streaming; every other op is
@@ -29,7 +33,7 @@ back to frames.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -103,12 +107,14 @@ class CausalConv2d(nn.Module):
         )
         self.context = (kernel[1] - 1) * dilation
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Return the output and the new cache (the last ``context`` input frames); cache None = zeros."""
         if self.context == 0:
             return self.conv(x), None
         if cache is None:
-            cache = x.new_zeros(*x.shape[:-1], self.context)
+            shape = list(x.shape[:-1])
+            shape.append(self.context)
+            cache = x.new_zeros(shape)
         padded = torch.cat([cache, x], dim=-1)
         return self.conv(padded), padded[..., padded.shape[-1] - self.context :]
 
@@ -120,6 +126,7 @@ class BCResBlock(nn.Module):
                  sub_bands: int = SUB_BANDS, dropout: float = 0.1):
         super().__init__()
         self.transition = in_channels != out_channels
+        self.freq_stride = freq_stride
         if not self.transition and freq_stride != 1:
             raise ValueError("BCResBlock: a frequency stride needs a width change (no identity shortcut then)")
         self.expand = (
@@ -134,7 +141,7 @@ class BCResBlock(nn.Module):
         self.pointwise = nn.Conv2d(out_channels, out_channels, 1, bias=False)
         self.dropout = nn.Dropout2d(dropout)
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``[B, C_in, F, T] -> [B, C_out, F', T]`` plus the new temporal cache."""
         f2 = self.sub_spectral_norm(self.freq_depthwise(self.expand(x)))
         pooled = f2.mean(dim=2, keepdim=True)
@@ -149,10 +156,14 @@ class BCResBlock(nn.Module):
 class CausalBCResNet(nn.Module):
     """Causal BC-ResNet trunk + per-frame 1x1 head with ``n_outputs`` channels: ``[B, n_mels, T] -> [B, n_out, T]``."""
 
+    __jit_unused_properties__ = ["receptive_field_frames"]
+
     def __init__(self, channels: Sequence[int], n_outputs: int, n_mels: int = N_MELS, sub_bands: int = SUB_BANDS,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, context_pool_frames: int = 0):
         super().__init__()
         channels = tuple(int(c) for c in channels)
+        require(context_pool_frames == 0 or context_pool_frames >= 2,
+                f"context_pool_frames must be 0 (off) or >= 2 frames; got {context_pool_frames}")
         require(len(channels) == 6 and min(channels) >= 1,
                 f"channels must be 6 positive ints (stem, stage1..4, classifier); got {channels}")
         require(n_outputs >= 1, f"n_outputs must be >= 1; got {n_outputs}")
@@ -174,51 +185,86 @@ class CausalBCResNet(nn.Module):
         self.classifier_depthwise = CausalConv2d(in_c, in_c, (5, 5), groups=in_c)
         self.classifier_pointwise = nn.Conv2d(in_c, final_c, 1, bias=False)
         self.classifier_norm = nn.BatchNorm2d(final_c)
-        self.head = nn.Conv1d(final_c, n_outputs, 1)
+        self.context_pool_frames = int(context_pool_frames)
+        self.head = nn.Conv1d(final_c * (2 if self.context_pool_frames else 1), n_outputs, 1)
 
     @property
     def receptive_field_frames(self) -> int:
         """Frames of input an output frame depends on (itself plus all cached left context)."""
-        return 1 + sum(module.context for module in self.modules() if isinstance(module, CausalConv2d))
+        convs = sum(module.context for module in self.modules() if isinstance(module, CausalConv2d))
+        return 1 + convs + max(0, self.context_pool_frames - 1)
 
     def set_feature_stats(self, stats: FeatureStats) -> None:
         """Use these global mean/std stats to normalise the input log-mels (stored in state_dict)."""
         self.feature_stats.load_from(stats)
 
-    def run(self, features: torch.Tensor, caches: list | None = None) -> tuple[torch.Tensor, list]:
-        """Raw head outputs ``[B, n_out, T]`` and new caches, continuing from ``caches`` (None = stream start)."""
+    def run(self, features: torch.Tensor, caches: Optional[List[torch.Tensor]] = None
+            ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Raw head outputs ``[B, n_out, T]`` and new caches, continuing from ``caches`` (None = stream start).
+
+        TorchScript-compatible (``lopkit kws export`` scripts it): the caches are always tensors, zeros at the
+        start of a stream (what a causal convolution's left padding would be).
+        """
         if features.dim() != 3 or features.shape[1] != self.n_mels:
-            raise ValueError(f"expected log-mel features [B, {self.n_mels}, T], got {tuple(features.shape)}")
-        n_caches = len(self.blocks) + 2
+            raise ValueError(f"expected log-mel features [B, {self.n_mels}, T], got {list(features.shape)}")
+        n_caches = len(self.blocks) + 2 + (1 if self.context_pool_frames else 0)
         if caches is None:
-            caches = [None] * n_caches
+            caches = self.initial_caches(features.shape[0], features.dtype, features.device)
         elif len(caches) != n_caches:
             raise ValueError(f"stream state has {len(caches)} caches, expected {n_caches}; pass None to start")
-        new_caches = []
+        new_caches: List[torch.Tensor] = []
         x = self.feature_stats(features).unsqueeze(1)
         x, cache = self.stem(x, caches[0])
+        assert cache is not None
         new_caches.append(cache)
         x = F.relu(self.stem_norm(x))
-        for block, block_cache in zip(self.blocks, caches[1:-1]):
-            x, cache = block(x, block_cache)
+        for index, block in enumerate(self.blocks):
+            x, cache = block(x, caches[index + 1])
+            assert cache is not None
             new_caches.append(cache)
-        x, cache = self.classifier_depthwise(x, caches[-1])
+        x, cache = self.classifier_depthwise(x, caches[len(self.blocks) + 1])
+        assert cache is not None
         new_caches.append(cache)
         x = F.relu(self.classifier_norm(self.classifier_pointwise(x)))
-        return self.head(x.mean(dim=2)), new_caches
+        features = x.mean(dim=2)
+        if self.context_pool_frames:
+            padded = torch.cat([caches[n_caches - 1], features], dim=-1)
+            context = F.avg_pool1d(padded, self.context_pool_frames, stride=1)
+            new_caches.append(padded[:, :, padded.shape[-1] - (self.context_pool_frames - 1):])
+            features = torch.cat([features, context], dim=1)
+        return self.head(features), new_caches
+
+    @torch.jit.export
+    def initial_caches(self, batch: int, dtype: torch.dtype = torch.float32,
+                       device: Optional[torch.device] = None) -> List[torch.Tensor]:
+        """Zero stream caches for ``batch`` streams: one ``[B, C, F, context]`` tensor per causal convolution."""
+        freq = self.n_mels
+        caches = [torch.zeros(batch, 1, freq, self.stem.context, dtype=dtype, device=device)]
+        freq = (freq + 1) // 2  # stem: frequency stride 2 with padding 2 and a 5-tap kernel
+        for block in self.blocks:
+            caches.append(torch.zeros(batch, block.pointwise.out_channels, 1, block.time_depthwise.context,
+                                      dtype=dtype, device=device))
+            freq = (freq + block.freq_stride - 1) // block.freq_stride
+        conv = self.classifier_depthwise
+        caches.append(torch.zeros(batch, conv.conv.in_channels, freq, conv.context, dtype=dtype, device=device))
+        if self.context_pool_frames:
+            caches.append(torch.zeros(batch, self.classifier_pointwise.out_channels, self.context_pool_frames - 1,
+                                      dtype=dtype, device=device))
+        return caches
 
 
 class BCResNetKWS(CausalBCResNet):
     """HEiMDaL model: causal BC-ResNet-tau with per-frame heads ``detect`` (logit) and ``offset`` (scaled frames)."""
 
     def __init__(self, tau: float = 2, n_mels: int = N_MELS, heads: Sequence[str] = ("detect", "offset"),
-                 offset_scale: float = 1.0, dropout: float = 0.1, sub_bands: int = SUB_BANDS):
+                 offset_scale: float = 1.0, dropout: float = 0.1, sub_bands: int = SUB_BANDS,
+                 context_pool_frames: int = 0):
         heads = tuple(heads)
         require(tau > 0, f"tau must be > 0 (BC-ResNet width multiplier, e.g. 1, 2, 3); got {tau}")
         require(len(heads) >= 1 and len(set(heads)) == len(heads) and set(heads) <= {"detect", "offset"},
                 f"heads must be distinct names from ('detect', 'offset'); got {heads}")
         require(offset_scale > 0, f"offset_scale must be > 0 (e.g. 1.0 or 0.01); got {offset_scale}")
-        super().__init__(bcresnet_channels(tau), len(heads), n_mels, sub_bands, dropout)
+        super().__init__(bcresnet_channels(tau), len(heads), n_mels, sub_bands, dropout, context_pool_frames)
         self.tau, self.heads, self.offset_scale = tau, heads, float(offset_scale)
 
     def _split(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:

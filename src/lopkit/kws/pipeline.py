@@ -80,8 +80,10 @@ class PipelineConfig:
     """Processes for corpus synthesis."""
     target_fa_per_hour: float = 1.0
     """Operating point: the lowest threshold with FA/h on the negative stream <= this."""
-    extra_fa_levels: tuple[float, ...] = ()
-    """Further FA/h levels at which FRR is reported."""
+    extra_fa_levels: tuple[float, ...] = (0.5, 6.0)
+    """Further FA/h levels at which FRR is reported (with bootstrap intervals, as for the target)."""
+    bootstrap_samples: int = 1000
+    """Bootstrap replicates for the FRR intervals (positives and 60 s negative-stream blocks resampled)."""
     smooth_frames: int = 3
     refractory_s: float = 1.0
     accept_after_s: float = 1.0
@@ -107,6 +109,8 @@ class PipelineConfig:
         require(self.target_fa_per_hour > 0, f"target_fa_per_hour must be > 0, got {self.target_fa_per_hour}")
         require(self.smooth_frames >= 1, "smooth_frames must be >= 1")
         require(self.refractory_s > 0, "refractory_s must be > 0")
+        require(self.bootstrap_samples >= 1, f"bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
+        require(all(f > 0 for f in self.extra_fa_levels), f"extra_fa_levels must be > 0, got {self.extra_fa_levels}")
         require(self.continual_kind in ("voices", "keywords"), "continual_kind must be voices or keywords")
         require(self.continual_kind != "keywords" or len(self.continual_keywords) >= 1,
                 "continual_kind=keywords needs continual_keywords")
@@ -123,14 +127,14 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     "mini": dict(corpus_preset="mini", train_preset="mini", continual_preset="mini", continual_kind="keywords",
                  continual_keywords=("okay toaster", "hello robot", "hey marvin", "wake up lamp"),
                  continual_corpus_overrides=dict(_CONTINUAL_KEYWORD_CORPUS, n_pos=150, n_neg=150),
-                 continual_methods=("sgd", "shrink_perturb"), target_fa_per_hour=6.0, extra_fa_levels=(12.0, 30.0),
+                 continual_methods=("sgd", "shrink_perturb"), target_fa_per_hour=1.0, extra_fa_levels=(0.5, 6.0),
                  rtf_seconds=20.0),
     "default": dict(corpus_preset="default", train_preset="default", continual_preset="default",
                     continual_kind="keywords",
                     continual_keywords=("okay toaster", "hello robot", "hey marvin", "wake up lamp"),
                     continual_corpus_overrides=dict(_CONTINUAL_KEYWORD_CORPUS, n_pos=200, n_neg=200),
                     continual_methods=("sgd", "shrink_perturb"), target_fa_per_hour=1.0,
-                    extra_fa_levels=(0.5, 2.0, 5.0)),
+                    extra_fa_levels=(0.5, 2.0, 6.0)),
 }
 
 
@@ -216,7 +220,7 @@ def clip_scores(model: torch.nn.Module, kind: str, feats: torch.Tensor, hmm: dic
         return np.stack(scores), np.stack(starts)
     for begin in range(0, feats.shape[0], batch):
         output = model(feats[begin:begin + batch].float())
-        scores.append(torch.sigmoid(output["detect"]).double().numpy())
+        scores.append(torch.sigmoid(output["detect"].double()).numpy())  # float64: no ties at 1.0 below logit ~36
         t = np.arange(feats.shape[-1], dtype=np.float64)[None]
         if "offset" in output:
             starts.append(t - model.offset_frames(output["offset"]).double().numpy())
@@ -256,10 +260,11 @@ def evaluate_model(model: torch.nn.Module, kind: str, corpus_dir: Path, config: 
     accept = int(round(config.accept_after_s * FRAMES_PER_SECOND))
     refractory = max(1, int(round(config.refractory_s * FRAMES_PER_SECOND)))
     # negative stream
-    neg_scores, neg_hours = [], 0.0
+    neg_scores, neg_segments, neg_hours = [], [], 0.0
     for chunk in corpus.streams("stream_neg"):
         raw, _ = score_features(scorer, compute_features(chunk.audio))
         neg_scores.append(causal_moving_average(raw, config.smooth_frames))
+        neg_segments.append(chunk.meta.get("segments", []))
         neg_hours += chunk.audio.size / 16000 / 3600
     if neg_hours <= 0:
         raise ValueError("the corpus has no negative stream (stream_neg_minutes=0); FA/h cannot be measured")
@@ -311,15 +316,21 @@ def evaluate_model(model: torch.nn.Module, kind: str, corpus_dir: Path, config: 
         frame = pd.DataFrame(rows)
         frame.to_csv(eval_dir / f"{kind}__{split}_starts.csv", index=False)
         detected = frame[frame["detected"]]
+        levels = sorted({float(config.target_fa_per_hour), *map(float, config.extra_fa_levels)})
+        intervals = M.bootstrap_frr_at_fa(pos_max, neg_scores, levels, thresholds, refractory,
+                                          n_boot=config.bootstrap_samples, seed=config.seed)
         info = {**op, "n_pos": len(entries),
                 "start": M.start_error_summary(detected["predicted_start_s"], detected["reference_start_s"]),
                 "start_peak": M.start_error_summary(frame["peak_start_s"], frame["reference_start_s"]),
-                "frr_at": {str(f): M.frr_at_fa(det, f)["frr"] for f in config.extra_fa_levels}}
+                "frr_at": {str(f): M.frr_at_fa(det, f)["frr"] for f in config.extra_fa_levels},
+                "frr_ci95": {str(f): list(intervals[f]) for f in levels}}
         if split in negative_clip_max and negative_clip_max[split].size:
             info["neg_clip_fa_pct"] = float(100 * np.mean(negative_clip_max[split] > op["threshold"]))
         result["splits"][split] = info
     result["threshold"] = M.frr_at_fa(M.det_curve(all_pos, neg_scores, neg_hours, refractory, thresholds),
                                       config.target_fa_per_hour)["threshold"]
+    if math.isfinite(result["threshold"]):
+        result["fa_by_kind"] = M.fa_by_kind(neg_scores, neg_segments, result["threshold"], neg_hours, refractory)
     result["rtf"] = measure_rtf(scorer, corpus, config)
     return result
 

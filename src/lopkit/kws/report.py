@@ -227,6 +227,8 @@ def _results_table(summary: dict[str, Any]) -> pd.DataFrame:
         for split, values in info.get("splits", {}).items():
             start = values.get("start", {})
             extra = {f"FRR % @{float(level):g} FA/h": 100 * frr for level, frr in values.get("frr_at", {}).items()}
+            extra.update({f"95% CI @{float(level):g} FA/h": f"{100 * lo:.1f}-{100 * hi:.1f}"
+                          for level, (lo, hi) in values.get("frr_ci95", {}).items()})
             rows.append({"model": model, "split": split, "params": info.get("params"),
                          "FRR %": 100 * values["frr"], **extra, "FA/h at op.": values.get("fa_per_hour"),
                          "threshold": values.get("threshold"), "positives": values.get("n_pos"),
@@ -268,7 +270,11 @@ def build_kws_report(out_dir: str | Path) -> Path:
         "method body could not be read.",
     ]
     stage_rows = [{"stage": k, "seconds": v} for k, v in timings.get("stage_seconds", {}).items()]
+    kind_rows = [{"model": model, **{f"FA/h on {kind}": value for kind, value in info["fa_by_kind"].items()}}
+                 for model, info in summary.get("models", {}).items() if info.get("fa_by_kind")]
     tables = [("Targets", targets_table(summary, timings, eval_dir)), ("Results at the operating point", _results_table(summary))]
+    if kind_rows:
+        tables.append(("False accepts by negative kind at each model's operating threshold", pd.DataFrame(kind_rows)))
     if stage_rows:
         tables.append((f"Stage timings (preset {timings.get('preset', '?')})", pd.DataFrame(stage_rows)))
     page = render_page(

@@ -217,7 +217,7 @@ class CNNScorer:
         n = frames.shape[-1]
         t = np.arange(self.frame, self.frame + n, dtype=np.float64)
         self.frame += n
-        scores = torch.sigmoid(logits.float()).numpy().astype(np.float64)
+        scores = torch.sigmoid(logits.double()).numpy()  # float64: float32 sigmoids tie at 1.0 from logit 16.7
         if offset is None:
             return scores, np.full(n, np.nan)
         to_frames = getattr(self.model, "offset_frames", None)
@@ -287,6 +287,7 @@ class StreamingDetector:
         self.trigger = TriggerLogic(threshold, smooth_frames, max(1, round(refractory_s * FRAMES_PER_SECOND)))
         self.samples_seen = 0
         self.compute_seconds = 0.0
+        self.chunk_seconds: list[float] = []
 
     def reset(self) -> None:
         """Start a new stream."""
@@ -295,6 +296,7 @@ class StreamingDetector:
         self.trigger.reset()
         self.samples_seen = 0
         self.compute_seconds = 0.0
+        self.chunk_seconds = []
 
     def push(self, samples: np.ndarray) -> list[Detection]:
         """Process the next PCM chunk (float32 at 16 kHz); return the detections it completes."""
@@ -306,7 +308,9 @@ class StreamingDetector:
         if frames.shape[-1]:
             scores, starts = self.scorer.push(frames)
             detections = self.trigger.push(scores, starts)
-        self.compute_seconds += time.perf_counter() - tick
+        elapsed = time.perf_counter() - tick
+        self.compute_seconds += elapsed
+        self.chunk_seconds.append(elapsed)
         return detections
 
     @property
@@ -373,6 +377,15 @@ class ListenResult:
     detections: list[Detection]
     audio_seconds: float
     compute_seconds: float
+    chunk_seconds: list[float] = dataclasses.field(default_factory=list)
+
+    def latency_ms(self) -> dict[str, float]:
+        """Per-chunk processing time in ms: mean, p95, max and the number of chunks (empty if none)."""
+        if not self.chunk_seconds:
+            return {}
+        values = np.asarray(self.chunk_seconds) * 1000.0
+        return {"mean": float(values.mean()), "p95": float(np.percentile(values, 95)), "max": float(values.max()),
+                "chunks": float(values.size)}
 
     @property
     def real_time_factor(self) -> float:
@@ -402,7 +415,8 @@ def listen(source: str | Path | BinaryIO, detector: StreamingDetector, chunk_s: 
             found.append(detection)
             if on_detection is not None:
                 on_detection(detection)
-    return ListenResult(found, detector.samples_seen / SAMPLE_RATE, detector.compute_seconds)
+    return ListenResult(found, detector.samples_seen / SAMPLE_RATE, detector.compute_seconds,
+                        list(detector.chunk_seconds))
 
 
 def write_wav(path: str | Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> Path:

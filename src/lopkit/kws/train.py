@@ -212,8 +212,20 @@ class KWSTrainConfig(BenchmarkConfig):
     """Weight lambda of the offset loss."""
     offset_scale: float = 0.01
     """The offset head predicts offset_scale * (t - s)."""
+    context_pool_frames: int = 0
+    """HEiMDaL CNN only: heads also see the causal mean of the last N frames' features (0: off; 40 = 0.4 s)."""
+    balance: str = "balanced"
+    """Frame-class weighting of the detection BCE: balanced | pos_weight | none (see lopkit.kws.losses)."""
+    pos_weight: float = 1.0
+    """Weight of a positive frame when balance=pos_weight (negatives weigh 1)."""
+    offset_from_start_frames: int = -1
+    """-1: train the offset head on the positive window only; k >= 0: on every frame from start + k to its end."""
     augment: bool = True
     """Light on-the-fly feature augmentation (random log-gain, one frequency mask)."""
+    augment_time_masks: int = 0
+    """With augment: this many time masks (up to 10 frames each) per clip and step."""
+    augment_noise_snr_db: tuple[float, ...] = ()
+    """With augment: (low, high) SNR in dB of mel-domain additive noise per clip and step; () = off."""
     log_every: int = 20
     """Steps per online_loss bin."""
     val_max_clips: int = 2000
@@ -233,6 +245,17 @@ class KWSTrainConfig(BenchmarkConfig):
         require(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         require(self.delta >= 0 and self.margin >= 0, "delta and margin must be >= 0 frames")
+        require(self.context_pool_frames == 0 or self.context_pool_frames >= 2,
+                f"context_pool_frames must be 0 (off) or >= 2, got {self.context_pool_frames}")
+        require(self.balance in ("balanced", "pos_weight", "none"),
+                f"balance must be balanced, pos_weight or none; got {self.balance!r}")
+        require(self.pos_weight > 0, f"pos_weight must be > 0, got {self.pos_weight}")
+        require(self.offset_from_start_frames >= -1,
+                f"offset_from_start_frames must be -1 (window only) or >= 0, got {self.offset_from_start_frames}")
+        require(self.augment_time_masks >= 0, f"augment_time_masks must be >= 0, got {self.augment_time_masks}")
+        require(len(self.augment_noise_snr_db) in (0, 2) and (not self.augment_noise_snr_db
+                or self.augment_noise_snr_db[0] <= self.augment_noise_snr_db[1]),
+                f"augment_noise_snr_db must be () or (low, high) with low <= high; got {self.augment_noise_snr_db}")
         require(self.offset_weight >= 0, f"offset_weight must be >= 0, got {self.offset_weight}")
         require(self.offset_scale > 0, f"offset_scale must be > 0, got {self.offset_scale}")
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
@@ -244,23 +267,27 @@ def heads_for(kind: str) -> tuple[str, ...]:
     return ("detect",) if kind == "heimdal_no_offset" else ("detect", "offset")
 
 
-def cnn_param_budget(tau: float, n_mels: int = 40) -> int:
+def cnn_param_budget(tau: float, n_mels: int = 40, context_pool_frames: int = 0) -> int:
     """Parameter count of the HEiMDaL CNN (detect + offset heads) at width ``tau``: the baseline's budget."""
     from lopkit.kws.model import bcresnet_channels, count_bcresnet_params
 
-    return count_bcresnet_params(bcresnet_channels(tau), 2)
+    channels = bcresnet_channels(tau)
+    pooled_head = 2 * channels[-1] if context_pool_frames else 0  # the heads' weights on the pooled context
+    return count_bcresnet_params(channels, 2) + pooled_head
 
 
 def build_model(kind: str, tau: float, n_mels: int = 40, offset_scale: float = 0.01, dropout: float = 0.1,
-                n_classes: int | None = None) -> nn.Module:
+                n_classes: int | None = None, context_pool_frames: int = 0) -> nn.Module:
     """The network of a model kind (the baseline gets the HEiMDaL CNN's parameter count)."""
     from lopkit.kws.model import BCResNetKWS, FramePhoneClassifier
 
     if kind == "dnn_hmm":
         if n_classes is None:
             raise ValueError("dnn_hmm needs n_classes (phone classes of the keyword)")
-        return FramePhoneClassifier(n_classes, param_budget=cnn_param_budget(tau, n_mels), n_mels=n_mels, dropout=dropout)
-    return BCResNetKWS(tau=tau, n_mels=n_mels, heads=heads_for(kind), offset_scale=offset_scale, dropout=dropout)
+        budget = cnn_param_budget(tau, n_mels, context_pool_frames)  # equal footprint with the CNN of this config
+        return FramePhoneClassifier(n_classes, param_budget=budget, n_mels=n_mels, dropout=dropout)
+    return BCResNetKWS(tau=tau, n_mels=n_mels, heads=heads_for(kind), offset_scale=offset_scale, dropout=dropout,
+                       context_pool_frames=context_pool_frames)
 
 
 def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
@@ -268,7 +295,7 @@ def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     config = state["config"]
     meta = state.get("meta", {})
     model = build_model(config["model_kind"], config["tau"], config["n_mels"], config["offset_scale"],
-                        config["dropout"], meta.get("n_classes"))
+                        config["dropout"], meta.get("n_classes"), config.get("context_pool_frames", 0))
     model.load_state_dict(state["model"])
     return model.eval(), meta
 
@@ -282,17 +309,38 @@ def warmup_cosine_factor(step: int, total: int, warmup_fraction: float) -> float
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def augment_features(feats: Tensor, generator: torch.Generator, max_gain: float = 1.0, max_mask: int = 5) -> Tensor:
-    """Random log-gain (uniform in +-max_gain) and one frequency mask (up to max_mask bins, set to the clip mean)."""
-    batch, n_mels, _ = feats.shape
+def augment_features(feats: Tensor, generator: torch.Generator, max_gain: float = 1.0, max_mask: int = 5,
+                     time_masks: int = 0, max_time_mask: int = 10,
+                     noise_snr_db: tuple[float, float] | None = None) -> Tensor:
+    """Random log-gain (uniform in +-max_gain) and one frequency mask (up to max_mask bins, set to the clip mean).
+
+    Optional, drawn anew every step (so every epoch sees other variants): ``time_masks`` masks of up to
+    ``max_time_mask`` frames each (set to the clip mean), and additive noise in the mel-power domain at an SNR drawn
+    uniformly from ``noise_snr_db``: ``log(exp(x) + P_noise * E)`` with ``P_noise`` the clip's mean mel power
+    divided by ``10^(snr/10)`` and ``E`` an Exp(1) draw per bin and frame (a white noise's periodogram).
+    """
+    batch, n_mels, n_frames = feats.shape
     gain = (torch.rand(batch, 1, 1, generator=generator) * 2 - 1) * max_gain
     width = torch.randint(0, max_mask + 1, (batch,), generator=generator)
     first = torch.randint(0, n_mels, (batch,), generator=generator)
     bins = torch.arange(n_mels).unsqueeze(0)
     mask = (bins >= first.unsqueeze(1)) & (bins < (first + width).unsqueeze(1))
     out = feats + gain
+    if noise_snr_db is not None:
+        low, high = noise_snr_db
+        snr = low + torch.rand(batch, 1, 1, generator=generator) * (high - low)
+        level = out.exp().mean(dim=(1, 2), keepdim=True) / 10.0 ** (snr / 10.0)
+        fluctuation = -torch.log1p(-torch.rand(out.shape, generator=generator))  # Exp(1)
+        out = torch.log(out.exp() + level * fluctuation)
     fill = out.mean(dim=(1, 2), keepdim=True)
-    return torch.where(mask.unsqueeze(-1), fill, out)
+    out = torch.where(mask.unsqueeze(-1), fill, out)
+    frames = torch.arange(n_frames).unsqueeze(0)
+    for _ in range(time_masks):
+        width = torch.randint(0, max_time_mask + 1, (batch,), generator=generator)
+        first = torch.randint(0, max(1, n_frames), (batch,), generator=generator)
+        span = (frames >= first.unsqueeze(1)) & (frames < (first + width).unsqueeze(1))
+        out = torch.where(span.unsqueeze(1), fill, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- benchmark
@@ -346,7 +394,7 @@ class KWSTrainBenchmark(Benchmark):
             from lopkit.kws.features import FeatureStats
 
             model = build_model(config.model_kind, config.tau, config.n_mels, config.offset_scale, config.dropout,
-                                self.meta.get("n_classes"))
+                                self.meta.get("n_classes"), config.context_pool_frames)
             model.set_feature_stats(FeatureStats.fit(self.train_data.feats.float()))
             self.model = self.method.prepare_model(model)
             self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
@@ -408,8 +456,14 @@ class KWSTrainBenchmark(Benchmark):
                 total = cls + self.config.offset_weight * off_t
                 off = float(off_t.detach())
             return total, float(cls.detach()), off
+        mask = None
+        if self.config.offset_from_start_frames >= 0:
+            from lopkit.kws.losses import offset_training_mask
+
+            mask = offset_training_mask(labels, valid, starts, self.config.offset_from_start_frames)
         result = heimdal_loss(output["detect"], output.get("offset"), labels, valid, starts,
-                              self.config.offset_weight, self.config.offset_scale)
+                              self.config.offset_weight, self.config.offset_scale, balance=self.config.balance,
+                              pos_weight=self.config.pos_weight, offset_mask=mask)
         return result.total, result.classification, result.offset
 
     def run(self, n_steps: int) -> list[dict[str, Any]]:
@@ -426,7 +480,9 @@ class KWSTrainBenchmark(Benchmark):
         index = self._batch_indices(self.step)
         feats = self.train_data.feats[index].float()
         if config.augment:
-            feats = augment_features(feats, seeded_generator(self.seed, 12, self.step))
+            noise = tuple(config.augment_noise_snr_db) or None
+            feats = augment_features(feats, seeded_generator(self.seed, 12, self.step),
+                                     time_masks=config.augment_time_masks, noise_snr_db=noise)
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr * warmup_cosine_factor(self.step, self.total_steps, config.warmup_fraction)
         self.model.train()
