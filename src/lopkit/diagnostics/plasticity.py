@@ -210,6 +210,11 @@ def grama_dormant_fraction(output_grad: Tensor, tau: float = 0.0) -> float:
     return dormant_fraction(output_grad, tau=tau)
 
 
+def _squared_distance(p: Tensor, start: Tensor) -> Tensor:
+    """``||p - start||^2`` accumulated in float64 (the difference itself in the parameter's dtype)."""
+    return torch.linalg.vector_norm(p.detach() - start.to(p.device), dtype=torch.float64).pow(2)
+
+
 def parameter_snapshot(model: nn.Module) -> dict[str, Tensor]:
     """Detached copies of every named parameter (e.g. at initialisation, for :func:`distance_from_init`)."""
     return {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -227,7 +232,7 @@ def distance_from_init(model: nn.Module, init: dict[str, Tensor]) -> dict[str, f
         for param_name, p in module.named_parameters(recurse=False):
             key = f"{module_name}.{param_name}" if module_name else param_name
             if key in init:
-                squares.append((p.detach().double() - init[key].to(p.device).double()).pow(2).sum())
+                squares.append(_squared_distance(p, init[key]))
         if squares:
             per_module[module_name or "model"] = float(torch.stack(squares).sum().sqrt())
     per_module["total"] = math.sqrt(sum(v * v for v in per_module.values()))
@@ -296,8 +301,7 @@ def distance_from_init_metric(model: nn.Module, name: str = "distance_from_init"
     init = {id(p): p.detach().clone() for p in model.parameters()}
 
     def compute(ctx: MetricContext) -> float:
-        squares = [(p.detach().double() - init[id(p)].to(p.device).double()).pow(2).sum()
-                   for p in ctx.module.parameters() if id(p) in init]
+        squares = [_squared_distance(p, init[id(p)]) for p in ctx.module.parameters() if id(p) in init]
         return float(torch.stack(squares).sum().sqrt()) if squares else float("nan")
 
     return MetricSpec(name, compute, lambda info: info.kind != "activation", ("parameters",),
