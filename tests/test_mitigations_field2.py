@@ -13,7 +13,17 @@ from torch import nn
 
 from lopkit.benchmarks.base import get_benchmark
 from lopkit.configs import ConfigError
-from lopkit.mitigations.field2 import CCBP, DASH, SWR, TRAC, ccbp_reset_proportion, dash_shrink_factors, swr_select
+from lopkit.mitigations.field2 import (
+    CCBP,
+    DASH,
+    SWR,
+    TRAC,
+    LeakyReLUSwap,
+    OptimizerReset,
+    ccbp_reset_proportion,
+    dash_shrink_factors,
+    swr_select,
+)
 from lopkit.mitigations.layers import _sample, _weight_scale, activation_gain
 from lopkit.mitigations.registry import build_methods, get_method
 from lopkit.runner.execute import execute_run, resolve_methods
@@ -302,10 +312,53 @@ def test_ccbp_conv_outgoing_factor_and_round_trip():
     assert other.events == 1 and other.steps == 1
 
 
+# ------------------------------------------------------------------------------------ optimizer reset, leaky ReLU
+
+
+def test_optimizer_reset_restarts_adam_so_the_next_step_is_lr_times_the_sign():
+    w = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    model = nn.Module()
+    model.w = w
+    optimizer = torch.optim.Adam([w], lr=0.1)
+    method = OptimizerReset(OptimizerReset.Config(every=0))
+    method.attach(model, optimizer)
+    for c in (3.0, 3.0):  # loss = c * w
+        optimizer.zero_grad()
+        (c * w).sum().backward()
+        optimizer.step()
+    method.on_task_start(model, optimizer, 0)
+    assert optimizer.state[w]["step"] == 2  # task 0: kept
+    method.on_task_start(model, optimizer, 1)
+    assert not optimizer.state and method.resets == 1
+    before = w.item()
+    optimizer.zero_grad()
+    (-5.0 * w).sum().backward()
+    optimizer.step()
+    assert w.item() - before == pytest.approx(0.1, rel=1e-6)  # a fresh Adam's first step: lr * sign(-g)
+    periodic = OptimizerReset(OptimizerReset.Config(every=2, at_task_start=False))
+    periodic.attach(model, optimizer)
+    periodic.after_step(model, optimizer, 0)
+    assert optimizer.state
+    periodic.after_step(model, optimizer, 1)
+    assert not optimizer.state and periodic.state_dict() == {"steps": 2, "resets": 1}
+
+
+def test_leaky_relu_swaps_every_relu_in_a_copy():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 1))
+    swapped = LeakyReLUSwap(LeakyReLUSwap.Config(negative_slope=0.2)).prepare_model(model)
+    assert isinstance(model[1], nn.ReLU)
+    assert isinstance(swapped[1], nn.LeakyReLU) and isinstance(swapped[2][1], nn.LeakyReLU)
+    assert swapped[1](torch.tensor([-3.0, 2.0])).tolist() == pytest.approx([-0.6, 2.0])
+    assert torch.equal(swapped[0].weight, model[0].weight)
+    with pytest.raises(ConfigError, match="no nn.ReLU"):
+        LeakyReLUSwap().prepare_model(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+
+
 # ---------------------------------------------------------------------------------------------- runs
 
 
-FIELD2_SPECS = ["dash", "swr:every=3:rate=0.05", "trac", "ccbp:every=5", "dash+swr:every=4:rate=0.05+ccbp:every=5"]
+FIELD2_SPECS = ["dash", "swr:every=3:rate=0.05", "trac", "ccbp:every=5", "optimizer_reset:every=7", "leaky_relu",
+                "dash+swr:every=4:rate=0.05+ccbp:every=5"]
 SHORT_CLASS_SPLIT = {"num_tasks": 2, "steps_per_task": 12}
 
 
@@ -332,8 +385,8 @@ def test_benchmark_run_with_the_method_resumes_exactly(tmp_path, spec):
 
 
 def test_methods_are_registered_composable_and_change_training():
-    names = [type(m).__name__ for m in resolve_methods("dash+swr+trac+ccbp+cbp")]
-    assert names == ["DASH", "SWR", "TRAC", "CCBP", "ContinualBackprop"]
+    names = [type(m).__name__ for m in resolve_methods("dash+swr+trac+ccbp+optimizer_reset+leaky_relu+cbp")]
+    assert names == ["DASH", "SWR", "TRAC", "CCBP", "OptimizerReset", "LeakyReLUSwap", "ContinualBackprop"]
     assert type(build_methods("direction_aware_shrinking")) is DASH
     assert type(build_methods("selective_weight_reinit")) is SWR
     assert type(build_methods("continuous_cbp")) is CCBP
@@ -341,6 +394,7 @@ def test_methods_are_registered_composable_and_change_training():
     config = cls.make_config("smoke", SHORT_CLASS_SPLIT)
     baseline = cls(config, 0, [])
     base = [r["value"] for r in baseline.run(baseline.total_steps) if r["metric"] == "loss"]
-    for spec in ["dash:lam=0.05", "swr:every=2:rate=0.2", "trac", "ccbp:every=3"]:
+    specs = ["dash:lam=0.05", "swr:every=2:rate=0.2", "trac", "ccbp:every=3", "optimizer_reset:every=3", "leaky_relu"]
+    for spec in specs:
         bench = cls(config, 0, resolve_methods(spec))
         assert [r["value"] for r in bench.run(bench.total_steps) if r["metric"] == "loss"] != base, spec

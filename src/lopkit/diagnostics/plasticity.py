@@ -38,6 +38,7 @@ __all__ = [
     "churn_metric",
     "distance_from_init_metric",
     "PLASTICITY_METRICS",
+    "PLASTICITY_MEASURES",
     "register_plasticity_metrics",
 ]
 
@@ -58,7 +59,7 @@ def _strip_hooks(model: nn.Module) -> None:
 
 
 def _training_copy(model: nn.Module) -> nn.Module:
-    """A hook-free deep copy of ``model`` in eval mode (no dropout draws, frozen norm statistics), all parameters trainable."""
+    """A hook-free deep copy of ``model`` in eval mode (no dropout, frozen norm statistics), every parameter trains."""
     clone = copy.deepcopy(model)
     _strip_hooks(clone)
     clone.eval()
@@ -267,6 +268,17 @@ PLASTICITY_METRICS: tuple[MetricSpec, ...] = (
                description="GraMa gradient-dormant units (score of |dL/dh| <= dormant_tau)"),
 )
 """The cheap stateless plasticity metrics (opt-in: :func:`register_plasticity_metrics` or ``extra_metrics=``)."""
+
+
+#: Every plasticity measure of this module: name -> (how it is used, what it measures).
+PLASTICITY_MEASURES: dict[str, tuple[str, str]] = {
+    **{spec.name: ("Monitor metric, opt-in", spec.description) for spec in PLASTICITY_METRICS},
+    "churn": ("Monitor metric, opt-in (churn_metric())", "mean squared output drift on the probe between measurements"),
+    "distance_from_init": ("Monitor metric, opt-in (distance_from_init_metric(model)); function",
+                           "||theta - theta(0)|| per layer and in total"),
+    "plasticity_probe": ("function", "loss drop of a copy fitting a fresh random target (or a fresh head) in N steps"),
+    "upgd_plasticity": ("function (one_step_plasticity)", "UPGD's 1 - L_after / L_before on the next batch"),
+}
 
 
 def register_plasticity_metrics() -> tuple[str, ...]:

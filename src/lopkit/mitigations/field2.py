@@ -8,6 +8,8 @@
   the initial weights by a factor tuned online (discounted erfi potentials).
 - ``ccbp`` (ICLR 2026 submission): continuous continual backprop, a partial, utility-scaled reset of every
   hidden unit instead of CBP's full reset of a few.
+- ``optimizer_reset`` (Asadi et al., NeurIPS 2023): forget the whole optimizer state at task starts.
+- ``leaky_relu``: every ``nn.ReLU`` of the model becomes an ``nn.LeakyReLU`` (a method in the field's peer testbed).
 
 Each is a :class:`~lopkit.mitigations.base.Mitigation` with a validated ``Config`` dataclass, registered by name,
 with its whole state in ``state_dict()`` so a resumed run continues exactly. Random draws come from a private
@@ -17,6 +19,7 @@ of each (``docs/methods/<name>.md``) cites the paper and states every choice mad
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Literal
@@ -38,6 +41,8 @@ __all__ = [
     "SWR",
     "TRAC",
     "CCBP",
+    "OptimizerReset",
+    "LeakyReLUSwap",
     "dash_shrink_factors",
     "swr_select",
     "trac_scale",
@@ -255,7 +260,7 @@ class SWR(Mitigation):
         reinit: Literal["resample", "mean"] = "resample"
         """New value: a fresh draw from the initial law, or its mean (0)."""
         init: str = "default"
-        """Initial law of the weights (one of lopkit's init schemes); biases use PyTorch's default U(+-1/sqrt(fan_in))."""
+        """Initial law of the weights (one of lopkit's init schemes); biases use PyTorch's U(+-1/sqrt(fan_in))."""
         include_output: bool = True
         """Also re-draw weights of the last Linear/Conv layer."""
         reset_optimizer: bool = True
@@ -265,11 +270,13 @@ class SWR(Mitigation):
 
         def validate(self) -> None:
             """Raise ConfigError for impossible values."""
-            require(self.utility in ("gradient", "magnitude"), f"utility must be gradient or magnitude, got {self.utility!r}")
+            require(self.utility in ("gradient", "magnitude"),
+                    f"utility must be gradient or magnitude, got {self.utility!r}")
             require(self.selection in ("proportional", "threshold"),
                     f"selection must be proportional or threshold, got {self.selection!r}")
             require(math.isfinite(self.rate) and self.rate >= 0, f"rate must be a finite number >= 0, got {self.rate}")
-            require(self.selection == "threshold" or self.rate <= 1, f"rate must be <= 1 with selection=proportional, got {self.rate}")
+            require(self.selection == "threshold" or self.rate <= 1,
+                    f"rate must be <= 1 with selection=proportional, got {self.rate}")
             require(self.every >= 1, f"every must be a positive integer, got {self.every}")
             require(0.0 <= self.decay < 1.0, f"decay must be in [0, 1), got {self.decay}")
             require(self.reinit in ("resample", "mean"), f"reinit must be resample or mean, got {self.reinit!r}")
@@ -394,7 +401,8 @@ class TRAC(Mitigation):
         def validate(self) -> None:
             """Raise ConfigError for impossible values."""
             require(1 <= self.betas <= 15, f"betas must be an integer in [1, 15], got {self.betas}")
-            require(math.isfinite(self.s_init) and self.s_init > 0, f"s_init must be a finite number > 0, got {self.s_init}")
+            require(math.isfinite(self.s_init) and self.s_init > 0,
+                    f"s_init must be a finite number > 0, got {self.s_init}")
             require(math.isfinite(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps}")
 
     def __init__(self, config: Config | None = None):
@@ -523,7 +531,8 @@ class CCBP(Mitigation):
             require(0.0 <= self.decay < 1.0, f"decay must be in [0, 1), got {self.decay}")
             require(self.every >= 1, f"every must be a positive integer, got {self.every}")
             require(math.isfinite(self.threshold), f"threshold must be finite, got {self.threshold}")
-            require(math.isfinite(self.steepness) and self.steepness > 0, f"steepness must be > 0, got {self.steepness}")
+            require(math.isfinite(self.steepness) and self.steepness > 0,
+                    f"steepness must be a finite number > 0, got {self.steepness}")
             require(self.init in INIT_SCHEMES, f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
             _check_seed(self.seed)
 
@@ -621,3 +630,107 @@ class CCBP(Mitigation):
         self.steps, self.events = int(state["steps"]), int(state["events"])
         self.total_replaced = int(state.get("total_replaced", 0))
         self.generator.load_state_dict(state.get("generator", {}))
+
+
+# ---------------------------------------------------------------------------------------------- optimizer reset
+
+
+@register_method
+class OptimizerReset(Mitigation):
+    """Optimizer reset (Asadi et al. 2023): delete every parameter's optimizer state (moments, step counters).
+
+    At every task start after the first and, with ``every > 0``, after every ``every``-th optimizer step. Adam then
+    restarts its bias correction, so the first steps after a reset have size about ``lr`` per coordinate.
+    """
+
+    name = "optimizer_reset"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``optimizer_reset``."""
+
+        at_task_start: bool = True
+        """Reset at every task start (task 0 excepted)."""
+        every: int = 0
+        """Also reset after every ``every``-th optimizer step; 0 disables the step schedule."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for impossible values."""
+            require(self.every >= 0, f"every must be >= 0 (0: no step schedule), got {self.every}")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+        self.steps = 0
+        self.resets = 0
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Restart the counters."""
+        self.steps = self.resets = 0
+
+    def reset(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Delete the optimizer's whole per-parameter state now."""
+        if optimizer is not None:
+            optimizer.state.clear()
+        self.resets += 1
+
+    def on_task_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: int) -> None:
+        """Reset at every task start after the first (with ``at_task_start``)."""
+        if self.config.at_task_start and task > 0:
+            self.reset(optimizer)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Reset after every ``every``-th step."""
+        self.steps += 1
+        if self.config.every and self.steps % self.config.every == 0:
+            self.reset(optimizer)
+
+    def state_dict(self) -> dict:
+        """The counters (the method is deterministic)."""
+        return {"steps": self.steps, "resets": self.resets}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.steps = int(state.get("steps", 0))
+        self.resets = int(state.get("resets", 0))
+
+
+# ---------------------------------------------------------------------------------------------- leaky ReLU
+
+
+@register_method
+class LeakyReLUSwap(Mitigation):
+    """Leaky ReLU: a copy of the model with every ``nn.ReLU`` replaced by ``nn.LeakyReLU(negative_slope)``.
+
+    A leaky unit always passes a gradient, so it cannot die; weights and their initialisation are kept.
+    """
+
+    name = "leaky_relu"
+
+    @dataclasses.dataclass
+    class Config:
+        """Hyper-parameters of ``leaky_relu``."""
+
+        negative_slope: float = 0.01
+        """Slope for negative inputs (PyTorch's default)."""
+
+        def validate(self) -> None:
+            """Raise ConfigError for a slope outside (0, 1)."""
+            require(0.0 < self.negative_slope < 1.0, f"negative_slope must be in (0, 1), got {self.negative_slope}")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` with its ReLU modules swapped (ConfigError if it has none)."""
+        model = copy.deepcopy(model)
+        swapped = 0
+        for parent in model.modules():
+            for child_name, child in list(parent.named_children()):
+                if type(child) is nn.ReLU:
+                    setattr(parent, child_name, nn.LeakyReLU(self.config.negative_slope))
+                    swapped += 1
+        if swapped == 0:
+            raise ConfigError("leaky_relu: the model has no nn.ReLU module to replace (its activation is not ReLU)")
+        return model

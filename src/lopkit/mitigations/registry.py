@@ -53,6 +53,8 @@ METHOD_ALIASES: dict[str, str] = {
     "direction_aware_shrinking": "dash",
     "selective_weight_reinit": "swr",
     "continuous_cbp": "ccbp",
+    "reset_optimizer": "optimizer_reset",
+    "leakyrelu": "leaky_relu",
 }
 
 # ',' or '+' separate methods; a '+' inside a number's exponent (1e+4) does not
