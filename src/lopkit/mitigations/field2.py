@@ -290,12 +290,11 @@ class SWR(Mitigation):
         self.utilities: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.total_replaced = 0
-        self._owner: dict[str, tuple[nn.Module, float]] = {}
+        self._params: list[tuple[str, torch.Tensor, nn.Module, float, str]] = []
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Zero utilities, a fresh generator; note each parameter's layer and its init scale."""
         self.generator.reset(self.method_seed(self.config.seed))
-        self._owner = {}
         groups = {}
         try:
             groups = {id(g.incoming): g for g in resolve_unit_groups(model, None)}
@@ -464,8 +463,8 @@ class TRAC(Mitigation):
 
     def state_dict(self) -> dict:
         """Reference weights (CPU), the tuner's arrays and the step counter."""
-        return {"reference": {k: v.cpu().clone() for k, v in self.reference.items()}, "s": self.s.copy(),
-                "variance": self.variance.copy(), "sigma": self.sigma.copy(), "steps": self.steps}  # fmt: skip
+        arrays = {key: torch.from_numpy(getattr(self, key).copy()) for key in ("s", "variance", "sigma")}
+        return {"reference": {k: v.cpu().clone() for k, v in self.reference.items()}, **arrays, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (after :meth:`attach`)."""
@@ -474,9 +473,9 @@ class TRAC(Mitigation):
         for name, value in state["reference"].items():
             device = self.reference[name].device if name in self.reference else value.device
             self.reference[name] = value.clone().to(device)
-        self.s = np.array(state["s"], dtype=np.float64)
-        self.variance = np.array(state["variance"], dtype=np.float64)
-        self.sigma = np.array(state["sigma"], dtype=np.float64)
+        for key in ("s", "variance", "sigma"):  # float64 tensors (numpy arrays from older states also load)
+            value = state[key]
+            setattr(self, key, np.array(value.numpy() if isinstance(value, torch.Tensor) else value, dtype=np.float64))
         self.steps = int(state["steps"])
 
 
