@@ -209,7 +209,7 @@ def test_trac_two_sgd_steps_on_a_scalar_by_hand():
     method.attach(model, optimizer)
     betas = np.array([0.9, 0.99, 0.999])
     s_init, eps = 1e-8, 1e-8
-    ref, theta, scale = 0.5, 0.5, 0.0
+    ref, delta = 0.5, 0.0
     variance, sigma = np.zeros(3), np.full(3, 1e-8)
     for c in cs:  # loss = c * w
         optimizer.zero_grad()
@@ -217,9 +217,8 @@ def test_trac_two_sgd_steps_on_a_scalar_by_hand():
         method.before_step(model, optimizer, 0)
         optimizer.step()
         method.after_step(model, optimizer, 0)
-        delta = (theta - ref) / (scale + eps)
         h = delta * c
-        delta = delta - lr * c
+        delta = delta - lr * c  # the base optimizer's (SGD's) update
         variance = betas**2 * variance + h * h
         sigma = betas * sigma - h
         s = s_init / erfi(1 / math.sqrt(2)) * erfi(sigma / (np.sqrt(2 * variance) + eps))
@@ -228,6 +227,32 @@ def test_trac_two_sgd_steps_on_a_scalar_by_hand():
         assert w.item() == pytest.approx(theta, rel=1e-12)
         assert method.scale == pytest.approx(scale, rel=1e-12)
     assert w.item() != 0.5 - lr * sum(cs)  # not plain SGD
+
+
+def test_trac_recovers_from_a_negative_scale_and_keeps_outside_changes():
+    """A first disagreeing gradient makes S < 0 (weights at theta_ref); Delta keeps accumulating, so S recovers."""
+    w = nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+    model = nn.Module()
+    model.w = w
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    method = TRAC()
+    method.attach(model, optimizer)
+    scales = []
+    for c in [1.0, -1.0] + [1.0] * 60:  # loss = c * w: the second gradient disagrees, then a steady descent
+        optimizer.zero_grad()
+        (c * w).sum().backward()
+        method.before_step(model, optimizer, 0)
+        optimizer.step()
+        method.after_step(model, optimizer, 0)
+        scales.append(method.scale)
+    assert scales[1] < 0 and scales[-1] > 1e-3 and w.item() < -1e-3
+    with torch.no_grad():
+        w.add_(5.0)  # another method moves the weight: kept as a shift of the reference
+    reference = method.reference["w"].item()
+    optimizer.zero_grad()
+    (1.0 * w).sum().backward()
+    method.before_step(model, optimizer, 0)
+    assert method.reference["w"].item() == pytest.approx(reference + 5.0)
 
 
 def test_trac_scale_grows_on_a_consistent_descent_and_state_round_trips():

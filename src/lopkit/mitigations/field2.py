@@ -377,11 +377,12 @@ def trac_scale(sigma: np.ndarray, variance: np.ndarray, s_init: float, eps: floa
 class TRAC(Mitigation):
     """TRAC (Muppidi et al. 2024): ``theta = theta_ref + max(S, 0) * Delta``, ``S`` tuned online without parameters.
 
-    ``theta_ref`` are the weights at ``attach``; ``Delta`` is the base optimizer's own offset from them (recovered
-    from the weights as ``(theta - theta_ref) / (S + eps)``, then moved by the base optimizer's update). With
-    ``h = <Delta, g>`` (all trainable parameters, the gradient at the current weights) and for each
-    ``beta_i = 1 - 10^-i``, ``i = 1..betas``: ``v_i <- beta_i^2 v_i + h^2``, ``sigma_i <- beta_i sigma_i - h``,
-    ``s_i = s_init / erfi(1/sqrt 2) * erfi(sigma_i / (sqrt(2 v_i) + eps))`` and ``S = sum_i s_i``.
+    ``theta_ref`` are the weights at ``attach``; ``Delta`` is the base optimizer's own offset from them, kept
+    explicitly: each step adds the base optimizer's update to it. With ``h = <Delta, g>`` (all trainable parameters,
+    ``Delta`` before the update, ``g`` the gradient at the current weights) and for each ``beta_i = 1 - 10^-i``,
+    ``i = 1..betas``: ``v_i <- beta_i^2 v_i + h^2``, ``sigma_i <- beta_i sigma_i - h``,
+    ``s_i = s_init / erfi(1/sqrt 2) * erfi(sigma_i / (sqrt(2 v_i) + eps))`` and ``S = sum_i s_i``. A change another
+    method makes to the weights between two steps is kept as a shift of ``theta_ref``.
     """
 
     name = "trac"
@@ -395,7 +396,7 @@ class TRAC(Mitigation):
         s_init: float = 1e-8
         """s_prev of the authors' code: the scale of the erfi potentials (and of the first steps)."""
         eps: float = 1e-8
-        """Added to S when recovering Delta and to sqrt(2 v) in the erfi argument."""
+        """Added to sqrt(2 v) in the erfi argument."""
 
         def validate(self) -> None:
             """Raise ConfigError for impossible values."""
@@ -410,6 +411,8 @@ class TRAC(Mitigation):
         self.betas = np.array([1.0 - 10.0 ** -(i + 1) for i in range(self.config.betas)], dtype=np.float64)
         self.reset_tuner()
         self.reference: dict[str, torch.Tensor] = {}
+        self.delta: dict[str, torch.Tensor] = {}
+        self.written: dict[str, torch.Tensor] = {}
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset_tuner(self) -> None:
@@ -426,54 +429,64 @@ class TRAC(Mitigation):
         return float(self.s.sum())
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Remember the reference weights and restart the tuner."""
+        """Remember the reference weights, ``Delta = 0``, and restart the tuner."""
         self.reference = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        self.delta = {name: torch.zeros_like(value) for name, value in self.reference.items()}
+        self.written = {}
         self.reset_tuner()
 
     @torch.no_grad()
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Record each parameter's value and gradient before the base optimizer's step."""
-        self._before = {name: (p.detach().clone(), p.grad.detach().clone())
-                        for name, p in model.named_parameters() if p.grad is not None and name in self.reference}
+        """Fold outside changes into ``theta_ref``; record each parameter's value and gradient before the base step."""
+        self._before = {}
+        for name, p in model.named_parameters():
+            if name not in self.reference:
+                continue
+            if name in self.written:
+                self.reference[name] += p.detach() - self.written[name]
+            if p.grad is not None:
+                self._before[name] = (p.detach().clone(), p.grad.detach().clone())
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Update the tuner with ``h = <Delta, g>`` and set ``theta = theta_ref + max(S, 0) * (Delta + update)``."""
+        """Update the tuner with ``h = <Delta, g>``, add the base update to ``Delta``, set the weights."""
         if not self._before:
             return
         named = dict(model.named_parameters())
-        divisor = self.scale + self.config.eps
         h = 0.0
-        deltas = {}
         for name, (before, grad) in self._before.items():
-            delta = (before - self.reference[name].to(before.device)) / divisor
+            delta = self.delta[name]
             h += float((delta.double() * grad.double()).sum())
-            deltas[name] = delta + (named[name].detach() - before)
+            delta += named[name].detach() - before
         self.variance = self.betas**2 * self.variance + h * h
         self.sigma = self.betas * self.sigma - h
         self.s = trac_scale(self.sigma, self.variance, self.config.s_init, self.config.eps)
         if not np.all(np.isfinite(self.s)):
             raise FloatingPointError(f"trac: the scale became non-finite at step {self.steps + 1} (h = {h})")
         scale = max(self.scale, 0.0)
-        for name, delta in deltas.items():
-            p = named[name]
-            p.copy_(self.reference[name].to(p.device) + delta * scale)
+        for name, p in named.items():
+            if name in self.reference:
+                p.copy_(self.reference[name] + self.delta[name] * scale)
+                self.written[name] = p.detach().clone()
         self._before = {}
         self.steps += 1
 
     def state_dict(self) -> dict:
-        """Reference weights (CPU), the tuner's arrays and the step counter."""
+        """Reference, offset and last written weights (CPU), the tuner's arrays (float64 tensors) and the step count."""
+        cpu = lambda tensors: {k: v.cpu().clone() for k, v in tensors.items()}  # noqa: E731
         arrays = {key: torch.from_numpy(getattr(self, key).copy()) for key in ("s", "variance", "sigma")}
-        return {"reference": {k: v.cpu().clone() for k, v in self.reference.items()}, **arrays, "steps": self.steps}
+        return {"reference": cpu(self.reference), "delta": cpu(self.delta), "written": cpu(self.written), **arrays,
+                "steps": self.steps}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (after :meth:`attach`)."""
         if not state:
             return
-        for name, value in state["reference"].items():
-            device = self.reference[name].device if name in self.reference else value.device
-            self.reference[name] = value.clone().to(device)
-        for key in ("s", "variance", "sigma"):  # float64 tensors (numpy arrays from older states also load)
+        devices = {name: value.device for name, value in self.reference.items()}
+        for key in ("reference", "delta", "written"):
+            setattr(self, key, {name: value.clone().to(devices.get(name, value.device))
+                                for name, value in state[key].items()})  # fmt: skip
+        for key in ("s", "variance", "sigma"):
             value = state[key]
             setattr(self, key, np.array(value.numpy() if isinstance(value, torch.Tensor) else value, dtype=np.float64))
         self.steps = int(state["steps"])
