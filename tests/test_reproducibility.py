@@ -31,6 +31,8 @@ FAST_SPECS = {
     "reset": "reset:every=30",
     "regrama": "regrama:every=20:window_steps=10:tau=0.5",
     "snr": "snr:maturity=20:threshold=0.01",
+    "swr": "swr:every=5:rate=0.05",
+    "ccbp": "ccbp:every=10",
 }
 RESET_METHODS = set(FAST_SPECS)
 SHORT = {

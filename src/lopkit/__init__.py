@@ -62,6 +62,13 @@ _EXPORTS: dict[str, str] = {
     "FIRE": "lopkit.mitigations.field",
     "ReGraMa": "lopkit.mitigations.field",
     "SelfNormalizedResets": "lopkit.mitigations.field",
+    "DASH": "lopkit.mitigations.field2",
+    "SWR": "lopkit.mitigations.field2",
+    "TRAC": "lopkit.mitigations.field2",
+    "CCBP": "lopkit.mitigations.field2",
+    "OptimizerReset": "lopkit.mitigations.field2",
+    "LeakyReLUSwap": "lopkit.mitigations.field2",
+    "plasticity_probe": "lopkit.diagnostics.plasticity",
     # benchmarks and results
     "Benchmark": "lopkit.benchmarks.base",
     "register_benchmark": "lopkit.benchmarks.base",
@@ -79,6 +86,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
     from lopkit.diagnostics.diagnose import DiagnoseConfig, diagnose
     from lopkit.diagnostics.metric_registry import MetricContext, MetricSpec, available_metrics, register_metric
     from lopkit.diagnostics.monitor import Monitor, MonitorConfig
+    from lopkit.diagnostics.plasticity import plasticity_probe
     from lopkit.mitigations.architecture import (
         BatchNormInsertion,
         CReLUActivation,
@@ -101,6 +109,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
         SelfNormalizedResets,
         Spectral,
     )
+    from lopkit.mitigations.field2 import CCBP, DASH, SWR, TRAC, LeakyReLUSwap, OptimizerReset
     from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
     from lopkit.mitigations.registry import available_methods, build_methods, get_method
     from lopkit.mitigations.regularizers import L2, L2Init

@@ -19,6 +19,14 @@ from lopkit.diagnostics.cloning import block_means, cloning_r2
 from lopkit.diagnostics.curvature import gradient_norm, parameter_norm, top_hessian_eigenvalue
 from lopkit.diagnostics.errors import LopkitWarning
 from lopkit.diagnostics.monitor import Monitor, MonitorConfig
+from lopkit.diagnostics.plasticity import (
+    active_fraction,
+    churn,
+    distance_from_init,
+    feature_norm,
+    grama_dormant_fraction,
+    plasticity_probe,
+)
 from lopkit.diagnostics.rank import (
     correlation_matrix,
     correlation_rank,
@@ -42,4 +50,5 @@ __all__ = [
     "parameter_norm", "top_hessian_eigenvalue", "LopkitWarning", "Monitor", "MonitorConfig", "correlation_matrix",
     "correlation_rank", "effective_rank", "numerical_rank", "renyi2_rank", "stable_rank", "cosine_similarity_matrix",
     "duplicate_clusters", "duplicate_fraction", "duplicate_unit_mask", "activation_derivative", "as_unit_matrix",
+    "active_fraction", "churn", "distance_from_init", "feature_norm", "grama_dormant_fraction", "plasticity_probe",
 ]

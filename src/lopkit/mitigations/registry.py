@@ -20,7 +20,7 @@ METHODS: dict[str, type[Mitigation]] = {}
 # modules that define methods; imported lazily so that a missing optional module never breaks the others
 METHOD_MODULES = ["lopkit.mitigations.regularizers", "lopkit.mitigations.perturbation",
                   "lopkit.mitigations.resets", "lopkit.mitigations.architecture",
-                  "lopkit.mitigations.field"]
+                  "lopkit.mitigations.field", "lopkit.mitigations.field2"]
 NO_OP_NAMES = {"sgd", "none", "baseline", "adam"}
 
 #: Short or alternative method names, mapped to registered names (resolved everywhere a spec is parsed).
@@ -50,6 +50,11 @@ METHOD_ALIASES: dict[str, str] = {
     "plasticity_injection": "injection",
     "re_grama": "regrama",
     "self_normalized_resets": "snr",
+    "direction_aware_shrinking": "dash",
+    "selective_weight_reinit": "swr",
+    "continuous_cbp": "ccbp",
+    "reset_optimizer": "optimizer_reset",
+    "leakyrelu": "leaky_relu",
 }
 
 # ',' or '+' separate methods; a '+' inside a number's exponent (1e+4) does not
