@@ -497,28 +497,16 @@ def random_target(output: Tensor, seed: int) -> Tensor:
 
 
 def probe_gain(model: nn.Module, probe_x: Tensor, steps: int = 50, lr: float = 1e-2, seed: int = 0) -> float:
-    """Plasticity probe (minimal, private): 1 - L_after / L_before fitting a fresh random target for ``steps`` Adam steps.
+    """Plasticity probe gain, 1 - L_after / L_before fitting a fresh random target for ``steps`` Adam steps.
 
-    Works on a deep copy in eval mode (no dropout noise, no BatchNorm statistics update); ``model`` is untouched.
+    The one plasticity probe of lopkit (:func:`lopkit.diagnostics.plasticity.plasticity_probe`) on a deep copy in
+    eval mode; ``model`` is untouched.
     """
-    twin = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        target = random_target(twin(probe_x), seed)
-    params = [p for p in twin.parameters() if p.requires_grad]
-    if not params:
+    from lopkit.diagnostics.plasticity import plasticity_probe
+
+    if not any(p.requires_grad for p in model.parameters()):
         return float("nan")
-    optimizer = torch.optim.Adam(params, lr=lr)
-    with torch.enable_grad():
-        before = None
-        for _ in range(steps):
-            loss = F.mse_loss(twin(probe_x), target)
-            before = float(loss.detach()) if before is None else before
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            after = float(F.mse_loss(twin(probe_x), target))
-    return 1.0 - after / before if before and before > 0 else float("nan")
+    return float(plasticity_probe(model, probe_x, steps=steps, seed=seed, lr=lr)["gain"])
 
 
 def _capture_activations(model: nn.Module, probe_x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
