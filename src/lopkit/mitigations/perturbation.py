@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lopkit.configs import require
+from lopkit.layer_types import TRANSPOSED_CONVS, WEIGHT_LAYERS
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.registry import register_method
 
@@ -30,7 +31,8 @@ __all__ = [
     "weight_layers",
 ]
 
-WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+#: Layers shrink-and-perturb and the field's methods act on: ``nn.Linear`` and every torch convolution.
+WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = WEIGHT_LAYERS + TRANSPOSED_CONVS
 
 
 class MethodGenerator:
