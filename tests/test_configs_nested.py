@@ -77,7 +77,8 @@ def test_cli_runs_with_a_dotted_key(capsys, tmp_path):
 
 def test_sweeps_take_dotted_keys_and_report_bad_ones(tmp_path):
     good = parse_sweep({"experiment": str(tmp_path / "a"), "preset": "smoke",
-                        "runs": [{"benchmark": "class_split", "set": {"monitor.every": 5}, "grid": {"optim.lr": [0.1, 0.2]}}]})
+                        "runs": [{"benchmark": "class_split", "set": {"monitor.every": 5},
+                                  "grid": {"optim.lr": [0.1, 0.2]}}]})
     assert sorted(spec.make_config().lr for spec in good.runs) == [0.1, 0.2]
     assert {spec.make_config().monitor_every for spec in good.runs} == {5}
     with pytest.raises(SweepError) as info:

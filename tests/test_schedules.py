@@ -1,4 +1,4 @@
-"""lopkit.schedules: the one warm-up/cosine schedule, as a torch scheduler that sets the rates a hand-written loop set."""
+"""lopkit.schedules: the one warm-up/cosine schedule, a torch scheduler setting the rates a hand-written loop set."""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ OPTIM_GROUP: dict[str, str] = {
 
 
 def nested_keys(cls: type) -> dict[str, str]:
-    """Every dotted key of the config dataclass ``cls`` and the flat field it sets, e.g. ``monitor.every`` -> ``monitor_every``.
+    """Every dotted key of config dataclass ``cls`` and the flat field it sets (``monitor.every`` -> ``monitor_every``).
 
     Groups: ``monitor.*`` (the ``monitor_*`` fields, and ``monitor.enabled`` for a ``monitor`` switch),
     ``optim.*`` (:data:`OPTIM_GROUP`, where the config has the field) and the class's own ``NESTED_KEYS``.
@@ -127,7 +127,7 @@ def _close_matches(key: str, names: list[str]) -> list[str]:
 
 
 def resolve_key(cls: type, key: str) -> str:
-    """The flat field of the config dataclass ``cls`` that ``key`` (flat or dotted) sets; ConfigError with a hint if none."""
+    """The flat field of config ``cls`` that ``key`` (flat or dotted) sets; ConfigError with a hint if none."""
     fields = config_field_types(cls)
     if key in fields:
         return key

@@ -65,7 +65,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def is_weight_layer(module: nn.Module, hf_conv1d: bool = True) -> bool:
-    """Whether a module is a weight layer: ``nn.Linear``, ``nn.Conv1d/2d/3d`` or (``hf_conv1d``) Hugging Face's ``Conv1D``.
+    """Whether a module is a weight layer: ``nn.Linear``, ``nn.Conv1d/2d/3d`` or (``hf_conv1d``) HF's ``Conv1D``.
 
     Only the torch layers have their weight laid out ``(out, in, *kernel)``; ``Conv1D`` stores ``(in, out)``.
     """

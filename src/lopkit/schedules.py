@@ -18,7 +18,7 @@ __all__ = ["BaseLambdaLR", "warmup_cosine_factor", "warmup_cosine_scheduler"]
 
 
 def warmup_cosine_factor(step: int, total: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """Factor of the base rate at 0-based step ``step``: linear warm-up over ``warmup_steps``, cosine to ``min_ratio``."""
+    """Factor of the base rate at 0-based ``step``: linear warm-up over ``warmup_steps``, cosine to ``min_ratio``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total - warmup_steps)))
