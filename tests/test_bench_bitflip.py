@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
 
 import numpy as np
 import pytest
@@ -46,14 +45,6 @@ def rows_equal(a: list[dict], b: list[dict]) -> bool:
         if not (x["value"] == y["value"] or (np.isnan(x["value"]) and np.isnan(y["value"]))):
             return False
     return True
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    """Dead-layer NaN warnings of the Monitor are expected on some probes; keep the output readable."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def test_registered_with_presets():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 
 import pytest
 import torch
@@ -55,13 +54,6 @@ FWD = {d: f"cloning_r2_{d}_forward" for d in ("std_ratio_barriers", "variance_ra
 BWD = {d: f"cloning_r2_{d}_backward" for d in ("std_ratio_barriers", "variance_ratio")}
 ALL_R2 = (*FWD.values(), *BWD.values())
 HIDDEN_MODULES = {"fc1", "norm1", "act1", "fc2", "norm2", "act2"}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def test_registered_with_presets():

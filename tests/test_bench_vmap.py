@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 
@@ -15,21 +14,11 @@ CONFIG = {"width": 16, "num_steps": 1500, "flip_period": 400, "bin_size": 250, "
 SEEDS = [0, 4, 9]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    """Dead-layer NaN warnings of the Monitor are expected on some probes."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 @pytest.fixture(scope="module")
 def sequential_rows() -> dict[int, list[dict]]:
     """Rows of separate benchmark runs, one per seed."""
     config = BitFlipBenchmark.make_config("smoke", CONFIG)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {seed: BitFlipBenchmark(config, seed).run(config.num_steps) for seed in SEEDS}
+    return {seed: BitFlipBenchmark(config, seed).run(config.num_steps) for seed in SEEDS}
 
 
 def assert_rows_close(expected: list[dict], actual: list[dict], rtol: float = 1e-5, atol: float = 1e-7) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -27,13 +26,6 @@ def all_rows(bench: BitFlipBenchmark, chunk: int = 10_000) -> list[dict]:
     while not bench.done:
         rows += bench.run(chunk)
     return rows
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def test_paper_and_dohare_presets_follow_their_references():

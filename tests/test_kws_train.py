@@ -198,3 +198,28 @@ def test_training_learns_the_standin_keyword(corpus):
     losses = [r["value"] for r in rows if r["metric"] == "online_loss"]
     assert losses[-1] < losses[0]
     assert bench.done
+
+
+def test_learning_rate_follows_the_warmup_cosine_schedule_across_a_resume(corpus):
+    """The torch scheduler sets, at every optimiser step, the rate the hand-written loop set (a resume included)."""
+    import math
+
+    from lopkit.kws.train import KWSTrainBenchmark
+
+    config = _config(corpus, max_steps=8, warmup_fraction=0.3, augment=False)
+    warmup = max(1, round(0.3 * 8))
+
+    def reference(step: int) -> float:
+        if step < warmup:
+            return config.lr * ((step + 1) / warmup)
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, 8 - warmup))))
+
+    first = KWSTrainBenchmark(config, 0)
+    seen: list[float] = []
+    first.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    first.run(3)
+    second = KWSTrainBenchmark(config, 0)
+    second.load_state_dict(first.state_dict())
+    second.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    second.run(5)
+    assert seen == [reference(step) for step in range(8)]

@@ -158,3 +158,10 @@ def test_core_does_not_load_seed_systems_or_heavy_libraries(statement):
 def test_seed_system_benchmarks_load_by_name_only():
     loaded = _loaded_after("from lopkit.benchmarks.registry import get_benchmark; get_benchmark('kws_train')")
     assert "lopkit.kws.train" in loaded and not any(m.startswith("lopkit.moe") for m in loaded)
+
+
+def test_benchmark_scripts_do_not_share_a_name_with_a_lopkit_benchmarks_module():
+    """``benchmarks/NAME.py`` (timing scripts) never shadows ``lopkit.benchmarks.NAME`` in tracebacks or imports."""
+    scripts = {p.stem for p in (SRC.parent / "benchmarks").glob("*.py")}
+    modules = {p.stem for p in (PACKAGE / "benchmarks").glob("*.py")}
+    assert scripts and modules and scripts & modules == set()

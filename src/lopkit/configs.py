@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -96,22 +97,78 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
     return result
 
 
+#: Fields of the ``optim`` group of dotted keys (``optim.lr=0.01``): dotted name -> flat config field.
+OPTIM_GROUP: dict[str, str] = {
+    "name": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip", "warmup_steps": "warmup_steps", "warmup_fraction": "warmup_fraction",
+    "min_lr_ratio": "min_lr_ratio", "reset": "reset_optimizer",
+}  # fmt: skip
+
+
+def nested_keys(cls: type) -> dict[str, str]:
+    """Every dotted key of config dataclass ``cls`` and the flat field it sets (``monitor.every`` -> ``monitor_every``).
+
+    Groups: ``monitor.*`` (the ``monitor_*`` fields, and ``monitor.enabled`` for a ``monitor`` switch),
+    ``optim.*`` (:data:`OPTIM_GROUP`, where the config has the field) and the class's own ``NESTED_KEYS``.
+    """
+    fields = config_field_types(cls)
+    keys: dict[str, str] = {}
+    if fields.get("monitor") is bool:
+        keys["monitor.enabled"] = "monitor"
+    keys.update({f"monitor.{name[len('monitor_'):]}": name for name in fields if name.startswith("monitor_")})
+    keys.update({f"optim.{name}": field for name, field in OPTIM_GROUP.items() if field in fields})
+    keys.update(getattr(cls, "NESTED_KEYS", None) or {})
+    return keys
+
+
+def _close_matches(key: str, names: list[str]) -> list[str]:
+    """Names that contain ``key`` or are contained in it (case-insensitive): the "did you mean" hint."""
+    return [name for name in names if key.lower() in name.lower() or name.lower() in key.lower()]
+
+
+def resolve_key(cls: type, key: str) -> str:
+    """The flat field of config ``cls`` that ``key`` (flat or dotted) sets; ConfigError with a hint if none."""
+    fields = config_field_types(cls)
+    if key in fields:
+        return key
+    nested = nested_keys(cls)
+    if key in nested:
+        return nested[key]
+    if "." in key:
+        group, _, name = key.partition(".")
+        in_group = sorted(k for k in nested if k.startswith(group + "."))
+        if not in_group:
+            groups = sorted({k.partition(".")[0] for k in nested})
+            valid = f"its groups are {', '.join(groups)}" if groups else "it takes flat keys only"
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}: no group {group!r}; {valid} "
+                              f"(or flat keys: {', '.join(sorted(fields))})")
+        names = [k.partition(".")[2] for k in in_group]
+        close = _close_matches(name, names) or difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(f'{group}.{c}' for c in close)}?" if close else ""
+        raise ConfigError(f"unknown config key {key!r} for {cls.__name__}.{hint} Valid {group}.* keys: "
+                          f"{', '.join(in_group)}")
+    close = _close_matches(key, list(fields))
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r} for {cls.__name__}.{hint} Valid keys: {', '.join(sorted(fields))}")
+
+
 def build_config(cls: type, *layers: Mapping[str, Any]) -> Any:
     """Instantiate dataclass ``cls`` from dict layers (later wins), rejecting unknown keys and wrong types.
 
-    The dataclass may define ``validate(self)`` raising ConfigError for impossible values; it is called here.
+    Keys are field names or dotted keys of a group (``monitor.every``, ``optim.lr``: :func:`nested_keys`);
+    one layer may not set a field twice. The dataclass may define ``validate(self)`` raising ConfigError for
+    impossible values; it is called here.
     """
     fields = config_field_types(cls)
     values: dict[str, Any] = {}
     for layer in layers:
+        given: dict[str, str] = {}  # field -> the key of this layer that set it
         for key, value in (layer or {}).items():
-            if key not in fields:
-                close = [name for name in fields if key.lower() in name.lower() or name.lower() in key.lower()]
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise ConfigError(
-                    f"unknown config key {key!r} for {cls.__name__}.{hint} Valid keys: {', '.join(sorted(fields))}"
-                )
-            values[key] = coerce_value(value, fields[key], key)
+            field = resolve_key(cls, key)
+            if field in given:
+                raise ConfigError(f"{given[field]} and {key} both set {cls.__name__}.{field}; give only one of them")
+            given[field] = key
+            values[field] = coerce_value(value, fields[field], key)
     try:
         config = cls(**values)
     except TypeError as err:

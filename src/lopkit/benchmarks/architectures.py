@@ -31,7 +31,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lopkit.benchmarks.models import _check_dropout, _check_positive_int, _check_sizes, _spatial_size
+from lopkit.benchmarks.models import check_dropout as _check_dropout
+from lopkit.benchmarks.models import check_positive_int as _check_positive_int
+from lopkit.benchmarks.models import check_sizes as _check_sizes
+from lopkit.benchmarks.models import spatial_size as _spatial_size
 
 __all__ = ["BasicBlock", "SmallResNet", "PatchEmbedding", "SelfAttention", "TransformerMLP", "TransformerBlock",
            "SmallViT", "build_resnet", "build_vit", "RESNET_NORMS", "VIT_NORMS"]

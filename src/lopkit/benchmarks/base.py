@@ -16,20 +16,24 @@ metrics such as loss or accuracy).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import random
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from lopkit.benchmarks.registry import BENCHMARKS, get_benchmark  # noqa: F401  (re-exported)
 from lopkit.configs import ConfigError, build_config
 from lopkit.mitigations.base import Compose, Mitigation, compose
-from lopkit.seeding import seed_global_rngs, seeded_generator
+from lopkit.seeding import (  # noqa: F401  (capture/restore re-exported)
+    RNGSandbox,
+    capture_rng_state,
+    restore_rng_state,
+    rng_sandbox,
+    seed_global_rngs,
+    seeded_generator,
+)
 
 ROW_KEYS = ("step", "task", "layer", "metric", "value")
 PRESET_NAMES = ("smoke", "default", "paper")
@@ -48,18 +52,6 @@ def make_row(step: int, task: int, layer: str, metric: str, value: float) -> dic
     return {"step": int(step), "task": int(task), "layer": str(layer), "metric": str(metric), "value": float(value)}
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """The global random states (python, numpy, torch) so a resumed run draws the same numbers."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 # stream keys (lopkit.seeding) of the global generators a benchmark owns and of its spare data generator
 _GLOBAL_RNG_KEY, _DATA_KEY = 0x474C, 0x4454
 
@@ -70,7 +62,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return seeded_generator(seed, _DATA_KEY)
 
 
-class PrivateRNG:
+class PrivateRNG(RNGSandbox):
     """Global (python, numpy, torch) RNG state owned by one benchmark and swapped in only while it trains.
 
     Dropout and mitigations draw from the global generators; keeping a private copy makes a benchmark's
@@ -78,21 +70,10 @@ class PrivateRNG:
     """
 
     def __init__(self, seed: int):
-        outer = capture_rng_state()
-        seed_everything(seed)
-        self.state = capture_rng_state()
-        restore_rng_state(outer)
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Install the private state, run the body, save the advanced state and restore the caller's."""
-        outer = capture_rng_state()
-        restore_rng_state(self.state)
-        try:
-            yield
-        finally:
-            self.state = capture_rng_state()
-            restore_rng_state(outer)
+        with rng_sandbox():
+            seed_everything(seed)
+            state = capture_rng_state()
+        super().__init__(state)
 
 
 class DivergedError(FloatingPointError):

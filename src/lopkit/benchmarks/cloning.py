@@ -65,12 +65,14 @@ from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, registe
 from lopkit.benchmarks.base import PrivateRNG, check_finite_loss
 from lopkit.benchmarks.models import build_mlp
 from lopkit.configs import ConfigError, require
-from lopkit.data.seeding import derive_seed, seeded_generator
+from lopkit.data.digits import load_digits_dataset
+from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.data.tasks import TaskStream
-from lopkit.diagnostics.monitor import Monitor, MonitorConfig
 from lopkit.diagnostics.cloning import R2_DEFINITIONS, cloning_r2
+from lopkit.diagnostics.monitor import Monitor, MonitorConfig
 from lopkit.mitigations.base import Mitigation, changes_architecture
 from lopkit.mitigations.perturbation import add_relative_gradient_noise_, noise_scale
+from lopkit.seeding import derive_seed, rng_sandbox, seeded_generator
 from lopkit.theory.cloning import clone
 from lopkit.theory.invariance import probe_clone_tensors
 from lopkit.theory.partition import Partition
@@ -212,13 +214,9 @@ def activation_layer_names(model: nn.Module) -> list[str]:
 def _load_data(config: CloningConfig) -> tuple[Tensor, Tensor]:
     """Standardised flattened training images and labels of the configured dataset."""
     if config.dataset == "digits":
-        from lopkit.data.digits import load_digits_dataset
-
         x, y = load_digits_dataset(flatten=True)
         x = (x - x.mean()) / x.std()
         return x, y
-    from lopkit.data.fashion_mnist import load_fashion_mnist
-
     return load_fashion_mnist("train", flatten=True, standardize=True, data_dir=config.data_dir)
 
 
@@ -286,7 +284,7 @@ class CloningBenchmark(Benchmark):
     def _build_base(self) -> nn.Module:
         """The seeded base MLP (PyTorch default init), with dropout modules for the dropout variant."""
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
+        with rng_sandbox():
             torch.manual_seed(derive_seed(self.seed, _INIT_STREAM))
             model = build_mlp(
                 self.train_x.shape[1],

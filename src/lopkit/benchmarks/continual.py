@@ -67,7 +67,8 @@ from lopkit.configs import ConfigError, config_to_dict, require
 from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.data.seeding import derive_seed, seeded_generator
 from lopkit.data.tasks import TaskStream, class_split_tasks, pixel_permutations, random_label_tasks
-from lopkit.diagnostics.monitor import ACTIVATION_TYPES, METRIC_NAMES, Monitor, MonitorConfig
+from lopkit.diagnostics.monitor import METRIC_NAMES, Monitor, MonitorConfig
+from lopkit.layer_types import ACTIVATION_TYPES
 
 __all__ = [
     "ClassSplitBenchmark",

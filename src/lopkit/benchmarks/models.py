@@ -26,8 +26,12 @@ __all__ = [
     "NORMS",
     "build_cnn",
     "build_mlp",
+    "check_dropout",
+    "check_positive_int",
+    "check_sizes",
     "head_layer",
     "make_activation",
+    "spatial_size",
     "zero_head_",
 ]
 
@@ -73,24 +77,24 @@ def _check_norm(norm: str | None) -> str:
     return canonical.lower()
 
 
-def _check_positive_int(value: object, name: str) -> int:
+def check_positive_int(value: object, name: str) -> int:
     """Return ``value`` if it is a positive int, else raise ValueError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
-def _check_sizes(values: Sequence[int], name: str, allow_empty: bool) -> tuple[int, ...]:
+def check_sizes(values: Sequence[int], name: str, allow_empty: bool) -> tuple[int, ...]:
     """Return a tuple of positive layer sizes, or raise ValueError."""
     if isinstance(values, (int, str)) or not isinstance(values, Sequence):
         raise ValueError(f"{name} must be a sequence of positive integers, e.g. (128, 128), got {values!r}")
-    sizes = tuple(_check_positive_int(v, f"each entry of {name}") for v in values)
+    sizes = tuple(check_positive_int(v, f"each entry of {name}") for v in values)
     if not sizes and not allow_empty:
         raise ValueError(f"{name} must hold at least one layer size")
     return sizes
 
 
-def _check_dropout(dropout: float) -> float:
+def check_dropout(dropout: float) -> float:
     """Return ``dropout`` if it is a probability in [0, 1), else raise ValueError."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
@@ -104,7 +108,7 @@ def _check_common(activation: str, norm: str | None, affine: bool, dropout: floa
         raise ValueError(f"affine must be True or False, got {affine!r}")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-    return _check_norm(norm), _check_dropout(dropout)
+    return _check_norm(norm), check_dropout(dropout)
 
 
 def _initialise(model: nn.Module, init: str, activation: str) -> None:
@@ -160,9 +164,9 @@ def build_mlp(
     ``norm`` is None/"none", "batch" (BatchNorm1d) or "layer" (LayerNorm), placed before the activation,
     with learnable affine parameters when ``affine``. The leading ``Flatten`` lets the MLP take images too.
     """
-    in_features = _check_positive_int(in_features, "in_features")
-    out_features = _check_positive_int(out_features, "out_features")
-    sizes = _check_sizes(hidden, "hidden", allow_empty=True)
+    in_features = check_positive_int(in_features, "in_features")
+    out_features = check_positive_int(out_features, "out_features")
+    sizes = check_sizes(hidden, "hidden", allow_empty=True)
     norm, dropout = _check_common(activation, norm, affine, dropout, init)
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     width = in_features
@@ -175,13 +179,13 @@ def build_mlp(
     return model
 
 
-def _spatial_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+def spatial_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     """(height, width) from an int or a pair, validated."""
     if isinstance(image_size, int) and not isinstance(image_size, bool):
         image_size = (image_size, image_size)
     if isinstance(image_size, (str, bytes)) or not isinstance(image_size, Sequence) or len(image_size) != 2:
         raise ValueError(f"image_size must be an int or a (height, width) pair, got {image_size!r}")
-    height, width = (_check_positive_int(v, "image_size") for v in image_size)
+    height, width = (check_positive_int(v, "image_size") for v in image_size)
     return height, width
 
 
@@ -204,12 +208,12 @@ def build_cnn(
     layers; "batch" is BatchNorm2d / BatchNorm1d. Dropout applies to the FC part only (paper, section 4.1).
     Each pool halves the spatial size (floor), so ``image_size`` must survive ``len(channels)`` halvings.
     """
-    in_channels = _check_positive_int(in_channels, "in_channels")
-    out_features = _check_positive_int(out_features, "out_features")
-    conv_sizes = _check_sizes(channels, "channels", allow_empty=False)
-    fc_sizes = _check_sizes(fc, "fc", allow_empty=True)
+    in_channels = check_positive_int(in_channels, "in_channels")
+    out_features = check_positive_int(out_features, "out_features")
+    conv_sizes = check_sizes(channels, "channels", allow_empty=False)
+    fc_sizes = check_sizes(fc, "fc", allow_empty=True)
     norm, dropout = _check_common(activation, norm, affine, dropout, init)
-    height, width = _spatial_size(image_size)
+    height, width = spatial_size(image_size)
     final_h, final_w = height >> len(conv_sizes), width >> len(conv_sizes)
     if final_h < 1 or final_w < 1:
         raise ValueError(

@@ -35,7 +35,7 @@ from lopkit.benchmarks.base import (
     register_benchmark,
 )
 from lopkit.configs import require
-from lopkit.data.seeding import seeded_generator
+from lopkit.seeding import rng_sandbox, seeded_generator
 from lopkit.mitigations.base import Mitigation, MitigationHooks
 
 __all__ = ["ToyBenchmark", "ToyConfig", "build_toy_model", "toy_teacher"]
@@ -82,7 +82,7 @@ class ToyConfig(BenchmarkConfig):
 
 def build_toy_model(config: ToyConfig, seed: int) -> nn.Sequential:
     """The learner: Linear(input_dim, width) -> ReLU -> Linear(width, 1), initialised from the seed only."""
-    with torch.random.fork_rng(devices=[]):  # the default init draws from the global RNG; leave it untouched
+    with rng_sandbox():  # the default init draws from the global RNG; leave it untouched
         model = nn.Sequential(OrderedDict(  # the readable names every lopkit model uses (fc1, act1, head)
             [("fc1", nn.Linear(config.input_dim, config.width)), ("act1", nn.ReLU()), ("head", nn.Linear(config.width, 1))]
         ))

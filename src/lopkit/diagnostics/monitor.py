@@ -31,6 +31,8 @@ from lopkit.diagnostics.metric_registry import (
     resolve_specs,
 )
 from lopkit.diagnostics.units import all_finite, as_unit_matrix
+from lopkit.layer_types import ACTIVATION_MODULE_PATHS, ACTIVATION_TYPES, WEIGHT_LAYERS
+from lopkit.layer_types import is_activation as is_activation_module
 
 __all__ = [
     "ACTIVATION_MODULE_PATHS",
@@ -44,40 +46,8 @@ __all__ = [
     "is_activation_module",
 ]
 
-#: Elementwise activation modules monitored by default (post-activation ``h`` = output, ``z`` = input).
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.Hardshrink,
-    nn.Softshrink,
-    nn.Tanhshrink,
-    nn.LogSigmoid,
-    nn.Threshold,
-)
-
-#: Python modules whose ``nn.Module`` classes are all elementwise activations, recognised by the module path of
-#: their class so the package is never imported: Hugging Face's ``GELUActivation``, ``NewGELUActivation``,
-#: ``QuickGELUActivation``, ... (``ACT2FN``).
-ACTIVATION_MODULE_PATHS: tuple[str, ...] = ("transformers.activations",)
-
 #: Weight layers monitored by default (metrics on their outputs and on their parameters).
-PARAMETRIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PARAMETRIC_TYPES = WEIGHT_LAYERS
 
 #: Layer name used for whole-model rows (probe loss, top Hessian eigenvalue).
 MODEL_LAYER = "model"
@@ -270,12 +240,6 @@ class _ProbeResult:
     parameter_grads: dict[str, list[Tensor]] = field(default_factory=dict)
     non_tensor: set[str] = field(default_factory=set)
     hessian_top: float | None = None
-
-
-def is_activation_module(module: nn.Module, extra_activation_types: tuple[type[nn.Module], ...] = ()) -> bool:
-    """Whether a module is an elementwise activation: a torch one, an extra type, or one of a known package's."""
-    return isinstance(module, ACTIVATION_TYPES + extra_activation_types) or (
-        type(module).__module__ in ACTIVATION_MODULE_PATHS)
 
 
 #: Words in a class name that mark a parameter-free leaf module as an elementwise activation (custom classes such

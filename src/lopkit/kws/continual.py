@@ -33,13 +33,14 @@ from torch import Tensor
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
 from lopkit.configs import ConfigError, config_to_dict, require
 from lopkit.kws.metrics import clip_auc  # noqa: F401  (re-exported; defined with the other metrics)
+from lopkit.schedules import BaseLambdaLR, warmup_cosine_scheduler
 from lopkit.seeding import seeded_generator
 from lopkit.kws.train import (
     SplitFeatures,
     augment_features,
     build_model,
     load_split_features,
-    warmup_cosine_factor,
+    warmup_steps_of,
 )
 
 __all__ = ["KWSContinualBenchmark", "KWSContinualConfig", "TaskData", "clip_auc", "load_exported_model", "voice_groups"]
@@ -182,6 +183,7 @@ class KWSContinualBenchmark(Benchmark):
         self._bin = {"loss": 0.0, "steps": 0.0}
         self._task_started = False
         self._last: dict[str, float] = {}
+        self._scheduler: BaseLambdaLR | None = None
 
     # ------------------------------------------------------------------ tasks
     def _build_tasks(self) -> list[TaskData]:
@@ -270,8 +272,11 @@ class KWSContinualBenchmark(Benchmark):
         feats = batch["feats"].float()
         if config.augment:
             feats = augment_features(feats, seeded_generator(self.seed, 34, self.step))
-        for group in self.optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine_factor(step_in_task, config.steps_per_task, config.warmup_fraction)
+        if self._scheduler is None:  # sets the rate of this step; stepped after each optimiser step
+            self._scheduler = warmup_cosine_scheduler(
+                self.optimizer, config.lr, config.steps_per_task,
+                warmup_steps_of(config.steps_per_task, config.warmup_fraction),
+                period=config.steps_per_task, start_step=self.step)
         self.model.train()
         loss = self._loss_fn(self.model(feats), batch)
         extra = self.method.loss_term(self.model)
@@ -283,6 +288,7 @@ class KWSContinualBenchmark(Benchmark):
         self.method.before_step(self.model, self.optimizer, self.step)
         self.optimizer.step()
         self.method.after_step(self.model, self.optimizer, self.step)
+        self._scheduler.step()
         self.step += 1
         self._bin["loss"] += float(loss.detach())
         self._bin["steps"] += 1
@@ -339,3 +345,4 @@ class KWSContinualBenchmark(Benchmark):
         self.step = int(state["step"])
         self._bin, self._task_started = state["bin"], bool(state["task_started"])
         self._last, self._rng.state = state["last"], state["rng"]
+        self._scheduler = None

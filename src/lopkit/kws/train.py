@@ -46,6 +46,8 @@ from torch import Tensor, nn
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
 from lopkit.configs import ConfigError, config_to_dict, require
 from lopkit.kws.metrics import clip_auc
+from lopkit.schedules import BaseLambdaLR, warmup_cosine_scheduler
+from lopkit.schedules import warmup_cosine_factor as schedule_factor
 from lopkit.seeding import seeded_generator
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "model_from_state",
     "phone_targets_for_split",
     "warmup_cosine_factor",
+    "warmup_steps_of",
 ]
 
 MODEL_KINDS = ("heimdal", "heimdal_no_offset", "heimdal_utterance", "dnn_hmm")
@@ -300,13 +303,14 @@ def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
+def warmup_steps_of(total: int, warmup_fraction: float) -> int:
+    """Warm-up steps of a ``warmup_fraction`` share of ``total`` steps (at least one)."""
+    return max(1, int(round(warmup_fraction * total)))
+
+
 def warmup_cosine_factor(step: int, total: int, warmup_fraction: float) -> float:
-    """Linear warm-up then cosine decay (to 0 at ``total``)."""
-    warmup = max(1, int(round(warmup_fraction * total)))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    """Linear warm-up then cosine decay (to 0 at ``total``): :func:`lopkit.schedules.warmup_cosine_factor`."""
+    return schedule_factor(step, total, warmup_steps_of(total, warmup_fraction))
 
 
 def augment_features(feats: Tensor, generator: torch.Generator, max_gain: float = 1.0, max_mask: int = 5,
@@ -408,6 +412,7 @@ class KWSTrainBenchmark(Benchmark):
         self._batches_per_epoch = batches_per_epoch
         self._bin = _empty_bin()
         self._last: dict[str, float] = {}
+        self._scheduler: BaseLambdaLR | None = None
 
     # ------------------------------------------------------------------ targets
     def _window_targets(self, data: SplitFeatures) -> tuple[Tensor, Tensor, Tensor]:
@@ -483,8 +488,10 @@ class KWSTrainBenchmark(Benchmark):
             noise = tuple(config.augment_noise_snr_db) or None
             feats = augment_features(feats, seeded_generator(self.seed, 12, self.step),
                                      time_masks=config.augment_time_masks, noise_snr_db=noise)
-        for group in self.optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine_factor(self.step, self.total_steps, config.warmup_fraction)
+        if self._scheduler is None:  # sets the rate of this step; stepped after each optimiser step
+            self._scheduler = warmup_cosine_scheduler(self.optimizer, config.lr, self.total_steps,
+                                                      warmup_steps_of(self.total_steps, config.warmup_fraction),
+                                                      start_step=self.step)
         self.model.train()
         loss, cls, off = self._loss(feats, index, train=True)
         extra = self.method.loss_term(self.model)
@@ -497,6 +504,7 @@ class KWSTrainBenchmark(Benchmark):
         self.method.before_step(self.model, self.optimizer, self.step)
         self.optimizer.step()
         self.method.after_step(self.model, self.optimizer, self.step)
+        self._scheduler.step()
         self.step += 1
         self._bin["loss"] += float(loss.detach())
         self._bin["cls"] += cls
@@ -580,3 +588,4 @@ class KWSTrainBenchmark(Benchmark):
         self.method.load_state_dict(state["method"])
         self.step = int(state["step"])
         self._bin, self._last, self._rng.state = state["bin"], state["last"], state["rng"]
+        self._scheduler = None

@@ -23,7 +23,8 @@ from lopkit.configs import ConfigError, require
 from lopkit.diagnostics.activations import dormant_unit_mask
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.layers import INIT_SCHEMES, UnitGroup, find_unit_groups, reinit_incoming
-from lopkit.mitigations.perturbation import MethodGenerator, _randn_like, weight_layers
+from lopkit.mitigations.perturbation import MethodGenerator, weight_layers
+from lopkit.mitigations.perturbation import randn_like as _randn_like
 from lopkit.mitigations.registry import register_method
 from lopkit.mitigations.regularizers import is_norm_module
 from lopkit.mitigations.resets import ReDo, ReDoConfig, UnitMethod

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from lopkit.diagnostics.units import as_unit_matrix
+from lopkit.layer_types import WEIGHT_LAYERS
 
 __all__ = [
     "INIT_SCHEMES",
@@ -65,7 +66,7 @@ INIT_SCHEMES: tuple[str, ...] = ("default", "kaiming_uniform", "kaiming_normal",
 #: Bias schemes accepted by :func:`reinit_incoming`.
 BIAS_SCHEMES: tuple[str, ...] = ("zero", "default")
 
-_WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WEIGHT_TYPES = WEIGHT_LAYERS
 _NORM_TYPES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lopkit.configs import require
+from lopkit.layer_types import TRANSPOSED_CONVS, WEIGHT_LAYERS
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.registry import register_method
 
@@ -26,11 +27,13 @@ __all__ = [
     "add_relative_gradient_noise_",
     "init_noise",
     "noise_scale",
+    "randn_like",
     "shrink_perturb_",
     "weight_layers",
 ]
 
-WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+#: Layers shrink-and-perturb and the field's methods act on: ``nn.Linear`` and every torch convolution.
+WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = WEIGHT_LAYERS + TRANSPOSED_CONVS
 
 
 class MethodGenerator:
@@ -71,7 +74,7 @@ class MethodGenerator:
         self.seed, self._generator = int(state["seed"]), generator
 
 
-def _randn_like(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def randn_like(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``param``, drawn on the generator's device and moved to ``param``'s."""
     noise = torch.randn(param.shape, generator=generator, device=generator.device, dtype=param.dtype)
     return noise.to(param.device)
@@ -114,7 +117,7 @@ def add_relative_gradient_noise_(
         if grad.is_sparse:
             raise ValueError("noisy_sgd does not support sparse gradients")
         norm = torch.linalg.vector_norm(grad)
-        grad.add_(_randn_like(grad, generator) * (norm * sigma))
+        grad.add_(randn_like(grad, generator) * (norm * sigma))
 
 
 @register_method
@@ -217,7 +220,7 @@ def init_noise(layer: nn.Module, param: torch.Tensor, kind: NoiseKind, generator
         bound = 1.0 / math.sqrt(fan_in)
         return (_rand_like(param, generator) * 2.0 - 1.0) * bound
     if kind == "kaiming":
-        return _randn_like(param, generator) * math.sqrt(2.0 / fan_in)
+        return randn_like(param, generator) * math.sqrt(2.0 / fan_in)
     raise ValueError(f"unknown noise kind {kind!r}; choose 'init' or 'kaiming'")
 
 

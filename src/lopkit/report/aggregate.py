@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from lopkit.report.ranges import valid_range
+
 MODEL_LAYER = "model"
 # configuration keys that never distinguish methods (they differ per run by construction)
 IGNORED_CONFIG_KEYS = {"seed"}
@@ -197,8 +199,6 @@ INTERVAL_NOTE = ("* = interval clipped to the metric's valid range; with fewer t
 
 def format_interval(mean: float, low: float, high: float, metric: str | None = None, digits: int = 4) -> str:
     """``mean [low, high]`` to ``digits`` significant digits, ends clipped to ``metric``'s valid range (then ``*``); NaN -> ``–``."""
-    from lopkit.report.ranges import valid_range
-
     if mean is None or math.isnan(mean):
         return "–"
     low_bound, high_bound = valid_range(metric) if metric else (-math.inf, math.inf)

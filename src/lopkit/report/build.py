@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from lopkit.report import aggregate, html, plots
+from lopkit.runner.store import ResultStore, store_path
 
 PERFORMANCE_METRICS = [
     "task_test_accuracy", "task_final_train_accuracy", "online_accuracy", "online_loss", "online_mse",
@@ -31,8 +32,6 @@ class ReportResult:
 
 
 def _load(experiment_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from lopkit.runner.store import ResultStore, store_path
-
     path = store_path(experiment_dir)
     if not path.exists():
         raise FileNotFoundError(

@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from lopkit.configs import ConfigError
+from lopkit.configs import ConfigError, nested_keys
 
 from lopkit.runner.cli_common import (
     EXIT_FAILED,
@@ -188,6 +188,10 @@ def describe_benchmark(cls: Any) -> str:
             default = "(required)"
         doc = f"  {docs[field.name]}" if field.name in docs else ""
         lines.append(f"    {field.name}: {_type_name(hints.get(field.name, field.type))} = {default!r}{doc}")
+    nested = nested_keys(cls.Config)
+    if nested:
+        lines.append("  nested keys (--set group.key=value, the same as the field):")
+        lines += [f"    {key} = {field}" for key, field in sorted(nested.items())]
     return "\n".join(lines)
 
 

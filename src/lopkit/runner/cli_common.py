@@ -92,7 +92,6 @@ def apply_threads(args: argparse.Namespace) -> int | None:
     if threads is None:
         return None
     if isinstance(threads, bool) or int(threads) < 1:
-        from lopkit.configs import ConfigError
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     import torch
     torch.set_num_threads(int(threads))

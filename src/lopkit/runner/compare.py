@@ -25,9 +25,14 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
+from lopkit.benchmarks.base import check_accepts_methods, get_benchmark
 from lopkit.configs import ConfigError, config_to_dict
 from lopkit.mitigations.registry import METHOD_ALIASES, canonical_spec, split_method_specs
+from lopkit.report.build import build_report
+from lopkit.report.ranking import ranking_table
 from lopkit.runner.cli_common import parse_seeds
+from lopkit.runner.execute import RunResult, execute_run, method_label, resolve_methods
+from lopkit.runner.store import make_run_id
 
 __all__ = [
     "METHOD_ALIASES",
@@ -61,8 +66,6 @@ def parse_method_list(text: str | Sequence[str]) -> list[MethodEntry]:
     Not yet validated against the registry (see :func:`validate_methods`). ConfigError for an empty list or a
     method given twice (all baseline names such as ``sgd``/``none`` are the same method).
     """
-    from lopkit.runner.execute import method_label
-
     items = [text] if isinstance(text, str) else list(text)
     entries: list[MethodEntry] = []
     for item in items:
@@ -84,9 +87,6 @@ def parse_method_list(text: str | Sequence[str]) -> list[MethodEntry]:
 def validate_methods(entries: Sequence[MethodEntry], benchmark_cls: Any = None) -> None:
     """Build every method once so unknown names, bad hyper-parameters and methods given to a benchmark that cannot
     apply them (``benchmark_cls``) fail (ConfigError) before any run."""
-    from lopkit.benchmarks.base import check_accepts_methods
-    from lopkit.runner.execute import resolve_methods
-
     for entry in entries:
         try:
             built = resolve_methods(entry.specs)
@@ -114,8 +114,6 @@ class ComparePlan:
 
     def run_id(self, method: MethodEntry, seed: int) -> str:
         """The runner's id of one cell (same as ``lopkit run`` with this config, method and seed)."""
-        from lopkit.runner.store import make_run_id
-
         return make_run_id(self.benchmark, method.label, config_to_dict(self.config), seed)
 
     @property
@@ -127,8 +125,6 @@ class ComparePlan:
 def build_plan(benchmark: str, methods: str | Sequence[str], seeds: str | int | Sequence[int] = 5,
                preset: str = "default", overrides: dict[str, Any] | None = None) -> ComparePlan:
     """Validate benchmark, preset, overrides, methods and seeds (ConfigError naming the problem) into a plan."""
-    from lopkit.benchmarks.base import get_benchmark
-
     cls = get_benchmark(benchmark)
     config = cls.make_config(preset, overrides or {})
     entries = parse_method_list(methods)
@@ -152,8 +148,6 @@ def run_plan(plan: ComparePlan, store: Any, *, progress: bool | str = True, chec
     A failed cell is recorded in the store and the grid goes on. An interrupted cell (Ctrl-C) ends the grid:
     its last result has status ``interrupted``; run the same plan again to resume.
     """
-    from lopkit.runner.execute import RunResult, execute_run
-
     results = []
     for method, seed in plan.cells:
         try:
@@ -181,8 +175,6 @@ def grid_rows(plan: ComparePlan, store: Any) -> tuple[pd.DataFrame, pd.DataFrame
 
 def rank_plan(plan: ComparePlan, store: Any, primary: str | None = None, final_fraction: float = 0.1) -> Any:
     """The :class:`~lopkit.report.ranking.Ranking` of the plan's finished cells (ValueError if none finished)."""
-    from lopkit.report.ranking import ranking_table
-
     runs, metrics = grid_rows(plan, store)
     if runs.empty:
         raise ValueError("no finished run in this grid yet; run the comparison first")
@@ -213,8 +205,6 @@ def write_outputs(plan: ComparePlan, out_dir: str | Path, ranking: Any, html_pat
     The store is read from ``out_dir``; the CSVs go to ``files_dir`` (default ``out_dir``, e.g. another folder
     when ``out_dir`` is read-only).
     """
-    from lopkit.report.build import build_report
-
     store_dir = Path(out_dir)
     out_dir = Path(files_dir) if files_dir is not None else store_dir
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from lopkit.runner.cli_common import EXIT_OK, error_exit
+from lopkit.runner.store import SHOWN_STATUSES, ResultStore, StoreError, resolve_store_file
 
 __all__ = ["format_runs", "is_experiment_path", "list_runs"]
 
 
 def is_experiment_path(text: str) -> bool:
     """True if ``text`` names an experiment folder holding a results store, or a store file itself."""
-    from lopkit.runner.store import resolve_store_file
-
     path = Path(text)
     return (path.is_dir() or path.is_file()) and resolve_store_file(path).is_file()
 
@@ -40,8 +39,6 @@ def format_runs(runs: Any) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-    from lopkit.runner.store import SHOWN_STATUSES
-
     counts = runs["status"].value_counts()
     lines.append(f"{len(runs)} runs: " + ", ".join(f"{int(counts[s])} {s}" for s in SHOWN_STATUSES if s in counts))
     return "\n".join(line.rstrip() for line in lines)
@@ -49,8 +46,6 @@ def format_runs(runs: Any) -> str:
 
 def list_runs(path: str) -> int:
     """Print the runs of the store at ``path`` (read-only); one ``error:`` line if it cannot be read."""
-    from lopkit.runner.store import ResultStore, StoreError
-
     try:
         with ResultStore(path, read_only=True) as store:
             runs = store.runs()

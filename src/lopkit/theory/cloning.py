@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lopkit.layer_types import CLONABLE_ELEMENTWISE
 from lopkit.theory.partition import Partition
 from lopkit.theory.unit_maps import clone_weight_layer, index_unit_tensors, new_unit_map
 
@@ -38,11 +39,7 @@ LAYOUTS = ("interleaved", "tiled")
 _LINEAR = (nn.Linear,)
 _CONV = (nn.Conv1d, nn.Conv2d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-_ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.Identity,
-)
+_ELEMENTWISE = CLONABLE_ELEMENTWISE
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _POOL = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,

@@ -23,7 +23,9 @@ from torch import nn
 
 from lopkit.diagnostics.cloning import cloning_r2
 from lopkit.diagnostics.units import as_unit_matrix
-from lopkit.theory.manifolds import ELEMENTWISE_ACTIVATIONS, WEIGHT_LAYERS, frozen_units
+from lopkit.layer_types import ELEMENTWISE_ACTIVATIONS, WEIGHT_LAYERS
+from lopkit.seeding import rng_sandbox
+from lopkit.theory.manifolds import frozen_units
 
 __all__ = [
     "track_clone_training",
@@ -223,7 +225,7 @@ def track_clone_training(
             for layer, value in per_layer.items():
                 rows.append({"step": step, "layer": layer, "metric": metric, "value": value})
 
-    with torch.random.fork_rng(devices=[]):
+    with rng_sandbox():
         torch.manual_seed(seed)
         order = torch.randperm(len(inputs), generator=generator)
         cursor = 0

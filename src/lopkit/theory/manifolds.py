@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from lopkit.layer_types import ELEMENTWISE_ACTIVATIONS, WEIGHT_LAYERS
 from lopkit.theory.partition import validate_block_ids
 
 __all__ = [
@@ -50,12 +51,6 @@ __all__ = [
 
 BlockIds = torch.Tensor | None  # block id of each unit; None = not cloned (singleton blocks)
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-ELEMENTWISE_ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold,
-)
 
 
 # ---------------------------------------------------------------------------------------------

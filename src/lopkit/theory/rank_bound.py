@@ -49,9 +49,12 @@ from functools import lru_cache
 from typing import Any, Union
 
 import numpy as np
+import torch
 from scipy import optimize, special
+from torch import nn
 
 from lopkit.diagnostics.errors import LopkitWarning
+from lopkit.diagnostics.rank import renyi2_rank as diagnostics_renyi2_rank
 
 __all__ = [
     "ACTIVATION_NAMES",
@@ -193,8 +196,6 @@ _ALIASES = {"swish": "silu", "leakyrelu": "leaky_relu", "logistic": "sigmoid"}
 
 def _module_kinks(module: Any) -> tuple[float, ...]:
     """Kink locations of common piecewise torch activations (0 for everything else)."""
-    import torch.nn as nn
-
     if isinstance(module, nn.ReLU6):
         return (0.0, 6.0)
     if isinstance(module, nn.Hardtanh):
@@ -206,8 +207,6 @@ def _module_kinks(module: Any) -> tuple[float, ...]:
 
 def _named_equivalent(module: Any) -> str | None:
     """Name of the built-in activation that a default-configured torch module computes."""
-    import torch.nn as nn
-
     simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.SELU: "selu"}
     if type(module) in simple:
         return simple[type(module)]
@@ -222,8 +221,6 @@ def _named_equivalent(module: Any) -> str | None:
 
 def _wrap_module(module: Any) -> Activation:
     """Wrap an elementwise torch module as a float64 numpy activation."""
-    import torch
-
     named = _named_equivalent(module)
     if named is not None:
         return _NAMED[named]
@@ -251,13 +248,8 @@ def as_activation(activation: Any) -> Activation:
                 "a torch nn.Module, or a vectorised numpy callable"
             )
         return _NAMED[key]
-    try:
-        import torch.nn as nn
-
-        if isinstance(activation, nn.Module):
-            return _wrap_module(activation)
-    except ImportError:  # pragma: no cover - torch is a hard dependency of lopkit
-        pass
+    if isinstance(activation, nn.Module):
+        return _wrap_module(activation)
     if callable(activation):
         return Activation(activation, None, (0.0,), getattr(activation, "__name__", "custom"))
     raise ValueError(
@@ -695,13 +687,11 @@ def decorrelation_potential(C: np.ndarray) -> float:
 
 
 def renyi2_rank(M: np.ndarray) -> float:
-    """Renyi-2 effective rank er2(M) = (tr M)^2 / ||M||_F^2 of a symmetric PSD matrix (NaN if M = 0)."""
-    M = _as_square(M, "M")
-    frobenius_sq = float(np.sum(M * M))
-    if frobenius_sq == 0.0:
-        warnings.warn("renyi2_rank of a zero matrix is undefined; returning NaN", LopkitWarning, stacklevel=2)
-        return float("nan")
-    return float(np.trace(M)) ** 2 / frobenius_sq
+    """Renyi-2 effective rank er2(M) = (tr M)^2 / ||M||_F^2 of a symmetric PSD matrix (NaN if M = 0).
+
+    A NumPy front end of :func:`lopkit.diagnostics.rank.renyi2_rank` that refuses NaN / inf entries.
+    """
+    return diagnostics_renyi2_rank(torch.from_numpy(_as_square(M, "M")))
 
 
 def shannon_effective_rank(M: np.ndarray) -> float:

@@ -11,7 +11,7 @@ Three ways to train the same S seeds (same rows up to float rounding, see
 Prints seconds, seed-steps per second and the speed-up of each variant over ``sequential`` (lean).
 Single-threaded (``torch.set_num_threads(1)``) so the numbers do not depend on the number of cores.
 
-Usage: python benchmarks/vmap_seeds.py [--seeds 8] [--steps 10000] [--width 100] [--monitor-every 1000]
+Usage: python benchmarks/throughput_vmap_seeds.py [--seeds 8] [--steps 10000] [--width 100] [--monitor-every 1000]
 """
 
 from __future__ import annotations

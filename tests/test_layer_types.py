@@ -1,0 +1,73 @@
+"""One definition of activation and weight-layer types (lopkit.layer_types), shared by every model walker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lopkit import layer_types as lt
+
+_MIXERS = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d, nn.MultiheadAttention, nn.GLU)
+
+
+def test_activation_types_are_torchs_elementwise_activation_modules():
+    """Every class of torch.nn.modules.activation that acts unit by unit, and nothing else."""
+    module = torch.nn.modules.activation
+    torch_classes = {c for c in vars(module).values()
+                     if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == module.__name__}
+    assert set(lt.ACTIVATION_TYPES) == torch_classes - set(_MIXERS)
+    assert set(lt.ACTIVATION_TYPES) - set(lt.ELEMENTWISE_ACTIVATIONS) == {nn.PReLU, nn.RReLU}
+    assert set(lt.CLONABLE_ELEMENTWISE) - set(lt.ELEMENTWISE_ACTIVATIONS) == {nn.Identity}
+
+
+def test_is_activation_knows_torch_extra_and_hugging_face_classes():
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x
+
+    hf_gelu = type("GELUActivation", (nn.Module,), {"__module__": "transformers.activations"})
+    assert lt.is_activation(nn.GELU()) and lt.is_activation(nn.PReLU())
+    assert not lt.is_activation(nn.Softmax(dim=-1)) and not lt.is_activation(nn.Linear(2, 2))
+    assert not lt.is_activation(Custom()) and lt.is_activation(Custom(), (Custom,))
+    assert lt.is_activation(hf_gelu())
+
+
+def test_is_weight_layer_recognises_hugging_face_conv1d_by_name():
+    fake = type("Conv1D", (nn.Module,), {"__module__": "transformers.pytorch_utils"})
+    other = type("Conv1D", (nn.Module,), {"__module__": "mypackage.layers"})
+    assert lt.is_weight_layer(nn.Linear(2, 3)) and lt.is_weight_layer(nn.Conv2d(1, 2, 3))
+    assert not lt.is_weight_layer(nn.ConvTranspose2d(1, 2, 3)) and not lt.is_weight_layer(nn.ReLU())
+    assert lt.is_hf_conv1d(fake()) and lt.is_weight_layer(fake())
+    assert not lt.is_weight_layer(fake(), hf_conv1d=False)
+    assert not lt.is_hf_conv1d(other()) and not lt.is_weight_layer(other())
+
+
+def test_real_hugging_face_conv1d_is_a_weight_layer():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    assert lt.is_weight_layer(pytorch_utils.Conv1D(4, 3))
+
+
+def test_every_walker_reads_the_one_definition():
+    from lopkit.benchmarks import continual
+    from lopkit.diagnostics import monitor
+    from lopkit.mitigations import layers, perturbation
+    from lopkit.theory import cloning, invariance, manifolds
+
+    assert monitor.ACTIVATION_TYPES is lt.ACTIVATION_TYPES and continual.ACTIVATION_TYPES is lt.ACTIVATION_TYPES
+    assert monitor.PARAMETRIC_TYPES is lt.WEIGHT_LAYERS and monitor.is_activation_module is lt.is_activation
+    assert manifolds.WEIGHT_LAYERS is lt.WEIGHT_LAYERS and invariance.WEIGHT_LAYERS is lt.WEIGHT_LAYERS
+    assert manifolds.ELEMENTWISE_ACTIVATIONS is lt.ELEMENTWISE_ACTIVATIONS
+    assert cloning._ELEMENTWISE is lt.CLONABLE_ELEMENTWISE and layers._WEIGHT_TYPES is lt.WEIGHT_LAYERS
+    # shrink-and-perturb keeps acting on every torch convolution, transposed ones included
+    assert set(perturbation.WEIGHT_LAYER_TYPES) == set(lt.WEIGHT_LAYERS + lt.TRANSPOSED_CONVS)
+
+
+def test_layer_types_is_a_leaf_module():
+    code = "import sys, lopkit.layer_types; print(sorted(m for m in sys.modules if m.startswith('lopkit.')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['lopkit.layer_types']"
