@@ -625,13 +625,19 @@ class BitFlipBenchmark(Benchmark):
         cfg = self.config
         noop = method_is_noop(self.method)
         views = _numpy_views(self.model) if self.engine == "lean" else None
+        kernel = self.lean_kernel() if views is not None and not noop else None
+        periods = kernel.periods() if kernel is not None else ()
         with self.rng.active():
             while self.step < end:
-                length = next_block_length(self.step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
+                length = next_block_length(self.step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every, *periods)
                 stream_inputs, targets = self.stream.next_batches(length)
                 inputs = learner_inputs(stream_inputs, cfg)
                 if views is not None and noop:
                     self._bin_sum = lean_sgd_block(
+                        views, inputs.numpy(), targets.numpy()[:, 0], cfg.lr, self._bin_sum, self.step
+                    )
+                elif kernel is not None:
+                    self._bin_sum = kernel.run_block(
                         views, inputs.numpy(), targets.numpy()[:, 0], cfg.lr, self._bin_sum, self.step
                     )
                 elif views is not None:
@@ -642,6 +648,12 @@ class BitFlipBenchmark(Benchmark):
                 self.step += length
                 rows += self._after_block()
         return rows
+
+    def lean_kernel(self) -> Any:
+        """The lean kernel of the current method (:func:`lopkit.benchmarks.bitflip_lean.lean_kernel`) or None."""
+        from lopkit.benchmarks.bitflip_lean import lean_kernel
+
+        return lean_kernel(self.method, self.model, self.optimizer, self.config)
 
     def _lean_hooked_block(
         self, views: tuple[np.ndarray, ...], inputs: torch.Tensor, targets: torch.Tensor, loss_sum: float

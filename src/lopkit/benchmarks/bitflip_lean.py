@@ -1,0 +1,413 @@
+"""Methods inside the bit-flipping benchmark's lean engine: kernels that reproduce a method's hooks in NumPy.
+
+The lean engine (:func:`lopkit.benchmarks.bitflip.lean_sgd_block`) trains the two-layer learner with a
+hand-written forward/backward/update. A *lean kernel* adds one mitigation to that loop without a torch forward,
+autograd or per-step hook call, giving the rows of the autograd engine within float tolerance:
+
+- ``cbp``/``cbp_aggressive`` (:class:`LeanCBP`): the engine writes each step's hidden features ``h`` and the
+  post-step weights into a record; the utilities of Dohare's ``gnt.py`` (running mean, bias-corrected
+  deviation, |w_out| / |w_in|, running utility, all in float64 as :class:`~lopkit.mitigations.resets.ContinualBackprop`)
+  are computed from the record in one vectorised pass (the two exponential averages in closed form over
+  chunks of :data:`EMA_CHUNK` steps, equal to the per-step recursion up to float64 rounding) whenever a replacement is due, the record is full or the block
+  ends. Whether a replacement is due needs no utility: the number of mature units follows from the ages by
+  integer arithmetic, and the coin flips of ``schedule="coin"`` are drawn ahead from the method's generator
+  (rewound to where the per-step loop would stand). The replacement itself is the method's own
+  ``_replace``, called on the same step as the autograd engine, so the draws of fresh weights are the same.
+- ``l2``/``l2init``: the loss term's gradient ``2 strength (p - p0)`` is added to the update.
+- ``shrink_perturb`` (``when="step"``, ``noise="init"``): the uniform draws of a block come from the method's
+  generator at once (PyTorch's uniform draws are sequential, so they equal the per-step draws).
+- ``noisy_sgd``: the relative gradient noise is drawn per tensor and step from the method's generator, in the
+  order of ``model.parameters()``; the gradients are the lean engine's explicit ones.
+- ``redo`` (any periodic unit method whose statistics are sums of ``h``): the record gives the window's sums;
+  the check runs through the method's ``after_step`` at the step it is due.
+
+:func:`lean_kernel` returns the kernel for a method, or None (the benchmark then uses its hooked lean step or
+the autograd engine).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lopkit.benchmarks.base import check_finite_loss
+from lopkit.mitigations.base import Compose, Mitigation
+
+__all__ = ["LeanCBP", "LeanKernel", "lean_kernel", "lean_cbp_supported"]
+
+_RECORD_BYTES = 1 << 24  # memory of the CBP weight record (the record is flushed when full)
+_COIN_CHUNK = 256  # coins drawn ahead at once
+EMA_CHUNK = 32  # steps per closed-form piece of :func:`ema_sequence`
+
+
+def ema_sequence(values: np.ndarray, start: np.ndarray, eta: float, chunk: int = EMA_CHUNK) -> np.ndarray:
+    """Running averages ``y_t = eta y_(t-1) + (1 - eta) x_t`` along axis 1 of ``values`` (S, T, H) from ``start`` (S, H).
+
+    Each piece of ``chunk`` steps is one product with the decay matrix ``(1 - eta) eta^(t-s)`` plus
+    ``eta^(t+1)`` times the previous value: the recursion's values up to float64 rounding, without a Python
+    loop over steps.
+    """
+    index = np.arange(chunk)
+    lags = index[:, None] - index[None, :]
+    decay = np.where(lags >= 0, np.power(eta, np.maximum(lags, 0).astype(np.float64)), 0.0) * (1.0 - eta)
+    powers = np.power(eta, (index + 1).astype(np.float64))
+    out = np.empty(values.shape, dtype=np.float64)
+    previous = np.asarray(start, dtype=np.float64)
+    for first in range(0, values.shape[1], chunk):
+        n = min(chunk, values.shape[1] - first)
+        piece = np.matmul(decay[:n, :n], values[:, first : first + n])
+        piece += powers[:n, None] * previous[:, None, :]
+        out[:, first : first + n] = piece
+        previous = piece[:, -1]
+    return out
+
+
+def _single(method: Mitigation) -> Mitigation | None:
+    """The one method of ``method`` (a composition of one is unwrapped); None for a composition of several."""
+    while isinstance(method, Compose):
+        if len(method.methods) != 1:
+            return None
+        method = method.methods[0]
+    return method
+
+
+def _layers(model: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
+    from lopkit.benchmarks.bitflip import learner_layers
+
+    return learner_layers(model)
+
+
+def lean_cbp_supported(method: Mitigation, model: nn.Module) -> bool:
+    """Whether :class:`LeanCBP` runs ``method``: exactly ``cbp`` or ``cbp_aggressive`` on the learner's one unit group."""
+    from lopkit.mitigations.resets import AggressiveContinualBackprop, ContinualBackprop
+
+    method = _single(method)
+    if type(method) not in (ContinualBackprop, AggressiveContinualBackprop) or method.generator is None:
+        return False
+    hidden, _activation, output = _layers(model)
+    groups = method.groups
+    return (len(groups) == 1 and groups[0].incoming is hidden and groups[0].outgoing is output
+            and not groups[0].is_conv and groups[0].outgoing_block == 1)
+
+
+class LeanCBP:
+    """Continual backprop (``cbp``, ``cbp_aggressive``) for S learners trained by a lean engine (S = 1: one run).
+
+    Per step the engine writes ``h`` into ``rec_h[s, k]`` and the post-step ``w2``, ``W1`` into ``rec_w2[s, k]``,
+    ``rec_w1[s, k]``, then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods' statistics
+    lag the record; after :meth:`finish` they, the generators and the counters are what the per-step hooks
+    would have left.
+    """
+
+    def __init__(self, methods: Sequence[Mitigation], models: Sequence[nn.Module],
+                 optimizers: Sequence[torch.optim.Optimizer], capacity: int | None = None):
+        from lopkit.mitigations.resets import AggressiveContinualBackprop
+
+        self.methods = [_single(m) for m in methods]
+        self.models, self.optimizers = list(models), list(optimizers)
+        first = self.methods[0]
+        self.config = first.config
+        self.aggressive = type(first) is AggressiveContinualBackprop
+        hidden, _activation, _output = _layers(self.models[0])
+        units, inputs = hidden.weight.shape
+        self.units = units
+        self.cols = inputs - 1 if first._constant_column(0) else inputs
+        self.eps = first._in_epsilon
+        self.native = self._native_replacement()
+        if self.native:
+            from lopkit.mitigations.layers import _weight_scale, activation_gain
+
+            group = first.groups[0]
+            self.init_scale = _weight_scale(group.incoming.weight, self.config.init, activation_gain(group.activation))
+            self.bias_scale = 1.0 / math.sqrt(inputs)
+        size = len(self.methods)
+        if capacity is None:
+            capacity = max(8, min(1024, _RECORD_BYTES // (4 * size * units * (inputs + 2))))
+        self.capacity = capacity
+        self.rec_h = np.zeros((size, capacity, units), dtype=np.float32)
+        self.rec_w2 = np.zeros((size, capacity, units), dtype=np.float32)
+        self.rec_w1 = np.zeros((size, capacity, units, inputs), dtype=np.float32)
+        self.k = 0
+
+    def _native_replacement(self) -> bool:
+        """Whether the replacement can run in NumPy here (uniform draws only; else the method's own ``_replace``)."""
+        cfg = self.config
+        uniform = cfg.init in ("default", "kaiming_uniform", "xavier_uniform")
+        if self.aggressive:
+            return uniform or not cfg.redraw_incoming
+        return uniform and not cfg.bias_correction
+
+    # ------------------------------------------------------------------ block bookkeeping
+
+    def begin(self, length: int) -> None:
+        """Start a block of ``length`` steps: views of the statistics, maturity thresholds, coins drawn ahead."""
+        self.k = 0
+        self.time = 0  # steps since begin
+        self.length = length
+        self.states = [m.stats[0] for m in self.methods]
+        self.utility = [s["utility"].numpy() for s in self.states]
+        self.mean = [s["mean_activation"].numpy() for s in self.states]
+        self.age = [s["age"].numpy() for s in self.states]
+        self.accumulated = [float(s["accumulated"]) for s in self.states]
+        self.params = [_param_views(model) for model in self.models]
+        self.native_now = self.native and all(len(o.state) == 0 for o in self.optimizers)
+        self.thresholds: list[list[int]] = [[] for _ in self.methods]
+        self.pointer = [0] * len(self.methods)
+        self.saved: list[torch.Tensor | None] = [None] * len(self.methods)
+        self.coins: list[list[float]] = [[] for _ in self.methods]
+        self.used = [0] * len(self.methods)
+        for s in range(len(self.methods)):
+            self._thresholds(s)
+            self._draw_coins(s)
+
+    def _thresholds(self, s: int) -> None:
+        """Times (steps since begin) at which seed ``s``'s units become mature: age = time - birth > maturity."""
+        maturity = self.config.maturity
+        births = self.time - self.k - self.age[s]  # the age array lags the record by k steps
+        self.thresholds[s] = sorted((births + maturity + 1).tolist())
+        pointer, thresholds = 0, self.thresholds[s]
+        while pointer < len(thresholds) and thresholds[pointer] <= self.time:
+            pointer += 1
+        self.pointer[s] = pointer
+
+    def _draw_coins(self, s: int) -> None:
+        """Start seed ``s``'s stream of uniform draws (coins, fresh weights) ahead of use (rewound by :meth:`_rewind`)."""
+        generator = self.methods[s].generator
+        self.saved[s] = generator.get_state()
+        self.coins[s] = []
+        self.used[s] = 0
+
+    def _more_coins(self, s: int, needed: int = 1) -> None:
+        """Extend seed ``s``'s stream by at least ``needed`` draws (the generator continues where it stopped)."""
+        size = max(needed, min(_COIN_CHUNK, self.length - self.time + 1))
+        self.coins[s] += torch.rand(size, generator=self.methods[s].generator, dtype=torch.float64).tolist()
+
+    def _take(self, s: int, count: int) -> np.ndarray:
+        """The next ``count`` uniform draws of seed ``s``'s stream."""
+        used = self.used[s]
+        if used + count > len(self.coins[s]):
+            self._more_coins(s, used + count - len(self.coins[s]))
+        self.used[s] = used + count
+        return np.array(self.coins[s][used : used + count], dtype=np.float64)
+
+    def _rewind(self, s: int, used: int) -> None:
+        """Put seed ``s``'s generator where the per-step loop would be after ``used`` of the drawn coins."""
+        if self.saved[s] is None:
+            return
+        generator = self.methods[s].generator
+        generator.set_state(self.saved[s])
+        if used:
+            torch.rand(used, generator=generator, dtype=torch.float64)
+        self.saved[s] = None
+
+    def step(self) -> None:
+        """After one training step of every learner: advance the record; replace units where a replacement is due."""
+        self.k += 1
+        self.time += 1
+        time = self.time
+        rate = self.config.replacement_rate
+        due: list[tuple[int, int, float]] = []
+        for s in range(len(self.methods)):
+            thresholds, pointer = self.thresholds[s], self.pointer[s]
+            while pointer < self.units and thresholds[pointer] <= time:
+                pointer += 1
+            self.pointer[s] = pointer
+            if pointer == 0 or rate == 0:
+                continue
+            if self.aggressive:
+                due.append((s, min(pointer, max(1, int(math.floor(self.units * rate)))), self.used[s], 0.0))
+                continue
+            expected = rate * pointer
+            if self.config.schedule == "accumulate":
+                before = self.accumulated[s]
+                after = before + expected
+                count = int(math.floor(after))
+                self.accumulated[s] = after - count
+                if count:
+                    due.append((s, min(count, pointer), 0, before))
+            elif expected < 1.0:
+                used = self.used[s]
+                self.used[s] = used + 1
+                if used == len(self.coins[s]):
+                    self._more_coins(s)
+                if self.coins[s][used] <= expected:
+                    due.append((s, 1, used, 0.0))
+            else:
+                due.append((s, min(int(expected), pointer), self.used[s], 0.0))
+        if due:
+            self._flush()
+            for s, count, used, before in due:
+                if self.native_now:
+                    self._replace_native(s, count)
+                else:
+                    self._replace(s, used, before)
+                self._thresholds(s)
+        elif self.k == self.capacity:
+            self._flush()
+
+    def _replace(self, s: int, used: int, accumulated_before: float) -> None:
+        """The method's own replacement at this step (it redraws this step's coin or redoes the accumulation)."""
+        method = self.methods[s]
+        self._rewind(s, used)
+        if self.config.schedule == "accumulate":
+            self.states[s]["accumulated"] = accumulated_before
+        method._replace(0, method.groups[0], self.optimizers[s])
+        self.accumulated[s] = float(self.states[s]["accumulated"])
+        self._draw_coins(s)
+
+    def _replace_native(self, s: int, count: int) -> None:
+        """``_replace`` of ``cbp``/``cbp_aggressive`` in NumPy on the plain learner (same draws, same order)."""
+        cfg, method = self.config, self.methods[s]
+        w1, b1, w2, b2 = self.params[s]
+        age, utility, mean = self.age[s], self.utility[s], self.mean[s]
+        eta = cfg.decay_rate
+        eligible = np.flatnonzero(age > cfg.maturity)
+        correction = 1.0 - np.power(eta, age.astype(np.float64))
+        corrected = np.where(correction > 0, utility / np.maximum(correction, 1e-300), 0.0)
+        chosen = eligible[np.argsort(corrected[eligible], kind="stable")[:count]]
+        rows = np.sort(chosen)  # reinit_incoming and the masks go in unit order
+        redraw = cfg.redraw_incoming if self.aggressive else True
+        if redraw:
+            draws = self._take(s, len(rows) * w1.shape[1])
+            w1[rows] = ((draws * 2.0 - 1.0) * self.init_scale).reshape(len(rows), -1).astype(np.float32)
+            if cfg.bias_init == "zero":
+                b1[rows] = 0.0
+            else:
+                b1[rows] = ((self._take(s, len(rows)) * 2.0 - 1.0) * self.bias_scale).astype(np.float32)
+        if self.aggressive:
+            if cfg.zero_layer_bias:
+                b1[:] = 0.0
+            if cfg.bias_correction:
+                means = np.where(correction > 0, mean / np.maximum(correction, 1e-300), 0.0)[chosen]
+                b2 += np.float32(w2[chosen] @ means.astype(np.float32))
+            w2[chosen] = 0.0
+        else:
+            w2[rows] = 0.0
+            if method._constant_column(0):
+                w1[rows, -1] = 0.0
+        method.replaced_per_group[0] += len(rows)
+        method.total_replaced += len(rows)
+        utility[rows] = 0.0
+        mean[rows] = 0.0
+        age[rows] = 0
+        method.events += 1
+
+    def finish(self) -> None:
+        """End of the block: bring the statistics up to date and rewind the generators."""
+        self._flush()
+        for s in range(len(self.methods)):
+            self._rewind(s, self.used[s])
+            self.states[s]["accumulated"] = self.accumulated[s]
+
+    # ------------------------------------------------------------------ the utilities
+
+    def _flush(self) -> None:
+        """Update ages, running means and utilities from the ``k`` recorded steps (as the per-step hooks)."""
+        k = self.k
+        if k == 0:
+            return
+        cfg, eta = self.config, self.config.decay_rate
+        h = self.rec_h[:, :k].astype(np.float64)  # (S, k, H)
+        age = np.stack(self.age)
+        mean = np.stack(self.mean)
+        utility = np.stack(self.utility)
+        means = ema_sequence(h, mean, eta)
+        if cfg.utility_type == "contribution":
+            deviation = np.abs(h)
+        else:
+            # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding, k + H pow calls
+            steps = np.power(eta, np.arange(1, k + 1, dtype=np.float64))
+            correction = 1.0 - np.power(eta, age.astype(np.float64))[:, None, :] * steps[None, :, None]
+            deviation = np.abs(h - means / correction)
+        instant = deviation * np.abs(self.rec_w2[:, :k]).astype(np.float64)
+        if cfg.utility_type == "adaptable_contribution":
+            incoming = np.abs(self.rec_w1[:, :k, :, : self.cols]).sum(axis=-1).astype(np.float64)
+            if cfg.weight_magnitude != "sum":
+                incoming /= self.cols
+            instant /= incoming + self.eps
+        utilities = ema_sequence(instant, utility, eta)
+        for s in range(len(self.methods)):
+            self.mean[s][:] = means[s, -1]
+            self.utility[s][:] = utilities[s, -1]
+            self.age[s] += k
+        self.k = 0
+
+
+def _param_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy views (W1, b1, w2, b2) of the learner's parameters (w2 flattened)."""
+    hidden, _activation, output = _layers(model)
+    w1, b1, w2, b2 = (t.detach().numpy() for t in (hidden.weight, hidden.bias, output.weight, output.bias))
+    return w1, b1, w2.reshape(-1), b2
+
+
+def lean_cbp_block(
+    params: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    lr: float,
+    loss_sum: float,
+    first_step: int,
+    cbp: LeanCBP,
+) -> float:
+    """:func:`~lopkit.benchmarks.bitflip.lean_sgd_block` with continual backprop after every step (one learner)."""
+    w1, b1, w2, b2 = params
+    two_lr = np.float32(2.0 * lr)
+    zero = np.float32(0.0)
+    rec_h, rec_w2, rec_w1 = cbp.rec_h[0], cbp.rec_w2[0], cbp.rec_w1[0]
+    cbp.begin(len(inputs))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, (x, t) in enumerate(zip(inputs, targets)):
+            k = cbp.k
+            z = w1 @ x
+            z += b1
+            h = np.maximum(z, zero, out=rec_h[k])
+            error = (w2 @ h + b2[0]) - t
+            loss_sum += float(error * error)
+            if not math.isfinite(loss_sum):
+                check_finite_loss("bitflip", float(error * error), first_step + i, lr)
+            scale = two_lr * error
+            dz = w2 * (z > 0)
+            dz *= scale
+            w2 -= scale * h
+            b2 -= scale
+            w1 -= np.multiply.outer(dz, x)
+            b1 -= dz
+            rec_w2[k] = w2
+            rec_w1[k] = w1
+            cbp.step()
+    cbp.finish()
+    return loss_sum
+
+
+class LeanKernel:
+    """A method inside the lean engine: ``run_block`` trains a block of steps with the method's effect."""
+
+    def periods(self) -> tuple[int, ...]:
+        """Step periods at which blocks must end (e.g. a periodic method's check)."""
+        return ()
+
+    def run_block(self, views: tuple[np.ndarray, ...], inputs: np.ndarray, targets: np.ndarray, lr: float,
+                  loss_sum: float, first_step: int) -> float:
+        """Train ``len(inputs)`` steps from ``first_step``; returns the updated loss sum."""
+        raise NotImplementedError
+
+
+class _CBPKernel(LeanKernel):
+    def __init__(self, method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.cbp = LeanCBP([method], [model], [optimizer])
+
+    def run_block(self, views, inputs, targets, lr, loss_sum, first_step):
+        return lean_cbp_block(views, inputs, targets, lr, loss_sum, first_step, self.cbp)
+
+
+def lean_kernel(
+    method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any = None
+) -> LeanKernel | None:
+    """The lean kernel that runs ``method`` on the bit-flipping learner, or None when there is none."""
+    if lean_cbp_supported(method, model):
+        return _CBPKernel(method, model, optimizer)
+    return None
