@@ -486,13 +486,21 @@ def _needs_autograd_step(method: Mitigation) -> bool:
 
 
 def lean_supports(method: Mitigation, model: nn.Module) -> bool:
-    """Whether the lean engine can train ``model`` with ``method``: the plain learner, no ``before_step``/``prepare_model``.
+    """Whether the lean engine can train ``model`` with ``method``: a lean kernel, or the plain learner without ``before_step``/``prepare_model``.
 
-    The lean engine calls ``on_task_start``, ``loss_term`` (its gradient by autograd, added to the update),
+    Methods with a kernel of :mod:`lopkit.benchmarks.bitflip_lean` (``cbp``, ``cbp_aggressive``, ``redo``, ``l2``,
+    ``l2init``, ``shrink_perturb``, ``noisy_sgd``) run it: no torch forward or hook call per step. For other
+    methods the lean engine calls ``on_task_start``, ``loss_term`` (its gradient by autograd, added to the update),
     the forward hooks of fc1 and act1 (one torch forward of the hidden layer per step) and ``after_step``;
     it has no ``.grad`` tensors for ``before_step`` to edit and needs the plain fc1/ReLU/fc2 model.
     """
-    if _overrides(method, "before_step") or _overrides(method, "prepare_model") or _needs_autograd_step(method):
+    from lopkit.benchmarks.bitflip_lean import has_lean_kernel
+
+    if _needs_autograd_step(method) or _overrides(method, "prepare_model"):
+        return False
+    if has_lean_kernel(method, model):
+        return True  # its own kernel (lopkit.benchmarks.bitflip_lean), e.g. noisy_sgd's gradient noise
+    if _overrides(method, "before_step"):
         return False
     try:
         hidden, activation, output = learner_layers(model)
@@ -550,7 +558,10 @@ class BitFlipBenchmark(Benchmark):
         if config.switch_step and config.engine == "lean":
             from lopkit.mitigations.registry import build_methods
 
-            if _overrides(build_methods(config.switch_method), "before_step"):
+            from lopkit.benchmarks.bitflip_lean import has_lean_kernel_type
+
+            switched = build_methods(config.switch_method)
+            if _overrides(switched, "before_step") and not has_lean_kernel_type(switched):
                 raise ConfigError(
                     f"engine='lean' cannot run switch_method {config.switch_method!r} (it edits gradients in "
                     "before_step); use engine='auto' or engine='autograd'"

@@ -37,32 +37,44 @@ from torch import nn
 from lopkit.benchmarks.base import check_finite_loss
 from lopkit.mitigations.base import Compose, Mitigation
 
-__all__ = ["LeanCBP", "LeanKernel", "lean_kernel", "lean_cbp_supported"]
+__all__ = ["LeanCBP", "LeanKernel", "ema_sequence", "has_lean_kernel", "has_lean_kernel_type", "lean_cbp_block", "lean_cbp_supported", "lean_kernel",
+           "lean_method_block"]
 
 _RECORD_BYTES = 1 << 24  # memory of the CBP weight record (the record is flushed when full)
 _COIN_CHUNK = 256  # coins drawn ahead at once
 EMA_CHUNK = 32  # steps per closed-form piece of :func:`ema_sequence`
 
 
+_DECAY_CACHE: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _decay_matrix(eta: float, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``((1 - eta) eta^(t-s) for s <= t, eta^(t+1))`` for ``t, s < chunk`` (cached)."""
+    key = (float(eta), int(chunk))
+    if key not in _DECAY_CACHE:
+        index = np.arange(chunk)
+        lags = index[:, None] - index[None, :]
+        decay = np.where(lags >= 0, np.power(eta, np.maximum(lags, 0).astype(np.float64)), 0.0) * (1.0 - eta)
+        _DECAY_CACHE[key] = (decay, np.power(eta, (index + 1).astype(np.float64)))
+    return _DECAY_CACHE[key]
+
+
 def ema_sequence(values: np.ndarray, start: np.ndarray, eta: float, chunk: int = EMA_CHUNK) -> np.ndarray:
-    """Running averages ``y_t = eta y_(t-1) + (1 - eta) x_t`` along axis 1 of ``values`` (S, T, H) from ``start`` (S, H).
+    """Running averages ``y_t = eta y_(t-1) + (1 - eta) x_t`` along axis 0 of ``values`` (T, N) from ``start`` (N,).
 
     Each piece of ``chunk`` steps is one product with the decay matrix ``(1 - eta) eta^(t-s)`` plus
     ``eta^(t+1)`` times the previous value: the recursion's values up to float64 rounding, without a Python
     loop over steps.
     """
-    index = np.arange(chunk)
-    lags = index[:, None] - index[None, :]
-    decay = np.where(lags >= 0, np.power(eta, np.maximum(lags, 0).astype(np.float64)), 0.0) * (1.0 - eta)
-    powers = np.power(eta, (index + 1).astype(np.float64))
+    decay, powers = _decay_matrix(eta, chunk)
     out = np.empty(values.shape, dtype=np.float64)
     previous = np.asarray(start, dtype=np.float64)
-    for first in range(0, values.shape[1], chunk):
-        n = min(chunk, values.shape[1] - first)
-        piece = np.matmul(decay[:n, :n], values[:, first : first + n])
-        piece += powers[:n, None] * previous[:, None, :]
-        out[:, first : first + n] = piece
-        previous = piece[:, -1]
+    for first in range(0, values.shape[0], chunk):
+        n = min(chunk, values.shape[0] - first)
+        piece = out[first : first + n]
+        np.matmul(decay[:n, :n], values[first : first + n], out=piece)
+        piece += powers[:n, None] * previous[None, :]
+        previous = piece[-1]
     return out
 
 
@@ -97,8 +109,8 @@ def lean_cbp_supported(method: Mitigation, model: nn.Module) -> bool:
 class LeanCBP:
     """Continual backprop (``cbp``, ``cbp_aggressive``) for S learners trained by a lean engine (S = 1: one run).
 
-    Per step the engine writes ``h`` into ``rec_h[s, k]`` and the post-step ``w2``, ``W1`` into ``rec_w2[s, k]``,
-    ``rec_w1[s, k]``, then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods' statistics
+    Per step the engine writes ``h`` into ``rec_h[k, s]`` and the post-step ``w2``, ``W1`` into ``rec_w2[k, s]``,
+    ``rec_w1[k, s]``, then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods' statistics
     lag the record; after :meth:`finish` they, the generators and the counters are what the per-step hooks
     would have left.
     """
@@ -128,9 +140,11 @@ class LeanCBP:
         if capacity is None:
             capacity = max(8, min(1024, _RECORD_BYTES // (4 * size * units * (inputs + 2))))
         self.capacity = capacity
-        self.rec_h = np.zeros((size, capacity, units), dtype=np.float32)
-        self.rec_w2 = np.zeros((size, capacity, units), dtype=np.float32)
-        self.rec_w1 = np.zeros((size, capacity, units, inputs), dtype=np.float32)
+        self.rec_h = np.zeros((capacity, size, units), dtype=np.float32)
+        self.rec_w2 = np.zeros((capacity, size, units), dtype=np.float32)
+        self.rec_w1 = np.zeros((capacity, size, units, inputs), dtype=np.float32)
+        self.in_weights = np.ones(inputs, dtype=np.float32)  # |W1| row sums as a product; 0: the constant column
+        self.in_weights[self.cols :] = 0.0
         self.k = 0
 
     def _native_replacement(self) -> bool:
@@ -311,28 +325,28 @@ class LeanCBP:
         if k == 0:
             return
         cfg, eta = self.config, self.config.decay_rate
-        h = self.rec_h[:, :k].astype(np.float64)  # (S, k, H)
-        age = np.stack(self.age)
-        mean = np.stack(self.mean)
-        utility = np.stack(self.utility)
-        means = ema_sequence(h, mean, eta)
+        size, units = len(self.methods), self.units
+        h = self.rec_h[:k].reshape(k, size * units).astype(np.float64)  # (k, S*H)
+        age = np.concatenate(self.age)
+        means = ema_sequence(h, np.concatenate(self.mean), eta)
         if cfg.utility_type == "contribution":
             deviation = np.abs(h)
         else:
-            # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding, k + H pow calls
+            # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding, k + S*H pow calls
             steps = np.power(eta, np.arange(1, k + 1, dtype=np.float64))
-            correction = 1.0 - np.power(eta, age.astype(np.float64))[:, None, :] * steps[None, :, None]
+            correction = 1.0 - np.power(eta, age.astype(np.float64))[None, :] * steps[:, None]
             deviation = np.abs(h - means / correction)
-        instant = deviation * np.abs(self.rec_w2[:, :k]).astype(np.float64)
+        instant = deviation * np.abs(self.rec_w2[:k].reshape(k, size * units))
         if cfg.utility_type == "adaptable_contribution":
-            incoming = np.abs(self.rec_w1[:, :k, :, : self.cols]).sum(axis=-1).astype(np.float64)
+            incoming = (np.abs(self.rec_w1[:k]) @ self.in_weights).reshape(k, size * units).astype(np.float64)
             if cfg.weight_magnitude != "sum":
                 incoming /= self.cols
             instant /= incoming + self.eps
-        utilities = ema_sequence(instant, utility, eta)
-        for s in range(len(self.methods)):
-            self.mean[s][:] = means[s, -1]
-            self.utility[s][:] = utilities[s, -1]
+        utilities = ema_sequence(instant, np.concatenate(self.utility), eta)
+        for s in range(size):
+            part = slice(s * units, (s + 1) * units)
+            self.mean[s][:] = means[-1, part]
+            self.utility[s][:] = utilities[-1, part]
             self.age[s] += k
         self.k = 0
 
@@ -357,7 +371,7 @@ def lean_cbp_block(
     w1, b1, w2, b2 = params
     two_lr = np.float32(2.0 * lr)
     zero = np.float32(0.0)
-    rec_h, rec_w2, rec_w1 = cbp.rec_h[0], cbp.rec_w2[0], cbp.rec_w1[0]
+    rec_h, rec_w2, rec_w1 = cbp.rec_h[:, 0], cbp.rec_w2[:, 0], cbp.rec_w1[:, 0]
     cbp.begin(len(inputs))
     with np.errstate(over="ignore", invalid="ignore"):
         for i, (x, t) in enumerate(zip(inputs, targets)):
@@ -383,6 +397,148 @@ def lean_cbp_block(
     return loss_sum
 
 
+def lean_method_block(
+    params: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    lr: float,
+    loss_sum: float,
+    first_step: int,
+    *,
+    penalty: tuple[float, list[tuple[int, np.ndarray | None]]] | None = None,
+    noise: Any = None,
+    perturb: Any = None,
+    record: np.ndarray | None = None,
+) -> float:
+    """The lean SGD step (as :func:`~lopkit.benchmarks.bitflip.lean_sgd_block`) with one method's per-step effect.
+
+    ``penalty``: ``(2 lr strength, [(parameter index, anchor or None)])``, the loss term's gradient in the update;
+    ``noise``: a :class:`_GradientNoise` (``noisy_sgd``) adding relative noise to each gradient before the update;
+    ``perturb``: a :class:`_PerturbSchedule` (``shrink_perturb``) applied after the update;
+    ``record``: an array (steps, H) that receives each step's hidden features ``h``.
+    """
+    w1, b1, w2, b2 = params
+    two_lr = np.float32(2.0 * lr)
+    zero = np.float32(0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, (x, t) in enumerate(zip(inputs, targets)):
+            z = w1 @ x
+            z += b1
+            h = np.maximum(z, zero) if record is None else np.maximum(z, zero, out=record[i])
+            error = (w2 @ h + b2[0]) - t
+            loss_sum += float(error * error)
+            if not math.isfinite(loss_sum):
+                check_finite_loss("bitflip", float(error * error), first_step + i, lr)
+            scale = two_lr * error
+            dz = w2 * (z > 0)
+            dz *= scale
+            if penalty is not None:
+                coefficient, selected = penalty
+                for index, anchor in selected:
+                    p = params[index]
+                    p -= coefficient * (p if anchor is None else p - anchor)
+            if noise is not None:
+                noise.step(first_step + i, params, dz, x, scale, h, lr)
+            else:
+                w2 -= scale * h
+                b2 -= scale
+                w1 -= np.multiply.outer(dz, x)
+                b1 -= dz
+            if perturb is not None:
+                perturb.step(params)
+    return loss_sum
+
+
+class _GradientNoise:
+    """``noisy_sgd``'s relative gradient noise on the lean engine's explicit gradients (method's generator and t)."""
+
+    def __init__(self, method: Mitigation, model: nn.Module, flip_period: int):
+        self.method, self.flip_period = method, flip_period
+        self.buffers = [torch.empty(p.shape, dtype=p.dtype) for p in model.parameters()]
+        self.arrays = [b.numpy().reshape(-1) for b in self.buffers]
+
+    def step(self, index: int, params: tuple[np.ndarray, ...], dz: np.ndarray, x: np.ndarray, scale: Any,
+             h: np.ndarray, lr: float) -> None:
+        """One update ``p -= lr (g + sigma_t ||g|| eps)`` of all four tensors (fc1.weight, fc1.bias, head.weight, head.bias)."""
+        w1, b1, w2, b2 = params
+        method = self.method
+        if method.config.restart_each_task and index % self.flip_period == 0:
+            method.t = 0  # on_task_start
+        sigma = method.sigma()
+        method.t += 1
+        g_w1 = np.multiply.outer(dz, x)  # lr * gradient
+        g_w2 = scale * h
+        if sigma > 0:
+            generator = method.noise.get(torch.device("cpu"))
+            for buffer in self.buffers:
+                torch.randn(buffer.shape, generator=generator, out=buffer)
+            n_w1, n_b1, n_w2, n_b2 = self.arrays
+            # lr * sigma * ||g||: the norms of the lr-scaled gradients divided by lr, times lr
+            g_w1 += n_w1.reshape(g_w1.shape) * np.float32(sigma * float(np.linalg.norm(g_w1)))
+            g_b1 = dz + n_b1 * np.float32(sigma * float(np.linalg.norm(dz)))
+            g_w2 += n_w2 * np.float32(sigma * float(np.linalg.norm(g_w2)))
+            g_b2 = scale + n_b2 * np.float32(sigma * abs(float(scale)))
+        else:
+            g_b1, g_b2 = dz, scale
+        w1 -= g_w1
+        b1 -= g_b1
+        w2 -= g_w2
+        b2 -= g_b2
+
+
+class _PerturbSchedule:
+    """``shrink_perturb`` with ``when="step"`` and init noise: every ``every``-th step ``p <- shrink p + sigma eps``."""
+
+    def __init__(self, method: Mitigation, model: nn.Module):
+        from lopkit.mitigations.perturbation import weight_layers
+
+        self.method = method
+        self.bounds = []
+        for layer in weight_layers(model):
+            bound = 1.0 / math.sqrt(int(layer.weight[0].numel()))
+            self.bounds += [bound] * (2 if layer.bias is not None else 1)
+        self.noise: list[np.ndarray] = []
+        self.position = 0
+
+    def begin(self, params: tuple[np.ndarray, ...], length: int) -> None:
+        """Draw the noise of the block's applications at once (uniform draws equal the per-step ones)."""
+        method = self.method
+        every = method.config.every
+        self.events = method.events
+        applications = (self.events + length) // every - self.events // every
+        sizes = [p.size for p in params]
+        self.position = 0
+        self.noise = []
+        if applications and method.sigma != 0.0:
+            generator = method.noise.get(torch.device("cpu"))
+            draws = torch.rand((applications, sum(sizes)), generator=generator).numpy()
+            offsets = np.cumsum([0] + sizes)
+            for n in range(applications):
+                row = draws[n]
+                self.noise.append([((row[a:b] * 2.0 - 1.0) * bound).reshape(p.shape)
+                                   for a, b, bound, p in zip(offsets[:-1], offsets[1:], self.bounds, params)])
+
+    def step(self, params: tuple[np.ndarray, ...]) -> None:
+        """Count one step; on every ``every``-th, shrink and perturb all four tensors."""
+        method = self.method
+        self.events += 1
+        if self.events % method.config.every:
+            return
+        shrink, sigma = np.float32(method.shrink), np.float32(method.sigma)
+        draws = self.noise[self.position] if self.noise else None
+        for n, p in enumerate(params):
+            if method.shrink != 1.0:
+                p *= shrink
+            if draws is not None:
+                p += sigma * draws[n]
+        self.position += 1
+        method.applications += 1
+
+    def finish(self) -> None:
+        """Write the event counter back to the method."""
+        self.method.events = self.events
+
+
 class LeanKernel:
     """A method inside the lean engine: ``run_block`` trains a block of steps with the method's effect."""
 
@@ -404,10 +560,144 @@ class _CBPKernel(LeanKernel):
         return lean_cbp_block(views, inputs, targets, lr, loss_sum, first_step, self.cbp)
 
 
+class _MethodKernel(LeanKernel):
+    """``l2``, ``l2init``, ``noisy_sgd``, ``shrink_perturb`` and ``redo`` through :func:`lean_method_block`."""
+
+    def __init__(self, method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer, flip_period: int,
+                 block_size: int):
+        from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
+        from lopkit.mitigations.regularizers import L2, L2Init
+        from lopkit.mitigations.resets import ReDo
+
+        self.method, self.model, self.optimizer, self.flip_period = method, model, optimizer, flip_period
+        self.penalty = self.noise = self.perturb = self.record = None
+        self.task_hook = False
+        kind = type(method)
+        if kind in (L2, L2Init) and method.config.strength != 0:
+            ids = {id(p): n for n, p in enumerate(_tensors(model))}
+            named = method._selection.named(model)
+            anchors = method._anchor_list(model, named) if kind is L2Init else [None] * len(named)
+            self.penalty = (2.0 * method.config.strength, [
+                (ids[id(p)], None if a is None else a.detach().numpy().reshape(-1 if ids[id(p)] == 2 else a.shape))
+                for (_, p), a in zip(named, anchors)
+            ])
+        elif kind is NoisySGD:
+            self.noise = _GradientNoise(method, model, flip_period)
+        elif kind is ShrinkPerturb:
+            if method.config.when == "step":
+                self.perturb = _PerturbSchedule(method, model)
+            else:
+                self.task_hook = True
+        elif kind is ReDo:
+            self.record = np.zeros((block_size, _layers(model)[0].weight.shape[0]), dtype=np.float32)
+
+    def periods(self) -> tuple[int, ...]:
+        """Task starts (``shrink_perturb`` per task) and ReDo's checks end blocks."""
+        if self.task_hook:
+            return (self.flip_period,)
+        if self.record is not None:
+            return (self.method.config.every,)
+        return ()
+
+    def run_block(self, views, inputs, targets, lr, loss_sum, first_step):
+        method = self.method
+        if self.task_hook and first_step % self.flip_period == 0:
+            method.on_task_start(self.model, self.optimizer, first_step // self.flip_period)
+        penalty = None if self.penalty is None else (self.penalty[0] * lr, self.penalty[1])
+        if self.perturb is not None:
+            self.perturb.begin(views, len(inputs))
+        loss_sum = lean_method_block(views, inputs, targets, lr, loss_sum, first_step, penalty=penalty,
+                                     noise=self.noise, perturb=self.perturb, record=self.record)
+        if self.perturb is not None:
+            self.perturb.finish()
+        if self.record is not None:
+            self._redo_statistics(first_step, len(inputs))
+        return loss_sum
+
+    def _redo_statistics(self, first_step: int, length: int) -> None:
+        """Add the block's window rows to ReDo's sums; run its check when the block ends on a check step."""
+        method = self.method
+        every, window = method.config.every, method.config.window_steps
+        steps = np.arange(first_step, first_step + length)
+        rows = self.record[:length][(steps % every >= every - window) if window else slice(None)]
+        if len(rows):
+            state = method.stats[0]
+            h = torch.from_numpy(rows.astype(np.float64))
+            state["sum_abs"] += h.abs().sum(dim=0)
+            state["sum"] += h.sum(dim=0)
+            state["count"] += len(rows)
+        end = first_step + length
+        if end % every == 0:
+            method.after_step(self.model, self.optimizer, end - 1)
+        else:
+            method._set_capture_for(end)
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The learner's (W1, b1, W2, b2) parameters in the order of :func:`_param_views`."""
+    hidden, _activation, output = _layers(model)
+    return [hidden.weight, hidden.bias, output.weight, output.bias]
+
+
+def _method_kernel_supported(method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether :class:`_MethodKernel` reproduces ``method`` (exact types, plain learner, plain SGD)."""
+    from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
+    from lopkit.mitigations.regularizers import L2, L2Init
+    from lopkit.mitigations.resets import ReDo
+
+    kind = type(method)
+    if kind in (L2, L2Init):
+        return True
+    if kind is NoisySGD:
+        return list(model.parameters()) == _tensors(model)
+    if kind is ShrinkPerturb:
+        return method.config.when == "task" or method.config.noise == "init"
+    if kind is ReDo:
+        groups = method.groups
+        hidden, _activation, output = _layers(model)
+        return (len(groups) == 1 and groups[0].incoming is hidden and method.capture is not None
+                and method.capture_post_activation and not method.capture_pre_activation)
+    return False
+
+
+def has_lean_kernel_type(method: Mitigation) -> bool:
+    """Whether ``method`` is of a type with a lean kernel (before it is attached; see :func:`has_lean_kernel`)."""
+    from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
+    from lopkit.mitigations.regularizers import L2, L2Init
+    from lopkit.mitigations.resets import AggressiveContinualBackprop, ContinualBackprop, ReDo
+
+    kinds = (ContinualBackprop, AggressiveContinualBackprop, ReDo, L2, L2Init, ShrinkPerturb, NoisySGD)
+    return type(_single(method)) in kinds
+
+
+def has_lean_kernel(method: Mitigation, model: nn.Module) -> bool:
+    """Whether :func:`lean_kernel` has a kernel for ``method`` (attached) on ``model``."""
+    if lean_cbp_supported(method, model):
+        return True
+    single = _single(method)
+    try:
+        _layers(model)
+    except ValueError:
+        return False
+    return single is not None and _method_kernel_supported(single, model, None)
+
+
 def lean_kernel(
     method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any = None
 ) -> LeanKernel | None:
-    """The lean kernel that runs ``method`` on the bit-flipping learner, or None when there is none."""
+    """The lean kernel that runs ``method`` on the bit-flipping learner, or None when there is none.
+
+    ``config`` (the benchmark's) gives the flip period (task starts) and the block size.
+    """
     if lean_cbp_supported(method, model):
         return _CBPKernel(method, model, optimizer)
+    single = _single(method)
+    if single is None or config is None:
+        return None
+    try:
+        _layers(model)
+    except ValueError:
+        return None
+    if _method_kernel_supported(single, model, optimizer):
+        return _MethodKernel(single, model, optimizer, config.flip_period, config.block_size)
     return None

@@ -62,7 +62,7 @@ from lopkit.configs import ConfigError
 from lopkit.data.bitflip import BitFlipStream, run_inputs_at
 from lopkit.diagnostics.monitor import Monitor
 
-__all__ = ["VMAP_ENGINES", "run_bitflip_seeds"]
+__all__ = ["BitFlipSeedGroup", "VMAP_ENGINES", "group_unsupported_reason", "run_bitflip_seeds", "run_seed_group"]
 
 VMAP_ENGINES = ("func", "lean")
 
@@ -227,3 +227,150 @@ def run_bitflip_seeds(
             if run.monitor is not None and step % config.monitor_every == 0:
                 rows[run.seed] += monitor_rows(run.monitor, run.stream, config, step, run.probe_inputs)
     return rows
+
+
+# --------------------------------------------------------------------------- benchmark objects trained together
+
+
+def group_unsupported_reason(benchmarks: Sequence[Any]) -> str | None:
+    """Why :class:`BitFlipSeedGroup` cannot train these benchmarks as one learner (None: it can).
+
+    It can when all are ``"bitflip"`` benchmarks with one config at the same step on the lean engine, with no
+    method or each with ``cbp``/``cbp_aggressive`` (:func:`lopkit.benchmarks.bitflip_lean.lean_cbp_supported`),
+    and no method switch.
+    """
+    from lopkit.benchmarks.bitflip import BitFlipBenchmark, method_is_noop
+    from lopkit.benchmarks.bitflip_lean import lean_cbp_supported
+
+    if not benchmarks:
+        return "no runs"
+    first = benchmarks[0]
+    if not all(isinstance(b, BitFlipBenchmark) for b in benchmarks):
+        return "only bit-flipping runs can be vectorised here"
+    if any(b.config != first.config for b in benchmarks):
+        return "the runs have different configs"
+    if len({b.step for b in benchmarks}) != 1:
+        return f"the runs are at different steps ({sorted({b.step for b in benchmarks})}), e.g. after an interruption"
+    if first.config.switch_step:
+        return "switch_step (a method switch) is not vectorised"
+    if any(b.engine != "lean" for b in benchmarks):
+        return f"method {first.method.name!r} needs the autograd engine"
+    if all(method_is_noop(b.method) for b in benchmarks):
+        return None
+    if all(lean_cbp_supported(b.method, b.model) for b in benchmarks):
+        return None
+    return f"method {first.method.name!r} has no vectorised kernel (plain SGD, cbp and cbp_aggressive do)"
+
+
+class BitFlipSeedGroup:
+    """S bit-flipping benchmarks (one per seed, same config) trained as one learner vectorised over seeds.
+
+    The learners' parameters become slices of stacked tensors (so each benchmark's model, Monitor, method and
+    ``state_dict`` keep working); each step is the lean engine's step batched over seeds in NumPy, and with
+    ``cbp``/``cbp_aggressive`` one :class:`~lopkit.benchmarks.bitflip_lean.LeanCBP` keeps every seed's utilities
+    and replaces units with that seed's own generator. :meth:`run` returns, per benchmark, the rows its own
+    ``run`` would (within float tolerance: batched products round differently) and leaves its state as that would.
+    """
+
+    def __init__(self, benchmarks: Sequence[Any]):
+        reason = group_unsupported_reason(benchmarks)
+        if reason is not None:
+            raise ConfigError(f"these runs cannot be trained as one vectorised learner: {reason}")
+        from lopkit.benchmarks.bitflip import method_is_noop
+        from lopkit.benchmarks.bitflip_lean import LeanCBP
+
+        self.benchmarks = list(benchmarks)
+        models = [b.model for b in self.benchmarks]
+        stacked, _buffers = stack_module_state(models)
+        stacked = {name: tensor.detach().contiguous() for name, tensor in stacked.items()}
+        for index, model in enumerate(models):
+            _tie_to_stack(model, stacked, index)
+        self.views = _stacked_views(stacked, models[0])
+        self.cbp = None
+        if not all(method_is_noop(b.method) for b in self.benchmarks):
+            self.cbp = LeanCBP([b.method for b in self.benchmarks], models, [b.optimizer for b in self.benchmarks])
+
+    @property
+    def step(self) -> int:
+        """The common step of the benchmarks."""
+        return self.benchmarks[0].step
+
+    def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
+        """Advance every benchmark by up to ``n_steps``; per benchmark, the rows its own ``run`` would return."""
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        benches, cfg = self.benchmarks, self.benchmarks[0].config
+        rows: list[list[dict[str, Any]]] = [[] for _ in benches]
+        for index, bench in enumerate(benches):
+            if bench.monitor is not None and bench.step == 0 and not bench._initial_measured:
+                rows[index] += bench._measure()
+                bench._initial_measured = True
+        end = min(self.step + n_steps, bench.total_steps)
+        while self.step < end:
+            step = self.step
+            length = next_block_length(step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
+            batches = [b.stream.next_batches(length) for b in benches]
+            inputs = np.stack([learner_inputs(x, cfg).numpy() for x, _ in batches])  # (S, L, D)
+            targets = np.stack([y.numpy()[:, 0] for _, y in batches])  # (S, L)
+            sums = np.array([b._bin_sum for b in benches], dtype=np.float64)
+            _group_block(self.views, inputs, targets, cfg.lr, sums, step, self.cbp)
+            for index, bench in enumerate(benches):
+                bench._bin_sum = float(sums[index])
+                bench._bin_count += length
+                bench.step += length
+                rows[index] += bench._after_block()
+        return rows
+
+
+def _group_block(
+    views: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    lr: float,
+    sums: np.ndarray,
+    first_step: int,
+    cbp: Any = None,
+) -> None:
+    """The lean SGD step batched over seeds (views (S,H,D), (S,H), (S,H), (S,1)), with continual backprop when given."""
+    from lopkit.benchmarks.base import check_finite_loss
+
+    w1, b1, w2, b2 = views
+    two_lr = np.float32(2.0 * lr)
+    zero = np.float32(0.0)
+    outer = np.empty_like(w1)
+    if cbp is not None:
+        cbp.begin(inputs.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(inputs.shape[1]):
+            x = inputs[:, i]  # (S, D)
+            z = np.matmul(w1, x[:, :, None])[:, :, 0]
+            z += b1
+            h = np.maximum(z, zero) if cbp is None else np.maximum(z, zero, out=cbp.rec_h[cbp.k])
+            errors = np.einsum("sh,sh->s", w2, h)
+            errors += b2[:, 0]
+            errors -= targets[:, i]
+            sums += errors * errors
+            scale = two_lr * errors
+            dz = w2 * (z > 0)
+            dz *= scale[:, None]
+            w2 -= scale[:, None] * h
+            b2[:, 0] -= scale
+            np.multiply(dz[:, :, None], x[:, None, :], out=outer)
+            w1 -= outer
+            b1 -= dz
+            if cbp is not None:
+                cbp.rec_w2[cbp.k] = w2
+                cbp.rec_w1[cbp.k] = w1
+                cbp.step()
+    if cbp is not None:
+        cbp.finish()
+    if not np.isfinite(sums).all():
+        bad = int(np.flatnonzero(~np.isfinite(sums))[0])
+        check_finite_loss("bitflip", float(sums[bad]), first_step + inputs.shape[1] - 1, lr)
+
+
+def run_seed_group(benchmarks: Sequence[Any], n_steps: int | None = None) -> list[list[dict[str, Any]]]:
+    """Train these benchmarks as one :class:`BitFlipSeedGroup` to the end (or ``n_steps``); rows per benchmark."""
+    group = BitFlipSeedGroup(benchmarks)
+    total = benchmarks[0].total_steps - group.step if n_steps is None else n_steps
+    return group.run(total)
