@@ -575,6 +575,16 @@ class BitFlipBenchmark(Benchmark):
         self._initial_measured = False
         self._last_mse = float("nan")
 
+    @classmethod
+    def run_seed_group(cls, store: Any, config: BitFlipBenchmarkConfig, seeds: list[int], method_names: list[str],
+                       checkpoint_every: int | None = None, *, preset: str | None = None) -> dict[int, Any] | None:
+        """``lopkit run --seeds``: train the seeds as one vectorised learner when the method allows it (prints which
+        path); None when it does not (the caller then runs the seeds one by one). See
+        :func:`lopkit.benchmarks.vmap_seeds.execute_seed_group`."""
+        from lopkit.benchmarks.vmap_seeds import execute_seed_group
+
+        return execute_seed_group(store, config, seeds, method_names, checkpoint_every, preset=preset)
+
     def _resolve_engine(self, engine: str) -> str:
         """``auto`` -> ``lean`` when :func:`lean_supports` the method, else ``autograd``; ``lean`` otherwise errors."""
         supported = method_is_noop(self.method) or lean_supports(self.method, self.model)
