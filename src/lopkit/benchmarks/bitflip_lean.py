@@ -37,7 +37,7 @@ from torch import nn
 from lopkit.benchmarks.base import check_finite_loss
 from lopkit.mitigations.base import Compose, Mitigation
 
-__all__ = ["LeanCBP", "LeanKernel", "ema_sequence", "has_lean_kernel", "has_lean_kernel_type", "lean_cbp_block", "lean_cbp_supported", "lean_kernel",
+__all__ = ["LeanCBP", "LeanKernel", "ema_last", "ema_sequence", "has_lean_kernel", "has_lean_kernel_type", "lean_cbp_block", "lean_cbp_supported", "lean_kernel",
            "lean_method_block"]
 
 _RECORD_BYTES = 1 << 24  # memory of the CBP weight record (the record is flushed when full)
@@ -78,6 +78,13 @@ def ema_sequence(values: np.ndarray, start: np.ndarray, eta: float, chunk: int =
     return out
 
 
+def ema_last(values: np.ndarray, start: np.ndarray, eta: float) -> np.ndarray:
+    """The last value of :func:`ema_sequence` (one product with the weights ``(1 - eta) eta^(T-1-t)``)."""
+    n = values.shape[0]
+    weights = np.power(eta, np.arange(n - 1, -1, -1, dtype=np.float64)) * (1.0 - eta)
+    return weights @ values + eta**n * np.asarray(start, dtype=np.float64)
+
+
 def _single(method: Mitigation) -> Mitigation | None:
     """The one method of ``method`` (a composition of one is unwrapped); None for a composition of several."""
     while isinstance(method, Compose):
@@ -109,14 +116,14 @@ def lean_cbp_supported(method: Mitigation, model: nn.Module) -> bool:
 class LeanCBP:
     """Continual backprop (``cbp``, ``cbp_aggressive``) for S learners trained by a lean engine (S = 1: one run).
 
-    Per step the engine writes ``h`` into ``rec_h[k, s]`` and the post-step ``w2``, ``W1`` into ``rec_w2[k, s]``,
-    ``rec_w1[k, s]``, then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods' statistics
+    Per step the engine writes ``h`` into ``rec_h[k, s]``, the post-step ``w2`` into ``rec_w2[k, s]`` and ``|W1|``
+    into ``rec_w1[k, s]`` (``transposed``: ``|W1|^T``), then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods' statistics
     lag the record; after :meth:`finish` they, the generators and the counters are what the per-step hooks
     would have left.
     """
 
     def __init__(self, methods: Sequence[Mitigation], models: Sequence[nn.Module],
-                 optimizers: Sequence[torch.optim.Optimizer], capacity: int | None = None):
+                 optimizers: Sequence[torch.optim.Optimizer], capacity: int | None = None, transposed: bool = False):
         from lopkit.mitigations.resets import AggressiveContinualBackprop
 
         self.methods = [_single(m) for m in methods]
@@ -142,7 +149,9 @@ class LeanCBP:
         self.capacity = capacity
         self.rec_h = np.zeros((capacity, size, units), dtype=np.float32)
         self.rec_w2 = np.zeros((capacity, size, units), dtype=np.float32)
-        self.rec_w1 = np.zeros((capacity, size, units, inputs), dtype=np.float32)
+        self.transposed = transposed  # rec_w1[k, s] holds |W1| as (H, D), or (D, H) when transposed
+        shape = (inputs, units) if transposed else (units, inputs)
+        self.rec_w1 = np.zeros((capacity, size, *shape), dtype=np.float32)
         self.in_weights = np.ones(inputs, dtype=np.float32)  # |W1| row sums as a product; 0: the constant column
         self.in_weights[self.cols :] = 0.0
         self.k = 0
@@ -160,6 +169,7 @@ class LeanCBP:
     def begin(self, length: int) -> None:
         """Start a block of ``length`` steps: views of the statistics, maturity thresholds, coins drawn ahead."""
         self.k = 0
+        self.flushed = [0] * len(self.methods)  # per seed, the records already in its statistics
         self.time = 0  # steps since begin
         self.length = length
         self.states = [m.stats[0] for m in self.methods]
@@ -181,7 +191,7 @@ class LeanCBP:
     def _thresholds(self, s: int) -> None:
         """Times (steps since begin) at which seed ``s``'s units become mature: age = time - birth > maturity."""
         maturity = self.config.maturity
-        births = self.time - self.k - self.age[s]  # the age array lags the record by k steps
+        births = self.time - (self.k - self.flushed[s]) - self.age[s]  # the ages lag the unflushed records
         self.thresholds[s] = sorted((births + maturity + 1).tolist())
         pointer, thresholds = 0, self.thresholds[s]
         while pointer < len(thresholds) and thresholds[pointer] <= self.time:
@@ -253,14 +263,14 @@ class LeanCBP:
             else:
                 due.append((s, min(int(expected), pointer), self.used[s], 0.0))
         if due:
-            self._flush()
+            self._flush([d[0] for d in due])
             for s, count, used, before in due:
                 if self.native_now:
                     self._replace_native(s, count)
                 else:
                     self._replace(s, used, before)
                 self._thresholds(s)
-        elif self.k == self.capacity:
+        if self.k == self.capacity:
             self._flush()
 
     def _replace(self, s: int, used: int, accumulated_before: float) -> None:
@@ -319,36 +329,41 @@ class LeanCBP:
 
     # ------------------------------------------------------------------ the utilities
 
-    def _flush(self) -> None:
-        """Update ages, running means and utilities from the ``k`` recorded steps (as the per-step hooks)."""
+    def _flush(self, seeds: Sequence[int] | None = None) -> None:
+        """Update ages, running means and utilities of ``seeds`` (default all) from their unprocessed records."""
         k = self.k
-        if k == 0:
-            return
+        for s in range(len(self.methods)) if seeds is None else seeds:
+            first = self.flushed[s]
+            if first < k:
+                self._flush_seed(s, first, k)
+                self.flushed[s] = k
+        if seeds is None or all(f == k for f in self.flushed):
+            self.k = 0
+            self.flushed = [0] * len(self.methods)
+
+    def _flush_seed(self, s: int, first: int, last: int) -> None:
+        """Records ``first..last-1`` of seed ``s`` into its statistics (as the per-step hooks would)."""
         cfg, eta = self.config, self.config.decay_rate
-        size, units = len(self.methods), self.units
-        h = self.rec_h[:k].reshape(k, size * units).astype(np.float64)  # (k, S*H)
-        age = np.concatenate(self.age)
-        means = ema_sequence(h, np.concatenate(self.mean), eta)
+        n = last - first
+        h = self.rec_h[first:last, s].astype(np.float64)  # (n, H)
+        means = ema_sequence(h, self.mean[s], eta)
         if cfg.utility_type == "contribution":
             deviation = np.abs(h)
         else:
-            # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding, k + S*H pow calls
-            steps = np.power(eta, np.arange(1, k + 1, dtype=np.float64))
-            correction = 1.0 - np.power(eta, age.astype(np.float64))[None, :] * steps[:, None]
+            # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding, n + H pow calls
+            steps = np.power(eta, np.arange(1, n + 1, dtype=np.float64))
+            correction = 1.0 - np.power(eta, self.age[s].astype(np.float64))[None, :] * steps[:, None]
             deviation = np.abs(h - means / correction)
-        instant = deviation * np.abs(self.rec_w2[:k].reshape(k, size * units))
+        instant = deviation * np.abs(self.rec_w2[first:last, s])
         if cfg.utility_type == "adaptable_contribution":
-            incoming = (np.abs(self.rec_w1[:k]) @ self.in_weights).reshape(k, size * units).astype(np.float64)
+            record = self.rec_w1[first:last, s]
+            incoming = (self.in_weights @ record if self.transposed else record @ self.in_weights).astype(np.float64)
             if cfg.weight_magnitude != "sum":
                 incoming /= self.cols
             instant /= incoming + self.eps
-        utilities = ema_sequence(instant, np.concatenate(self.utility), eta)
-        for s in range(size):
-            part = slice(s * units, (s + 1) * units)
-            self.mean[s][:] = means[-1, part]
-            self.utility[s][:] = utilities[-1, part]
-            self.age[s] += k
-        self.k = 0
+        self.utility[s][:] = ema_last(instant, self.utility[s], eta)
+        self.mean[s][:] = means[-1]
+        self.age[s] += n
 
 
 def _param_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -391,7 +406,7 @@ def lean_cbp_block(
             w1 -= np.multiply.outer(dz, x)
             b1 -= dz
             rec_w2[k] = w2
-            rec_w1[k] = w1
+            np.abs(w1, out=rec_w1[k])
             cbp.step()
     cbp.finish()
     return loss_sum

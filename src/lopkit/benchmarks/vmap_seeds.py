@@ -288,14 +288,20 @@ class BitFlipSeedGroup:
 
         self.benchmarks = list(benchmarks)
         models = [b.model for b in self.benchmarks]
-        stacked, _buffers = stack_module_state(models)
-        stacked = {name: tensor.detach().contiguous() for name, tensor in stacked.items()}
-        for index, model in enumerate(models):
-            _tie_to_stack(model, stacked, index)
-        self.views = _stacked_views(stacked, models[0])
+        layers = [learner_layers(model) for model in models]
+        # W1 of all seeds as one (S, D, H) array: the outer-product update then runs along contiguous rows of H;
+        # each model's fc1.weight is the (H, D) transposed view of its slice (the other parameters: (S, ...) stacks)
+        w1t = torch.stack([hidden.weight.detach().t() for hidden, _, _ in layers]).contiguous()
+        b1, w2, b2 = (torch.stack([getattr(layer[i], name).detach() for layer in layers]).contiguous()
+                      for i, name in ((0, "bias"), (2, "weight"), (2, "bias")))
+        for index, (hidden, _activation, output) in enumerate(layers):
+            hidden.weight.data = w1t[index].t()
+            hidden.bias.data, output.weight.data, output.bias.data = b1[index], w2[index], b2[index]
+        self.views = (w1t.numpy(), b1.numpy(), w2.numpy()[:, 0, :], b2.numpy())
         self.cbp = None
         if not all(method_is_noop(b.method) for b in self.benchmarks):
-            self.cbp = LeanCBP([b.method for b in self.benchmarks], models, [b.optimizer for b in self.benchmarks])
+            self.cbp = LeanCBP([b.method for b in self.benchmarks], models, [b.optimizer for b in self.benchmarks],
+                               transposed=True)
 
     @property
     def step(self) -> int:
@@ -338,19 +344,19 @@ def _group_block(
     first_step: int,
     cbp: Any = None,
 ) -> None:
-    """The lean SGD step batched over seeds (views (S,H,D), (S,H), (S,H), (S,1)), with continual backprop when given."""
+    """The lean SGD step batched over seeds (views W1^T (S,D,H), b1 (S,H), w2 (S,H), b2 (S,1)), with continual backprop."""
     from lopkit.benchmarks.base import check_finite_loss
 
-    w1, b1, w2, b2 = views
+    w1t, b1, w2, b2 = views
     two_lr = np.float32(2.0 * lr)
     zero = np.float32(0.0)
-    outer = np.empty_like(w1)
+    outer = np.empty_like(w1t)
     if cbp is not None:
         cbp.begin(inputs.shape[1])
     with np.errstate(over="ignore", invalid="ignore"):
         for i in range(inputs.shape[1]):
             x = inputs[:, i]  # (S, D)
-            z = np.matmul(w1, x[:, :, None])[:, :, 0]
+            z = np.matmul(x[:, None, :], w1t)[:, 0, :]
             z += b1
             h = np.maximum(z, zero) if cbp is None else np.maximum(z, zero, out=cbp.rec_h[cbp.k])
             errors = np.einsum("sh,sh->s", w2, h)
@@ -362,12 +368,12 @@ def _group_block(
             dz *= scale[:, None]
             w2 -= scale[:, None] * h
             b2[:, 0] -= scale
-            np.multiply(dz[:, :, None], x[:, None, :], out=outer)
-            w1 -= outer
+            np.multiply(x[:, :, None], dz[:, None, :], out=outer)
+            w1t -= outer
             b1 -= dz
             if cbp is not None:
                 cbp.rec_w2[cbp.k] = w2
-                cbp.rec_w1[cbp.k] = w1
+                np.abs(w1t, out=cbp.rec_w1[cbp.k])
                 cbp.step()
     if cbp is not None:
         cbp.finish()
