@@ -123,7 +123,8 @@ class LeanCBP:
     """
 
     def __init__(self, methods: Sequence[Mitigation], models: Sequence[nn.Module],
-                 optimizers: Sequence[torch.optim.Optimizer], capacity: int | None = None, transposed: bool = False):
+                 optimizers: Sequence[torch.optim.Optimizer], capacity: int | None = None, transposed: bool = False,
+                 bias_row: bool = False):
         from lopkit.mitigations.resets import AggressiveContinualBackprop
 
         self.methods = [_single(m) for m in methods]
@@ -149,10 +150,12 @@ class LeanCBP:
         self.capacity = capacity
         self.rec_h = np.zeros((capacity, size, units), dtype=np.float32)
         self.rec_w2 = np.zeros((capacity, size, units), dtype=np.float32)
-        self.transposed = transposed  # rec_w1[k, s] holds |W1| as (H, D), or (D, H) when transposed
-        shape = (inputs, units) if transposed else (units, inputs)
+        # rec_w1[k, s] holds |W1| as (H, D), or (D, H) when transposed; bias_row: (D + 1, H) with b1 as last row
+        self.transposed = transposed
+        rows = inputs + int(bias_row)
+        shape = (rows, units) if transposed else (units, rows)
         self.rec_w1 = np.zeros((capacity, size, *shape), dtype=np.float32)
-        self.in_weights = np.ones(inputs, dtype=np.float32)  # |W1| row sums as a product; 0: the constant column
+        self.in_weights = np.ones(rows, dtype=np.float32)  # |W1| row sums as a product; 0: constant column, bias
         self.in_weights[self.cols :] = 0.0
         self.k = 0
 
@@ -187,6 +190,14 @@ class LeanCBP:
         for s in range(len(self.methods)):
             self._thresholds(s)
             self._draw_coins(s)
+        cfg = self.config
+        self.coin_plan = not self.aggressive and cfg.schedule == "coin" and cfg.replacement_rate > 0
+        self.seen = [0] * len(self.methods)
+        self.next_time: list[float] = [0] * len(self.methods)
+        if self.coin_plan:
+            for s in range(len(self.methods)):
+                self._plan(s)
+            self.next_any = min(self.next_time)
 
     def _thresholds(self, s: int) -> None:
         """Times (steps since begin) at which seed ``s``'s units become mature: age = time - birth > maturity."""
@@ -228,14 +239,57 @@ class LeanCBP:
             torch.rand(used, generator=generator, dtype=torch.float64)
         self.saved[s] = None
 
+    def _plan(self, s: int) -> None:
+        """Coin schedule: the next time seed ``s`` needs a look (a unit matures or a coin falls under the rate)."""
+        time, pointer = self.time, self.pointer[s]
+        threshold = self.thresholds[s][pointer] if pointer < self.units else math.inf
+        self.seen[s] = time
+        expected = self.config.replacement_rate * pointer
+        if pointer == 0:
+            self.next_time[s] = threshold
+            return
+        if expected >= 1.0:
+            self.next_time[s] = time + 1
+            return
+        horizon = int(min(threshold, self.length + 1) - time)  # steps until the next maturity (or the block end)
+        used = self.used[s]
+        if used + horizon > len(self.coins[s]):
+            self._more_coins(s, used + horizon - len(self.coins[s]))
+        hits = np.flatnonzero(np.asarray(self.coins[s][used : used + horizon]) <= expected)
+        self.next_time[s] = min(threshold, time + 1 + int(hits[0])) if len(hits) else threshold
+
+    def _step_coin(self) -> None:
+        """:meth:`step` for the coin schedule: only the seeds whose planned time has come are looked at."""
+        time = self.time
+        if time >= self.next_any:
+            for s in range(len(self.methods)):
+                if self.next_time[s] == time:
+                    if self.pointer[s]:  # the coins of the steps since the last look (all above the rate)
+                        self.used[s] += time - 1 - self.seen[s]
+                    self.seen[s] = time
+                    self._step_seeds([s])
+                    self._plan(s)
+            self.next_any = min(self.next_time)
+        if self.k == self.capacity:
+            self._flush()
+
     def step(self) -> None:
         """After one training step of every learner: advance the record; replace units where a replacement is due."""
         self.k += 1
         self.time += 1
+        if self.coin_plan:
+            self._step_coin()
+            return
+        self._step_seeds(range(len(self.methods)))
+        if self.k == self.capacity:
+            self._flush()
+
+    def _step_seeds(self, seeds: Sequence[int]) -> None:
+        """The per-step decisions of ``seeds`` (the hooks' ``num_to_replace``) and their replacements."""
         time = self.time
         rate = self.config.replacement_rate
         due: list[tuple[int, int, float]] = []
-        for s in range(len(self.methods)):
+        for s in seeds:
             thresholds, pointer = self.thresholds[s], self.pointer[s]
             while pointer < self.units and thresholds[pointer] <= time:
                 pointer += 1
@@ -270,8 +324,6 @@ class LeanCBP:
                 else:
                     self._replace(s, used, before)
                 self._thresholds(s)
-        if self.k == self.capacity:
-            self._flush()
 
     def _replace(self, s: int, used: int, accumulated_before: float) -> None:
         """The method's own replacement at this step (it redraws this step's coin or redoes the accumulation)."""
@@ -324,6 +376,8 @@ class LeanCBP:
         """End of the block: bring the statistics up to date and rewind the generators."""
         self._flush()
         for s in range(len(self.methods)):
+            if self.coin_plan and self.pointer[s]:  # coins of the steps after the last look
+                self.used[s] += self.time - self.seen[s]
             self._rewind(s, self.used[s])
             self.states[s]["accumulated"] = self.accumulated[s]
 

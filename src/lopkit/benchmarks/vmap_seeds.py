@@ -289,19 +289,22 @@ class BitFlipSeedGroup:
         self.benchmarks = list(benchmarks)
         models = [b.model for b in self.benchmarks]
         layers = [learner_layers(model) for model in models]
-        # W1 of all seeds as one (S, D, H) array: the outer-product update then runs along contiguous rows of H;
-        # each model's fc1.weight is the (H, D) transposed view of its slice (the other parameters: (S, ...) stacks)
-        w1t = torch.stack([hidden.weight.detach().t() for hidden, _, _ in layers]).contiguous()
-        b1, w2, b2 = (torch.stack([getattr(layer[i], name).detach() for layer in layers]).contiguous()
-                      for i, name in ((0, "bias"), (2, "weight"), (2, "bias")))
+        # W1 and b1 of all seeds as one (S, D + 1, H) array, b1 the last row: the input gets a 1 appended, so one
+        # product gives W1 x + b1 and one outer-product update (along contiguous rows of H) changes both; each
+        # model's fc1.weight is the (H, D) transposed view of its slice, fc1.bias the view of its last row
+        w1b = torch.stack([torch.cat([hidden.weight.detach().t(), hidden.bias.detach()[None, :]])
+                           for hidden, _, _ in layers]).contiguous()
+        w2, b2 = (torch.stack([getattr(layer[2], name).detach() for layer in layers]).contiguous()
+                  for name in ("weight", "bias"))
+        inputs = w1b.shape[1] - 1
         for index, (hidden, _activation, output) in enumerate(layers):
-            hidden.weight.data = w1t[index].t()
-            hidden.bias.data, output.weight.data, output.bias.data = b1[index], w2[index], b2[index]
-        self.views = (w1t.numpy(), b1.numpy(), w2.numpy()[:, 0, :], b2.numpy())
+            hidden.weight.data = w1b[index, :inputs].t()
+            hidden.bias.data, output.weight.data, output.bias.data = w1b[index, inputs], w2[index], b2[index]
+        self.views = (w1b.numpy(), w2.numpy()[:, 0, :], b2.numpy())
         self.cbp = None
         if not all(method_is_noop(b.method) for b in self.benchmarks):
             self.cbp = LeanCBP([b.method for b in self.benchmarks], models, [b.optimizer for b in self.benchmarks],
-                               transposed=True)
+                               transposed=True, bias_row=True)
 
     @property
     def step(self) -> int:
@@ -323,7 +326,9 @@ class BitFlipSeedGroup:
             step = self.step
             length = next_block_length(step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
             batches = [b.stream.next_batches(length) for b in benches]
-            inputs = np.stack([learner_inputs(x, cfg).numpy() for x, _ in batches])  # (S, L, D)
+            inputs = np.ones((len(benches), length, self.views[0].shape[1]), dtype=np.float32)  # (S, L, D + 1)
+            for index, (x, _) in enumerate(batches):
+                inputs[index, :, :-1] = learner_inputs(x, cfg).numpy()
             targets = np.stack([y.numpy()[:, 0] for _, y in batches])  # (S, L)
             sums = np.array([b._bin_sum for b in benches], dtype=np.float64)
             _group_block(self.views, inputs, targets, cfg.lr, sums, step, self.cbp)
@@ -336,7 +341,7 @@ class BitFlipSeedGroup:
 
 
 def _group_block(
-    views: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    views: tuple[np.ndarray, np.ndarray, np.ndarray],
     inputs: np.ndarray,
     targets: np.ndarray,
     lr: float,
@@ -344,42 +349,48 @@ def _group_block(
     first_step: int,
     cbp: Any = None,
 ) -> None:
-    """The lean SGD step batched over seeds (views W1^T (S,D,H), b1 (S,H), w2 (S,H), b2 (S,1)), with continual backprop."""
+    """The lean SGD step batched over seeds, with continual backprop when given.
+
+    ``views``: ``[W1^T; b1]`` (S, D + 1, H), w2 (S, H), b2 (S, 1); ``inputs`` (S, L, D + 1) end with a 1 column.
+    The squared errors are added to ``sums`` one step after the other in float64, as the single-run engine does.
+    """
     from lopkit.benchmarks.base import check_finite_loss
 
-    w1t, b1, w2, b2 = views
+    w1b, w2, b2 = views
     two_lr = np.float32(2.0 * lr)
     zero = np.float32(0.0)
-    outer = np.empty_like(w1t)
+    outer = np.empty_like(w1b)
+    size, length = inputs.shape[:2]
+    errors = np.empty((length, size), dtype=np.float32)
     if cbp is not None:
-        cbp.begin(inputs.shape[1])
+        cbp.begin(length)
     with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(inputs.shape[1]):
-            x = inputs[:, i]  # (S, D)
-            z = np.matmul(x[:, None, :], w1t)[:, 0, :]
-            z += b1
+        for i in range(length):
+            x = inputs[:, i]  # (S, D + 1)
+            z = np.matmul(x[:, None, :], w1b)[:, 0, :]
             h = np.maximum(z, zero) if cbp is None else np.maximum(z, zero, out=cbp.rec_h[cbp.k])
-            errors = np.einsum("sh,sh->s", w2, h)
-            errors += b2[:, 0]
-            errors -= targets[:, i]
-            sums += errors * errors
-            scale = two_lr * errors
+            error = np.einsum("sh,sh->s", w2, h, out=errors[i])
+            error += b2[:, 0]
+            error -= targets[:, i]
+            scale = two_lr * error
             dz = w2 * (z > 0)
             dz *= scale[:, None]
             w2 -= scale[:, None] * h
             b2[:, 0] -= scale
             np.multiply(x[:, :, None], dz[:, None, :], out=outer)
-            w1t -= outer
-            b1 -= dz
+            w1b -= outer
             if cbp is not None:
                 cbp.rec_w2[cbp.k] = w2
-                np.abs(w1t, out=cbp.rec_w1[cbp.k])
+                np.abs(w1b, out=cbp.rec_w1[cbp.k])
                 cbp.step()
     if cbp is not None:
         cbp.finish()
+    squares = errors * errors  # float32, as float(error * error) of the single-run engine
+    for index in range(size):  # sequential float64 sums (add.accumulate), as the per-step additions
+        sums[index] = np.add.accumulate(np.concatenate([[sums[index]], squares[:, index].astype(np.float64)]))[-1]
     if not np.isfinite(sums).all():
         bad = int(np.flatnonzero(~np.isfinite(sums))[0])
-        check_finite_loss("bitflip", float(sums[bad]), first_step + inputs.shape[1] - 1, lr)
+        check_finite_loss("bitflip", float(sums[bad]), first_step + length - 1, lr)
 
 
 def run_seed_group(benchmarks: Sequence[Any], n_steps: int | None = None) -> list[list[dict[str, Any]]]:
