@@ -6,7 +6,7 @@ Part 2 times plain SGD and each method (``cbp``, ``cbp_aggressive``, ``redo``, `
 ``shrink_perturb``, ``noisy_sgd``: their lean kernels, :mod:`lopkit.benchmarks.bitflip_lean`) in the same
 process, Monitor off, best of ``--repeats`` interleaved runs, and prints each rate and its ratio to plain SGD
 (issue 15 target: ``cbp`` >= 0.5x). When ``cbp`` misses the target its cProfile top entries are printed.
-Single-threaded; the machine's load average is printed with the figures.
+Single-threaded (torch, and NumPy's BLAS via threadpoolctl when installed); the load average is printed.
 
 Usage: python benchmarks/throughput_bitflip.py [--steps 50000] [--width 100] [--monitor-every 1000]
        [--method-steps 20000] [--methods cbp,redo] [--skip-engines]
@@ -15,6 +15,7 @@ Usage: python benchmarks/throughput_bitflip.py [--steps 50000] [--width 100] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -45,6 +46,15 @@ def steps_per_second(width: int, steps: int, monitor_every: int, engine: str, me
     start = time.perf_counter()
     bench.run(steps)
     return steps / (time.perf_counter() - start)
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager:
+    """Limit NumPy's BLAS to one thread when threadpoolctl is available (else a no-op)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
 
 
 def load() -> str:
@@ -81,6 +91,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # dead-layer NaN warnings of the Monitor are expected
+    with one_blas_thread():
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The two tables (see the module docstring)."""
     steps_per_second(args.width, 500, 0, "lean")  # warm-up
     print(f"threads 1; width {args.width}; {load()} at start")
     if not args.skip_engines:

@@ -35,15 +35,24 @@ Two training engines give the same trajectory up to float rounding:
 
 - ``"lean"``: a hand-written forward/backward/update of the two-layer net in NumPy float32 on views of the
   model's parameters (no optimizer object). About 15x faster than eager autograd at batch 1 without a method.
-  With a method (see :func:`lean_supports`) it also calls ``on_task_start``, runs the hidden layer's torch
-  forward so that the method's forward hooks see the step, adds the autograd gradient of ``loss_term`` to the
-  update, and calls ``after_step``: 2-3x faster than autograd for ``cbp``, ``l2init``, ``shrink_perturb``.
+  ``cbp``, ``cbp_aggressive``, ``redo``, ``l2``, ``l2init``, ``shrink_perturb`` and ``noisy_sgd`` run inside it
+  through their kernels (:mod:`lopkit.benchmarks.bitflip_lean`: no torch forward or hook call per step; ``cbp``
+  at about the plain engine's speed, ``benchmarks/throughput_bitflip.py``). Other methods that
+  :func:`lean_supports` get the generic hooked step: ``on_task_start``, the hidden layer's torch forward so
+  that the method's forward hooks see the step, the autograd gradient of ``loss_term`` added to the update,
+  and ``after_step``.
 - ``"autograd"``: the generic loop (``torch.optim.SGD`` and autograd) that calls every mitigation hook:
   ``on_task_start`` at step 0 and at every flip, ``loss_term`` (added to the loss; the online MSE excludes it),
   ``before_step`` between ``backward`` and ``optimizer.step`` and ``after_step`` after it. Hooks receive the
   0-based index of the step being taken.
 
 ``engine="auto"`` (the default) picks ``"lean"`` whenever it supports the method.
+
+Seeds. ``lopkit run bitflip --seeds 0-7`` trains the seeds as one learner vectorised over seeds
+(:class:`lopkit.benchmarks.vmap_seeds.BitFlipSeedGroup`) when the method allows it (none, ``cbp``,
+``cbp_aggressive``): each seed keeps its own run, rows, checkpoints, data stream and method generator, and its
+rows equal a separate run's within float tolerance. It prints which path it takes, and why it runs the seeds
+one by one otherwise (:meth:`BitFlipBenchmark.run_seed_group`).
 
 Method switch (checklist T5). ``switch_step=S switch_method=SPEC`` trains with the run's ``--method`` (e.g.
 ``sgd``) for steps ``0..S-1`` and with ``SPEC`` (a method spec as for ``--method``) from step S on; the first

@@ -1,5 +1,14 @@
 """Train several seeds of the bit-flipping learner in one process, vectorised over seeds.
 
+:class:`BitFlipSeedGroup` (what ``lopkit run bitflip --seeds`` uses, through :func:`execute_seed_group`) trains
+S :class:`~lopkit.benchmarks.bitflip.BitFlipBenchmark` objects, plain or with ``cbp``/``cbp_aggressive``, as
+one learner: the lean step batched over seeds in NumPy, and continual backprop's utilities and replacements
+per seed (:class:`lopkit.benchmarks.bitflip_lean.LeanCBP`, each seed's own method generator seeded through
+:func:`lopkit.seeding.derive_seed` as in a separate run). Each benchmark's rows, state and checkpoints are
+those of its own run within float tolerance.
+
+The older :func:`run_bitflip_seeds` below (plain learner only) builds its own runs:
+
 :func:`run_bitflip_seeds` returns, for every seed, the rows that a separate run of the ``"bitflip"``
 benchmark (:class:`lopkit.benchmarks.bitflip.BitFlipBenchmark`, no mitigation) would produce: the same
 ``online_mse`` bins and the same Monitor rows at the same steps. Each seed keeps its own data stream
