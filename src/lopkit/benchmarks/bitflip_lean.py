@@ -566,7 +566,8 @@ class _PerturbSchedule:
         for layer in weight_layers(model):
             bound = 1.0 / math.sqrt(int(layer.weight[0].numel()))
             self.bounds += [bound] * (2 if layer.bias is not None else 1)
-        self.noise: list[np.ndarray] = []
+        self.noise: np.ndarray | None = None
+        self.slices: list[tuple[int, int, tuple[int, ...]]] = []
         self.position = 0
 
     def begin(self, params: tuple[np.ndarray, ...], length: int) -> None:
@@ -576,16 +577,15 @@ class _PerturbSchedule:
         self.events = method.events
         applications = (self.events + length) // every - self.events // every
         sizes = [p.size for p in params]
+        self.slices = [(a, b, p.shape) for a, b, p in zip(np.cumsum([0] + sizes)[:-1], np.cumsum(sizes), params)]
         self.position = 0
-        self.noise = []
+        self.noise = None
         if applications and method.sigma != 0.0:
             generator = method.noise.get(torch.device("cpu"))
             draws = torch.rand((applications, sum(sizes)), generator=generator).numpy()
-            offsets = np.cumsum([0] + sizes)
-            for n in range(applications):
-                row = draws[n]
-                self.noise.append([((row[a:b] * 2.0 - 1.0) * bound).reshape(p.shape)
-                                   for a, b, bound, p in zip(offsets[:-1], offsets[1:], self.bounds, params)])
+            bounds = np.concatenate([np.full(n, bound, dtype=np.float32) for n, bound in zip(sizes, self.bounds)])
+            # (u * 2 - 1) * bound in float32 as init_noise, times sigma as the update's alpha
+            self.noise = (draws * np.float32(2.0) - np.float32(1.0)) * bounds * np.float32(method.sigma)
 
     def step(self, params: tuple[np.ndarray, ...]) -> None:
         """Count one step; on every ``every``-th, shrink and perturb all four tensors."""
@@ -593,13 +593,13 @@ class _PerturbSchedule:
         self.events += 1
         if self.events % method.config.every:
             return
-        shrink, sigma = np.float32(method.shrink), np.float32(method.sigma)
-        draws = self.noise[self.position] if self.noise else None
-        for n, p in enumerate(params):
+        shrink = np.float32(method.shrink)
+        row = self.noise[self.position] if self.noise is not None else None
+        for p, (a, b, shape) in zip(params, self.slices):
             if method.shrink != 1.0:
                 p *= shrink
-            if draws is not None:
-                p += sigma * draws[n]
+            if row is not None:
+                p += row[a:b].reshape(shape)
         self.position += 1
         method.applications += 1
 
