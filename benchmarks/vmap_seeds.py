@@ -10,7 +10,8 @@ Part 1 (plain SGD; same rows up to float rounding, see :mod:`lopkit.benchmarks.v
 
 Part 2 (``--method``, default ``cbp``): learner-steps/s of ONE seed with the method (lean engine) and the
 aggregate seed-steps/s of S seeds with it as one :class:`BitFlipSeedGroup`, best of ``--repeats`` interleaved
-runs, and their ratio (issue 15 target: >= 3x for 8 seeds with CBP).
+runs, and their ratio (issue 15 target: >= 3x for 8 seeds with CBP); below the target, the seed group's cProfile
+top entries.
 
 Single-threaded: ``torch.set_num_threads(1)`` and, when ``threadpoolctl`` is installed, one BLAS thread for
 NumPy (a multi-threaded BLAS on a shared machine distorts the small products). The load average is printed.
@@ -23,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import os
+import pstats
 import time
 import warnings
 
@@ -117,6 +121,15 @@ def method_table(args: argparse.Namespace) -> None:
     print(f"{args.seeds} seeds (seed group)      {group:9.0f} seed-steps/s (aggregate)")
     verdict = "met" if ratio >= TARGET else "MISSED"
     print(f"aggregate / one seed = {ratio:.2f}x (target >= {TARGET}x for 8 seeds: {verdict})")
+    if ratio < TARGET:  # where the seed group's time goes
+        together = BitFlipSeedGroup([bench(seed) for seed in range(args.seeds)])
+        profiler = cProfile.Profile()
+        profiler.enable()
+        together.run(config.num_steps)
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
+        print(out.getvalue())
 
 
 def main() -> None:
