@@ -110,7 +110,7 @@ def test_lean_engine_with_loss_term_matches_autograd_engine():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["noisy_sgd", "layernorm", "dropout", "crelu", "regrama", "infer", "cchain",
+@pytest.mark.parametrize("spec", ["layernorm", "dropout", "crelu", "regrama", "infer", "cchain",
                                   "cbp+regrama"])
 def test_gradient_editing_and_architectural_methods_need_autograd(spec):
     bench = make(method=build_methods(spec))
@@ -152,7 +152,7 @@ def test_switch_config_is_validated():
     with pytest.raises(ConfigError):
         make({"switch_step": 100, "switch_method": "no_such_method"})
     with pytest.raises(ConfigError, match="lean"):
-        make({"switch_step": 100, "switch_method": "noisy_sgd", "engine": "lean"})
+        make({"switch_step": 100, "switch_method": "upgd", "engine": "lean"})
     with pytest.raises(ConfigError, match="architecture"):
         make({"switch_step": 100, "switch_method": "layernorm"})
     with pytest.raises(ConfigError, match="below num_steps"):

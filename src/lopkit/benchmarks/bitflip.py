@@ -35,15 +35,24 @@ Two training engines give the same trajectory up to float rounding:
 
 - ``"lean"``: a hand-written forward/backward/update of the two-layer net in NumPy float32 on views of the
   model's parameters (no optimizer object). About 15x faster than eager autograd at batch 1 without a method.
-  With a method (see :func:`lean_supports`) it also calls ``on_task_start``, runs the hidden layer's torch
-  forward so that the method's forward hooks see the step, adds the autograd gradient of ``loss_term`` to the
-  update, and calls ``after_step``: 2-3x faster than autograd for ``cbp``, ``l2init``, ``shrink_perturb``.
+  ``cbp``, ``cbp_aggressive``, ``redo``, ``l2``, ``l2init``, ``shrink_perturb`` and ``noisy_sgd`` run inside it
+  through their kernels (:mod:`lopkit.benchmarks.bitflip_lean`: no torch forward or hook call per step; ``cbp``
+  at about the plain engine's speed, ``benchmarks/throughput_bitflip.py``). Other methods that
+  :func:`lean_supports` get the generic hooked step: ``on_task_start``, the hidden layer's torch forward so
+  that the method's forward hooks see the step, the autograd gradient of ``loss_term`` added to the update,
+  and ``after_step``.
 - ``"autograd"``: the generic loop (``torch.optim.SGD`` and autograd) that calls every mitigation hook:
   ``on_task_start`` at step 0 and at every flip, ``loss_term`` (added to the loss; the online MSE excludes it),
   ``before_step`` between ``backward`` and ``optimizer.step`` and ``after_step`` after it. Hooks receive the
   0-based index of the step being taken.
 
 ``engine="auto"`` (the default) picks ``"lean"`` whenever it supports the method.
+
+Seeds. ``lopkit run bitflip --seeds 0-7`` trains the seeds as one learner vectorised over seeds
+(:class:`lopkit.benchmarks.vmap_seeds.BitFlipSeedGroup`) when the method allows it (none, ``cbp``,
+``cbp_aggressive``): each seed keeps its own run, rows, checkpoints, data stream and method generator, and its
+rows equal a separate run's within float tolerance. It prints which path it takes, and why it runs the seeds
+one by one otherwise (:meth:`BitFlipBenchmark.run_seed_group`).
 
 Method switch (checklist T5). ``switch_step=S switch_method=SPEC`` trains with the run's ``--method`` (e.g.
 ``sgd``) for steps ``0..S-1`` and with ``SPEC`` (a method spec as for ``--method``) from step S on; the first
@@ -486,13 +495,21 @@ def _needs_autograd_step(method: Mitigation) -> bool:
 
 
 def lean_supports(method: Mitigation, model: nn.Module) -> bool:
-    """Whether the lean engine can train ``model`` with ``method``: the plain learner, no ``before_step``/``prepare_model``.
+    """Whether the lean engine can train ``model`` with ``method``: a lean kernel, or the plain learner without ``before_step``/``prepare_model``.
 
-    The lean engine calls ``on_task_start``, ``loss_term`` (its gradient by autograd, added to the update),
+    Methods with a kernel of :mod:`lopkit.benchmarks.bitflip_lean` (``cbp``, ``cbp_aggressive``, ``redo``, ``l2``,
+    ``l2init``, ``shrink_perturb``, ``noisy_sgd``) run it: no torch forward or hook call per step. For other
+    methods the lean engine calls ``on_task_start``, ``loss_term`` (its gradient by autograd, added to the update),
     the forward hooks of fc1 and act1 (one torch forward of the hidden layer per step) and ``after_step``;
     it has no ``.grad`` tensors for ``before_step`` to edit and needs the plain fc1/ReLU/fc2 model.
     """
-    if _overrides(method, "before_step") or _overrides(method, "prepare_model") or _needs_autograd_step(method):
+    from lopkit.benchmarks.bitflip_lean import has_lean_kernel
+
+    if _needs_autograd_step(method) or _overrides(method, "prepare_model"):
+        return False
+    if has_lean_kernel(method, model):
+        return True  # its own kernel (lopkit.benchmarks.bitflip_lean), e.g. noisy_sgd's gradient noise
+    if _overrides(method, "before_step"):
         return False
     try:
         hidden, activation, output = learner_layers(model)
@@ -550,7 +567,10 @@ class BitFlipBenchmark(Benchmark):
         if config.switch_step and config.engine == "lean":
             from lopkit.mitigations.registry import build_methods
 
-            if _overrides(build_methods(config.switch_method), "before_step"):
+            from lopkit.benchmarks.bitflip_lean import has_lean_kernel_type
+
+            switched = build_methods(config.switch_method)
+            if _overrides(switched, "before_step") and not has_lean_kernel_type(switched):
                 raise ConfigError(
                     f"engine='lean' cannot run switch_method {config.switch_method!r} (it edits gradients in "
                     "before_step); use engine='auto' or engine='autograd'"
@@ -563,6 +583,16 @@ class BitFlipBenchmark(Benchmark):
         self._bin_count = 0
         self._initial_measured = False
         self._last_mse = float("nan")
+
+    @classmethod
+    def run_seed_group(cls, store: Any, config: BitFlipBenchmarkConfig, seeds: list[int], method_names: list[str],
+                       checkpoint_every: int | None = None, *, preset: str | None = None) -> dict[int, Any] | None:
+        """``lopkit run --seeds``: train the seeds as one vectorised learner when the method allows it (prints which
+        path); None when it does not (the caller then runs the seeds one by one). See
+        :func:`lopkit.benchmarks.vmap_seeds.execute_seed_group`."""
+        from lopkit.benchmarks.vmap_seeds import execute_seed_group
+
+        return execute_seed_group(store, config, seeds, method_names, checkpoint_every, preset=preset)
 
     def _resolve_engine(self, engine: str) -> str:
         """``auto`` -> ``lean`` when :func:`lean_supports` the method, else ``autograd``; ``lean`` otherwise errors."""
@@ -625,13 +655,19 @@ class BitFlipBenchmark(Benchmark):
         cfg = self.config
         noop = method_is_noop(self.method)
         views = _numpy_views(self.model) if self.engine == "lean" else None
+        kernel = self.lean_kernel() if views is not None and not noop else None
+        periods = kernel.periods() if kernel is not None else ()
         with self.rng.active():
             while self.step < end:
-                length = next_block_length(self.step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
+                length = next_block_length(self.step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every, *periods)
                 stream_inputs, targets = self.stream.next_batches(length)
                 inputs = learner_inputs(stream_inputs, cfg)
                 if views is not None and noop:
                     self._bin_sum = lean_sgd_block(
+                        views, inputs.numpy(), targets.numpy()[:, 0], cfg.lr, self._bin_sum, self.step
+                    )
+                elif kernel is not None:
+                    self._bin_sum = kernel.run_block(
                         views, inputs.numpy(), targets.numpy()[:, 0], cfg.lr, self._bin_sum, self.step
                     )
                 elif views is not None:
@@ -642,6 +678,12 @@ class BitFlipBenchmark(Benchmark):
                 self.step += length
                 rows += self._after_block()
         return rows
+
+    def lean_kernel(self) -> Any:
+        """The lean kernel of the current method (:func:`lopkit.benchmarks.bitflip_lean.lean_kernel`) or None."""
+        from lopkit.benchmarks.bitflip_lean import lean_kernel
+
+        return lean_kernel(self.method, self.model, self.optimizer, self.config)
 
     def _lean_hooked_block(
         self, views: tuple[np.ndarray, ...], inputs: torch.Tensor, targets: torch.Tensor, loss_sum: float

@@ -1,5 +1,14 @@
 """Train several seeds of the bit-flipping learner in one process, vectorised over seeds.
 
+:class:`BitFlipSeedGroup` (what ``lopkit run bitflip --seeds`` uses, through :func:`execute_seed_group`) trains
+S :class:`~lopkit.benchmarks.bitflip.BitFlipBenchmark` objects, plain or with ``cbp``/``cbp_aggressive``, as
+one learner: the lean step batched over seeds in NumPy, and continual backprop's utilities and replacements
+per seed (:class:`lopkit.benchmarks.bitflip_lean.LeanCBP`, each seed's own method generator seeded through
+:func:`lopkit.seeding.derive_seed` as in a separate run). Each benchmark's rows, state and checkpoints are
+those of its own run within float tolerance.
+
+The older :func:`run_bitflip_seeds` below (plain learner only) builds its own runs:
+
 :func:`run_bitflip_seeds` returns, for every seed, the rows that a separate run of the ``"bitflip"``
 benchmark (:class:`lopkit.benchmarks.bitflip.BitFlipBenchmark`, no mitigation) would produce: the same
 ``online_mse`` bins and the same Monitor rows at the same steps. Each seed keeps its own data stream
@@ -62,7 +71,14 @@ from lopkit.configs import ConfigError
 from lopkit.data.bitflip import BitFlipStream, run_inputs_at
 from lopkit.diagnostics.monitor import Monitor
 
-__all__ = ["VMAP_ENGINES", "run_bitflip_seeds"]
+__all__ = [
+    "BitFlipSeedGroup",
+    "VMAP_ENGINES",
+    "execute_seed_group",
+    "group_unsupported_reason",
+    "run_bitflip_seeds",
+    "run_seed_group",
+]
 
 VMAP_ENGINES = ("func", "lean")
 
@@ -227,3 +243,262 @@ def run_bitflip_seeds(
             if run.monitor is not None and step % config.monitor_every == 0:
                 rows[run.seed] += monitor_rows(run.monitor, run.stream, config, step, run.probe_inputs)
     return rows
+
+
+# --------------------------------------------------------------------------- benchmark objects trained together
+
+
+def group_unsupported_reason(benchmarks: Sequence[Any]) -> str | None:
+    """Why :class:`BitFlipSeedGroup` cannot train these benchmarks as one learner (None: it can).
+
+    It can when all are ``"bitflip"`` benchmarks with one config at the same step on the lean engine, with no
+    method or each with ``cbp``/``cbp_aggressive`` (:func:`lopkit.benchmarks.bitflip_lean.lean_cbp_supported`),
+    and no method switch.
+    """
+    from lopkit.benchmarks.bitflip import BitFlipBenchmark, method_is_noop
+    from lopkit.benchmarks.bitflip_lean import lean_cbp_supported
+
+    if not benchmarks:
+        return "no runs"
+    first = benchmarks[0]
+    if not all(isinstance(b, BitFlipBenchmark) for b in benchmarks):
+        return "only bit-flipping runs can be vectorised here"
+    if any(b.config != first.config for b in benchmarks):
+        return "the runs have different configs"
+    if len({b.step for b in benchmarks}) != 1:
+        return f"the runs are at different steps ({sorted({b.step for b in benchmarks})}), e.g. after an interruption"
+    if first.config.switch_step:
+        return "switch_step (a method switch) is not vectorised"
+    if any(b.engine != "lean" for b in benchmarks):
+        return f"method {first.method.name!r} needs the autograd engine"
+    if all(method_is_noop(b.method) for b in benchmarks):
+        return None
+    if all(lean_cbp_supported(b.method, b.model) for b in benchmarks):
+        return None
+    return f"method {first.method.name!r} has no vectorised kernel (plain SGD, cbp and cbp_aggressive do)"
+
+
+class BitFlipSeedGroup:
+    """S bit-flipping benchmarks (one per seed, same config) trained as one learner vectorised over seeds.
+
+    The learners' parameters become slices of stacked tensors (so each benchmark's model, Monitor, method and
+    ``state_dict`` keep working); each step is the lean engine's step batched over seeds in NumPy, and with
+    ``cbp``/``cbp_aggressive`` one :class:`~lopkit.benchmarks.bitflip_lean.LeanCBP` keeps every seed's utilities
+    and replaces units with that seed's own generator. :meth:`run` returns, per benchmark, the rows its own
+    ``run`` would (within float tolerance: batched products round differently) and leaves its state as that would.
+    """
+
+    def __init__(self, benchmarks: Sequence[Any]):
+        reason = group_unsupported_reason(benchmarks)
+        if reason is not None:
+            raise ConfigError(f"these runs cannot be trained as one vectorised learner: {reason}")
+        from lopkit.benchmarks.bitflip import method_is_noop
+        from lopkit.benchmarks.bitflip_lean import LeanCBP
+
+        self.benchmarks = list(benchmarks)
+        models = [b.model for b in self.benchmarks]
+        layers = [learner_layers(model) for model in models]
+        # W1 and b1 of all seeds as one (S, D + 1, H) array, b1 the last row: the input gets a 1 appended, so one
+        # product gives W1 x + b1 and one outer-product update (along contiguous rows of H) changes both; each
+        # model's fc1.weight is the (H, D) transposed view of its slice, fc1.bias the view of its last row
+        w1b = torch.stack([torch.cat([hidden.weight.detach().t(), hidden.bias.detach()[None, :]])
+                           for hidden, _, _ in layers]).contiguous()
+        w2, b2 = (torch.stack([getattr(layer[2], name).detach() for layer in layers]).contiguous()
+                  for name in ("weight", "bias"))
+        inputs = w1b.shape[1] - 1
+        for index, (hidden, _activation, output) in enumerate(layers):
+            hidden.weight.data = w1b[index, :inputs].t()
+            hidden.bias.data, output.weight.data, output.bias.data = w1b[index, inputs], w2[index], b2[index]
+        self.views = (w1b.numpy(), w2.numpy()[:, 0, :], b2.numpy())
+        self.cbp = None
+        if not all(method_is_noop(b.method) for b in self.benchmarks):
+            self.cbp = LeanCBP([b.method for b in self.benchmarks], models, [b.optimizer for b in self.benchmarks],
+                               transposed=True, bias_row=True)
+
+    @property
+    def step(self) -> int:
+        """The common step of the benchmarks."""
+        return self.benchmarks[0].step
+
+    def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
+        """Advance every benchmark by up to ``n_steps``; per benchmark, the rows its own ``run`` would return."""
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        benches, cfg = self.benchmarks, self.benchmarks[0].config
+        rows: list[list[dict[str, Any]]] = [[] for _ in benches]
+        for index, bench in enumerate(benches):
+            if bench.monitor is not None and bench.step == 0 and not bench._initial_measured:
+                rows[index] += bench._measure()
+                bench._initial_measured = True
+        end = min(self.step + n_steps, bench.total_steps)
+        while self.step < end:
+            step = self.step
+            length = next_block_length(step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
+            batches = [b.stream.next_batches(length) for b in benches]
+            inputs = np.ones((len(benches), length, self.views[0].shape[1]), dtype=np.float32)  # (S, L, D + 1)
+            for index, (x, _) in enumerate(batches):
+                inputs[index, :, :-1] = learner_inputs(x, cfg).numpy()
+            targets = np.stack([y.numpy()[:, 0] for _, y in batches])  # (S, L)
+            sums = np.array([b._bin_sum for b in benches], dtype=np.float64)
+            _group_block(self.views, inputs, targets, cfg.lr, sums, step, self.cbp)
+            for index, bench in enumerate(benches):
+                bench._bin_sum = float(sums[index])
+                bench._bin_count += length
+                bench.step += length
+                rows[index] += bench._after_block()
+        return rows
+
+
+def _group_block(
+    views: tuple[np.ndarray, np.ndarray, np.ndarray],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    lr: float,
+    sums: np.ndarray,
+    first_step: int,
+    cbp: Any = None,
+) -> None:
+    """The lean SGD step batched over seeds, with continual backprop when given.
+
+    ``views``: ``[W1^T; b1]`` (S, D + 1, H), w2 (S, H), b2 (S, 1); ``inputs`` (S, L, D + 1) end with a 1 column.
+    The squared errors are added to ``sums`` one step after the other in float64, as the single-run engine does.
+    """
+    from lopkit.benchmarks.base import check_finite_loss
+
+    w1b, w2, b2 = views
+    two_lr = np.float32(2.0 * lr)
+    zero = np.float32(0.0)
+    outer = np.empty_like(w1b)
+    size, length = inputs.shape[:2]
+    errors = np.empty((length, size), dtype=np.float32)
+    if cbp is not None:
+        cbp.begin(length)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(length):
+            x = inputs[:, i]  # (S, D + 1)
+            z = np.matmul(x[:, None, :], w1b)[:, 0, :]
+            h = np.maximum(z, zero) if cbp is None else np.maximum(z, zero, out=cbp.rec_h[cbp.k])
+            error = np.einsum("sh,sh->s", w2, h, out=errors[i])
+            error += b2[:, 0]
+            error -= targets[:, i]
+            scale = two_lr * error
+            dz = w2 * (z > 0)
+            dz *= scale[:, None]
+            w2 -= scale[:, None] * h
+            b2[:, 0] -= scale
+            np.multiply(x[:, :, None], dz[:, None, :], out=outer)
+            w1b -= outer
+            if cbp is not None:
+                cbp.rec_w2[cbp.k] = w2
+                np.abs(w1b, out=cbp.rec_w1[cbp.k])
+                cbp.step()
+    if cbp is not None:
+        cbp.finish()
+    squares = errors * errors  # float32, as float(error * error) of the single-run engine
+    for index in range(size):  # sequential float64 sums (add.accumulate), as the per-step additions
+        sums[index] = np.add.accumulate(np.concatenate([[sums[index]], squares[:, index].astype(np.float64)]))[-1]
+    if not np.isfinite(sums).all():
+        bad = int(np.flatnonzero(~np.isfinite(sums))[0])
+        check_finite_loss("bitflip", float(sums[bad]), first_step + length - 1, lr)
+
+
+def run_seed_group(benchmarks: Sequence[Any], n_steps: int | None = None) -> list[list[dict[str, Any]]]:
+    """Train these benchmarks as one :class:`BitFlipSeedGroup` to the end (or ``n_steps``); rows per benchmark."""
+    group = BitFlipSeedGroup(benchmarks)
+    total = benchmarks[0].total_steps - group.step if n_steps is None else n_steps
+    return group.run(total)
+
+
+def execute_seed_group(
+    store: Any,
+    config: BitFlipBenchmarkConfig,
+    seeds: Sequence[int],
+    method_names: Sequence[str],
+    checkpoint_every: int | None = None,
+    *,
+    preset: str | None = None,
+    commit_seconds: float = 30.0,
+    log: Callable[[str], None] = print,
+) -> dict[int, Any] | None:
+    """Run the bit-flipping ``seeds`` into ``store`` as one vectorised learner, as separate ``execute_run`` calls would.
+
+    Each seed keeps its own run (id, rows, checkpoints), so a later command resumes or reports it as usual.
+    Returns ``{seed: RunResult}`` for every seed, or None, after logging why, when the runs cannot be
+    vectorised (:func:`group_unsupported_reason`; nothing is written then): the caller runs them one by one.
+    """
+    import time
+    import traceback
+
+    from lopkit.benchmarks.bitflip import BitFlipBenchmark
+    from lopkit.configs import config_to_dict
+    from lopkit.runner.execute import RunResult, default_checkpoint_every, method_label, resolve_methods
+    from lopkit.runner.store import deserialize_state, make_run_id, serialize_state
+
+    label = method_label(method_names)
+    config_dict = config_to_dict(config)
+    results: dict[int, Any] = {}
+    pending: list[tuple[int, str]] = []
+    for seed in seeds:
+        run_id = make_run_id(BitFlipBenchmark.name, label, config_dict, seed)
+        existing = store.get_run(run_id)
+        if existing is not None and existing["status"] == "finished":
+            results[seed] = RunResult(run_id, "skipped", int(existing["step"]), existing["total_steps"])
+        else:
+            pending.append((seed, run_id))
+    if len(pending) < 2:
+        log(f"seeds: separate runs ({len(pending)} run(s) left to train; vectorising needs 2 or more)")
+        return None
+    benches = [BitFlipBenchmark(config, seed, resolve_methods(method_names)) for seed, _ in pending]
+    for (seed, run_id), bench in zip(pending, benches):
+        checkpoint = store.load_checkpoint_bytes(run_id)
+        if checkpoint is not None:
+            bench.load_state_dict(deserialize_state(checkpoint[1]))
+    reason = group_unsupported_reason(benches)
+    if reason is not None:
+        log(f"seeds: separate runs, one after the other (cannot vectorise: {reason})")
+        return None
+    group = BitFlipSeedGroup(benches)
+    start_step = group.step
+    log(f"seeds: {len(benches)} runs trained as one vectorised learner (method {label}, from step {start_step})")
+    total = benches[0].total_steps
+    for (seed, run_id), bench in zip(pending, benches):
+        store.start_run(BitFlipBenchmark.name, label, config_dict, seed, preset=preset, run_id=run_id)
+        store.set_total_steps(run_id, total)
+    chunk = int(checkpoint_every) if checkpoint_every is not None else default_checkpoint_every(total)
+    rows: list[list[dict[str, Any]]] = [[] for _ in benches]
+    started = last_commit = time.monotonic()
+    since_commit = 0
+
+    def commit() -> None:
+        nonlocal rows, since_commit, last_commit
+        for (_seed, run_id), bench, chunk_rows in zip(pending, benches, rows):
+            store.commit_chunk(run_id, chunk_rows, serialize_state(bench.state_dict()), bench.step)
+        rows, since_commit, last_commit = [[] for _ in benches], 0, time.monotonic()
+
+    status = "finished"
+    try:
+        while group.step < total:
+            piece = max(1, min(chunk - since_commit, 2000))
+            before = group.step
+            for index, new_rows in enumerate(group.run(piece)):
+                rows[index] += new_rows
+            since_commit += group.step - before
+            if since_commit >= chunk or time.monotonic() - last_commit >= commit_seconds or group.step >= total:
+                commit()
+    except KeyboardInterrupt:
+        commit()  # the rows of whole blocks are consistent with the saved states
+        status = "interrupted"
+    except Exception:  # noqa: BLE001  (recorded in every run, as execute_run records its run's failure)
+        text = traceback.format_exc()
+        for seed, run_id in pending:
+            store.fail_run(run_id, text)
+            stored = store.get_run(run_id) or {}
+            results[seed] = RunResult(run_id, "failed", int(stored.get("step") or 0), total,
+                                      time.monotonic() - started, text, start_step or None)
+        return results
+    for (seed, run_id), bench in zip(pending, benches):
+        if status == "finished":
+            store.finish_run(run_id)
+        results[seed] = RunResult(run_id, status, bench.step, total, time.monotonic() - started,
+                                  resumed_from=start_step or None)
+    return results

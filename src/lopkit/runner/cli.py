@@ -107,10 +107,19 @@ def _run(args: argparse.Namespace) -> int:
         return _error(f"cannot open the results store in {out}: {err}")
     failures = 0
     try:
+        grouped: dict[int, Any] = {}
+        run_seed_group = getattr(cls, "run_seed_group", None)  # bitflip: seeds as one vectorised learner
+        if run_seed_group is not None and len(seeds) > 1:
+            try:
+                grouped = run_seed_group(store, config, seeds, method_names, args.checkpoint_every,
+                                         preset=args.preset) or {}
+            except (*SETUP_ERRORS, StoreError) as err:
+                return _error(str(err))
         for seed in seeds:
             try:
-                result = execute_run(store, cls, config, seed, method_names, args.checkpoint_every, progress,
-                                     preset=args.preset, raise_on_error=False)
+                result = grouped.get(seed) or execute_run(
+                    store, cls, config, seed, method_names, args.checkpoint_every, progress,
+                    preset=args.preset, raise_on_error=False)
             except (*SETUP_ERRORS, StoreError) as err:  # a benchmark's constructor (bad combination of values,
                 # missing dataset) or a store that cannot be written
                 return _error(str(err))

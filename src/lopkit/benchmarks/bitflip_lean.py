@@ -1,0 +1,772 @@
+"""Methods inside the bit-flipping benchmark's lean engine: kernels that reproduce a method's hooks in NumPy.
+
+The lean engine (:func:`lopkit.benchmarks.bitflip.lean_sgd_block`) trains the two-layer learner with a
+hand-written forward/backward/update. A *lean kernel* adds one mitigation to that loop without a torch forward,
+autograd or per-step hook call, giving the rows of the autograd engine within float tolerance:
+
+- ``cbp``/``cbp_aggressive`` (:class:`LeanCBP`): the engine writes each step's hidden features ``h`` and the
+  post-step weights into a record; the utilities of Dohare's ``gnt.py`` (running mean, bias-corrected
+  deviation, |w_out| / |w_in|, running utility, all in float64 as :class:`~lopkit.mitigations.resets.ContinualBackprop`)
+  are computed from the record in one vectorised pass (the two exponential averages in closed form over
+  chunks of :data:`EMA_CHUNK` steps, equal to the per-step recursion up to float64 rounding) whenever a replacement is due, the record is full or the block
+  ends. Whether a replacement is due needs no utility: the number of mature units follows from the ages by
+  integer arithmetic, and the coin flips of ``schedule="coin"`` are drawn ahead from the method's generator
+  (rewound to where the per-step loop would stand). The replacement itself is the method's own
+  ``_replace``, called on the same step as the autograd engine, so the draws of fresh weights are the same.
+- ``l2``/``l2init``: the loss term's gradient ``2 strength (p - p0)`` is added to the update.
+- ``shrink_perturb`` (``when="step"``, ``noise="init"``): the uniform draws of a block come from the method's
+  generator at once (PyTorch's uniform draws are sequential, so they equal the per-step draws).
+- ``noisy_sgd``: the relative gradient noise is drawn per tensor and step from the method's generator, in the
+  order of ``model.parameters()``; the gradients are the lean engine's explicit ones.
+- ``redo`` (any periodic unit method whose statistics are sums of ``h``): the record gives the window's sums;
+  the check runs through the method's ``after_step`` at the step it is due.
+
+:func:`lean_kernel` returns the kernel for a method, or None (the benchmark then uses its hooked lean step or
+the autograd engine).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lopkit.benchmarks.base import check_finite_loss
+from lopkit.mitigations.base import Compose, Mitigation
+
+__all__ = ["LeanCBP", "LeanKernel", "ema_last", "ema_sequence", "has_lean_kernel", "has_lean_kernel_type", "lean_cbp_block", "lean_cbp_supported", "lean_kernel",
+           "lean_method_block"]
+
+_RECORD_BYTES = 1 << 24  # memory of the CBP weight record (the record is flushed when full)
+_COIN_CHUNK = 256  # coins drawn ahead at once
+EMA_CHUNK = 32  # steps per closed-form piece of :func:`ema_sequence`
+
+
+_DECAY_CACHE: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _decay_matrix(eta: float, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``((1 - eta) eta^(t-s) for s <= t, eta^(t+1))`` for ``t, s < chunk`` (cached)."""
+    key = (float(eta), int(chunk))
+    if key not in _DECAY_CACHE:
+        index = np.arange(chunk)
+        lags = index[:, None] - index[None, :]
+        decay = np.where(lags >= 0, np.power(eta, np.maximum(lags, 0).astype(np.float64)), 0.0) * (1.0 - eta)
+        _DECAY_CACHE[key] = (decay, np.power(eta, (index + 1).astype(np.float64)))
+    return _DECAY_CACHE[key]
+
+
+def ema_sequence(values: np.ndarray, start: np.ndarray, eta: float, chunk: int = EMA_CHUNK) -> np.ndarray:
+    """Running averages ``y_t = eta y_(t-1) + (1 - eta) x_t`` along axis 0 of ``values`` (T, N) from ``start`` (N,).
+
+    Each piece of ``chunk`` steps is one product with the decay matrix ``(1 - eta) eta^(t-s)`` plus
+    ``eta^(t+1)`` times the previous value: the recursion's values up to float64 rounding, without a Python
+    loop over steps.
+    """
+    decay, powers = _decay_matrix(eta, chunk)
+    out = np.empty(values.shape, dtype=np.float64)
+    previous = np.asarray(start, dtype=np.float64)
+    for first in range(0, values.shape[0], chunk):
+        n = min(chunk, values.shape[0] - first)
+        piece = out[first : first + n]
+        np.matmul(decay[:n, :n], values[first : first + n], out=piece)
+        piece += powers[:n, None] * previous[None, :]
+        previous = piece[-1]
+    return out
+
+
+def ema_last(values: np.ndarray, start: np.ndarray, eta: float) -> np.ndarray:
+    """The last value of :func:`ema_sequence` (one product with the weights ``(1 - eta) eta^(T-1-t)``)."""
+    n = values.shape[0]
+    weights = np.power(eta, np.arange(n - 1, -1, -1, dtype=np.float64)) * (1.0 - eta)
+    return weights @ values + eta**n * np.asarray(start, dtype=np.float64)
+
+
+def _single(method: Mitigation) -> Mitigation | None:
+    """The one method of ``method`` (a composition of one is unwrapped); None for a composition of several."""
+    while isinstance(method, Compose):
+        if len(method.methods) != 1:
+            return None
+        method = method.methods[0]
+    return method
+
+
+def _layers(model: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
+    from lopkit.benchmarks.bitflip import learner_layers
+
+    return learner_layers(model)
+
+
+def lean_cbp_supported(method: Mitigation, model: nn.Module) -> bool:
+    """Whether :class:`LeanCBP` runs ``method``: exactly ``cbp`` or ``cbp_aggressive`` on the learner's one unit group."""
+    from lopkit.mitigations.resets import AggressiveContinualBackprop, ContinualBackprop
+
+    method = _single(method)
+    if type(method) not in (ContinualBackprop, AggressiveContinualBackprop) or method.generator is None:
+        return False
+    hidden, _activation, output = _layers(model)
+    groups = method.groups
+    return (len(groups) == 1 and groups[0].incoming is hidden and groups[0].outgoing is output
+            and not groups[0].is_conv and groups[0].outgoing_block == 1)
+
+
+class LeanCBP:
+    """Continual backprop (``cbp``, ``cbp_aggressive``) for S learners trained by a lean engine (S = 1: one run).
+
+    Per step the engine writes ``h`` into ``rec_h[k, s]``, the post-step ``w2`` into ``rec_w2[k, s]`` and ``|W1|``
+    into ``rec_w1[k, s]`` (``transposed``: ``|W1|^T``), then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods' statistics
+    lag the record; after :meth:`finish` they, the generators and the counters are what the per-step hooks
+    would have left.
+    """
+
+    def __init__(self, methods: Sequence[Mitigation], models: Sequence[nn.Module],
+                 optimizers: Sequence[torch.optim.Optimizer], capacity: int | None = None, transposed: bool = False,
+                 bias_row: bool = False):
+        from lopkit.mitigations.resets import AggressiveContinualBackprop
+
+        self.methods = [_single(m) for m in methods]
+        self.models, self.optimizers = list(models), list(optimizers)
+        first = self.methods[0]
+        self.config = first.config
+        self.aggressive = type(first) is AggressiveContinualBackprop
+        hidden, _activation, _output = _layers(self.models[0])
+        units, inputs = hidden.weight.shape
+        self.units = units
+        self.cols = inputs - 1 if first._constant_column(0) else inputs
+        self.eps = first._in_epsilon
+        self.native = self._native_replacement()
+        if self.native:
+            from lopkit.mitigations.layers import _weight_scale, activation_gain
+
+            group = first.groups[0]
+            self.init_scale = _weight_scale(group.incoming.weight, self.config.init, activation_gain(group.activation))
+            self.bias_scale = 1.0 / math.sqrt(inputs)
+        size = len(self.methods)
+        if capacity is None:
+            capacity = max(8, min(1024, _RECORD_BYTES // (4 * size * units * (inputs + 2))))
+        self.capacity = capacity
+        self.rec_h = np.zeros((capacity, size, units), dtype=np.float32)
+        self.rec_w2 = np.zeros((capacity, size, units), dtype=np.float32)
+        # rec_w1[k, s] holds |W1| as (H, D), or (D, H) when transposed; bias_row: (D + 1, H) with b1 as last row
+        self.transposed = transposed
+        rows = inputs + int(bias_row)
+        shape = (rows, units) if transposed else (units, rows)
+        self.rec_w1 = np.zeros((capacity, size, *shape), dtype=np.float32)
+        self.in_weights = np.ones(rows, dtype=np.float32)  # |W1| row sums as a product; 0: constant column, bias
+        self.in_weights[self.cols :] = 0.0
+        self.k = 0
+
+    def _native_replacement(self) -> bool:
+        """Whether the replacement can run in NumPy here (uniform draws only; else the method's own ``_replace``)."""
+        cfg = self.config
+        uniform = cfg.init in ("default", "kaiming_uniform", "xavier_uniform")
+        if self.aggressive:
+            return uniform or not cfg.redraw_incoming
+        return uniform and not cfg.bias_correction
+
+    # ------------------------------------------------------------------ block bookkeeping
+
+    def begin(self, length: int) -> None:
+        """Start a block of ``length`` steps: views of the statistics, maturity thresholds, coins drawn ahead."""
+        self.k = 0
+        self.flushed = [0] * len(self.methods)  # per seed, the records already in its statistics
+        self.time = 0  # steps since begin
+        self.length = length
+        self.states = [m.stats[0] for m in self.methods]
+        self.utility = [s["utility"].numpy() for s in self.states]
+        self.mean = [s["mean_activation"].numpy() for s in self.states]
+        self.age = [s["age"].numpy() for s in self.states]
+        self.accumulated = [float(s["accumulated"]) for s in self.states]
+        self.params = [_param_views(model) for model in self.models]
+        self.native_now = self.native and all(len(o.state) == 0 for o in self.optimizers)
+        self.thresholds: list[list[int]] = [[] for _ in self.methods]
+        self.pointer = [0] * len(self.methods)
+        self.saved: list[torch.Tensor | None] = [None] * len(self.methods)
+        self.coins: list[list[float]] = [[] for _ in self.methods]
+        self.used = [0] * len(self.methods)
+        for s in range(len(self.methods)):
+            self._thresholds(s)
+            self._draw_coins(s)
+        cfg = self.config
+        self.coin_plan = not self.aggressive and cfg.schedule == "coin" and cfg.replacement_rate > 0
+        self.seen = [0] * len(self.methods)
+        self.next_time: list[float] = [0] * len(self.methods)
+        if self.coin_plan:
+            for s in range(len(self.methods)):
+                self._plan(s)
+            self.next_any = min(self.next_time)
+
+    def _thresholds(self, s: int) -> None:
+        """Times (steps since begin) at which seed ``s``'s units become mature: age = time - birth > maturity."""
+        maturity = self.config.maturity
+        births = self.time - (self.k - self.flushed[s]) - self.age[s]  # the ages lag the unflushed records
+        self.thresholds[s] = sorted((births + maturity + 1).tolist())
+        pointer, thresholds = 0, self.thresholds[s]
+        while pointer < len(thresholds) and thresholds[pointer] <= self.time:
+            pointer += 1
+        self.pointer[s] = pointer
+
+    def _draw_coins(self, s: int) -> None:
+        """Start seed ``s``'s stream of uniform draws (coins, fresh weights) ahead of use (rewound by :meth:`_rewind`)."""
+        generator = self.methods[s].generator
+        self.saved[s] = generator.get_state()
+        self.coins[s] = []
+        self.used[s] = 0
+
+    def _more_coins(self, s: int, needed: int = 1) -> None:
+        """Extend seed ``s``'s stream by at least ``needed`` draws (the generator continues where it stopped)."""
+        size = max(needed, min(_COIN_CHUNK, self.length - self.time + 1))
+        self.coins[s] += torch.rand(size, generator=self.methods[s].generator, dtype=torch.float64).tolist()
+
+    def _take(self, s: int, count: int) -> np.ndarray:
+        """The next ``count`` uniform draws of seed ``s``'s stream."""
+        used = self.used[s]
+        if used + count > len(self.coins[s]):
+            self._more_coins(s, used + count - len(self.coins[s]))
+        self.used[s] = used + count
+        return np.array(self.coins[s][used : used + count], dtype=np.float64)
+
+    def _rewind(self, s: int, used: int) -> None:
+        """Put seed ``s``'s generator where the per-step loop would be after ``used`` of the drawn coins."""
+        if self.saved[s] is None:
+            return
+        generator = self.methods[s].generator
+        generator.set_state(self.saved[s])
+        if used:
+            torch.rand(used, generator=generator, dtype=torch.float64)
+        self.saved[s] = None
+
+    def _plan(self, s: int) -> None:
+        """Coin schedule: the next time seed ``s`` needs a look (a unit matures or a coin falls under the rate)."""
+        time, pointer = self.time, self.pointer[s]
+        threshold = self.thresholds[s][pointer] if pointer < self.units else math.inf
+        self.seen[s] = time
+        expected = self.config.replacement_rate * pointer
+        if pointer == 0:
+            self.next_time[s] = threshold
+            return
+        if expected >= 1.0:
+            self.next_time[s] = time + 1
+            return
+        horizon = int(min(threshold, self.length + 1) - time)  # steps until the next maturity (or the block end)
+        used = self.used[s]
+        if used + horizon > len(self.coins[s]):
+            self._more_coins(s, used + horizon - len(self.coins[s]))
+        hits = np.flatnonzero(np.asarray(self.coins[s][used : used + horizon]) <= expected)
+        self.next_time[s] = min(threshold, time + 1 + int(hits[0])) if len(hits) else threshold
+
+    def _step_coin(self) -> None:
+        """:meth:`step` for the coin schedule: only the seeds whose planned time has come are looked at."""
+        time = self.time
+        if time >= self.next_any:
+            for s in range(len(self.methods)):
+                if self.next_time[s] == time:
+                    if self.pointer[s]:  # the coins of the steps since the last look (all above the rate)
+                        self.used[s] += time - 1 - self.seen[s]
+                    self.seen[s] = time
+                    self._step_seeds([s])
+                    self._plan(s)
+            self.next_any = min(self.next_time)
+        if self.k == self.capacity:
+            self._flush()
+
+    def step(self) -> None:
+        """After one training step of every learner: advance the record; replace units where a replacement is due."""
+        self.k += 1
+        self.time += 1
+        if self.coin_plan:
+            self._step_coin()
+            return
+        self._step_seeds(range(len(self.methods)))
+        if self.k == self.capacity:
+            self._flush()
+
+    def _step_seeds(self, seeds: Sequence[int]) -> None:
+        """The per-step decisions of ``seeds`` (the hooks' ``num_to_replace``) and their replacements."""
+        time = self.time
+        rate = self.config.replacement_rate
+        due: list[tuple[int, int, float]] = []
+        for s in seeds:
+            thresholds, pointer = self.thresholds[s], self.pointer[s]
+            while pointer < self.units and thresholds[pointer] <= time:
+                pointer += 1
+            self.pointer[s] = pointer
+            if pointer == 0 or rate == 0:
+                continue
+            if self.aggressive:
+                due.append((s, min(pointer, max(1, int(math.floor(self.units * rate)))), self.used[s], 0.0))
+                continue
+            expected = rate * pointer
+            if self.config.schedule == "accumulate":
+                before = self.accumulated[s]
+                after = before + expected
+                count = int(math.floor(after))
+                self.accumulated[s] = after - count
+                if count:
+                    due.append((s, min(count, pointer), 0, before))
+            elif expected < 1.0:
+                used = self.used[s]
+                self.used[s] = used + 1
+                if used == len(self.coins[s]):
+                    self._more_coins(s)
+                if self.coins[s][used] <= expected:
+                    due.append((s, 1, used, 0.0))
+            else:
+                due.append((s, min(int(expected), pointer), self.used[s], 0.0))
+        if due:
+            self._flush([d[0] for d in due])
+            for s, count, used, before in due:
+                if self.native_now:
+                    self._replace_native(s, count)
+                else:
+                    self._replace(s, used, before)
+                self._thresholds(s)
+
+    def _replace(self, s: int, used: int, accumulated_before: float) -> None:
+        """The method's own replacement at this step (it redraws this step's coin or redoes the accumulation)."""
+        method = self.methods[s]
+        self._rewind(s, used)
+        if self.config.schedule == "accumulate":
+            self.states[s]["accumulated"] = accumulated_before
+        method._replace(0, method.groups[0], self.optimizers[s])
+        self.accumulated[s] = float(self.states[s]["accumulated"])
+        self._draw_coins(s)
+
+    def _replace_native(self, s: int, count: int) -> None:
+        """``_replace`` of ``cbp``/``cbp_aggressive`` in NumPy on the plain learner (same draws, same order)."""
+        cfg, method = self.config, self.methods[s]
+        w1, b1, w2, b2 = self.params[s]
+        age, utility, mean = self.age[s], self.utility[s], self.mean[s]
+        eta = cfg.decay_rate
+        eligible = np.flatnonzero(age > cfg.maturity)
+        correction = 1.0 - np.power(eta, age.astype(np.float64))
+        corrected = np.where(correction > 0, utility / np.maximum(correction, 1e-300), 0.0)
+        chosen = eligible[np.argsort(corrected[eligible], kind="stable")[:count]]
+        rows = np.sort(chosen)  # reinit_incoming and the masks go in unit order
+        redraw = cfg.redraw_incoming if self.aggressive else True
+        if redraw:
+            draws = self._take(s, len(rows) * w1.shape[1])
+            w1[rows] = ((draws * 2.0 - 1.0) * self.init_scale).reshape(len(rows), -1).astype(np.float32)
+            if cfg.bias_init == "zero":
+                b1[rows] = 0.0
+            else:
+                b1[rows] = ((self._take(s, len(rows)) * 2.0 - 1.0) * self.bias_scale).astype(np.float32)
+        if self.aggressive:
+            if cfg.zero_layer_bias:
+                b1[:] = 0.0
+            if cfg.bias_correction:
+                means = np.where(correction > 0, mean / np.maximum(correction, 1e-300), 0.0)[chosen]
+                b2 += np.float32(w2[chosen] @ means.astype(np.float32))
+            w2[chosen] = 0.0
+        else:
+            w2[rows] = 0.0
+            if method._constant_column(0):
+                w1[rows, -1] = 0.0
+        method.replaced_per_group[0] += len(rows)
+        method.total_replaced += len(rows)
+        utility[rows] = 0.0
+        mean[rows] = 0.0
+        age[rows] = 0
+        method.events += 1
+
+    def finish(self) -> None:
+        """End of the block: bring the statistics up to date and rewind the generators."""
+        self._flush()
+        for s in range(len(self.methods)):
+            if self.coin_plan and self.pointer[s]:  # coins of the steps after the last look
+                self.used[s] += self.time - self.seen[s]
+            self._rewind(s, self.used[s])
+            self.states[s]["accumulated"] = self.accumulated[s]
+
+    # ------------------------------------------------------------------ the utilities
+
+    def _flush(self, seeds: Sequence[int] | None = None) -> None:
+        """Update ages, running means and utilities of ``seeds`` (default all) from their unprocessed records."""
+        k = self.k
+        for s in range(len(self.methods)) if seeds is None else seeds:
+            first = self.flushed[s]
+            if first < k:
+                self._flush_seed(s, first, k)
+                self.flushed[s] = k
+        if seeds is None or all(f == k for f in self.flushed):
+            self.k = 0
+            self.flushed = [0] * len(self.methods)
+
+    def _flush_seed(self, s: int, first: int, last: int) -> None:
+        """Records ``first..last-1`` of seed ``s`` into its statistics (as the per-step hooks would)."""
+        cfg, eta = self.config, self.config.decay_rate
+        n = last - first
+        h = self.rec_h[first:last, s].astype(np.float64)  # (n, H)
+        means = ema_sequence(h, self.mean[s], eta)
+        if cfg.utility_type == "contribution":
+            deviation = np.abs(h)
+        else:
+            # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding, n + H pow calls
+            steps = np.power(eta, np.arange(1, n + 1, dtype=np.float64))
+            correction = 1.0 - np.power(eta, self.age[s].astype(np.float64))[None, :] * steps[:, None]
+            deviation = np.abs(h - means / correction)
+        instant = deviation * np.abs(self.rec_w2[first:last, s])
+        if cfg.utility_type == "adaptable_contribution":
+            record = self.rec_w1[first:last, s]
+            incoming = (self.in_weights @ record if self.transposed else record @ self.in_weights).astype(np.float64)
+            if cfg.weight_magnitude != "sum":
+                incoming /= self.cols
+            instant /= incoming + self.eps
+        self.utility[s][:] = ema_last(instant, self.utility[s], eta)
+        self.mean[s][:] = means[-1]
+        self.age[s] += n
+
+
+def _param_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy views (W1, b1, w2, b2) of the learner's parameters (w2 flattened)."""
+    hidden, _activation, output = _layers(model)
+    w1, b1, w2, b2 = (t.detach().numpy() for t in (hidden.weight, hidden.bias, output.weight, output.bias))
+    return w1, b1, w2.reshape(-1), b2
+
+
+def lean_cbp_block(
+    params: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    lr: float,
+    loss_sum: float,
+    first_step: int,
+    cbp: LeanCBP,
+) -> float:
+    """:func:`~lopkit.benchmarks.bitflip.lean_sgd_block` with continual backprop after every step (one learner)."""
+    w1, b1, w2, b2 = params
+    two_lr = np.float32(2.0 * lr)
+    zero = np.float32(0.0)
+    rec_h, rec_w2, rec_w1 = cbp.rec_h[:, 0], cbp.rec_w2[:, 0], cbp.rec_w1[:, 0]
+    cbp.begin(len(inputs))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, (x, t) in enumerate(zip(inputs, targets)):
+            k = cbp.k
+            z = w1 @ x
+            z += b1
+            h = np.maximum(z, zero, out=rec_h[k])
+            error = (w2 @ h + b2[0]) - t
+            loss_sum += float(error * error)
+            if not math.isfinite(loss_sum):
+                check_finite_loss("bitflip", float(error * error), first_step + i, lr)
+            scale = two_lr * error
+            dz = w2 * (z > 0)
+            dz *= scale
+            w2 -= scale * h
+            b2 -= scale
+            w1 -= np.multiply.outer(dz, x)
+            b1 -= dz
+            rec_w2[k] = w2
+            np.abs(w1, out=rec_w1[k])
+            cbp.step()
+    cbp.finish()
+    return loss_sum
+
+
+def lean_method_block(
+    params: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    lr: float,
+    loss_sum: float,
+    first_step: int,
+    *,
+    penalty: tuple[float, list[tuple[int, np.ndarray | None]]] | None = None,
+    noise: Any = None,
+    perturb: Any = None,
+    record: np.ndarray | None = None,
+) -> float:
+    """The lean SGD step (as :func:`~lopkit.benchmarks.bitflip.lean_sgd_block`) with one method's per-step effect.
+
+    ``penalty``: ``(2 lr strength, [(parameter index, anchor or None)])``, the loss term's gradient in the update;
+    ``noise``: a :class:`_GradientNoise` (``noisy_sgd``) adding relative noise to each gradient before the update;
+    ``perturb``: a :class:`_PerturbSchedule` (``shrink_perturb``) applied after the update;
+    ``record``: an array (steps, H) that receives each step's hidden features ``h``.
+    """
+    w1, b1, w2, b2 = params
+    two_lr = np.float32(2.0 * lr)
+    zero = np.float32(0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, (x, t) in enumerate(zip(inputs, targets)):
+            z = w1 @ x
+            z += b1
+            h = np.maximum(z, zero) if record is None else np.maximum(z, zero, out=record[i])
+            error = (w2 @ h + b2[0]) - t
+            loss_sum += float(error * error)
+            if not math.isfinite(loss_sum):
+                check_finite_loss("bitflip", float(error * error), first_step + i, lr)
+            scale = two_lr * error
+            dz = w2 * (z > 0)
+            dz *= scale
+            if penalty is not None:
+                coefficient, selected = penalty
+                for index, anchor in selected:
+                    p = params[index]
+                    p -= coefficient * (p if anchor is None else p - anchor)
+            if noise is not None:
+                noise.step(first_step + i, params, dz, x, scale, h, lr)
+            else:
+                w2 -= scale * h
+                b2 -= scale
+                w1 -= np.multiply.outer(dz, x)
+                b1 -= dz
+            if perturb is not None:
+                perturb.step(params)
+    return loss_sum
+
+
+class _GradientNoise:
+    """``noisy_sgd``'s relative gradient noise on the lean engine's explicit gradients (method's generator and t)."""
+
+    def __init__(self, method: Mitigation, model: nn.Module, flip_period: int):
+        self.method, self.flip_period = method, flip_period
+        self.buffers = [torch.empty(p.shape, dtype=p.dtype) for p in model.parameters()]
+        self.arrays = [b.numpy().reshape(-1) for b in self.buffers]
+
+    def step(self, index: int, params: tuple[np.ndarray, ...], dz: np.ndarray, x: np.ndarray, scale: Any,
+             h: np.ndarray, lr: float) -> None:
+        """One update ``p -= lr (g + sigma_t ||g|| eps)`` of all four tensors (fc1.weight, fc1.bias, head.weight, head.bias)."""
+        w1, b1, w2, b2 = params
+        method = self.method
+        if method.config.restart_each_task and index % self.flip_period == 0:
+            method.t = 0  # on_task_start
+        sigma = method.sigma()
+        method.t += 1
+        g_w1 = np.multiply.outer(dz, x)  # lr * gradient
+        g_w2 = scale * h
+        if sigma > 0:
+            generator = method.noise.get(torch.device("cpu"))
+            for buffer in self.buffers:
+                torch.randn(buffer.shape, generator=generator, out=buffer)
+            n_w1, n_b1, n_w2, n_b2 = self.arrays
+            # lr * sigma * ||g||: the norms of the lr-scaled gradients divided by lr, times lr
+            g_w1 += n_w1.reshape(g_w1.shape) * np.float32(sigma * float(np.linalg.norm(g_w1)))
+            g_b1 = dz + n_b1 * np.float32(sigma * float(np.linalg.norm(dz)))
+            g_w2 += n_w2 * np.float32(sigma * float(np.linalg.norm(g_w2)))
+            g_b2 = scale + n_b2 * np.float32(sigma * abs(float(scale)))
+        else:
+            g_b1, g_b2 = dz, scale
+        w1 -= g_w1
+        b1 -= g_b1
+        w2 -= g_w2
+        b2 -= g_b2
+
+
+class _PerturbSchedule:
+    """``shrink_perturb`` with ``when="step"`` and init noise: every ``every``-th step ``p <- shrink p + sigma eps``."""
+
+    def __init__(self, method: Mitigation, model: nn.Module):
+        from lopkit.mitigations.perturbation import weight_layers
+
+        self.method = method
+        self.bounds = []
+        for layer in weight_layers(model):
+            bound = 1.0 / math.sqrt(int(layer.weight[0].numel()))
+            self.bounds += [bound] * (2 if layer.bias is not None else 1)
+        self.noise: np.ndarray | None = None
+        self.slices: list[tuple[int, int, tuple[int, ...]]] = []
+        self.position = 0
+
+    def begin(self, params: tuple[np.ndarray, ...], length: int) -> None:
+        """Draw the noise of the block's applications at once (uniform draws equal the per-step ones)."""
+        method = self.method
+        every = method.config.every
+        self.events = method.events
+        applications = (self.events + length) // every - self.events // every
+        sizes = [p.size for p in params]
+        self.slices = [(a, b, p.shape) for a, b, p in zip(np.cumsum([0] + sizes)[:-1], np.cumsum(sizes), params)]
+        self.position = 0
+        self.noise = None
+        if applications and method.sigma != 0.0:
+            generator = method.noise.get(torch.device("cpu"))
+            draws = torch.rand((applications, sum(sizes)), generator=generator).numpy()
+            bounds = np.concatenate([np.full(n, bound, dtype=np.float32) for n, bound in zip(sizes, self.bounds)])
+            # (u * 2 - 1) * bound in float32 as init_noise, times sigma as the update's alpha
+            self.noise = (draws * np.float32(2.0) - np.float32(1.0)) * bounds * np.float32(method.sigma)
+
+    def step(self, params: tuple[np.ndarray, ...]) -> None:
+        """Count one step; on every ``every``-th, shrink and perturb all four tensors."""
+        method = self.method
+        self.events += 1
+        if self.events % method.config.every:
+            return
+        shrink = np.float32(method.shrink)
+        row = self.noise[self.position] if self.noise is not None else None
+        for p, (a, b, shape) in zip(params, self.slices):
+            if method.shrink != 1.0:
+                p *= shrink
+            if row is not None:
+                p += row[a:b].reshape(shape)
+        self.position += 1
+        method.applications += 1
+
+    def finish(self) -> None:
+        """Write the event counter back to the method."""
+        self.method.events = self.events
+
+
+class LeanKernel:
+    """A method inside the lean engine: ``run_block`` trains a block of steps with the method's effect."""
+
+    def periods(self) -> tuple[int, ...]:
+        """Step periods at which blocks must end (e.g. a periodic method's check)."""
+        return ()
+
+    def run_block(self, views: tuple[np.ndarray, ...], inputs: np.ndarray, targets: np.ndarray, lr: float,
+                  loss_sum: float, first_step: int) -> float:
+        """Train ``len(inputs)`` steps from ``first_step``; returns the updated loss sum."""
+        raise NotImplementedError
+
+
+class _CBPKernel(LeanKernel):
+    def __init__(self, method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.cbp = LeanCBP([method], [model], [optimizer])
+
+    def run_block(self, views, inputs, targets, lr, loss_sum, first_step):
+        return lean_cbp_block(views, inputs, targets, lr, loss_sum, first_step, self.cbp)
+
+
+class _MethodKernel(LeanKernel):
+    """``l2``, ``l2init``, ``noisy_sgd``, ``shrink_perturb`` and ``redo`` through :func:`lean_method_block`."""
+
+    def __init__(self, method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer, flip_period: int,
+                 block_size: int):
+        from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
+        from lopkit.mitigations.regularizers import L2, L2Init
+        from lopkit.mitigations.resets import ReDo
+
+        self.method, self.model, self.optimizer, self.flip_period = method, model, optimizer, flip_period
+        self.penalty = self.noise = self.perturb = self.record = None
+        self.task_hook = False
+        kind = type(method)
+        if kind in (L2, L2Init) and method.config.strength != 0:
+            ids = {id(p): n for n, p in enumerate(_tensors(model))}
+            named = method._selection.named(model)
+            anchors = method._anchor_list(model, named) if kind is L2Init else [None] * len(named)
+            self.penalty = (2.0 * method.config.strength, [
+                (ids[id(p)], None if a is None else a.detach().numpy().reshape(-1 if ids[id(p)] == 2 else a.shape))
+                for (_, p), a in zip(named, anchors)
+            ])
+        elif kind is NoisySGD:
+            self.noise = _GradientNoise(method, model, flip_period)
+        elif kind is ShrinkPerturb:
+            if method.config.when == "step":
+                self.perturb = _PerturbSchedule(method, model)
+            else:
+                self.task_hook = True
+        elif kind is ReDo:
+            self.record = np.zeros((block_size, _layers(model)[0].weight.shape[0]), dtype=np.float32)
+
+    def periods(self) -> tuple[int, ...]:
+        """Task starts (``shrink_perturb`` per task) and ReDo's checks end blocks."""
+        if self.task_hook:
+            return (self.flip_period,)
+        if self.record is not None:
+            return (self.method.config.every,)
+        return ()
+
+    def run_block(self, views, inputs, targets, lr, loss_sum, first_step):
+        method = self.method
+        if self.task_hook and first_step % self.flip_period == 0:
+            method.on_task_start(self.model, self.optimizer, first_step // self.flip_period)
+        penalty = None if self.penalty is None else (self.penalty[0] * lr, self.penalty[1])
+        if self.perturb is not None:
+            self.perturb.begin(views, len(inputs))
+        loss_sum = lean_method_block(views, inputs, targets, lr, loss_sum, first_step, penalty=penalty,
+                                     noise=self.noise, perturb=self.perturb, record=self.record)
+        if self.perturb is not None:
+            self.perturb.finish()
+        if self.record is not None:
+            self._redo_statistics(first_step, len(inputs))
+        return loss_sum
+
+    def _redo_statistics(self, first_step: int, length: int) -> None:
+        """Add the block's window rows to ReDo's sums; run its check when the block ends on a check step."""
+        method = self.method
+        every, window = method.config.every, method.config.window_steps
+        steps = np.arange(first_step, first_step + length)
+        rows = self.record[:length][(steps % every >= every - window) if window else slice(None)]
+        if len(rows):
+            state = method.stats[0]
+            h = torch.from_numpy(rows.astype(np.float64))
+            state["sum_abs"] += h.abs().sum(dim=0)
+            state["sum"] += h.sum(dim=0)
+            state["count"] += len(rows)
+        end = first_step + length
+        if end % every == 0:
+            method.after_step(self.model, self.optimizer, end - 1)
+        else:
+            method._set_capture_for(end)
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The learner's (W1, b1, W2, b2) parameters in the order of :func:`_param_views`."""
+    hidden, _activation, output = _layers(model)
+    return [hidden.weight, hidden.bias, output.weight, output.bias]
+
+
+def _method_kernel_supported(method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether :class:`_MethodKernel` reproduces ``method`` (exact types, plain learner, plain SGD)."""
+    from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
+    from lopkit.mitigations.regularizers import L2, L2Init
+    from lopkit.mitigations.resets import ReDo
+
+    kind = type(method)
+    if kind in (L2, L2Init):
+        return True
+    if kind is NoisySGD:
+        return list(model.parameters()) == _tensors(model)
+    if kind is ShrinkPerturb:
+        return method.config.when == "task" or method.config.noise == "init"
+    if kind is ReDo:
+        groups = method.groups
+        hidden, _activation, output = _layers(model)
+        return (len(groups) == 1 and groups[0].incoming is hidden and method.capture is not None
+                and method.capture_post_activation and not method.capture_pre_activation)
+    return False
+
+
+def has_lean_kernel_type(method: Mitigation) -> bool:
+    """Whether ``method`` is of a type with a lean kernel (before it is attached; see :func:`has_lean_kernel`)."""
+    from lopkit.mitigations.perturbation import NoisySGD, ShrinkPerturb
+    from lopkit.mitigations.regularizers import L2, L2Init
+    from lopkit.mitigations.resets import AggressiveContinualBackprop, ContinualBackprop, ReDo
+
+    kinds = (ContinualBackprop, AggressiveContinualBackprop, ReDo, L2, L2Init, ShrinkPerturb, NoisySGD)
+    return type(_single(method)) in kinds
+
+
+def has_lean_kernel(method: Mitigation, model: nn.Module) -> bool:
+    """Whether :func:`lean_kernel` has a kernel for ``method`` (attached) on ``model``."""
+    if lean_cbp_supported(method, model):
+        return True
+    single = _single(method)
+    try:
+        _layers(model)
+    except ValueError:
+        return False
+    return single is not None and _method_kernel_supported(single, model, None)
+
+
+def lean_kernel(
+    method: Mitigation, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any = None
+) -> LeanKernel | None:
+    """The lean kernel that runs ``method`` on the bit-flipping learner, or None when there is none.
+
+    ``config`` (the benchmark's) gives the flip period (task starts) and the block size.
+    """
+    if lean_cbp_supported(method, model):
+        return _CBPKernel(method, model, optimizer)
+    single = _single(method)
+    if single is None or config is None:
+        return None
+    try:
+        _layers(model)
+    except ValueError:
+        return None
+    if _method_kernel_supported(single, model, optimizer):
+        return _MethodKernel(single, model, optimizer, config.flip_period, config.block_size)
+    return None

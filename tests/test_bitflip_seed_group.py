@@ -1,0 +1,116 @@
+"""Bit-flipping seeds trained as one vectorised learner (BitFlipSeedGroup, lopkit run --seeds): rows equal separate runs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from lopkit.benchmarks.bitflip import BitFlipBenchmark
+from lopkit.benchmarks.vmap_seeds import BitFlipSeedGroup, group_unsupported_reason, run_seed_group
+from lopkit.cli import main
+from lopkit.configs import ConfigError
+from lopkit.mitigations.registry import build_methods
+from lopkit.runner.store import ResultStore
+
+SHORT = {"width": 16, "num_steps": 1500, "flip_period": 400, "bin_size": 250, "monitor_every": 500, "block_size": 300}
+SEEDS = [0, 4, 9]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dead-layer NaN warnings of the Monitor
+        yield
+
+
+def make(seed: int, spec: str | None, overrides: dict | None = None) -> BitFlipBenchmark:
+    config = BitFlipBenchmark.make_config("smoke", {**SHORT, **(overrides or {})})
+    return BitFlipBenchmark(config, seed, None if spec is None else build_methods(spec))
+
+
+def assert_rows_close(expected: list[dict], actual: list[dict], rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual):
+        assert (e["step"], e["task"], e["layer"], e["metric"]) == (a["step"], a["task"], a["layer"], a["metric"])
+        if math.isnan(e["value"]):
+            assert math.isnan(a["value"]), (e, a)
+        else:
+            assert math.isclose(e["value"], a["value"], rel_tol=rtol, abs_tol=atol), (e, a)
+
+
+@pytest.mark.parametrize("spec", [None, "cbp:replacement_rate=0.01:maturity=20", "cbp_aggressive:maturity=20", "cbp"])
+def test_group_rows_equal_separate_runs(spec):
+    separate = [make(seed, spec) for seed in SEEDS]
+    expected = [bench.run(bench.total_steps) for bench in separate]
+    grouped = [make(seed, spec) for seed in SEEDS]
+    rows = run_seed_group(grouped)
+    for want, got, alone, together in zip(expected, rows, separate, grouped):
+        assert_rows_close(want, got)
+        assert together.step == alone.step == alone.total_steps
+        for p, q in zip(together.model.parameters(), alone.model.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
+        if spec is not None:  # per-seed replacements with each seed's own generator
+            assert together.method.total_replaced == alone.method.total_replaced
+            assert torch.equal(together.method.generator.get_state(), alone.method.generator.get_state())
+    if spec is not None and spec != "cbp":
+        assert len({b.method.total_replaced for b in grouped}) > 1 or spec.startswith("cbp_aggressive")
+    first = [r["value"] for r in rows[0] if r["metric"] == "online_mse"]
+    assert first != [r["value"] for r in rows[1] if r["metric"] == "online_mse"]  # really different seeds
+
+
+def test_group_in_pieces_and_a_resumed_member_continue_exactly():
+    spec = "cbp:replacement_rate=0.01:maturity=20"
+    reference = run_seed_group([make(seed, spec) for seed in SEEDS])
+    benches = [make(seed, spec) for seed in SEEDS]
+    group = BitFlipSeedGroup(benches)
+    rows = [r for r in group.run(700)]
+    states = [b.state_dict() for b in benches]
+    resumed = [make(seed, spec) for seed in SEEDS]
+    for bench, state in zip(resumed, states):
+        bench.load_state_dict(state)
+    for index, more in enumerate(run_seed_group(resumed)):
+        rows[index] += more
+    for want, got in zip(reference, rows):
+        assert_rows_close(want, got, rtol=1e-6, atol=1e-8)
+
+
+def test_unsupported_groups_say_why():
+    assert group_unsupported_reason([make(0, "noisy_sgd"), make(1, "noisy_sgd")]).startswith("method 'noisy_sgd'")
+    assert "autograd" in group_unsupported_reason([make(0, "upgd"), make(1, "upgd")])
+    ahead = make(1, None)
+    ahead.run(100)
+    assert "different steps" in group_unsupported_reason([make(0, None), ahead])
+    assert "different configs" in group_unsupported_reason([make(0, None), make(1, None, {"lr": 0.02})])
+    with pytest.raises(ConfigError, match="noisy_sgd"):
+        BitFlipSeedGroup([make(0, "noisy_sgd"), make(1, "noisy_sgd")])
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(["run", "bitflip", "--preset", "smoke", "--no-progress", "--threads", "1", *args])
+    return code, capsys.readouterr().out
+
+
+def test_cli_vectorises_cbp_seeds_and_stores_the_separate_runs_rows(capsys, tmp_path):
+    overrides = ["--set", "width=12", "num_steps=1200", "flip_period=400", "bin_size=300", "monitor_every=600"]
+    code, out = _cli(capsys, "--seeds", "0-2", "--method", "cbp:replacement_rate=0.01:maturity=20", *overrides,
+                     "--out", str(tmp_path / "vec"))
+    assert code == 0 and "3 runs trained as one vectorised learner" in out
+    store = ResultStore(tmp_path / "vec")
+    frame = store.metrics()
+    store.close()
+    config = BitFlipBenchmark.make_config("smoke", {"width": 12, "num_steps": 1200, "flip_period": 400,
+                                                    "bin_size": 300, "monitor_every": 600})
+    for seed in range(3):
+        bench = BitFlipBenchmark(config, seed, build_methods("cbp:replacement_rate=0.01:maturity=20"))
+        expected = bench.run(config.num_steps)
+        stored = frame[frame["seed"] == seed].to_dict("records")
+        assert_rows_close(expected, stored)
+    code, out = _cli(capsys, "--seeds", "0-2", "--method", "cbp:replacement_rate=0.01:maturity=20", *overrides,
+                     "--out", str(tmp_path / "vec"))
+    assert code == 0 and out.count("already finished") == 3  # finished runs are skipped, not redone
+
+    code, out = _cli(capsys, "--seeds", "0-1", "--method", "noisy_sgd", *overrides, "--out", str(tmp_path / "sep"))
+    assert code == 0 and "separate runs, one after the other (cannot vectorise: method 'noisy_sgd'" in out
