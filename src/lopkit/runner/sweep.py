@@ -150,7 +150,7 @@ class Sweep:
     experiment: Path
     runs: list[RunSpec]
     checkpoint_every: int | None = None
-    vectorize_seeds: bool = False
+    vectorize_seeds: bool | None = None  # None: runs with a vectorised learner are grouped, bitflip's fast path off
     vectorize_engine: str = "lean"
     source: str = "sweep"
 
@@ -359,8 +359,8 @@ def parse_sweep(data: Any, source: str = "sweep", experiment: str | os.PathLike 
         isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
     ):
         problems.append(f"checkpoint_every: expected a positive integer number of steps, got {checkpoint_every!r}")
-    vectorize = data.get("vectorize_seeds", False)
-    if not isinstance(vectorize, bool):
+    vectorize = data.get("vectorize_seeds")
+    if vectorize is not None and not isinstance(vectorize, bool):
         problems.append(f"vectorize_seeds: expected true or false, got {vectorize!r}")
     engine = data.get("vectorize_engine", "lean")
     if engine not in VECTORIZE_ENGINES:
@@ -382,7 +382,7 @@ def parse_sweep(data: Any, source: str = "sweep", experiment: str | os.PathLike 
         experiment=Path(experiment).expanduser(),
         runs=[spec for spec, _ in pairs],
         checkpoint_every=checkpoint_every,
-        vectorize_seeds=bool(vectorize),
+        vectorize_seeds=vectorize,
         vectorize_engine=engine,
         source=source,
     )
@@ -560,6 +560,25 @@ def _execute_vectorised(store: Any, task: _Task) -> list[_TaskResult]:
     return results
 
 
+def _execute_group(store: Any, task: _Task) -> list[_TaskResult]:
+    """Runs trained as one vectorised learner (:func:`lopkit.runner.vectorised.execute_group`); same rows per run."""
+    from lopkit.runner.vectorised import execute_group
+
+    spec = task.specs[0]
+    try:
+        with _sigint_raises():
+            results = execute_group(store, spec.benchmark, [(s.make_config(), s.seed) for s in task.specs],
+                                    spec.methods, task.checkpoint_every, progress="never", preset=spec.preset,
+                                    handle_sigint=False, log=lambda line: print(f"sweep: {line}", file=sys.stderr))
+    except KeyboardInterrupt:  # the runs keep their last commits; a restarted sweep resumes them
+        return [_TaskResult(index, "interrupted") for index in task.indices]
+    except Exception:  # noqa: BLE001  (a set-up error: recorded for every run of the group, the sweep goes on)
+        return [_TaskResult(index, "failed", traceback.format_exc()) for index in task.indices]
+    return [_TaskResult(index, r.status, r.error, r.seconds, r.step,
+                        _rows_of(store, r.run_id) if task.store is None else None)
+            for index, r in zip(task.indices, results)]
+
+
 def _run_task(task: _Task) -> list[_TaskResult]:
     """Execute one task in this process (any backend's worker entry point); never raises for a run's error."""
     import tempfile
@@ -579,6 +598,8 @@ def _run_task(task: _Task) -> list[_TaskResult]:
         folder = task.store or stack.enter_context(tempfile.TemporaryDirectory(prefix="lopkit-sweep-"))
         store = stack.enter_context(ResultStore(folder))
         stack.enter_context(_task_environment(task.threads))
+        if task.vectorize_engine == "group":  # lopkit.runner.vectorised.GROUP_ENGINE
+            return _execute_group(store, task)
         if task.vectorize_engine is not None:
             return _execute_vectorised(store, task)
         return [_execute_one(store, task, index, spec) for index, spec in zip(task.indices, task.specs)]
@@ -591,6 +612,8 @@ def _plan_tasks(
     sweep: Sweep, pending: list[int], store: str | None, parallelism: int, threads: int | None
 ) -> list[_Task]:
     """Tasks for the runs still to do: one per run, except seed groups of bitflip runs (fast path)."""
+    from lopkit.runner.vectorised import GROUP_ENGINE, split_refused_groups, vectorised_group_key
+
     imports = _plugin_modules(sweep.runs[i] for i in pending)
     groups: dict[str, list[int]] = {}
     singles: list[int] = []
@@ -599,18 +622,22 @@ def _plan_tasks(
         if sweep.vectorize_seeds and spec.benchmark == "bitflip" and spec.method_label == "sgd":
             key = json.dumps([spec.preset, [list(kv) for kv in spec.overrides]], default=str)
             groups.setdefault(key, []).append(index)
+        elif sweep.vectorize_seeds is not False and (key := vectorised_group_key(spec)) is not None:
+            groups.setdefault(key, []).append(index)  # lopkit.runner.vectorised (e.g. continual seeds, lr grids)
         else:
             singles.append(index)
+    singles += split_refused_groups(sweep.runs, groups)
     tasks = []
     # split seed groups only as far as needed to keep every worker busy (bigger groups vectorise better)
     idle_workers = parallelism - len(singles)
     chunks_per_group = max(1, -(-idle_workers // len(groups))) if groups and idle_workers > 0 else 1
-    for members in groups.values():
+    for key, members in groups.items():
         size = max(1, -(-len(members) // min(chunks_per_group, len(members))))
         for start in range(0, len(members), size):
             chunk = members[start : start + size]
+            engine = GROUP_ENGINE if key.startswith(GROUP_ENGINE) else sweep.vectorize_engine
             tasks.append(_Task(chunk, [sweep.runs[i] for i in chunk], store, sweep.checkpoint_every,
-                               sweep.vectorize_engine, threads, imports))
+                               engine, threads, imports))
     for index in singles:
         tasks.append(_Task([index], [sweep.runs[index]], store, sweep.checkpoint_every, None, threads, imports))
     return sorted(tasks, key=lambda t: t.indices[0])

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,29 +49,47 @@ from lopkit.runner.execute import (
 from lopkit.runner.store import ResultStore, StoreError, deserialize_state, make_run_id, serialize_state
 
 __all__ = [
+    "GROUP_ENGINE",
     "VectorisedRunner",
     "execute_group",
     "register_vectorised_runner",
+    "split_refused_groups",
     "vectorisation_refusal",
+    "vectorised_group_key",
     "vectorised_runner",
 ]
 
 
+#: ``_Task.vectorize_engine`` of a sweep task that runs a group here (and the prefix of its group key).
+GROUP_ENGINE = "group"
+
+
 @dataclasses.dataclass(frozen=True)
 class VectorisedRunner:
-    """Where a benchmark's vectorised learner lives: ``module`` and the names of its refusal and build callables."""
+    """Where a benchmark's vectorised learner lives: ``module`` and the names of its callables (imported lazily).
+
+    ``varying`` names the module's tuple of config fields that may differ within one group (e.g. ``lr``);
+    sweeps group runs whose configs agree on every other field.
+    """
 
     module: str
     refusal: str
     build: str
+    varying: str | None = None
 
     def load(self) -> tuple[Callable[..., str | None], Callable[..., Any]]:
         """The (refusal, build) callables, imported on first use."""
         module = importlib.import_module(self.module)
         return getattr(module, self.refusal), getattr(module, self.build)
 
+    def varying_fields(self) -> tuple[str, ...]:
+        """Config fields that may differ between the members of one group."""
+        return tuple(getattr(importlib.import_module(self.module), self.varying)) if self.varying else ()
 
-_CONTINUAL = VectorisedRunner("lopkit.benchmarks.vectorised_continual", "continual_refusal", "VectorisedContinual")
+
+_CONTINUAL = VectorisedRunner(
+    "lopkit.benchmarks.vectorised_continual", "continual_refusal", "VectorisedContinual", "VARYING_FIELDS"
+)
 _RUNNERS: dict[str, VectorisedRunner] = {
     "class_split": _CONTINUAL,
     "permuted": _CONTINUAL,
@@ -101,6 +121,44 @@ def vectorisation_refusal(
         return f"{cls.name} has no vectorised learner"
     refusal, _build = runner.load()
     return refusal(list(configs), list(methods))
+
+
+def vectorised_group_key(spec: Any) -> str | None:
+    """Sweep grouping key of a :class:`~lopkit.runner.sweep.RunSpec` (None: its benchmark has no vectorised learner).
+
+    Runs with one key share the benchmark, preset, methods and every config field but the runner's ``varying``.
+    """
+    runner = vectorised_runner(spec.benchmark)
+    if runner is None:
+        return None
+    varying = runner.varying_fields()
+    shared = {k: v for k, v in config_to_dict(spec.make_config()).items() if k not in varying}
+    return f"{GROUP_ENGINE}:" + json.dumps([spec.benchmark, spec.preset, spec.method_label, shared], sort_keys=True,
+                                            default=str)
+
+
+def split_refused_groups(runs: Sequence[Any], groups: dict[str, list[int]], log: Callable[[str], None] | None = None
+                         ) -> list[int]:
+    """Drop from ``groups`` the vectorised groups (keys from :func:`vectorised_group_key`) that must run separately.
+
+    Returns the indices (into ``runs``) of their runs; ``log`` (default: stderr) gets one line per group saying
+    which path it takes and, for a refused group of several runs, why.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr))
+    separate: list[int] = []
+    for key in [k for k in groups if k.startswith(f"{GROUP_ENGINE}:")]:
+        members = groups[key]
+        first = runs[members[0]]
+        reason = "a single run" if len(members) < 2 else vectorisation_refusal(
+            first.benchmark, [runs[i].make_config() for i in members], resolve_methods(first.methods))
+        where = f"sweep: {len(members)} {first.benchmark} runs ({first.method_label})"
+        if reason is None:
+            log(f"{where}: vectorised, trained as one learner per task")
+            continue
+        if len(members) > 1:
+            log(f"{where}: separate runs: {reason}")
+        separate += groups.pop(key)
+    return separate
 
 
 def _member_start(store: ResultStore, run_id: str) -> tuple[str, int | None]:
