@@ -8,8 +8,8 @@ with their Monitor and task-end evaluations on) it times ``--steps`` steps of
 - ``S vectorised``: one :class:`~lopkit.benchmarks.vectorised_continual.VectorisedContinual` learner
   (what ``lopkit run --seeds S`` picks), the same rows within float rounding.
 
-Building the benchmarks (loading and standardising Fashion-MNIST) is outside the timed part. Prints seconds,
-seed-steps/s and the ratio of the vectorised aggregate rate to one seed's (target: >= 3x for 8 seeds). With
+Building the benchmarks (loading and standardising Fashion-MNIST) is outside the timed part. Prints wall and
+CPU seconds (the latter is what to compare on a shared, loaded machine), seed-steps/s and the ratio of the vectorised aggregate rate to one seed's (target: >= 3x for 8 seeds). With
 ``--profile`` it also prints the top of a cProfile of the vectorised run.
 
 Usage: python benchmarks/vectorised_seeds_continual.py [--seeds 8] [--steps 600] [--threads 1]
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import time
 import warnings
@@ -33,29 +34,41 @@ from lopkit.benchmarks.vectorised_continual import VectorisedContinual
 DEFAULT_BENCHMARKS = "random_labels:e1,class_split:e1_5way,permuted:default"
 
 
-def _time_runs(cls, config, seeds: list[int], steps: int) -> float:
-    """Seconds to advance each seed's separate run by ``steps`` steps, one after the other (building untimed)."""
-    seconds = 0.0
+def _clock() -> tuple[float, float]:
+    """(wall, this process's CPU) seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    """Wall and CPU seconds since ``start``."""
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def _time_runs(cls, config, seeds: list[int], steps: int) -> tuple[float, float]:
+    """Wall and CPU seconds to advance each seed's separate run by ``steps`` steps in turn (building untimed)."""
+    wall = cpu = 0.0
     for seed in seeds:
         bench = cls(config, seed)
-        start = time.perf_counter()
+        start = _clock()
         bench.run(steps)
-        seconds += time.perf_counter() - start
+        took = _since(start)
+        wall, cpu = wall + took[0], cpu + took[1]
         del bench
-    return seconds
+    return wall, cpu
 
 
-def _time_vectorised(cls, config, seeds: list[int], steps: int, profile: bool) -> float:
-    """Seconds to advance one vectorised learner of ``seeds`` by ``steps`` steps (building untimed)."""
+def _time_vectorised(cls, config, seeds: list[int], steps: int, profile: bool) -> tuple[float, float]:
+    """Wall and CPU seconds to advance one vectorised learner of ``seeds`` by ``steps`` steps (building untimed)."""
     group = VectorisedContinual(cls, [(config, seed) for seed in seeds])
-    profiler = cProfile.Profile() if profile else None
-    start = time.perf_counter()
+    profiler = cProfile.Profile(time.process_time) if profile else None  # CPU time: robust to load
+    start = _clock()
     if profiler is not None:
         profiler.enable()
     group.run(steps)
     if profiler is not None:
         profiler.disable()
-    seconds = time.perf_counter() - start
+    seconds = _since(start)
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
@@ -90,18 +103,21 @@ def main() -> None:
         one = _time_runs(cls, config, seeds[:1], args.steps)
         sequential = _time_runs(cls, config, seeds, args.steps)
         vectorised = _time_vectorised(cls, config, seeds, args.steps, args.profile)
-        rate_one = args.steps / one
-        rate_vec = args.seeds * args.steps / vectorised
-        lines.append(
-            f"{name}:{preset or 'default':<9} {one:8.2f} {rate_one:9.0f}   {sequential:8.2f} "
-            f"{args.seeds * args.steps / sequential:9.0f}   {vectorised:8.2f} {rate_vec:9.0f}   "
-            f"{rate_vec / rate_one:6.2f}x {sequential / vectorised:6.2f}x"
-        )
-        print(lines[-1], flush=True)
-    header = (f"{'benchmark':<23} {'1 seed s':>8} {'steps/s':>9}   {f'{args.seeds} seq s':>8} {'seed-st/s':>9}   "
-              f"{f'{args.seeds} vec s':>8} {'seed-st/s':>9}   {'vec/1':>7} {'vec/seq':>7}")
-    print(f"\n{args.steps} steps per run, {args.seeds} seeds, {args.threads} thread(s); "
-          "vec/1 = aggregate seed-steps/s of the vectorised learner over one seed's steps/s")
+        for clock in (0, 1):  # wall, then CPU seconds
+            rate_one = args.steps / one[clock]
+            rate_vec = args.seeds * args.steps / vectorised[clock]
+            lines.append(
+                f"{name + ':' + (preset or 'default'):<22} {('wall', 'cpu')[clock]:<4} {one[clock]:8.2f} "
+                f"{rate_one:9.0f}   {sequential[clock]:8.2f} {args.seeds * args.steps / sequential[clock]:9.0f}   "
+                f"{vectorised[clock]:8.2f} {rate_vec:9.0f}   {rate_vec / rate_one:6.2f}x "
+                f"{sequential[clock] / vectorised[clock]:6.2f}x"
+            )
+            print(lines[-1], flush=True)
+    header = (f"{'benchmark':<22} {'time':<4} {'1 seed s':>8} {'steps/s':>9}   {f'{args.seeds} seq s':>8} "
+              f"{'seed-st/s':>9}   {f'{args.seeds} vec s':>8} {'seed-st/s':>9}   {'vec/1':>7} {'vec/seq':>7}")
+    print(f"\n{args.steps} steps per run, {args.seeds} seeds, {args.threads} thread(s), load average "
+          f"{os.getloadavg()[0]:.2f} at the end; vec/1 = aggregate seed-steps/s of the vectorised learner over one "
+          "seed's steps/s; wall = elapsed, cpu = this process's CPU time (robust to a shared machine)")
     print(header)
     print("\n".join(lines))
 
