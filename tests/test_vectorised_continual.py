@@ -138,7 +138,9 @@ def test_rows_equal_separate_runs(case):
 @needs_data
 @pytest.mark.parametrize("optimizer", ["adam", pytest.param("sgd", marks=pytest.mark.slow)])
 def test_lr_grid_rows_equal_separate_runs(optimizer):
-    lrs = [1e-3, 1e-2, 3e-3] if optimizer == "adam" else [0.01, 0.1, 0.05]
+    # Adam lr 1e-2 is left out: on this smoke model its trajectory is chaotic (nudging the separate run's initial
+    # weights by one float32 ulp moves its rows by 5e-2), so no float32 computation in another order matches it
+    lrs = [1e-3, 3e-3, 2e-3] if optimizer == "adam" else [0.01, 0.1, 0.05]
     members = [(_config(ClassSplitBenchmark, lr=lr, optimizer=optimizer), seed) for lr, seed in zip(lrs, (0, 0, 1))]
     group = VectorisedContinual(ClassSplitBenchmark, members)
     rows = group.run(10**6)

@@ -85,6 +85,33 @@ def continual_refusal(
     return None
 
 
+class _StackedLinear(torch.autograd.Function):
+    """``x @ W^T + b`` per member: x (S, B, in), W (S, out, in), b (S, out) or None.
+
+    Autograd's own backward of ``baddbmm`` through the transposed weight view writes the weight gradient in the
+    transposed layout and copies it (about a third more time on the first layer); this one computes
+    ``dW = g^T x`` directly in W's layout (the same values).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Batched affine map."""
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Gradients of x, W and b (only those needed)."""
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(dim=1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
 def stacked_forward(model: nn.Sequential, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
     """Forward of S stacked copies of an MLP ``model``: ``inputs`` (S, B, ...) -> (S, B, out), params (S, ...)."""
     x = inputs
@@ -92,11 +119,8 @@ def stacked_forward(model: nn.Sequential, params: dict[str, Tensor], inputs: Ten
         if isinstance(module, nn.Flatten):
             x = x.reshape(x.shape[0], x.shape[1], -1)
         elif isinstance(module, nn.Linear):
-            weight = params[f"{name}.weight"]
-            if module.bias is None:
-                x = torch.bmm(x, weight.transpose(1, 2))
-            else:
-                x = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), x, weight.transpose(1, 2))
+            bias = None if module.bias is None else params[f"{name}.bias"]
+            x = _StackedLinear.apply(x, params[f"{name}.weight"], bias)
         elif isinstance(module, nn.LayerNorm):
             x = F.layer_norm(x, module.normalized_shape, eps=module.eps)
             if module.elementwise_affine:
