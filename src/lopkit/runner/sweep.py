@@ -74,7 +74,8 @@ _TOP_KEYS = {
     "seeds": "number of seeds (0..n-1) or an explicit list of seeds",
     "methods": "default methods of every run entry",
     "checkpoint_every": "steps between checkpoints of each run (default: the runner's default)",
-    "vectorize_seeds": "true trains bitflip runs that differ only by seed together in one task",
+    "vectorize_seeds": "true trains bitflip runs that differ only by seed together in one task; false also turns "
+                       "off the automatic grouping of runs that share shapes (docs/vectorised_runs.md)",
     "vectorize_engine": "engine of the fast path: lean (batched NumPy step, default) or func (torch.func.vmap)",
     "runs": "list of run entries (benchmark, methods, grid, set, preset, seeds)",
     "description": "free text, ignored",
