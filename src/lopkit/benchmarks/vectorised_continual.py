@@ -36,7 +36,7 @@ from torch.optim.adam import adam
 from lopkit.benchmarks.base import check_finite_loss
 from lopkit.benchmarks.continual import ContinualBenchmark, ContinualConfig, _gather_inputs
 from lopkit.benchmarks.models import ACTIVATIONS
-from lopkit.configs import ConfigError, config_to_dict
+from lopkit.configs import config_to_dict
 from lopkit.mitigations.base import Mitigation
 
 __all__ = ["VARYING_FIELDS", "VectorisedContinual", "continual_refusal", "stacked_forward"]
