@@ -180,7 +180,8 @@ class _StackedOptimizer:
         step = self.state[0]["step"]
         for lr, members in self.groups:
             picked = self._pick(params, members)
-            steps = [torch.tensor(float(step)) for _ in picked]  # the call advances each by one
+            device = picked[0].device if self.fused else None  # the fused kernel keeps steps on the device
+            steps = [torch.tensor(float(step), device=device) for _ in picked]  # the call advances each by one
             adam(
                 picked, self._pick(grads, members), self._pick(exp_avgs, members), self._pick(exp_avg_sqs, members),
                 [], steps, fused=self.fused, foreach=not self.fused, amsgrad=False,
