@@ -286,3 +286,22 @@ def test_sweep_runs_a_group_into_the_store_as_separate_runs(tmp_path):
         assert alone.run_id == spec.run_id()
         _assert_rows_close(_store_rows(reference, alone.run_id), _store_rows(store, alone.run_id))
     assert [o.status for o in run_sweep(sweep, "sequential", progress=False)] == ["skipped"] * 4
+
+
+# ----------------------------------------------------------------------------- lopkit run
+@needs_data
+def test_lopkit_run_says_which_path_it_takes(tmp_path, capsys):
+    from lopkit.cli import main
+
+    common = ["--preset", "smoke", "--threads", "1", "--no-progress", "--set", "monitor_metrics=dead_fraction"]
+    assert main(["run", "random_labels", "--seeds", "2", "--out", str(tmp_path / "a"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "vectorised: 2 seeds trained as one learner in this process" in out
+    assert out.count(": finished at step 90/90") == 2
+    runs = ResultStore(tmp_path / "a").runs()
+    assert sorted(runs["seed"]) == [0, 1] and set(runs["status"]) == {"finished"}
+    assert main(["run", "random_labels", "--seeds", "2", "--out", str(tmp_path / "b"), *common, "norm=batch"]) == 0
+    assert "separate runs: norm=batch is not vectorised" in capsys.readouterr().out
+    assert main(["run", "random_labels", "--seeds", "2", "--out", str(tmp_path / "a"), *common, "--no-vectorise"]) == 0
+    out = capsys.readouterr().out
+    assert "separate runs: --no-vectorise" in out and out.count("already finished") == 2
