@@ -71,14 +71,16 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
     parts += ["--out", str(out)]
     if args.checkpoint_every is not None:
         parts += ["--checkpoint-every", str(args.checkpoint_every)]
+    if getattr(args, "no_vectorise", False):
+        parts.append("--no-vectorise")
     return " ".join(shlex.quote(p) for p in parts)
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Validate everything first, then run each seed in turn; exit 0, 1 (a run failed), 2 (bad input) or 130."""
+    """Validate everything first, then run the seeds (vectorised or in turn); exit 0, 1 (a run failed), 2 (bad input) or 130."""
     from lopkit.benchmarks.base import check_accepts_methods, get_benchmark
     from lopkit.configs import config_to_dict, parse_overrides
-    from lopkit.runner.execute import SETUP_ERRORS, execute_run, method_label, resolve_methods
+    from lopkit.runner.execute import method_label, resolve_methods
     from lopkit.runner.store import ResultStore, StoreError
 
     try:
@@ -107,24 +109,10 @@ def _run(args: argparse.Namespace) -> int:
         return _error(f"cannot open the results store in {out}: {err}")
     failures = 0
     try:
-        grouped: dict[int, Any] = {}
-        run_seed_group = getattr(cls, "run_seed_group", None)  # bitflip: seeds as one vectorised learner
-        if run_seed_group is not None and len(seeds) > 1:
-            try:
-                grouped = run_seed_group(store, config, seeds, method_names, args.checkpoint_every,
-                                         preset=args.preset) or {}
-            except (*SETUP_ERRORS, StoreError) as err:
-                return _error(str(err))
-        for seed in seeds:
-            try:
-                result = grouped.get(seed) or execute_run(
-                    store, cls, config, seed, method_names, args.checkpoint_every, progress,
-                    preset=args.preset, raise_on_error=False)
-            except (*SETUP_ERRORS, StoreError) as err:  # a benchmark's constructor (bad combination of values,
+        for seed, result in _seed_results(args, store, cls, config, seeds, method_names, progress):
+            if isinstance(result, Exception):  # a benchmark's constructor (bad combination of values,
                 # missing dataset) or a store that cannot be written
-                return _error(str(err))
-            except KeyboardInterrupt:
-                result = None
+                return _error(str(result))
             if result is None or result.status == "interrupted":
                 where = f" at step {result.step}/{result.total_steps}" if result is not None else ""
                 print(f"seed {seed}: interrupted{where}; completed chunks are saved in {store.path}", file=sys.stderr)
@@ -140,6 +128,59 @@ def _run(args: argparse.Namespace) -> int:
     print(f"results: {store.path}")
     print(f"next: lopkit report {shlex.quote(str(out))}")
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _seed_results(args: argparse.Namespace, store: Any, cls: Any, config: Any, seeds: list[int],
+                  method_names: list[str], progress: Any) -> Any:
+    """Yield ``(seed, RunResult | None (interrupted) | set-up error)``: one vectorised learner when it can, else each seed."""
+    from lopkit.runner.execute import SETUP_ERRORS, execute_run, resolve_methods
+    from lopkit.runner.store import StoreError
+    from lopkit.runner.vectorised import execute_group, vectorisation_refusal
+
+    run_seed_group = getattr(cls, "run_seed_group", None)  # bitflip: its own seed group (lean engine, CBP)
+    if run_seed_group is not None and len(seeds) > 1 and not args.no_vectorise:
+        try:
+            grouped = run_seed_group(store, config, seeds, method_names, args.checkpoint_every,
+                                     preset=args.preset) or {}
+        except (*SETUP_ERRORS, StoreError) as err:
+            yield seeds[0], err
+            return
+        for seed in seeds:
+            try:
+                yield seed, grouped.get(seed) or execute_run(store, cls, config, seed, method_names,
+                                                             args.checkpoint_every, progress, preset=args.preset,
+                                                             raise_on_error=False)
+            except (*SETUP_ERRORS, StoreError) as err:
+                yield seed, err
+                return
+            except KeyboardInterrupt:
+                yield seed, None
+        return
+    reason = "--no-vectorise" if args.no_vectorise else vectorisation_refusal(
+        cls, [config] * len(seeds), resolve_methods(method_names))
+    if len(seeds) > 1:
+        print(f"vectorised: {len(seeds)} seeds trained as one learner in this process" if reason is None
+              else f"separate runs: {reason}")
+    if reason is None:
+        try:
+            results = execute_group(store, cls, [(config, seed) for seed in seeds], method_names,
+                                    args.checkpoint_every, progress, preset=args.preset)
+        except (*SETUP_ERRORS, StoreError) as err:
+            yield seeds[0], err
+            return
+        except KeyboardInterrupt:
+            results = [None] * len(seeds)
+        yield from zip(seeds, results)
+        return
+    for seed in seeds:
+        try:
+            yield seed, execute_run(store, cls, config, seed, method_names, args.checkpoint_every, progress,
+                                    preset=args.preset, raise_on_error=False)
+        except (*SETUP_ERRORS, StoreError) as err:
+            yield seed, err
+            return
+        except KeyboardInterrupt:
+            yield seed, None
 
 
 def _describe(seed: int, result: Any) -> str:
@@ -231,8 +272,9 @@ def register(subparsers: Any) -> None:
     run = subparsers.add_parser(
         "run", help="run a benchmark for several seeds into EXPERIMENT_DIR/results.sqlite (resumable)",
         description=textwrap.fill(
-            "Run BENCHMARK for each seed, one after the other, storing tidy metric rows and checkpoints in "
-            "OUT/results.sqlite. Rerunning the same command skips finished seeds and resumes an interrupted one "
+            "Run BENCHMARK for each seed, storing tidy metric rows and checkpoints in OUT/results.sqlite. Seeds "
+            "run one after the other, or as one vectorised learner in this process when the benchmark and methods "
+            "allow it (same rows within float rounding; the first line says which). Rerunning the same command skips finished seeds and resumes an interrupted one "
             "from its last checkpoint, giving exactly the rows of an uninterrupted run.", width=78),
         epilog="examples:\n"
                "  lopkit run toy --preset smoke --seeds 2\n"
@@ -257,6 +299,9 @@ def register(subparsers: Any) -> None:
     run.add_argument("--out", default=None, metavar="DIR", help="experiment folder (default: runs/BENCHMARK)")
     run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                      help="steps between checkpoints (default: a twentieth of the run; also at least every 30 s)")
+    run.add_argument("--no-vectorise", action="store_true",
+                     help="run the seeds one after the other even when they could be trained as one vectorised "
+                          "learner (by default they are when the benchmark and methods allow it)")
     add_threads_flag(run)
     add_progress_flags(run)
     run.set_defaults(func=_run)

@@ -29,7 +29,8 @@ _TOP_KEYS = {
     "seeds": "number of seeds (0..n-1) or an explicit list of seeds",
     "methods": "default methods of every run entry",
     "checkpoint_every": "steps between checkpoints of each run (default: the runner's default)",
-    "vectorize_seeds": "true trains bitflip runs that differ only by seed together in one task",
+    "vectorize_seeds": "true trains bitflip runs that differ only by seed together in one task; false also turns "
+                       "off the automatic grouping of runs that share shapes (docs/vectorised_runs.md)",
     "vectorize_engine": "engine of the fast path: lean (batched NumPy step, default) or func (torch.func.vmap)",
     "runs": "list of run entries (benchmark, methods, grid, set, preset, seeds)",
     "description": "free text, ignored",
@@ -99,7 +100,7 @@ class Sweep:
     experiment: Path
     runs: list[RunSpec]
     checkpoint_every: int | None = None
-    vectorize_seeds: bool = False
+    vectorize_seeds: bool | None = None  # None: runs with a vectorised learner are grouped, bitflip's fast path off
     vectorize_engine: str = "lean"
     source: str = "sweep"
 
@@ -296,8 +297,8 @@ def parse_sweep(data: Any, source: str = "sweep", experiment: str | os.PathLike 
         isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
     ):
         problems.append(f"checkpoint_every: expected a positive integer number of steps, got {checkpoint_every!r}")
-    vectorize = data.get("vectorize_seeds", False)
-    if not isinstance(vectorize, bool):
+    vectorize = data.get("vectorize_seeds")
+    if vectorize is not None and not isinstance(vectorize, bool):
         problems.append(f"vectorize_seeds: expected true or false, got {vectorize!r}")
     engine = data.get("vectorize_engine", "lean")
     if engine not in VECTORIZE_ENGINES:
@@ -319,7 +320,7 @@ def parse_sweep(data: Any, source: str = "sweep", experiment: str | os.PathLike 
         experiment=Path(experiment).expanduser(),
         runs=[spec for spec, _ in pairs],
         checkpoint_every=checkpoint_every,
-        vectorize_seeds=bool(vectorize),
+        vectorize_seeds=vectorize,
         vectorize_engine=engine,
         source=source,
     )

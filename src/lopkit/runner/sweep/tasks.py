@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -177,6 +178,25 @@ def _execute_vectorised(store: Any, task: Task) -> list[TaskResult]:
     return results
 
 
+def _execute_group(store: Any, task: Task) -> list[TaskResult]:
+    """Runs trained as one vectorised learner (:func:`lopkit.runner.vectorised.execute_group`); same rows per run."""
+    from lopkit.runner.vectorised import execute_group
+
+    spec = task.specs[0]
+    try:
+        with sigint_raises():
+            results = execute_group(store, spec.benchmark, [(s.make_config(), s.seed) for s in task.specs],
+                                    spec.methods, task.checkpoint_every, progress="never", preset=spec.preset,
+                                    handle_sigint=False, log=lambda line: print(f"sweep: {line}", file=sys.stderr))
+    except KeyboardInterrupt:  # the runs keep their last commits; a restarted sweep resumes them
+        return [TaskResult(index, "interrupted") for index in task.indices]
+    except Exception:  # noqa: BLE001  (a set-up error: recorded for every run of the group, the sweep goes on)
+        return [TaskResult(index, "failed", traceback.format_exc()) for index in task.indices]
+    return [TaskResult(index, r.status, r.error, r.seconds, r.step,
+                       _rows_of(store, r.run_id) if task.store is None else None)
+            for index, r in zip(task.indices, results)]
+
+
 def run_task(task: Task) -> list[TaskResult]:
     """Execute one task in this process (any backend's worker entry point); never raises for a run's error."""
     import tempfile
@@ -194,6 +214,8 @@ def run_task(task: Task) -> list[TaskResult]:
         folder = task.store or stack.enter_context(tempfile.TemporaryDirectory(prefix="lopkit-sweep-"))
         store = stack.enter_context(ResultStore(folder))
         stack.enter_context(_task_environment(task.threads))
+        if task.vectorize_engine == "group":  # lopkit.runner.vectorised.GROUP_ENGINE
+            return _execute_group(store, task)
         if task.vectorize_engine is not None:
             return _execute_vectorised(store, task)
         return [_execute_one(store, task, index, spec) for index, spec in zip(task.indices, task.specs)]
