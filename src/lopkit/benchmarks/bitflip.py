@@ -52,7 +52,7 @@ Seeds. ``lopkit run bitflip --seeds 0-7`` trains the seeds as one learner vector
 (:class:`lopkit.benchmarks.vmap_seeds.BitFlipSeedGroup`) when the method allows it (none, ``cbp``,
 ``cbp_aggressive``): each seed keeps its own run, rows, checkpoints, data stream and method generator, and its
 rows equal a separate run's within float tolerance. It prints which path it takes, and why it runs the seeds
-one by one otherwise (:meth:`BitFlipBenchmark.run_seed_group`).
+one by one otherwise (``BitFlipBenchmark.seed_group_runner``).
 
 Method switch (checklist T5). ``switch_step=S switch_method=SPEC`` trains with the run's ``--method`` (e.g.
 ``sgd``) for steps ``0..S-1`` and with ``SPEC`` (a method spec as for ``--method``) from step S on; the first
@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -94,6 +94,12 @@ from lopkit.benchmarks.base import (
     BenchmarkConfig,
     make_row,
     register_benchmark,
+)
+from lopkit.benchmarks.bitflip_lean import (  # noqa: F401  (learner_layers re-exported)
+    has_lean_kernel,
+    has_lean_kernel_type,
+    lean_kernel,
+    learner_layers,
 )
 from lopkit.configs import ConfigError, require
 from lopkit.data.bitflip import FLIP_MODES, THRESHOLD_RULES, BitFlipConfig, BitFlipStream, run_inputs_at
@@ -271,18 +277,6 @@ def stream_config(config: BitFlipBenchmarkConfig) -> BitFlipConfig:
         threshold_rule=config.threshold_rule,
         flip_mode=config.flip_mode,
     )
-
-
-def learner_layers(model: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
-    """The (hidden Linear, activation, output Linear) modules of the two-layer learner."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    activations = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    if len(linears) != 2 or len(activations) != 1:
-        raise ValueError(
-            f"the bit-flipping learner must have exactly two nn.Linear layers and one nn.ReLU, got "
-            f"{len(linears)} Linear and {len(activations)} ReLU"
-        )
-    return linears[0], activations[0], linears[1]
 
 
 def learner_input_dim(config: BitFlipBenchmarkConfig) -> int:
@@ -503,7 +497,6 @@ def lean_supports(method: Mitigation, model: nn.Module) -> bool:
     the forward hooks of fc1 and act1 (one torch forward of the hidden layer per step) and ``after_step``;
     it has no ``.grad`` tensors for ``before_step`` to edit and needs the plain fc1/ReLU/fc2 model.
     """
-    from lopkit.benchmarks.bitflip_lean import has_lean_kernel
 
     if _needs_autograd_step(method) or _overrides(method, "prepare_model"):
         return False
@@ -567,7 +560,6 @@ class BitFlipBenchmark(Benchmark):
         if config.switch_step and config.engine == "lean":
             from lopkit.mitigations.registry import build_methods
 
-            from lopkit.benchmarks.bitflip_lean import has_lean_kernel_type
 
             switched = build_methods(config.switch_method)
             if _overrides(switched, "before_step") and not has_lean_kernel_type(switched):
@@ -584,15 +576,10 @@ class BitFlipBenchmark(Benchmark):
         self._initial_measured = False
         self._last_mse = float("nan")
 
-    @classmethod
-    def run_seed_group(cls, store: Any, config: BitFlipBenchmarkConfig, seeds: list[int], method_names: list[str],
-                       checkpoint_every: int | None = None, *, preset: str | None = None) -> dict[int, Any] | None:
-        """``lopkit run --seeds``: train the seeds as one vectorised learner when the method allows it (prints which
-        path); None when it does not (the caller then runs the seeds one by one). See
-        :func:`lopkit.benchmarks.vmap_seeds.execute_seed_group`."""
-        from lopkit.benchmarks.vmap_seeds import execute_seed_group
-
-        return execute_seed_group(store, config, seeds, method_names, checkpoint_every, preset=preset)
+    seed_group_runner: ClassVar[str] = "lopkit.benchmarks.vmap_seeds:execute_seed_group"
+    """``lopkit run --seeds``: trains the seeds as one vectorised learner when the method allows it (prints which
+    path), or returns None and the seeds run one by one; a "module:function" name, loaded when used (the module
+    imports this one)."""
 
     def _resolve_engine(self, engine: str) -> str:
         """``auto`` -> ``lean`` when :func:`lean_supports` the method, else ``autograd``; ``lean`` otherwise errors."""
@@ -681,7 +668,6 @@ class BitFlipBenchmark(Benchmark):
 
     def lean_kernel(self) -> Any:
         """The lean kernel of the current method (:func:`lopkit.benchmarks.bitflip_lean.lean_kernel`) or None."""
-        from lopkit.benchmarks.bitflip_lean import lean_kernel
 
         return lean_kernel(self.method, self.model, self.optimizer, self.config)
 

@@ -94,10 +94,18 @@ def _single(method: Mitigation) -> Mitigation | None:
     return method
 
 
-def _layers(model: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
-    from lopkit.benchmarks.bitflip import learner_layers
+def learner_layers(model: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
+    """The (hidden Linear, activation, output Linear) modules of the two-layer learner."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    activations = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    if len(linears) != 2 or len(activations) != 1:
+        raise ValueError(
+            f"the bit-flipping learner must have exactly two nn.Linear layers and one nn.ReLU, got "
+            f"{len(linears)} Linear and {len(activations)} ReLU"
+        )
+    return linears[0], activations[0], linears[1]
 
-    return learner_layers(model)
+
 
 
 def lean_cbp_supported(method: Mitigation, model: nn.Module) -> bool:
@@ -107,7 +115,7 @@ def lean_cbp_supported(method: Mitigation, model: nn.Module) -> bool:
     method = _single(method)
     if type(method) not in (ContinualBackprop, AggressiveContinualBackprop) or method.generator is None:
         return False
-    hidden, _activation, output = _layers(model)
+    hidden, _activation, output = learner_layers(model)
     groups = method.groups
     return (len(groups) == 1 and groups[0].incoming is hidden and groups[0].outgoing is output
             and not groups[0].is_conv and groups[0].outgoing_block == 1)
@@ -132,7 +140,7 @@ class LeanCBP:
         first = self.methods[0]
         self.config = first.config
         self.aggressive = type(first) is AggressiveContinualBackprop
-        hidden, _activation, _output = _layers(self.models[0])
+        hidden, _activation, _output = learner_layers(self.models[0])
         units, inputs = hidden.weight.shape
         self.units = units
         self.cols = inputs - 1 if first._constant_column(0) else inputs
@@ -422,7 +430,7 @@ class LeanCBP:
 
 def _param_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """NumPy views (W1, b1, w2, b2) of the learner's parameters (w2 flattened)."""
-    hidden, _activation, output = _layers(model)
+    hidden, _activation, output = learner_layers(model)
     w1, b1, w2, b2 = (t.detach().numpy() for t in (hidden.weight, hidden.bias, output.weight, output.bias))
     return w1, b1, w2.reshape(-1), b2
 
@@ -658,7 +666,7 @@ class _MethodKernel(LeanKernel):
             else:
                 self.task_hook = True
         elif kind is ReDo:
-            self.record = np.zeros((block_size, _layers(model)[0].weight.shape[0]), dtype=np.float32)
+            self.record = np.zeros((block_size, learner_layers(model)[0].weight.shape[0]), dtype=np.float32)
 
     def periods(self) -> tuple[int, ...]:
         """Task starts (``shrink_perturb`` per task) and ReDo's checks end blocks."""
@@ -704,7 +712,7 @@ class _MethodKernel(LeanKernel):
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
     """The learner's (W1, b1, W2, b2) parameters in the order of :func:`_param_views`."""
-    hidden, _activation, output = _layers(model)
+    hidden, _activation, output = learner_layers(model)
     return [hidden.weight, hidden.bias, output.weight, output.bias]
 
 
@@ -723,7 +731,7 @@ def _method_kernel_supported(method: Mitigation, model: nn.Module, optimizer: to
         return method.config.when == "task" or method.config.noise == "init"
     if kind is ReDo:
         groups = method.groups
-        hidden, _activation, output = _layers(model)
+        hidden, _activation, output = learner_layers(model)
         return (len(groups) == 1 and groups[0].incoming is hidden and method.capture is not None
                 and method.capture_post_activation and not method.capture_pre_activation)
     return False
@@ -745,7 +753,7 @@ def has_lean_kernel(method: Mitigation, model: nn.Module) -> bool:
         return True
     single = _single(method)
     try:
-        _layers(model)
+        learner_layers(model)
     except ValueError:
         return False
     return single is not None and _method_kernel_supported(single, model, None)
@@ -764,7 +772,7 @@ def lean_kernel(
     if single is None or config is None:
         return None
     try:
-        _layers(model)
+        learner_layers(model)
     except ValueError:
         return None
     if _method_kernel_supported(single, model, optimizer):

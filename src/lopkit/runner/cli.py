@@ -6,6 +6,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import importlib
 import json
 import shlex
 import sys
@@ -137,8 +138,10 @@ def _seed_results(args: argparse.Namespace, store: Any, cls: Any, config: Any, s
     from lopkit.runner.store import StoreError
     from lopkit.runner.vectorised import execute_group, vectorisation_refusal
 
-    run_seed_group = getattr(cls, "run_seed_group", None)  # bitflip: its own seed group (lean engine, CBP)
-    if run_seed_group is not None and len(seeds) > 1 and not args.no_vectorise:
+    runner_name = getattr(cls, "seed_group_runner", None)  # bitflip: its own seed group (lean engine, CBP)
+    if runner_name is not None and len(seeds) > 1 and not args.no_vectorise:
+        module_name, _, function_name = runner_name.partition(":")
+        run_seed_group = getattr(importlib.import_module(module_name), function_name)
         try:
             grouped = run_seed_group(store, config, seeds, method_names, args.checkpoint_every,
                                      preset=args.preset) or {}
