@@ -33,7 +33,7 @@ from torch import nn
 
 from lopkit.benchmarks.models import _check_dropout, _check_positive_int, _check_sizes, _spatial_size
 
-__all__ = ["BasicBlock", "SmallResNet", "PatchEmbedding", "SelfAttention", "TransformerMLP", "TransformerBlock",
+__all__ = ["AttentionOutput", "BasicBlock", "SmallResNet", "PatchEmbedding", "SelfAttention", "TransformerMLP", "TransformerBlock",
            "SmallViT", "build_resnet", "build_vit", "RESNET_NORMS", "VIT_NORMS"]
 
 #: Normalisations of the ResNet builder ("layer" is GroupNorm(1, C)).
@@ -160,6 +160,19 @@ class PatchEmbedding(nn.Module):
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
 
 
+class AttentionOutput(nn.Linear):
+    """The output projection ``o`` of an attention: a Linear whose input is the concatenation of ``concat_heads``
+    head outputs of equal width (the Monitor's ``duplicate_heads_fraction`` reads its input head by head)."""
+
+    def __init__(self, in_features: int, out_features: int, heads: int) -> None:
+        super().__init__(in_features, out_features)
+        self.concat_heads = heads
+
+    def extra_repr(self) -> str:
+        """Linear's description plus the head count."""
+        return f"{super().extra_repr()}, concat_heads={self.concat_heads}"
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with explicit ``q``, ``k``, ``v``, ``o`` projections; ``drop`` acts on the weights.
 
@@ -175,7 +188,7 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(dim, inner)
         self.v = nn.Linear(dim, inner)
         self.drop = nn.Dropout(dropout)
-        self.o = nn.Linear(inner, dim)
+        self.o = AttentionOutput(inner, dim, heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, T, dim) -> (N, T, dim)``: ``o(concat_h softmax(q_h k_h^T / sqrt(head_dim)) v_h)``."""

@@ -153,6 +153,7 @@ def _clone_vit(model: SmallViT, factor: int, layout: str) -> tuple[SmallViT, Par
             setattr(target.attn, name, clone_weight_layer(getattr(attn, name), features, stream))
         target.attn.o = clone_weight_layer(attn.o, stream, features)
         target.attn.heads = attn.heads * factor
+        target.attn.o.concat_heads = attn.heads * factor
         target.mlp.fc1 = clone_weight_layer(block.mlp.fc1, hidden, stream)
         target.mlp.fc2 = clone_weight_layer(block.mlp.fc2, stream, hidden)
         record(f"{prefix}.norm1", target.norm1, stream)
