@@ -216,3 +216,33 @@ def test_cloning_benchmark_vit_dropout_escapes():
 def test_cloning_rejects_bad_architecture_settings(overrides):
     with pytest.raises(ConfigError):
         CloningBenchmark.make_config("smoke", {**DIGITS, **overrides})
+
+
+def _activation_rows(model: nn.Module, inputs, config: MonitorConfig | None = None) -> list[dict]:
+    rows = Monitor(model, metrics=["dead_fraction", "effective_rank"], config=config).measure(inputs)
+    return [r for r in rows if "act" in r["layer"]]
+
+
+def test_torch_transformer_gets_feature_units_without_configuration():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    tokens = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(2))
+    default = _activation_rows(model, tokens)
+    assert default and default == _activation_rows(model, tokens, MonitorConfig(channels_last=True))
+    assert default != _activation_rows(model, tokens, MonitorConfig(token_units=False))
+
+
+def test_hugging_face_bert_gets_feature_units_without_configuration():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=10, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    ids = torch.randint(0, 40, (6, 10), generator=torch.Generator().manual_seed(3))
+    default = _activation_rows(model, ids)
+    assert {r["layer"] for r in default} == {"bert.encoder.layer.0.intermediate.intermediate_act_fn",
+                                             "bert.pooler.activation"}
+    assert default == _activation_rows(model, ids, MonitorConfig(channels_last=True))
+    erank = [r["value"] for r in default if r["metric"] == "effective_rank" and "intermediate" in r["layer"]][0]
+    assert 10.0 < erank <= 32.0  # the 32 intermediate features are the units, not the 10 tokens
