@@ -31,6 +31,11 @@ Rows (``layer="model"`` unless said otherwise), all independent of how the run i
   each task start (before the head reset and the ``on_task_start`` hooks, i.e. the state earlier tasks left
   behind, seen on the new task's data), at each task end, and every ``monitor_every`` global steps.
 
+Models (``model``): the MLP and CNN of :mod:`lopkit.benchmarks.models`, or the small ResNet and ViT of
+:mod:`lopkit.benchmarks.architectures` (``model=resnet|vit``; presets ``resnet_default``, ``vit_default`` and the
+T3/T4 pair ``vit_t3`` (no LayerNorm) / ``vit_t4``); for those the Monitor also measures the residual-block outputs
+``block1``, ``block2``, ... (the paper's monitored modules) and the duplicate heads at every ``attn.o``.
+
 Accuracy on class_split tasks is the masked one (argmax over the task's classes) except in the ``*_unmasked``
 rows.
 

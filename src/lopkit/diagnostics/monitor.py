@@ -468,8 +468,12 @@ class Monitor:
     - Layer ``"model"``: ``loss`` (probe loss) and, when ``config.hessian``, ``hessian_top_eigenvalue``.
 
     Conv outputs ``(N, C, *spatial)`` treat channels as units and every (sample, position) as a sample;
-    set ``config.channels_last=True`` to read ``(N, T, D)`` activation outputs as ``N*T`` samples of ``D``
-    units (Linear outputs always use their last axis). Rank and duplicate metrics use at most
+    token-wise layers (an activation fed by a Linear, a LayerNorm, a block ending in a Linear: see
+    :func:`token_wise_layers`) read ``(N, T, D)`` outputs as ``N*T`` samples of ``D`` units by default
+    (``config.token_units``), so a ViT or Hugging Face transformer needs no configuration; set
+    ``config.channels_last=True`` to read every >2-D activation output that way (Linear outputs always use their
+    last axis). Layers with an integer ``concat_heads`` attribute (an attention's output projection reading
+    the concatenated heads) also get ``duplicate_heads_fraction`` (heads as units). Rank and duplicate metrics use at most
     ``config.rank_max_samples`` rows (a seeded random subset). A module called several times in one forward
     pass gives one layer per call, named ``"name#0"``, ``"name#1"``, ...
 
