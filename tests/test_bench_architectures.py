@@ -109,7 +109,7 @@ def test_random_labels_takes_a_vit():
 def test_token_wise_rule_picks_features_for_transformer_layers_and_channels_for_conv():
     vit, resnet = build_vit(dim=16, heads=2, depth=1), build_resnet(channels=(4, 8))
     wise = token_wise_layers(vit)
-    assert {"block1.mlp.act", "block1", "block1.norm1", "norm"} <= wise
+    assert {"block1.mlp.act", "block1", "block1.norm1", "norm", "embed"} <= wise
     assert "embed.proj" not in wise
     assert not {"stem_act", "block1.act1", "block1", "block2", "block1.norm1"} & token_wise_layers(resnet)
 

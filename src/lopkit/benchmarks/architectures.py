@@ -145,6 +145,8 @@ def build_resnet(
 class PatchEmbedding(nn.Module):
     """Patches -> ``dim`` features (strided conv ``proj``), then prepend the class token and add positions."""
 
+    token_wise = True  # its output (N, tokens, dim) has its units on the last axis (read by the Monitor)
+
     def __init__(self, in_channels: int, dim: int, patch_size: int, num_patches: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)

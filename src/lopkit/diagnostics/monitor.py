@@ -354,6 +354,7 @@ def token_wise_layers(model: nn.Module) -> set[str]:
     when the last weight layer (Linear/Conv) that runs before its output, in ``named_modules`` order and counting
     the ones inside it, is an ``nn.Linear`` (an activation after ``fc1``, a transformer block ending in ``fc2``).
     A Linear acts on the last axis, so what follows it keeps its units there; a Conv puts them on axis 1.
+    A module with a bool attribute ``token_wise`` decides for itself (lopkit's ViT patch embedding sets it).
     """
     named = list(model.named_modules())
     result: set[str] = set()
@@ -371,6 +372,11 @@ def token_wise_layers(model: nn.Module) -> set[str]:
             last_weight = module
         weight_before.append(last_weight)
     for name, module in named:
+        declared = getattr(module, "token_wise", None)
+        if isinstance(declared, bool):  # a module may say it: ``token_wise = True`` (e.g. a patch embedding)
+            if declared:
+                result.add(name or MODEL_LAYER)
+            continue
         if isinstance(module, PARAMETRIC_TYPES) or isinstance(module, _CHANNEL_NORMS):
             continue
         if isinstance(module, _TOKEN_NORMS) or isinstance(weight_before[ends[name]], nn.Linear):
