@@ -36,7 +36,7 @@ from lopkit.benchmarks.models import check_positive_int as _check_positive_int
 from lopkit.benchmarks.models import check_sizes as _check_sizes
 from lopkit.benchmarks.models import spatial_size as _spatial_size
 
-__all__ = ["BasicBlock", "SmallResNet", "PatchEmbedding", "SelfAttention", "TransformerMLP", "TransformerBlock",
+__all__ = ["AttentionOutput", "BasicBlock", "SmallResNet", "PatchEmbedding", "SelfAttention", "TransformerMLP", "TransformerBlock",
            "SmallViT", "build_resnet", "build_vit", "RESNET_NORMS", "VIT_NORMS"]
 
 #: Normalisations of the ResNet builder ("layer" is GroupNorm(1, C)).
@@ -148,6 +148,8 @@ def build_resnet(
 class PatchEmbedding(nn.Module):
     """Patches -> ``dim`` features (strided conv ``proj``), then prepend the class token and add positions."""
 
+    token_wise = True  # its output (N, tokens, dim) has its units on the last axis (read by the Monitor)
+
     def __init__(self, in_channels: int, dim: int, patch_size: int, num_patches: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
@@ -161,6 +163,19 @@ class PatchEmbedding(nn.Module):
         tokens = self.proj(x).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
+
+
+class AttentionOutput(nn.Linear):
+    """The output projection ``o`` of an attention: a Linear whose input is the concatenation of ``concat_heads``
+    head outputs of equal width (the Monitor's ``duplicate_heads_fraction`` reads its input head by head)."""
+
+    def __init__(self, in_features: int, out_features: int, heads: int) -> None:
+        super().__init__(in_features, out_features)
+        self.concat_heads = heads
+
+    def extra_repr(self) -> str:
+        """Linear's description plus the head count."""
+        return f"{super().extra_repr()}, concat_heads={self.concat_heads}"
 
 
 class SelfAttention(nn.Module):
@@ -178,7 +193,7 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(dim, inner)
         self.v = nn.Linear(dim, inner)
         self.drop = nn.Dropout(dropout)
-        self.o = nn.Linear(inner, dim)
+        self.o = AttentionOutput(inner, dim, heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, T, dim) -> (N, T, dim)``: ``o(concat_h softmax(q_h k_h^T / sqrt(head_dim)) v_h)``."""

@@ -1,5 +1,9 @@
 """Experiment E2, cloning: train a base MLP, clone it x2 (function-preserving), then train base and clone side by side.
 
+``model=resnet`` / ``model=vit`` run the same protocol on the small ResNet / ViT of
+:mod:`lopkit.benchmarks.architectures` (cloned by :func:`lopkit.theory.cloning.clone`; presets ``resnet``, ``vit``);
+their R^2 rows cover every module of the clone's Partition (channels, token features, attention heads).
+
 Protocol (spec ``lop_paper.md`` section 4.3, scaled from CIFAR-10 to Fashion-MNIST, all 10 classes):
 
 1. Train the base MLP (default 3 x 64 ReLU with BatchNorm before the activation, the paper's MLP shape scaled
@@ -63,6 +67,7 @@ from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, register_benchmark
 from lopkit.benchmarks.base import PrivateRNG, check_finite_loss
+from lopkit.benchmarks.architectures import build_resnet, build_vit
 from lopkit.benchmarks.models import build_mlp
 from lopkit.configs import ConfigError, require
 from lopkit.data.digits import load_digits_dataset
@@ -108,10 +113,23 @@ class CloningConfig(BenchmarkConfig):
     """Training images used (a seeded subset of the training split; capped at the split size)."""
     data_seed: int = 0
     """Seed of the training subset and of the probe (shared by every run seed)."""
+    model: Literal["mlp", "resnet", "vit"] = "mlp"
+    """Base model: the MLP, or the small ResNet / ViT of ``lopkit.benchmarks.architectures`` (images, not flat)."""
     hidden: tuple[int, ...] = (64, 64, 64)
     """Hidden widths of the base MLP (the clone's are ``factor`` times larger)."""
+    channels: tuple[int, ...] = (8, 16)
+    """ResNet: stage channels (one basic block per stage, stride 2 from the second stage on)."""
+    vit_dim: int = 16
+    """ViT: residual-stream width (the clone's is ``factor`` times larger; heads are cloned as whole heads)."""
+    vit_depth: int = 2
+    """ViT: transformer blocks."""
+    vit_heads: int = 4
+    """ViT: attention heads per block (head_dim = vit_dim // vit_heads)."""
+    vit_patch: int = 7
+    """ViT: patch size (it must divide the image side: 28 for Fashion-MNIST, 8 for digits)."""
     norm: Literal["batch", "layer", "none"] = "batch"
-    """Normalisation before each activation (the paper uses BatchNorm for the MLP)."""
+    """Normalisation before each activation (the paper uses BatchNorm for the MLP and ResNet, LayerNorm for the
+    ViT; the ViT takes "layer" or "none" only)."""
     affine: bool = True
     """Learnable normalisation scale and shift."""
     factor: int = 2
@@ -152,6 +170,19 @@ class CloningConfig(BenchmarkConfig):
             len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
             f"hidden must be positive widths such as 64,64,64; got {self.hidden}",
         )
+        require(self.model in ("mlp", "resnet", "vit"), f"model must be mlp, resnet or vit, got {self.model!r}")
+        require(
+            len(self.channels) >= 1 and all(c >= 1 for c in self.channels) and len(self.channels) <= 4,
+            f"channels must be 1 to 4 positive stage widths such as 8,16; got {self.channels}",
+        )
+        if self.model == "vit":
+            require(self.norm in ("layer", "none"), f"model=vit takes norm=layer or norm=none, got {self.norm!r}")
+            for name in ("vit_dim", "vit_depth", "vit_heads", "vit_patch"):
+                require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+            require(self.vit_dim % self.vit_heads == 0,
+                    f"vit_dim ({self.vit_dim}) must be divisible by vit_heads ({self.vit_heads})")
+            side = 8 if self.dataset == "digits" else 28
+            require(side % self.vit_patch == 0, f"vit_patch must divide the image side {side}, got {self.vit_patch}")
         require(self.factor >= 2, f"factor must be >= 2 (a clone of factor 1 is the base itself), got {self.factor}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(self.norm != "batch" or self.batch_size >= 2, "norm=batch needs batch_size >= 2")
@@ -207,17 +238,18 @@ def module_kind(name: str) -> str:
 
 
 def activation_layer_names(model: nn.Module) -> list[str]:
-    """Names of the hidden ReLU modules (``act1``, ``act2``, ...) in forward order."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.ReLU)]
+    """Names of the hidden ReLU/GELU modules (``act1``, ``block1.mlp.act``, ...) in forward order."""
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.ReLU, nn.GELU))]
 
 
 def _load_data(config: CloningConfig) -> tuple[Tensor, Tensor]:
-    """Standardised flattened training images and labels of the configured dataset."""
+    """Standardised training images (flat for the MLP, ``(N, 1, H, W)`` otherwise) and labels of the dataset."""
+    flatten = config.model == "mlp"
     if config.dataset == "digits":
-        x, y = load_digits_dataset(flatten=True)
+        x, y = load_digits_dataset(flatten=flatten)
         x = (x - x.mean()) / x.std()
         return x, y
-    return load_fashion_mnist("train", flatten=True, standardize=True, data_dir=config.data_dir)
+    return load_fashion_mnist("train", flatten=flatten, standardize=True, data_dir=config.data_dir)
 
 
 @register_benchmark
@@ -239,6 +271,26 @@ class CloningBenchmark(Benchmark):
         "default": {
             "train_size": 10_000, "hidden": (64, 64, 64), "batch_size": 128, "base_steps": 1560,
             "paired_steps": 100_000, "log_every": 1000, "probe_size": 500, "momentum": 0.9,
+        },
+        # T1/T2 on the small ResNet (BatchNorm, stages of 8/16 channels, clone 16/32) and ViT (LayerNorm, dim 16,
+        # 4 heads, 2 blocks; the clone has dim 32 and 8 heads of the same width), Fashion-MNIST subsets, sized
+        # for 2 CPU cores (ResNet: ~10-20 minutes; ViT: a few minutes); the variant is chosen with --set variant=...
+        "resnet": {
+            "model": "resnet", "channels": (8, 16), "norm": "batch", "train_size": 5000, "batch_size": 64,
+            "base_steps": 300, "paired_steps": 2000, "log_every": 200, "probe_size": 256, "momentum": 0.9,
+        },
+        "vit": {
+            "model": "vit", "vit_dim": 16, "vit_depth": 2, "vit_heads": 4, "norm": "layer", "train_size": 10_000,
+            "batch_size": 128, "base_steps": 1000, "paired_steps": 10_000, "log_every": 500, "probe_size": 256,
+            "momentum": 0.9,
+        },
+        "resnet_smoke": {
+            "model": "resnet", "channels": (4, 8), "norm": "batch", "train_size": 512, "batch_size": 32,
+            "base_steps": 20, "paired_steps": 30, "log_every": 10, "probe_size": 64,
+        },
+        "vit_smoke": {
+            "model": "vit", "vit_dim": 8, "vit_depth": 1, "vit_heads": 2, "norm": "layer", "train_size": 512,
+            "batch_size": 32, "base_steps": 20, "paired_steps": 30, "log_every": 10, "probe_size": 64,
         },
         # The paper's protocol on all 60k images: its 5 x 128 MLP with BN, the authors' momentum 0.9, 20 epochs
         # base, 500 epochs paired, logs every 5 epochs (469 steps per epoch at batch 128). Fashion-MNIST stands
@@ -282,10 +334,18 @@ class CloningBenchmark(Benchmark):
 
     # ------------------------------------------------------------------ construction helpers
     def _build_base(self) -> nn.Module:
-        """The seeded base MLP (PyTorch default init), with dropout modules for the dropout variant."""
+        """The seeded base model (PyTorch default init), with dropout modules for the dropout variant."""
         cfg = self.config
+        dropout = cfg.dropout_p if cfg.variant == "dropout" else 0.0
         with rng_sandbox():
             torch.manual_seed(derive_seed(self.seed, _INIT_STREAM))
+            if cfg.model == "resnet":  # dropout before the head
+                model = build_resnet(self.train_x.shape[1], cfg.channels, 1, self.num_classes, cfg.norm, dropout)
+                return model.to(self.dtype)
+            if cfg.model == "vit":  # dropout on the attention weights and the MLP hidden features
+                model = build_vit(self.train_x.shape[1], tuple(self.train_x.shape[2:]), cfg.vit_patch, cfg.vit_dim,
+                                  cfg.vit_depth, cfg.vit_heads, None, 2, self.num_classes, cfg.norm, dropout)
+                return model.to(self.dtype)
             model = build_mlp(
                 self.train_x.shape[1],
                 cfg.hidden,

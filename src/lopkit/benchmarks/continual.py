@@ -31,6 +31,11 @@ Rows (``layer="model"`` unless said otherwise), all independent of how the run i
   each task start (before the head reset and the ``on_task_start`` hooks, i.e. the state earlier tasks left
   behind, seen on the new task's data), at each task end, and every ``monitor_every`` global steps.
 
+Models (``model``): the MLP and CNN of :mod:`lopkit.benchmarks.models`, or the small ResNet and ViT of
+:mod:`lopkit.benchmarks.architectures` (``model=resnet|vit``; presets ``resnet_default``, ``vit_default`` and the
+T3/T4 pair ``vit_t3`` (no LayerNorm) / ``vit_t4``); for those the Monitor also measures the residual-block outputs
+``block1``, ``block2``, ... (the paper's monitored modules) and the duplicate heads at every ``attn.o``.
+
 Accuracy on class_split tasks is the masked one (argmax over the task's classes) except in the ``*_unmasked``
 rows.
 
@@ -62,12 +67,13 @@ from lopkit.benchmarks.base import (
     register_benchmark,
     restore_rng_state,
 )
+from lopkit.benchmarks.architectures import RESNET_NORMS, VIT_NORMS, SmallResNet, SmallViT, build_resnet, build_vit
 from lopkit.benchmarks.models import ACTIVATIONS, INITS, NORMS, build_cnn, build_mlp, zero_head_
 from lopkit.configs import ConfigError, config_to_dict, require
 from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.data.seeding import derive_seed, seeded_generator
 from lopkit.data.tasks import TaskStream, class_split_tasks, pixel_permutations, random_label_tasks
-from lopkit.diagnostics.monitor import METRIC_NAMES, Monitor, MonitorConfig
+from lopkit.diagnostics.monitor import METRIC_NAMES, PARAMETRIC_TYPES, Monitor, MonitorConfig
 from lopkit.layer_types import ACTIVATION_TYPES
 
 __all__ = [
@@ -88,6 +94,8 @@ __all__ = [
 ]
 
 NUM_CLASSES = 10  # Fashion-MNIST
+#: Model families of the continual benchmarks.
+MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet", "vit")
 IMAGE_SHAPE = (1, 28, 28)
 MODEL_LAYER = "model"
 
@@ -171,15 +179,23 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 class ContinualConfig(BenchmarkConfig):
     """Settings shared by the continual Fashion-MNIST benchmarks (model, optimiser, schedule, monitoring)."""
 
-    model: str = "mlp"  # "mlp" or "cnn"
-    width: int = 128  # units of every hidden FC layer
-    depth: int = 5  # number of hidden FC layers (CNN: FC layers after the conv stack; may be 0)
-    channels: tuple[int, ...] = (16, 32)  # CNN conv channels (each conv is followed by a 2x2 max-pool)
-    activation: str = "relu"
-    norm: str = "none"  # "none", "batch" or "layer" (CNN conv layers: GroupNorm(1, C))
-    affine: bool = True
-    dropout: float = 0.0  # after each hidden FC activation (CNN: FC part only)
-    init: str = "default"
+    model: str = "mlp"  # "mlp", "cnn", "resnet" or "vit" (benchmarks.architectures)
+    width: int = 128  # units of every hidden FC layer (mlp/cnn only)
+    depth: int = 5  # number of hidden FC layers (CNN: FC layers after the conv stack; may be 0) (mlp/cnn only)
+    channels: tuple[int, ...] = (16, 32)  # CNN conv channels (each conv is followed by a 2x2 max-pool);
+    # ResNet: the channels of its stages (one stage per entry, stride 2 from the second on)
+    resnet_blocks: int = 1  # ResNet basic blocks per stage
+    vit_dim: int = 32  # ViT residual-stream width
+    vit_depth: int = 2  # ViT transformer blocks
+    vit_heads: int = 4  # ViT attention heads per block (head_dim = vit_dim // vit_heads)
+    vit_patch: int = 7  # ViT patch size (28x28 images: 2, 4, 7, 14 or 28)
+    vit_mlp_ratio: int = 2  # ViT MLP width = vit_mlp_ratio * vit_dim
+    activation: str = "relu"  # mlp/cnn; the ResNet's is ReLU and the ViT's GELU (leave "relu" for them)
+    norm: str = "none"  # "none", "batch" or "layer" (CNN/ResNet conv layers: GroupNorm(1, C); ViT: "layer"/"none")
+    affine: bool = True  # mlp/cnn (ResNet/ViT norms are always affine)
+    dropout: float = 0.0  # after each hidden FC activation (CNN: FC part only; ResNet: before the head;
+    # ViT: attention weights and MLP hidden features)
+    init: str = "default"  # mlp/cnn (ResNet/ViT: PyTorch's default, "default" only)
     optimizer: str = "adam"  # "adam" or "sgd"
     lr: float = 1e-3
     momentum: float = 0.0  # SGD only
@@ -199,22 +215,24 @@ class ContinualConfig(BenchmarkConfig):
     monitor: bool = True
     monitor_every: int = 0  # also measure every this many global steps (0: only at task starts and ends)
     monitor_metrics: tuple[str, ...] = ()  # Monitor metric names (empty: all of them)
-    monitor_layers: str = "default"  # "default" (activations + Linear/Conv) or "activations"
+    monitor_layers: str = "default"  # "default" (activations + Linear/Conv) or "activations"; ResNet/ViT: plus the
+    # residual-block outputs block1, block2, ... (the paper's monitored modules)
     log_every: int = 100  # bin size (steps) of online_accuracy / online_loss
     device: str = "cpu"
     data_dir: str | None = None  # Fashion-MNIST folder (None: $LOPKIT_FASHION_MNIST_DIR or the Debian path)
 
     def validate(self) -> None:
         """Raise ConfigError for impossible values, naming the field and the allowed range."""
-        require(self.model in ("mlp", "cnn"), f"model must be 'mlp' or 'cnn', got {self.model!r}")
+        require(self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         require(self.width >= 1, f"width must be >= 1, got {self.width}")
+        self._validate_architecture()
         min_depth = 1 if self.model == "mlp" else 0
         require(self.depth >= min_depth, f"depth must be >= {min_depth} for model={self.model}, got {self.depth}")
         require(
             len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
             f"channels must be positive conv widths, e.g. 16,32; got {self.channels}",
         )
-        require(len(self.channels) <= 4, f"at most 4 conv layers fit 28x28 images (4 max-pools), got {self.channels}")
+        require(len(self.channels) <= 4, f"at most 4 conv stages fit 28x28 images (4 halvings), got {self.channels}")
         require(self.activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
         require(self.norm in NORMS, f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
@@ -251,6 +269,29 @@ class ContinualConfig(BenchmarkConfig):
             torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ConfigError(f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+
+
+    def _validate_architecture(self) -> None:
+        """ResNet/ViT checks: their own sizes, norms they have, and no mlp/cnn-only option set to a non-default."""
+        if self.model not in ("resnet", "vit"):
+            return
+        fixed = "ReLU" if self.model == "resnet" else "GELU"
+        require(self.activation == "relu", f"model={self.model} has a fixed activation ({fixed}); leave activation "
+                f"at its default 'relu', got {self.activation!r}")
+        require(self.init == "default", f"model={self.model} uses PyTorch's default init; init must be 'default', "
+                f"got {self.init!r}")
+        require(self.affine, f"model={self.model} has affine norms only; affine must be true")
+        norms = RESNET_NORMS if self.model == "resnet" else VIT_NORMS
+        require(self.norm in norms, f"model={self.model} takes norm in {', '.join(norms)}, got {self.norm!r}")
+        if self.model == "resnet":
+            require(self.resnet_blocks >= 1, f"resnet_blocks must be >= 1, got {self.resnet_blocks}")
+            return
+        for name in ("vit_dim", "vit_depth", "vit_heads", "vit_patch", "vit_mlp_ratio"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.vit_dim % self.vit_heads == 0,
+                f"vit_dim ({self.vit_dim}) must be divisible by vit_heads ({self.vit_heads})")
+        require(IMAGE_SHAPE[1] % self.vit_patch == 0,
+                f"vit_patch must divide the image size {IMAGE_SHAPE[1]} (2, 4, 7, 14 or 28), got {self.vit_patch}")
 
 
 @dataclasses.dataclass
@@ -312,7 +353,13 @@ class TaskSpec:
 
 
 def build_model(config: ContinualConfig, num_classes: int = NUM_CLASSES) -> nn.Module:
-    """The MLP or CNN a continual config describes (Fashion-MNIST input)."""
+    """The MLP, CNN, ResNet or ViT a continual config describes (Fashion-MNIST input)."""
+    if config.model == "resnet":
+        return build_resnet(IMAGE_SHAPE[0], config.channels, config.resnet_blocks, num_classes, config.norm,
+                            config.dropout)
+    if config.model == "vit":
+        return build_vit(IMAGE_SHAPE[0], IMAGE_SHAPE[1:], config.vit_patch, config.vit_dim, config.vit_depth,
+                         config.vit_heads, None, config.vit_mlp_ratio, num_classes, config.norm, config.dropout)
     hidden = (config.width,) * config.depth
     if config.model == "mlp":
         return build_mlp(
@@ -323,6 +370,13 @@ def build_model(config: ContinualConfig, num_classes: int = NUM_CLASSES) -> nn.M
         IMAGE_SHAPE[0], IMAGE_SHAPE[1:], config.channels, hidden, num_classes, config.norm, config.affine,
         config.dropout, config.activation, init=config.init,
     )  # fmt: skip
+
+
+def _block_names(model: nn.Module) -> set[str]:
+    """Names of a SmallResNet's / SmallViT's residual blocks (``block1``, ...); empty for other models."""
+    if isinstance(model, (SmallResNet, SmallViT)):
+        return {f"block{i}" for i in range(1, len(model.blocks()) + 1)}
+    return set()
 
 
 def _build_optimizer(config: ContinualConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -404,10 +458,14 @@ class ContinualBenchmark(Benchmark):
         """Monitor over the configured layers and metrics."""
         metrics = list(self.config.monitor_metrics) or None
         layers = None
+        blocks = _block_names(self.model)  # ResNet/ViT: the residual-block outputs the paper monitors
         if self.config.monitor_layers == "activations":
-            layers = [name for name, m in self.model.named_modules() if isinstance(m, ACTIVATION_TYPES)]
+            layers = [name for name, m in self.model.named_modules() if isinstance(m, ACTIVATION_TYPES) or name in blocks]
             if not layers:
                 raise ConfigError("monitor_layers=activations, but the model has no activation module to monitor")
+        elif blocks:
+            layers = [name for name, m in self.model.named_modules()
+                      if isinstance(m, (*ACTIVATION_TYPES, *PARAMETRIC_TYPES)) or name in blocks]
         monitor_config = MonitorConfig(seed=self.seed, warn_constant_units=False)  # dead_fraction counts dead units
         return Monitor(self.model, layers, metrics=metrics, config=monitor_config, max_rows=0)  # rows leave via run()
 
@@ -678,6 +736,13 @@ _SMOKE_COMMON: dict[str, Any] = {
 }  # fmt: skip
 
 
+_VIT_CLASS_SPLIT: dict[str, Any] = {
+    "model": "vit", "vit_dim": 32, "vit_depth": 2, "vit_heads": 4, "vit_patch": 7, "vit_mlp_ratio": 2, "lr": 1e-3,
+    "batch_size": 128, "num_tasks": 30, "classes_per_task": 2, "steps_per_task": 1000, "probe_size": 500,
+    "monitor_every": 0, "log_every": 100,
+}  # fmt: skip
+
+
 @register_benchmark
 class ClassSplitBenchmark(ContinualBenchmark):
     """E1 analogue: class-incremental Fashion-MNIST tasks, shared zeroed head, masked CE, Adam kept across tasks."""
@@ -716,6 +781,29 @@ class ClassSplitBenchmark(ContinualBenchmark):
             "classes_per_task": 5, "steps_per_task": 10000, "probe_size": 500, "monitor_every": 1170,
             "log_every": 1000, "monitor_layers": "activations",
         },  # fmt: skip
+        # ResNet/ViT on 2-way class_split tasks (the E1 protocol with the paper's other two architectures), sized
+        # for 2 CPU cores. T3/T4 (lop_paper.md checklist): the ViT *without* normalisation (every LayerNorm
+        # replaced by nn.Identity, "vit_t3") against the same ViT with its pre-LN LayerNorms ("vit_t4"): 4-head
+        # dim-32 2-block ViT on 7x7 patches, Adam lr 1e-3 (the paper's ViT uses 1e-4 over 40 x ~10k steps; 1e-3
+        # over 30 x 1000 steps is the CPU budget), 30 tasks x 1000 steps, Monitor at every task start and end
+        # (block outputs, GELU, Linear layers, duplicate heads at each ``attn.o``). docs/results.md reports
+        # what they show (scripts/results_arch.py).
+        "vit_t3": {**_VIT_CLASS_SPLIT, "norm": "none"},
+        "vit_t4": {**_VIT_CLASS_SPLIT, "norm": "layer"},
+        # The standard (normalised) ViT run (= vit_t4). Cut from the paper's ViT (8x8 patches, dim 384, 6 blocks
+        # of 6 heads, MLP ratio 4, 40 tasks x ~10k steps, dropout 0.1): 7x7 patches, dim 32, 2 blocks of 4 heads,
+        # MLP ratio 2, no dropout, 30 tasks x 1000 steps. ~25 ms/step on one core -> ~13 minutes.
+        "vit_default": {**_VIT_CLASS_SPLIT, "norm": "layer"},
+        # ResNet with BatchNorm: the paper's ResNet-18 (stages [2, 2, 2, 2] of 64-512 channels, dropout 0.1) cut to
+        # 3 stages of 1 basic block with 8/16/32 channels and no dropout; Adam lr 1e-3, 30 tasks x 250 steps
+        # (~220 ms/step on one core at full 28x28 resolution -> ~28 minutes).
+        "resnet_default": {
+            "model": "resnet", "channels": (8, 16, 32), "resnet_blocks": 1, "norm": "batch", "lr": 1e-3,
+            "batch_size": 128, "num_tasks": 30, "classes_per_task": 2, "steps_per_task": 250, "probe_size": 500,
+            "monitor_every": 0, "log_every": 100,
+        },  # fmt: skip
+        "resnet_smoke": {**_SMOKE_COMMON, "model": "resnet", "channels": (4, 8), "norm": "batch"},
+        "vit_smoke": {**_SMOKE_COMMON, "model": "vit", "vit_dim": 16, "vit_heads": 2, "vit_depth": 1, "norm": "layer"},
     }
 
     def _build_tasks(self) -> list[TaskSpec]:

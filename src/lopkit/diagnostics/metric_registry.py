@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from lopkit.diagnostics.activations import dead_fraction, dormant_fraction, frozen_fraction, saturated_fraction
 from lopkit.diagnostics.cloning import cloning_r2
 from lopkit.diagnostics.curvature import gradient_norm, parameter_norm
+from lopkit.diagnostics.heads import concat_heads_of, duplicate_heads_fraction
 from lopkit.diagnostics.rank import RankWorkspace
 from lopkit.diagnostics.similarity import duplicate_fraction
 
@@ -232,6 +233,22 @@ def _duplicate(ctx: MetricContext) -> float:
                               centered=cfg.duplicate_centered, absolute=cfg.duplicate_absolute)
 
 
+def _duplicate_heads(ctx: MetricContext) -> float:
+    """Duplicate-heads fraction of the concatenated head outputs a layer reads (its input)."""
+    heads = concat_heads_of(ctx.module)
+    if ctx.pre_activation is None or heads is None:
+        return float("nan")
+    cfg = ctx.config
+    concat = row_subsample(ctx.pre_activation, cfg.rank_max_samples, cfg.seed)
+    return duplicate_heads_fraction(concat, heads, threshold=cfg.duplicate_threshold, centered=cfg.duplicate_centered,
+                                    absolute=cfg.duplicate_absolute)
+
+
+def _reads_heads(info: LayerInfo) -> bool:
+    """Layers whose input is a concatenation of attention-head outputs (an integer ``concat_heads`` attribute)."""
+    return concat_heads_of(info.module) is not None
+
+
 def _rank(metric: str) -> Callable[[MetricContext], float]:
     """A rank metric read from the layer call's shared :class:`RankWorkspace`."""
 
@@ -297,6 +314,8 @@ _BUILTINS: tuple[MetricSpec, ...] = (
     MetricSpec("saturated_fraction", _saturated, ("activation",), ("output", "output_grad"),
                description="units whose gradient is tiny relative to their activity"),
     MetricSpec("duplicate_fraction", _duplicate, _output_layers, description="units duplicating an earlier one"),
+    MetricSpec("duplicate_heads_fraction", _duplicate_heads, _reads_heads, ("output", "pre_activation"),
+               description="attention heads (as units) whose output duplicates another head's"),
     *(MetricSpec(name, _rank(name), _output_layers, description=f"{name} of the layer's representation")
       for name in ("effective_rank", "stable_rank", "correlation_rank", "numerical_rank")),
     MetricSpec("weight_norm", _weight_norm, _not_activation, ("parameters",), description="norm of the parameters"),

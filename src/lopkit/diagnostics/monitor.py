@@ -44,6 +44,7 @@ __all__ = [
     "Monitor",
     "MonitorConfig",
     "is_activation_module",
+    "token_wise_layers",
 ]
 
 #: Weight layers monitored by default (metrics on their outputs and on their parameters).
@@ -124,6 +125,11 @@ class MonitorConfig:
     """Use the authors' code's std-ratio cloning R^2 instead of the paper's variance ratio."""
     channels_last: bool = False
     """Treat the last axis of >2-D activation outputs as units (sequences ``(N, T, D)``)."""
+    token_units: bool = True
+    """With ``channels_last=False``: read a token-wise layer's ``(N, T, D)`` output as ``N*T`` samples of ``D``
+    units anyway (see :func:`token_wise_layers`: activations fed by a Linear, LayerNorms, blocks ending in a
+    Linear, and the modules a :class:`~lopkit.theory.partition.Partition` lists in its ``channels_last``), so a
+    transformer gets feature units without configuration. False: axis 1 is the unit axis of every such layer."""
     hessian: bool = False
     """Opt in to the top Hessian eigenvalue of the probe loss (power iteration, costly)."""
     hessian_iterations: int = 20
@@ -166,6 +172,7 @@ class MonitorConfig:
             "weight_layer_output_metrics",
             "cloning_legacy_std_ratio",
             "channels_last",
+            "token_units",
             "hessian",
             "warn_constant_units",
         ):
@@ -194,6 +201,8 @@ class _Layer:
     """Module whose output is the pre-activation ``z`` (None: the input of ``module``)."""
     source: str = ""
     """What tensor is measured, in words (for :meth:`Monitor.describe`)."""
+    units_last: bool = False
+    """Token-wise layer: the last axis of its output holds the units (see :func:`token_wise_layers`)."""
 
     @property
     def target(self) -> nn.Module:
@@ -295,6 +304,50 @@ def _never_called_weights(model: nn.Module) -> dict[str, str]:
     return skipped
 
 
+_TOKEN_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+_CHANNEL_NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+
+
+def token_wise_layers(model: nn.Module) -> set[str]:
+    """Names of the modules whose outputs have their units on the last axis (token-wise layers, ``(N, T, D)``).
+
+    A module is token-wise when it is a LayerNorm/RMSNorm, or, unless it is a BatchNorm/GroupNorm/InstanceNorm,
+    when the last weight layer (Linear/Conv) that runs before its output, in ``named_modules`` order and counting
+    the ones inside it, is an ``nn.Linear`` (an activation after ``fc1``, a transformer block ending in ``fc2``).
+    A Linear acts on the last axis, so what follows it keeps its units there; a Conv puts them on axis 1.
+    A module with a bool attribute ``token_wise`` decides for itself (lopkit's ViT patch embedding sets it).
+    """
+    named = list(model.named_modules())
+    result: set[str] = set()
+    last_weight: nn.Module | None = None
+    ends: dict[str, int] = {}
+    for index, (name, _) in enumerate(named):  # index of the last descendant of every module
+        ends[name] = index
+        prefix = name
+        while prefix:
+            prefix = prefix.rpartition(".")[0]
+            ends[prefix] = index
+    weight_before: list[nn.Module | None] = []
+    for _, module in named:
+        if isinstance(module, PARAMETRIC_TYPES):
+            last_weight = module
+        weight_before.append(last_weight)
+    for name, module in named:
+        declared = getattr(module, "token_wise", None)
+        if isinstance(declared, bool):  # a module may say it: ``token_wise = True`` (e.g. a patch embedding)
+            if declared:
+                result.add(name or MODEL_LAYER)
+            continue
+        if isinstance(module, PARAMETRIC_TYPES) or isinstance(module, _CHANNEL_NORMS):
+            continue
+        if isinstance(module, _TOKEN_NORMS) or isinstance(weight_before[ends[name]], nn.Linear):
+            result.add(name or MODEL_LAYER)
+    return result
+
+
 def _has_inplace_module(model: nn.Module) -> bool:
     """True when any submodule works in place (its output may overwrite a captured tensor)."""
     return any(getattr(m, "inplace", False) is True for m in model.modules())
@@ -385,8 +438,12 @@ class Monitor:
     - Layer ``"model"``: ``loss`` (probe loss) and, when ``config.hessian``, ``hessian_top_eigenvalue``.
 
     Conv outputs ``(N, C, *spatial)`` treat channels as units and every (sample, position) as a sample;
-    set ``config.channels_last=True`` to read ``(N, T, D)`` activation outputs as ``N*T`` samples of ``D``
-    units (Linear outputs always use their last axis). Rank and duplicate metrics use at most
+    token-wise layers (an activation fed by a Linear, a LayerNorm, a block ending in a Linear: see
+    :func:`token_wise_layers`) read ``(N, T, D)`` outputs as ``N*T`` samples of ``D`` units by default
+    (``config.token_units``), so a ViT or Hugging Face transformer needs no configuration; set
+    ``config.channels_last=True`` to read every >2-D activation output that way (Linear outputs always use their
+    last axis). Layers with an integer ``concat_heads`` attribute (an attention's output projection reading
+    the concatenated heads) also get ``duplicate_heads_fraction`` (heads as units). Rank and duplicate metrics use at most
     ``config.rank_max_samples`` rows (a seeded random subset). A module called several times in one forward
     pass gives one layer per call, named ``"name#0"``, ``"name#1"``, ...
 
@@ -467,6 +524,7 @@ class Monitor:
         if layers is None or self._functional_wanted:
             self.layers = self._with_functional_activations(self.layers, None if layers is None else
                                                             self._functional_wanted)
+        self._mark_token_wise(partition)
         self.rows: list[dict[str, Any]] = []
         self._last_rows: list[dict[str, Any]] = []
         self._last_step: int | None = None
@@ -595,6 +653,22 @@ class Monitor:
                 is_activation_module(module, self._extra_activation_types)) else type(module).__name__
             where["source"] = f"output of {name!r} ({how})"
         return _Layer(name, module, kind, chosen, block_ids, **where)
+
+    def _mark_token_wise(self, partition: Mapping[str, Tensor] | None) -> None:
+        """Set ``units_last`` on token-wise layers (``config.token_units``); a Partition's ``channels_last`` rules."""
+        if not self.config.token_units:
+            return
+        token_wise = token_wise_layers(self.model)
+        listed = getattr(partition, "channels_last", None)
+        for layer in self.layers:
+            if layer.kind == "parametric":
+                continue
+            if listed is not None and layer.name in partition:
+                layer.units_last = layer.name in listed
+            elif layer.hook_input:  # activation applied as a function: the input of the following weight layer
+                layer.units_last = isinstance(layer.hook_module, nn.Linear)
+            else:
+                layer.units_last = layer.name in token_wise
 
     def _functional_names(self) -> set[str]:
         """Names of the layers :meth:`_with_functional_activations` can add (``"<layer>.activation"``)."""
@@ -941,7 +1015,7 @@ class Monitor:
             return tensor.reshape(-1, tensor.shape[-1]) if tensor.ndim > 2 else tensor
         if layer.kind == "parametric":
             return as_unit_matrix(tensor)
-        return as_unit_matrix(tensor, channels_last=self.config.channels_last)
+        return as_unit_matrix(tensor, channels_last=self.config.channels_last or layer.units_last)
 
     def _layer_values(
         self, layer: _Layer, label: str, capture: _Capture, probe: _ProbeResult, index: int, with_loss: bool

@@ -7,7 +7,9 @@ layer and a Linear layer is handled: each channel feeds a contiguous block of ``
 input columns of the Linear layer (PyTorch flattens channel-major).
 
 :func:`find_unit_groups` discovers the groups of an ``nn.Sequential`` model (nested Sequentials allowed)
-by walking its modules in order; for any other model build :class:`UnitGroup` objects by hand.
+by walking its modules in order (:func:`lopkit.theory.unit_maps.sequential_leaves`);
+:func:`architecture_unit_groups` gives those of lopkit's ResNet and ViT (residual and attention/MLP blocks,
+from :func:`lopkit.theory.unit_maps.unit_sites`); for any other model build :class:`UnitGroup` objects by hand.
 
 Per-unit operations (``unit_mask`` is a bool tensor of shape ``(units,)`` or a list/tensor of indices):
 
@@ -39,12 +41,14 @@ from torch import nn
 
 from lopkit.diagnostics.units import as_unit_matrix
 from lopkit.layer_types import WEIGHT_LAYERS
+from lopkit.theory.unit_maps import sequential_leaves, unit_sites
 
 __all__ = [
     "INIT_SCHEMES",
     "BIAS_SCHEMES",
     "UnitGroup",
     "UnitCapture",
+    "architecture_unit_groups",
     "find_unit_groups",
     "resolve_unit_groups",
     "unit_mask_tensor",
@@ -189,15 +193,27 @@ _BARRIER = object()
 
 def _walk(module: nn.Module) -> Iterator[object]:
     """Leaf modules of nested Sequentials in execution order; any other container is a barrier."""
-    for child in module._modules.values():  # not children(): it skips a module's second occurrence
-        if child is None:
-            continue
-        if isinstance(child, nn.Sequential):
-            yield from _walk(child)
-        elif any(True for _ in child.children()):
-            yield _BARRIER
-        else:
-            yield child
+    for _, leaf in sequential_leaves(module):
+        yield _BARRIER if leaf is None else leaf
+
+
+def architecture_unit_groups(model: nn.Module) -> list[UnitGroup] | None:
+    """UnitGroups of the resettable unit sites of a SmallResNet / SmallViT (:func:`lopkit.theory.unit_maps.unit_sites`:
+    a ResNet block's ``conv1 -> norm1 -> act1 -> conv2``, a ViT block's ``v -> o`` and ``fc1 -> GELU -> fc2``);
+    None for other models."""
+    sites = unit_sites(model)
+    if sites is None:
+        return None
+    modules = dict(model.named_modules())
+    groups = []
+    for site in sites:
+        (outgoing,) = site.outgoing
+        groups.append(UnitGroup(
+            incoming=modules[site.incoming], outgoing=modules[outgoing],
+            activation=None if site.activation is None else modules[site.activation],
+            norm=None if site.norm is None else modules[site.norm], name=site.name,
+        ))  # fmt: skip
+    return groups
 
 
 def find_unit_groups(model: nn.Module) -> list[UnitGroup]:
@@ -284,12 +300,15 @@ def _close_group(pending: dict, outgoing: nn.Module, names: dict[int, str]) -> U
 def resolve_unit_groups(
     model: nn.Module, groups: Sequence[UnitGroup] | Callable[[nn.Module], Sequence[UnitGroup]] | None = None
 ) -> list[UnitGroup]:
-    """Groups for ``model``: ``groups`` as given, or called on the model if callable, else :func:`find_unit_groups`.
+    """Groups for ``model``: ``groups`` as given, or called on the model if callable, else the ResNet/ViT unit sites
+    (:func:`architecture_unit_groups`) or :func:`find_unit_groups`.
 
     Raises ValueError if no group is found, so a method never silently does nothing.
     """
     if groups is None:
-        found = find_unit_groups(model)
+        found = architecture_unit_groups(model)
+        if found is None:
+            found = find_unit_groups(model)
     elif callable(groups):
         found = list(groups(model))
     else:

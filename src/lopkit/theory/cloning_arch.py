@@ -153,6 +153,7 @@ def _clone_vit(model: SmallViT, factor: int, layout: str) -> tuple[SmallViT, Par
             setattr(target.attn, name, clone_weight_layer(getattr(attn, name), features, stream))
         target.attn.o = clone_weight_layer(attn.o, stream, features)
         target.attn.heads = attn.heads * factor
+        target.attn.o.concat_heads = attn.heads * factor
         target.mlp.fc1 = clone_weight_layer(block.mlp.fc1, hidden, stream)
         target.mlp.fc2 = clone_weight_layer(block.mlp.fc2, stream, hidden)
         record(f"{prefix}.norm1", target.norm1, stream)
@@ -174,42 +175,11 @@ def _clone_vit(model: SmallViT, factor: int, layout: str) -> tuple[SmallViT, Par
 def architecture_layer_blocks(model: nn.Module, partition: Partition) -> dict[str, tuple[BlockIds, BlockIds]]:
     """For every Linear/Conv of a cloned ResNet/ViT: (output block ids, input block ids), ``None`` if not cloned.
 
-    The input ids follow the real wiring (residual streams, shortcuts, attention heads), which the
-    registration-order rule of :func:`lopkit.theory.manifolds.weight_layer_blocks` cannot see.
+    The input ids follow the real wiring (residual streams, shortcuts, attention heads) of
+    :func:`lopkit.theory.unit_maps.layer_wiring`, which :func:`lopkit.theory.manifolds.weight_layer_blocks` reads.
     """
-    p = partition
-    result: dict[str, tuple[BlockIds, BlockIds]] = {}
-    if isinstance(model, SmallResNet):
-        result["stem"] = (p["stem"], None)
-        stream = p["stem"]
-        for index in range(1, model.num_blocks + 1):
-            prefix = f"block{index}"
-            result[f"{prefix}.conv1"] = (p[f"{prefix}.conv1"], stream)
-            result[f"{prefix}.conv2"] = (p[f"{prefix}.conv2"], p[f"{prefix}.conv1"])
-            if f"{prefix}.shortcut.conv" in p:
-                result[f"{prefix}.shortcut.conv"] = (p[f"{prefix}.shortcut.conv"], stream)
-            stream = p[prefix]
-        result["head"] = (None, stream)
-    elif isinstance(model, SmallViT):
-        result["embed.proj"] = (p["embed.proj"], None)
-        stream = p["embed"]
-        for index in range(1, model.depth + 1):
-            prefix = f"block{index}"
-            for name in ("q", "k", "v"):
-                result[f"{prefix}.attn.{name}"] = (p[f"{prefix}.attn.{name}"], stream)
-            result[f"{prefix}.attn.o"] = (p[f"{prefix}.attn.o"], p[f"{prefix}.attn.v"])
-            result[f"{prefix}.mlp.fc1"] = (p[f"{prefix}.mlp.fc1"], stream)
-            result[f"{prefix}.mlp.fc2"] = (p[f"{prefix}.mlp.fc2"], p[f"{prefix}.mlp.fc1"])
-            stream = p[prefix]
-        result["head"] = (None, stream)
-    else:
+    if not isinstance(model, ARCHITECTURES):
         raise TypeError(f"architecture_layer_blocks(): expected SmallResNet or SmallViT, got {type(model).__name__}")
-    modules = dict(model.named_modules())
-    for name, (out_ids, in_ids) in result.items():
-        weight = modules[name].weight
-        if (out_ids is not None and len(out_ids) != weight.shape[0]) or (
-            in_ids is not None and len(in_ids) != weight.shape[1]
-        ):
-            raise ValueError(f"{name!r}: the partition does not match the weight shape {tuple(weight.shape)}; "
-                             "was it built for this model?")
-    return result
+    from lopkit.theory.manifolds import weight_layer_blocks  # manifolds imports this module lazily
+
+    return weight_layer_blocks(model, partition)

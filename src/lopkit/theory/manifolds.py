@@ -28,8 +28,9 @@ import math
 import torch
 from torch import nn
 
-from lopkit.layer_types import ELEMENTWISE_ACTIVATIONS, WEIGHT_LAYERS
+from lopkit.layer_types import ELEMENTWISE_ACTIVATIONS, WEIGHT_LAYERS  # noqa: F401  (WEIGHT_LAYERS re-exported)
 from lopkit.theory.partition import validate_block_ids
+from lopkit.theory.unit_maps import layer_wiring
 
 __all__ = [
     "incoming_block_sums",
@@ -237,31 +238,26 @@ def random_equitable_perturbation(
 def weight_layer_blocks(model: nn.Module, partition) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """For each Linear/Conv: (output block ids, input block ids), ``None`` where the side is not cloned.
 
-    Input blocks are the partition entry of the previous leaf module in registration order, which
-    is the forward order for (nested) ``nn.Sequential`` models.  The small ResNet/ViT of
-    ``lopkit.benchmarks.architectures`` follow their real wiring (residual streams, attention heads)
-    via :func:`lopkit.theory.cloning_arch.architecture_layer_blocks`.
+    Which module's partition entry gives each side comes from :func:`lopkit.theory.unit_maps.layer_wiring`: the
+    layer itself for its outputs; for its inputs the previous leaf module in registration order (the forward
+    order of a nested ``nn.Sequential``), or the real wiring (residual streams, attention heads) of the small
+    ResNet/ViT of ``lopkit.benchmarks.architectures``.
     """
-    from lopkit.theory.cloning_arch import ARCHITECTURES, architecture_layer_blocks  # lazy: no builders at import
-
-    if isinstance(model, ARCHITECTURES):
-        return architecture_layer_blocks(model, partition)
+    modules = dict(model.named_modules())
     result: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-    previous: torch.Tensor | None = None
-    for name, module in model.named_modules():
-        if len(list(module.children())) > 0:
-            continue
-        if isinstance(module, WEIGHT_LAYERS):
-            out_ids = partition[name] if name in partition else None
-            if out_ids is not None and len(out_ids) != module.weight.shape[0]:
-                raise ValueError(f"partition[{name!r}] has {len(out_ids)} ids for {module.weight.shape[0]} outputs")
-            if previous is not None and len(previous) != module.weight.shape[1]:
-                raise ValueError(
-                    f"{name!r}: the previous module's partition has {len(previous)} ids but the layer has "
-                    f"{module.weight.shape[1]} inputs; is the partition for this model?"
-                )
-            result[name] = (out_ids, previous)
-        previous = partition[name] if name in partition else None
+    for name, (out_key, in_key) in layer_wiring(model).items():
+        weight = modules[name].weight
+        out_ids = partition[out_key] if out_key in partition else None
+        in_ids = partition[in_key] if in_key is not None and in_key in partition else None
+        if out_ids is not None and len(out_ids) != weight.shape[0]:
+            raise ValueError(f"partition[{name!r}] has {len(out_ids)} ids, which does not match the "
+                             f"{weight.shape[0]} outputs of the layer; was the partition built for this model?")
+        if in_ids is not None and len(in_ids) != weight.shape[1]:
+            raise ValueError(
+                f"{name!r}: the partition of its input {in_key!r} has {len(in_ids)} ids, which does not match the "
+                f"layer's {weight.shape[1]} inputs; is the partition for this model?"
+            )
+        result[name] = (out_ids, in_ids)
     return result
 
 
