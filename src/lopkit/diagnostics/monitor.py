@@ -463,13 +463,16 @@ class Monitor:
     Warnings follow ``config.warnings`` (see :data:`WARNING_POLICIES`).
 
     Cost: hooks exist only inside ``measure``; one measurement costs a probe forward/backward plus, per
-    layer, two float64 Gram products and one eigendecomposition (``probe x probe``) shared by the four rank
-    metrics (:class:`~lopkit.diagnostics.rank.RankWorkspace`) and one float32 unit-similarity product for
-    duplicates. On a 784-1000-1000-10 MLP with a 512 probe and every metric that is about 11 SGD steps of
-    batch 256 (one CPU thread; see ``benchmarks/monitor_overhead.py``), i.e. about +11 % training time when
-    measuring every 100 steps. ``MonitorConfig(weight_layer_output_metrics=False)`` brings it to about 7
-    steps, ``rank_max_samples=256`` (rank and duplicate metrics on 256 of the probe rows) to about 5.5, both
-    together to about 4.5 (+4.5 %); ``metrics=`` / ``layers=`` cut it further.
+    layer, one float32 unit-similarity product for duplicates and, for the four rank metrics, two float64 Gram
+    products and one eigendecomposition (``probe x probe``) shared between them
+    (:class:`~lopkit.diagnostics.rank.RankWorkspace`). The rank part is about two thirds of a full measurement
+    on an MLP, so :meth:`maybe_measure` computes the rank metrics (``config.slow_metrics``) only on every
+    ``config.slow_every``-th (5th) measurement, the first included; every other metric comes at every
+    measurement, and :meth:`measure` always computes everything. On a 784-1000-1000-10 MLP with a 512 probe
+    every 100 steps (batch 256) that brings the default Monitor from about 10 steps of training per
+    measurement (+10 %) to about 4 on average (+4 %); ``benchmarks/monitor_overhead.py`` measures it (figures
+    in ``benchmarks/README.md``). ``MonitorConfig(weight_layer_output_metrics=False)`` (no duplicate/rank
+    metrics on Linear/Conv outputs) and ``rank_max_samples`` cut it further, ``metrics=`` / ``layers=`` too.
     """
 
     def __init__(

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
-from lopkit.configs import ConfigError, config_to_dict, require
+from lopkit.configs import ConfigError, check_device, config_to_dict, require
 from lopkit.kws.metrics import clip_auc
 from lopkit.seeding import seeded_generator
 
@@ -219,8 +219,12 @@ class KWSTrainConfig(BenchmarkConfig):
     val_max_clips: int = 2000
     """Validation on at most this many val clips at each epoch end."""
 
+    device: str = "cpu"
+    """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""
+
     def validate(self) -> None:
         """Reject impossible values with a message that says how to fix them."""
+        check_device(self.device, supported=("cpu",))
         require(bool(self.corpus_dir), "corpus_dir is required: --set corpus_dir=PATH (a corpus built by 'lopkit kws build')")
         require(self.model_kind in MODEL_KINDS, f"model_kind must be one of {', '.join(MODEL_KINDS)}; got {self.model_kind!r}")
         require(self.tau > 0, f"tau must be > 0, got {self.tau}")
