@@ -131,7 +131,7 @@ def load_exported_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, An
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no exported model at {path}; run the pipeline's train and evaluate stages first")
-    export = torch.load(path, weights_only=False)
+    export = torch.load(path, map_location="cpu", weights_only=False)  # a CUDA export loads anywhere
     config = export["config"]
     model = build_model(config["model_kind"], config["tau"], config["n_mels"], config["offset_scale"],
                         config["dropout"], export.get("meta", {}).get("n_classes"))

@@ -117,7 +117,7 @@ def load_split_features(corpus_dir: str, split: str, feature_dir: str | None = N
     fingerprint = f"{_corpus_fingerprint(corpus_dir)}-{n_mels}-v{FEATURE_CACHE_VERSION}"
     path = Path(feature_dir) / f"{split}.pt"
     if path.exists():
-        cached = torch.load(path, weights_only=False)
+        cached = torch.load(path, map_location="cpu", weights_only=False)
         if cached.get("fingerprint") == fingerprint:
             return SplitFeatures(**cached["data"])
     corpus = load_corpus(corpus_dir)
