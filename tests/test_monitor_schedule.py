@@ -11,6 +11,9 @@ from lopkit.diagnostics.rank import RANK_METRIC_NAMES
 
 pytestmark = pytest.mark.filterwarnings("ignore::lopkit.diagnostics.errors.ConstantUnitWarning")
 
+#: the metrics of the default slow schedule
+SLOW = ("duplicate_fraction", *RANK_METRIC_NAMES)
+
 
 def make_mlp(seed: int = 0) -> nn.Sequential:
     """ReLU MLP 8 -> 16 -> 16 -> 3."""
@@ -43,11 +46,11 @@ def metrics_by_step(rows: list[dict]) -> dict[int, set[tuple[str, str]]]:
     return found
 
 
-def test_default_schedule_computes_rank_metrics_on_every_fifth_periodic_measurement() -> None:
+def test_default_schedule_computes_duplicates_and_ranks_on_every_fifth_periodic_measurement() -> None:
     model = make_mlp()
     x, y = probe()
     monitor = Monitor(model, config=MonitorConfig(every=2))
-    assert monitor.config.slow_every == 5 and set(monitor.config.slow_metrics) == set(RANK_METRIC_NAMES)
+    assert monitor.config.slow_every == 5 and set(monitor.config.slow_metrics) == set(SLOW)
     reference = Monitor(model, config=MonitorConfig(every=2))
     for step in range(24):
         rows = monitor.maybe_measure(x, y, nn.CrossEntropyLoss(), step=step)
@@ -56,19 +59,18 @@ def test_default_schedule_computes_rank_metrics_on_every_fifth_periodic_measurem
             got = {(r["layer"], r["metric"]): r["value"] for r in rows}
             want = {(r["layer"], r["metric"]): r["value"] for r in full}
             with_ranks = (step // 2) % 5 == 0
-            expected_keys = {k for k in want if with_ranks or k[1] not in RANK_METRIC_NAMES}
+            expected_keys = {k for k in want if with_ranks or k[1] not in SLOW}
             assert set(got) == expected_keys
             assert got == {k: want[k] for k in expected_keys}  # same values where computed
         sgd_step(model, seed=step)
     steps = metrics_by_step(monitor.rows)
-    rank_steps = sorted(s for s, keys in steps.items() if any(m in RANK_METRIC_NAMES for _, m in keys))
-    assert rank_steps == [0, 10, 20]
-    for step, keys in steps.items():  # the required activation metrics of both ReLU layers at every measurement
+    for metric in SLOW:
+        assert sorted(s for s, keys in steps.items() if any(m == metric for _, m in keys)) == [0, 10, 20]
+    for step, keys in steps.items():  # the required activation metrics of both ReLU layers
         for layer in ("1", "3"):
-            assert {(layer, m) for m in ("dead_fraction", "dormant_fraction", "frozen_fraction",
-                                         "duplicate_fraction")} <= keys
-        if step in rank_steps:
-            assert {("1", "effective_rank"), ("3", "stable_rank")} <= keys
+            assert {(layer, m) for m in ("dead_fraction", "dormant_fraction", "frozen_fraction")} <= keys
+            if step in (0, 10, 20):
+                assert {(layer, m) for m in ("duplicate_fraction", "effective_rank", "stable_rank")} <= keys
 
 
 def test_slow_every_one_computes_everything_at_every_measurement() -> None:

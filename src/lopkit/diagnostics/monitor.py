@@ -174,9 +174,10 @@ class MonitorConfig:
     the first measurement of the Monitor and on every ``slow_every``-th one after it (measurements counted from
     0, direct :meth:`Monitor.measure` calls included; 1: on every measurement). :meth:`Monitor.measure` always
     computes every chosen metric."""
-    slow_metrics: tuple[str, ...] = RANK_METRIC_NAMES
-    """Metrics on the ``slow_every`` schedule (default: the four rank metrics, which share one float64 Gram
-    matrix and eigendecomposition per layer and cost about two thirds of a measurement on an MLP)."""
+    slow_metrics: tuple[str, ...] = ("duplicate_fraction", *RANK_METRIC_NAMES)
+    """Metrics on the ``slow_every`` schedule. Default: the duplicate fraction (a float32 units x units product
+    per layer) and the four rank metrics (one float64 Gram matrix and eigendecomposition per layer, shared),
+    together about three quarters of a measurement on an MLP."""
 
     def __post_init__(self) -> None:
         """Validate every field and raise ValueError naming the bad one."""
@@ -465,13 +466,14 @@ class Monitor:
     Cost: hooks exist only inside ``measure``; one measurement costs a probe forward/backward plus, per
     layer, one float32 unit-similarity product for duplicates and, for the four rank metrics, two float64 Gram
     products and one eigendecomposition (``probe x probe``) shared between them
-    (:class:`~lopkit.diagnostics.rank.RankWorkspace`). The rank part is about two thirds of a full measurement
-    on an MLP, so :meth:`maybe_measure` computes the rank metrics (``config.slow_metrics``) only on every
-    ``config.slow_every``-th (5th) measurement, the first included; every other metric comes at every
-    measurement, and :meth:`measure` always computes everything. On a 784-1000-1000-10 MLP with a 512 probe
-    every 100 steps (batch 256) that brings the default Monitor from about 10 steps of training per
-    measurement (+10 %) to about 4 on average (+4 %); ``benchmarks/monitor_overhead.py`` measures it (figures
-    in ``benchmarks/README.md``). ``MonitorConfig(weight_layer_output_metrics=False)`` (no duplicate/rank
+    (:class:`~lopkit.diagnostics.rank.RankWorkspace`). Those products are about three quarters of a full
+    measurement on an MLP, so :meth:`maybe_measure` computes the duplicate fraction and the four rank metrics
+    (``config.slow_metrics``) only on every ``config.slow_every``-th (5th) measurement, the first included;
+    the other metrics (dead, dormant, frozen, saturated fractions, norms, loss) come at every measurement, and
+    :meth:`measure` always computes everything. On a 784-1000-1000-10 MLP with a 512 probe every 100 steps
+    (batch 256) that brings the default Monitor from about 10 steps of training per measurement (+10 %) to
+    about 4 on average (+4 %); ``benchmarks/monitor_overhead.py`` measures it (figures in
+    ``benchmarks/README.md``). ``MonitorConfig(weight_layer_output_metrics=False)`` (no duplicate/rank
     metrics on Linear/Conv outputs) and ``rank_max_samples`` cut it further, ``metrics=`` / ``layers=`` too.
     """
 
