@@ -8,6 +8,7 @@ short timing window). Task ends inside the window (evaluations) are included, as
 Other sections (e.g. bit-flipping) register a function in ``SECTIONS`` returning rows of the same shape.
 
 Usage: python benchmarks/throughput.py [--steps 300] [--monitor-every 100] [--threads 2] [--sections continual]
+       [--record]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from _record import add_record_argument, record
 
 Row = dict[str, Any]
 
@@ -68,12 +71,18 @@ def main() -> None:
     parser.add_argument("--monitor-every", type=int, default=100, help="Monitor interval in steps when on")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    add_record_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[Row] = []
     for section in args.sections:
         rows += SECTIONS[section](args.steps, args.monitor_every)
     print(format_table(rows))
+    if args.record:
+        for row in rows:
+            record(f"throughput/{row['benchmark']}/{row['model']}", "throughput.py",
+                   f"{row['monitor_off']:.1f} steps/s Monitor off, {row['monitor_on']:.1f} on "
+                   f"(every {args.monitor_every} steps)", threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def test_metric_subset_only() -> None:
 def test_plain_training_loop_with_maybe_measure() -> None:
     model = make_mlp()
     x_probe, y_probe = probe_mlp()
-    monitor = Monitor(model, config=MonitorConfig(every=10))
+    monitor = Monitor(model, config=MonitorConfig(every=10, slow_every=1))  # every metric at every measurement
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(3)
     for step in range(25):  # hand-written SGD (torch.optim's first step imports torch._dynamo: seconds)

@@ -188,3 +188,31 @@ def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds; used in configs' ``validate`` methods."""
     if not condition:
         raise ConfigError(message)
+
+
+#: Values a benchmark's ``device`` setting accepts (``cuda:N`` picks one of several GPUs).
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+
+def check_device(value: Any, key: str = "device", supported: tuple[str, ...] = DEVICES) -> Any:
+    """The ``torch.device`` of a ``device`` setting; ConfigError for a bad name, an unsupported kind or no CUDA.
+
+    ``supported`` lists the device kinds the caller can run on (e.g. ``("cpu",)`` for a CPU-only benchmark).
+    """
+    import torch
+
+    text = str(value).strip().lower() if isinstance(value, (str, torch.device)) else None
+    kind, _, index = (text or "").partition(":")
+    if kind not in DEVICES or (index and not index.isdigit()):
+        raise ConfigError(f"{key} must be 'cpu' or 'cuda' (or 'cuda:N' for GPU N), got {value!r}")
+    if kind not in supported:
+        raise ConfigError(f"{key}={text} is not supported here (it runs on: {', '.join(supported)}); "
+                          f"use {key}={supported[0]}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(f"{key}={text} was asked for but {why}; use {key}=cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={text} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return torch.device(text)

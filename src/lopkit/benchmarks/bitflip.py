@@ -101,7 +101,7 @@ from lopkit.benchmarks.bitflip_lean import (  # noqa: F401  (learner_layers re-e
     lean_kernel,
     learner_layers,
 )
-from lopkit.configs import ConfigError, require
+from lopkit.configs import ConfigError, check_device, require
 from lopkit.data.bitflip import FLIP_MODES, THRESHOLD_RULES, BitFlipConfig, BitFlipStream, run_inputs_at
 from lopkit.data.seeding import seeded_generator
 from lopkit.diagnostics.activations import dead_unit_mask
@@ -196,6 +196,10 @@ class BitFlipBenchmarkConfig(BenchmarkConfig):
     """Monitor metric names to record."""
     engine: Literal["auto", "lean", "autograd"] = "auto"
     """Training loop: hand-written NumPy (``lean``), generic autograd with hooks, or ``auto``."""
+    device: str = "cpu"
+    """Where the learner trains: ``cpu``, ``cuda`` or ``cuda:N`` (on CUDA ``auto`` picks the autograd engine; the
+    stream is drawn on the CPU and moved). Batch-1 online SGD is faster on the CPU; vectorised seeds
+    (:mod:`lopkit.benchmarks.vmap_seeds`) are the GPU path."""
     block_size: int = 4096
     """Steps of input pulled from the stream at once (speed only; rows do not depend on it)."""
     switch_step: int = 0
@@ -260,6 +264,9 @@ class BitFlipBenchmarkConfig(BenchmarkConfig):
             )
         unknown = [m for m in self.monitor_metrics if m not in METRIC_NAMES]
         require(not unknown, f"unknown monitor_metrics {unknown}; valid names: {', '.join(METRIC_NAMES)}")
+        if check_device(self.device).type != "cpu":
+            require(self.engine != "lean", f"engine=lean runs in NumPy on the CPU; with device={self.device} use "
+                    "engine=auto or engine=autograd")
         require(
             len(self.monitor_metrics) > 0 or self.monitor_every == 0,
             "monitor_metrics is empty; set monitor_every=0 to turn the Monitor off instead",
@@ -381,7 +388,8 @@ def monitor_rows(
 ) -> list[dict[str, Any]]:
     """Benchmark rows of one Monitor measurement on the fixed probe, plus the live-clone rows (see module doc)."""
     stream_inputs, probe_targets = probe_batch(stream, config, run_inputs)
-    probe_inputs = learner_inputs(stream_inputs, config)
+    device = next(monitor.model.parameters()).device  # the probe is drawn on the CPU
+    probe_inputs, probe_targets = learner_inputs(stream_inputs, config).to(device), probe_targets.to(device)
     raw = monitor.measure(probe_inputs, probe_targets, mse_loss, step=step)
     task = step // config.flip_period
     rows = [make_row(r["step"], task, r["layer"], r["metric"], r["value"]) for r in raw]
@@ -550,8 +558,9 @@ class BitFlipBenchmark(Benchmark):
         super().__init__(config, seed, method)
         self.rng = PrivateRNG(self.seed)
         self.stream = BitFlipStream(stream_config(config), self.seed)
+        self.device = check_device(config.device)
         with self.rng.active():  # an architectural method (layernorm, crelu, ...) may draw fresh weights
-            self.model = self.method.prepare_model(build_learner(config, self.seed))
+            self.model = self.method.prepare_model(build_learner(config, self.seed).to(self.device)).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr)
         resolve_constant_column(self.method, config)
         self.method.attach(self.model, self.optimizer)
@@ -584,6 +593,10 @@ class BitFlipBenchmark(Benchmark):
     def _resolve_engine(self, engine: str) -> str:
         """``auto`` -> ``lean`` when :func:`lean_supports` the method, else ``autograd``; ``lean`` otherwise errors."""
         supported = method_is_noop(self.method) or lean_supports(self.method, self.model)
+        if self.device.type != "cpu":  # the lean engine is NumPy on the CPU
+            if engine == "lean":
+                raise ConfigError(f"engine='lean' runs on the CPU only; with device={self.device} use engine='auto'")
+            return "autograd"
         if engine == "auto":
             return "lean" if supported else "autograd"
         if engine == "lean" and not supported:
@@ -660,7 +673,8 @@ class BitFlipBenchmark(Benchmark):
                 elif views is not None:
                     self._bin_sum = self._lean_hooked_block(views, inputs, targets, self._bin_sum)
                 else:
-                    self._bin_sum = self._autograd_block(inputs, targets, self._bin_sum)
+                    self._bin_sum = self._autograd_block(inputs.to(self.device), targets.to(self.device),
+                                                         self._bin_sum)
                 self._bin_count += length
                 self.step += length
                 rows += self._after_block()

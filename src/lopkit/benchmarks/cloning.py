@@ -69,7 +69,7 @@ from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, registe
 from lopkit.benchmarks.base import PrivateRNG, check_finite_loss
 from lopkit.benchmarks.architectures import build_resnet, build_vit
 from lopkit.benchmarks.models import build_mlp
-from lopkit.configs import ConfigError, require
+from lopkit.configs import ConfigError, check_device, require
 from lopkit.data.digits import load_digits_dataset
 from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.data.tasks import TaskStream
@@ -161,9 +161,12 @@ class CloningConfig(BenchmarkConfig):
     """Floating point type of models and data."""
     data_dir: str | None = None
     """Fashion-MNIST folder (None: $LOPKIT_FASHION_MNIST_DIR or the Debian path)."""
+    device: str = "cpu"
+    """Where models and data live: ``cpu``, ``cuda`` or ``cuda:N`` (subsets and minibatch order are drawn on the CPU)."""
 
     def validate(self) -> None:
         """Reject impossible values with a message saying what to change."""
+        check_device(self.device)
         require(self.train_size >= 2, f"train_size must be >= 2, got {self.train_size}")
         require(self.data_seed >= 0, f"data_seed must be >= 0, got {self.data_seed}")
         require(
@@ -311,12 +314,13 @@ class CloningBenchmark(Benchmark):
             )
         self.rng = PrivateRNG(self.seed)
         self.dtype = _DTYPES[config.dtype]
+        self.device = check_device(config.device)
         x, y = _load_data(config)
         subset = torch.randperm(x.shape[0], generator=seeded_generator(config.data_seed, _SUBSET_STREAM))
         subset = subset[: min(config.train_size, x.shape[0])].sort().values
-        self.train_x, self.train_y = x[subset].to(self.dtype), y[subset]
+        self.train_x, self.train_y = x[subset].to(self.device, self.dtype), y[subset].to(self.device)
         probe = torch.randperm(self.train_x.shape[0], generator=seeded_generator(config.data_seed, _PROBE_STREAM))
-        probe = probe[: config.probe_size].sort().values
+        probe = probe[: config.probe_size].sort().values.to(self.device)
         self.probe_x, self.probe_y = self.train_x[probe], self.train_y[probe]
         self.num_classes = int(y.max()) + 1
         self.base = self._build_base()
@@ -355,11 +359,11 @@ class CloningBenchmark(Benchmark):
                 affine=cfg.affine,
                 dropout=cfg.dropout_p if cfg.variant == "dropout" else 0.0,
             )
-        return model.to(self.dtype)
+        return model.to(self.device, self.dtype)
 
     def _zero_sums(self) -> dict[str, Any]:
         """Running training-loss sums (tensors, so the loop never waits on a Python float) and step counts."""
-        zero = torch.zeros((), dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         return {"base": zero.clone(), "base_steps": 0, "clone": zero.clone(), "clone_steps": 0}
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -417,7 +421,7 @@ class CloningBenchmark(Benchmark):
 
     def _train_step(self) -> None:
         """One minibatch step of the base and, once it exists, of the clone on the same minibatch."""
-        indices = self.stream.next_indices()
+        indices = self.stream.next_indices().to(self.device)
         inputs, targets = self.train_x[indices], self.train_y[indices]
         self._sums["base"] += self._sgd_step(self.base, self.base_optimizer, inputs, targets)
         self._sums["base_steps"] += 1
@@ -552,7 +556,8 @@ class CloningBenchmark(Benchmark):
         self.step = int(state["step"])
         self._sums = self._zero_sums()
         for key, value in state["sums"].items():  # float sums of older checkpoints load too
-            self._sums[key] = torch.as_tensor(value, dtype=torch.float64).clone() if key in ("base", "clone") else value
+            self._sums[key] = (torch.as_tensor(value, dtype=torch.float64).to(self.device).clone()
+                               if key in ("base", "clone") else value)
         self._initial_logged = bool(state["initial_logged"])
         self._last = dict(state["last"])
         self.rng.state = state["rng"]

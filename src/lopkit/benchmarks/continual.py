@@ -69,7 +69,7 @@ from lopkit.benchmarks.base import (
 )
 from lopkit.benchmarks.architectures import RESNET_NORMS, VIT_NORMS, SmallResNet, SmallViT, build_resnet, build_vit
 from lopkit.benchmarks.models import ACTIVATIONS, INITS, NORMS, build_cnn, build_mlp, zero_head_
-from lopkit.configs import ConfigError, config_to_dict, require
+from lopkit.configs import ConfigError, check_device, config_to_dict, require
 from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.data.seeding import derive_seed, seeded_generator
 from lopkit.data.tasks import TaskStream, class_split_tasks, pixel_permutations, random_label_tasks
@@ -265,10 +265,7 @@ class ContinualConfig(BenchmarkConfig):
             f"monitor_layers must be 'default' or 'activations', got {self.monitor_layers!r}",
         )
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+        check_device(self.device)  # cpu, cuda or cuda:N; cuda without a CUDA device is one clear error
 
 
     def _validate_architecture(self) -> None:
@@ -410,9 +407,7 @@ class ContinualBenchmark(Benchmark):
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         self.config: ContinualConfig = config
-        self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device=cuda was asked for but CUDA is not available; use device=cpu")
+        self.device = check_device(config.device)
         outer = self._capture_rng()
         try:
             torch.manual_seed(derive_seed(self.seed))  # nothing below should draw from it; seeded like the rest

@@ -34,7 +34,7 @@ from lopkit.benchmarks.base import (
     make_row,
     register_benchmark,
 )
-from lopkit.configs import require
+from lopkit.configs import check_device, require
 from lopkit.seeding import rng_sandbox, seeded_generator
 from lopkit.mitigations.base import Mitigation, MitigationHooks
 
@@ -68,6 +68,8 @@ class ToyConfig(BenchmarkConfig):
     """Samples of the fixed probe batch for ``task_final_loss``."""
     step_sleep: float = 0.0
     """Seconds to sleep after every step: slows the toy down so tests can interrupt it mid-run (rows unchanged)."""
+    device: str = "cpu"
+    """Where the model and its batches live: ``cpu``, ``cuda`` or ``cuda:N`` (data is drawn on the CPU, then moved)."""
 
     def validate(self) -> None:
         """Reject impossible sizes and step sizes with a message naming the field."""
@@ -78,6 +80,7 @@ class ToyConfig(BenchmarkConfig):
         require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive finite number, got {self.lr}")
         require(math.isfinite(self.step_sleep) and self.step_sleep >= 0,
                 f"step_sleep must be >= 0 seconds, got {self.step_sleep}")
+        check_device(self.device)
 
 
 def build_toy_model(config: ToyConfig, seed: int) -> nn.Sequential:
@@ -129,8 +132,9 @@ class ToyBenchmark(Benchmark):
         self.rng = PrivateRNG(self.seed)
         self.data_generator = seeded_generator(self.seed, _DATA_KEY)
         self.hooks: MitigationHooks | None = None
+        self.device = check_device(config.device)
         with self.rng.active():
-            self.model = self.method.prepare_model(build_toy_model(config, self.seed))
+            self.model = self.method.prepare_model(build_toy_model(config, self.seed).to(self.device)).to(self.device)
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr)
             if optimizer_hooks:
                 self.hooks = self.method.hook(self.model, self.optimizer)
@@ -150,7 +154,8 @@ class ToyBenchmark(Benchmark):
     def teacher(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (cached) teacher of ``task``."""
         if task != self._teacher_task:
-            self._teacher, self._teacher_task = toy_teacher(self.config, self.seed, task), task
+            hidden, output = toy_teacher(self.config, self.seed, task)
+            self._teacher, self._teacher_task = (hidden.to(self.device), output.to(self.device)), task
         assert self._teacher is not None
         return self._teacher
 
@@ -173,7 +178,7 @@ class ToyBenchmark(Benchmark):
         task, within = divmod(index, cfg.steps_per_task)
         if within == 0:
             method.on_task_start(model, optimizer, task)
-        inputs = torch.randn(cfg.batch_size, cfg.input_dim, generator=self.data_generator)
+        inputs = torch.randn(cfg.batch_size, cfg.input_dim, generator=self.data_generator).to(self.device)
         targets = teacher_targets(self.teacher(task), inputs)
         loss = nn.functional.mse_loss(model(inputs), targets)
         check_finite_loss("toy", loss, index, cfg.lr, f"task {task}")
@@ -210,7 +215,7 @@ class ToyBenchmark(Benchmark):
     def probe_loss(self, task: int) -> float:
         """MSE of the model on the fixed probe batch of ``task`` (eval mode, restored afterwards)."""
         generator = seeded_generator(self.seed, _PROBE_KEY, task)
-        inputs = torch.randn(self.config.probe_size, self.config.input_dim, generator=generator)
+        inputs = torch.randn(self.config.probe_size, self.config.input_dim, generator=generator).to(self.device)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -67,7 +67,7 @@ from lopkit.benchmarks.bitflip import (
     stream_config,
 )
 from lopkit.benchmarks.base import make_row
-from lopkit.configs import ConfigError
+from lopkit.configs import ConfigError, check_device
 from lopkit.data.bitflip import BitFlipStream, run_inputs_at
 from lopkit.diagnostics.monitor import Monitor
 
@@ -196,6 +196,9 @@ def run_bitflip_seeds(
     if engine not in VMAP_ENGINES:
         raise ValueError(f"engine must be one of {VMAP_ENGINES}, got {engine!r}")
     seeds = _check_seeds(seeds)
+    device = check_device(config.device)
+    if engine == "lean" and device.type != "cpu":
+        raise ConfigError(f"engine='lean' is NumPy on the CPU; with device={config.device} use engine='func'")
     total = config.num_steps if n_steps is None else min(int(n_steps), config.num_steps)
     runs = [
         _SeedRun(
@@ -211,7 +214,7 @@ def run_bitflip_seeds(
         for seed in seeds
     ]
     stacked, _buffers = stack_module_state([run.model for run in runs])
-    stacked = {name: tensor.detach() for name, tensor in stacked.items()}
+    stacked = {name: tensor.detach().to(device) for name, tensor in stacked.items()}
     for index, run in enumerate(runs):
         _tie_to_stack(run.model, stacked, index)
         run.monitor = make_bitflip_monitor(run.model, config) if config.monitor_every > 0 else None
@@ -226,8 +229,8 @@ def run_bitflip_seeds(
     while step < total:
         length = next_block_length(step, total, config.block_size, config.bin_size, config.monitor_every)
         batches = [run.stream.next_batches(length) for run in runs]
-        inputs = torch.stack([learner_inputs(x, config) for x, _ in batches])  # (S, L, D)
-        targets = torch.stack([y for _, y in batches])  # (S, L, 1)
+        inputs = torch.stack([learner_inputs(x, config) for x, _ in batches]).to(device)  # (S, L, D)
+        targets = torch.stack([y for _, y in batches]).to(device)  # (S, L, 1)
         sums = [run.bin_sum for run in runs]
         if engine == "func":
             _func_block(step_fn, stacked, inputs, targets, config.lr, sums)

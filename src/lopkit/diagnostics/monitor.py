@@ -30,6 +30,7 @@ from lopkit.diagnostics.metric_registry import (
     MetricSpec,
     resolve_specs,
 )
+from lopkit.diagnostics.rank import RANK_METRIC_NAMES
 from lopkit.diagnostics.units import all_finite, as_unit_matrix
 from lopkit.layer_types import ACTIVATION_MODULE_PATHS, ACTIVATION_TYPES, WEIGHT_LAYERS
 from lopkit.layer_types import is_activation as is_activation_module
@@ -144,6 +145,15 @@ class MonitorConfig:
     warn_constant_units: bool = True
     """Warn when the correlation rank drops constant units (False: dead units are an expected LoP state in a
     long run, and ``dead_fraction`` already counts them)."""
+    slow_every: int = 5
+    """Periodic schedule of the costly metrics: :meth:`Monitor.maybe_measure` computes the ``slow_metrics`` on
+    the first measurement of the Monitor and on every ``slow_every``-th one after it (measurements counted from
+    0, direct :meth:`Monitor.measure` calls included; 1: on every measurement). :meth:`Monitor.measure` always
+    computes every chosen metric."""
+    slow_metrics: tuple[str, ...] = ("duplicate_fraction", *RANK_METRIC_NAMES)
+    """Metrics on the ``slow_every`` schedule. Default: the duplicate fraction (a float32 units x units product
+    per layer) and the four rank metrics (one float64 Gram matrix and eigendecomposition per layer, shared),
+    together about three quarters of a measurement on an MLP."""
 
     def __post_init__(self) -> None:
         """Validate every field and raise ValueError naming the bad one."""
@@ -178,6 +188,10 @@ class MonitorConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MonitorConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        _check_positive_int("slow_every", self.slow_every)
+        if isinstance(self.slow_metrics, str) or not all(isinstance(m, str) for m in self.slow_metrics):
+            raise ValueError(f"MonitorConfig.slow_metrics must be a tuple of metric names, got {self.slow_metrics!r}")
+        self.slow_metrics = tuple(self.slow_metrics)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"MonitorConfig.seed must be an integer, got {self.seed!r}")
         if self.warnings not in WARNING_POLICIES:
@@ -471,13 +485,17 @@ class Monitor:
     Warnings follow ``config.warnings`` (see :data:`WARNING_POLICIES`).
 
     Cost: hooks exist only inside ``measure``; one measurement costs a probe forward/backward plus, per
-    layer, two float64 Gram products and one eigendecomposition (``probe x probe``) shared by the four rank
-    metrics (:class:`~lopkit.diagnostics.rank.RankWorkspace`) and one float32 unit-similarity product for
-    duplicates. On a 784-1000-1000-10 MLP with a 512 probe and every metric that is about 11 SGD steps of
-    batch 256 (one CPU thread; see ``benchmarks/monitor_overhead.py``), i.e. about +11 % training time when
-    measuring every 100 steps. ``MonitorConfig(weight_layer_output_metrics=False)`` brings it to about 7
-    steps, ``rank_max_samples=256`` (rank and duplicate metrics on 256 of the probe rows) to about 5.5, both
-    together to about 4.5 (+4.5 %); ``metrics=`` / ``layers=`` cut it further.
+    layer, one float32 unit-similarity product for duplicates and, for the four rank metrics, two float64 Gram
+    products and one eigendecomposition (``probe x probe``) shared between them
+    (:class:`~lopkit.diagnostics.rank.RankWorkspace`). Those products are about three quarters of a full
+    measurement on an MLP, so :meth:`maybe_measure` computes the duplicate fraction and the four rank metrics
+    (``config.slow_metrics``) only on every ``config.slow_every``-th (5th) measurement, the first included;
+    the other metrics (dead, dormant, frozen, saturated fractions, norms, loss) come at every measurement, and
+    :meth:`measure` always computes everything. On a 784-1000-1000-10 MLP with a 512 probe every 100 steps
+    (batch 256) that brings the default Monitor from about 10 steps of training per measurement (+10 %) to
+    about 4 on average (+4 %); ``benchmarks/monitor_overhead.py`` measures it (figures in
+    ``benchmarks/README.md``). ``MonitorConfig(weight_layer_output_metrics=False)`` (no duplicate/rank
+    metrics on Linear/Conv outputs) and ``rank_max_samples`` cut it further, ``metrics=`` / ``layers=`` too.
     """
 
     def __init__(
@@ -514,6 +532,10 @@ class Monitor:
         self._specs: dict[str, MetricSpec] = resolve_specs(extra_metrics)
         self._explicit_metrics = metrics is not None
         self.metrics: frozenset[str] = self._validate_metrics(metrics)
+        unknown_slow = [m for m in config.slow_metrics if m not in self._specs]
+        if unknown_slow:
+            raise ValueError(f"MonitorConfig.slow_metrics has unknown per-layer metric name(s) {unknown_slow}; "
+                             f"valid names are: {', '.join(self._specs)}")
         self.skipped: dict[str, str] = {}
         self._functional_wanted: set[str] = set()
         modules = self._select_modules(layers)
@@ -738,7 +760,8 @@ class Monitor:
             raise ValueError("maybe_measure needs probe_inputs")
         if step % self.config.every != 0:
             return None
-        return self.measure(bound["probe_inputs"], bound.get("probe_targets"), bound.get("loss_fn"), step=step)
+        skip = frozenset() if self._calls % self.config.slow_every == 0 else frozenset(self.config.slow_metrics)
+        return self._measure(bound["probe_inputs"], bound.get("probe_targets"), bound.get("loss_fn"), step, skip)
 
     def measure(
         self,
@@ -750,8 +773,20 @@ class Monitor:
         """Run the probe through the model once and return (and store) one row per (layer, metric).
 
         ``loss_fn(model_output, probe_targets)`` must return a scalar. ``step`` defaults to the number of
-        earlier ``measure`` calls on this Monitor. The rows also go to ``sink`` when one was given.
+        earlier ``measure`` calls on this Monitor. The rows also go to ``sink`` when one was given. Every chosen
+        metric is computed (the ``config.slow_every`` schedule applies to :meth:`maybe_measure` only).
         """
+        return self._measure(probe_inputs, probe_targets, loss_fn, step, frozenset())
+
+    def _measure(
+        self,
+        probe_inputs: Any,
+        probe_targets: Any,
+        loss_fn: Callable[[Any, Any], Tensor] | None,
+        step: int | None,
+        skip: frozenset[str],
+    ) -> list[dict[str, Any]]:
+        """:meth:`measure` leaving out the metrics named in ``skip`` (the slow ones off their schedule)."""
         if (probe_targets is None) != (loss_fn is None):
             raise ValueError(
                 "pass both probe_targets and loss_fn for gradient-based metrics (loss, saturated_fraction, "
@@ -776,7 +811,7 @@ class Monitor:
                 continue
             for index, capture in enumerate(calls):
                 label = layer.name if len(calls) == 1 else f"{layer.name}#{index}"
-                values = self._layer_values(layer, label, capture, probe, index, with_loss)
+                values = self._layer_values(layer, label, capture, probe, index, with_loss, skip)
                 rows += [self._row(step, label, metric, value) for metric, value in values.items()]
         if probe.loss is not None and "loss" in self.metrics:
             rows.append(self._row(step, MODEL_LAYER, "loss", probe.loss))
@@ -1018,10 +1053,12 @@ class Monitor:
         return as_unit_matrix(tensor, channels_last=self.config.channels_last or layer.units_last)
 
     def _layer_values(
-        self, layer: _Layer, label: str, capture: _Capture, probe: _ProbeResult, index: int, with_loss: bool
+        self, layer: _Layer, label: str, capture: _Capture, probe: _ProbeResult, index: int, with_loss: bool,
+        skip: frozenset[str] = frozenset(),
     ) -> dict[str, float]:
-        """Compute the chosen metrics of one layer call; NaN everywhere if its output is not finite."""
-        specs = [spec for spec in self._specs_of(layer) if with_loss or not spec.needs_loss]
+        """Compute the chosen metrics of one layer call (but those in ``skip``); NaN everywhere if its output is not
+        finite."""
+        specs = [spec for spec in self._specs_of(layer) if (with_loss or not spec.needs_loss) and spec.name not in skip]
         if not self._trainable_parameters(layer):  # frozen module: no parameter gradient to report
             specs = [spec for spec in specs if "parameter_grads" not in spec.needs]
         values: dict[str, float] = {}

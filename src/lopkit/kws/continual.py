@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
-from lopkit.configs import ConfigError, config_to_dict, require
+from lopkit.configs import ConfigError, check_device, config_to_dict, require
 from lopkit.kws.metrics import clip_auc  # noqa: F401  (re-exported; defined with the other metrics)
 from lopkit.schedules import BaseLambdaLR, warmup_cosine_scheduler
 from lopkit.seeding import seeded_generator
@@ -79,8 +79,12 @@ class KWSContinualConfig(BenchmarkConfig):
     log_every: int = 20
     held_out_fraction: float = 0.2
 
+    device: str = "cpu"
+    """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""
+
     def validate(self) -> None:
         """Reject impossible values with a message that says how to fix them."""
+        check_device(self.device, supported=("cpu",))
         if self.task_kind == "voices":
             require(bool(self.corpus_dir), "task_kind=voices needs corpus_dir=PATH (a corpus built by 'lopkit kws build')")
             require(self.n_tasks >= 1, f"n_tasks must be >= 1, got {self.n_tasks}")
@@ -128,7 +132,7 @@ def load_exported_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, An
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no exported model at {path}; run the pipeline's train and evaluate stages first")
-    export = torch.load(path, weights_only=False)
+    export = torch.load(path, map_location="cpu", weights_only=False)  # a CUDA export loads anywhere
     config = export["config"]
     model = build_model(config["model_kind"], config["tau"], config["n_mels"], config["offset_scale"],
                         config["dropout"], export.get("meta", {}).get("n_classes"), config.get("context_pool_frames", 0))

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, PrivateRNG, make_row, register_benchmark
-from lopkit.configs import ConfigError, config_to_dict, require
+from lopkit.configs import ConfigError, check_device, config_to_dict, require
 from lopkit.kws.metrics import clip_auc
 from lopkit.schedules import BaseLambdaLR, warmup_cosine_scheduler
 from lopkit.schedules import warmup_cosine_factor as schedule_factor
@@ -120,7 +120,7 @@ def load_split_features(corpus_dir: str, split: str, feature_dir: str | None = N
     fingerprint = f"{_corpus_fingerprint(corpus_dir)}-{n_mels}-v{FEATURE_CACHE_VERSION}"
     path = Path(feature_dir) / f"{split}.pt"
     if path.exists():
-        cached = torch.load(path, weights_only=False)
+        cached = torch.load(path, map_location="cpu", weights_only=False)
         if cached.get("fingerprint") == fingerprint:
             return SplitFeatures(**cached["data"])
     corpus = load_corpus(corpus_dir)
@@ -234,8 +234,12 @@ class KWSTrainConfig(BenchmarkConfig):
     val_max_clips: int = 2000
     """Validation on at most this many val clips at each epoch end."""
 
+    device: str = "cpu"
+    """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""
+
     def validate(self) -> None:
         """Reject impossible values with a message that says how to fix them."""
+        check_device(self.device, supported=("cpu",))
         require(bool(self.corpus_dir), "corpus_dir is required: --set corpus_dir=PATH (a corpus built by 'lopkit kws build')")
         require(self.model_kind in MODEL_KINDS, f"model_kind must be one of {', '.join(MODEL_KINDS)}; got {self.model_kind!r}")
         require(self.tau > 0, f"tau must be > 0, got {self.tau}")

@@ -486,7 +486,9 @@ class HareTortoise(Mitigation):
         """Update the tortoise; reset the hare to it after every ``every``-th step."""
         tortoise = self._require()
         for name, p in model.named_parameters():
-            tortoise[name].mul_(self.config.tau).add_(p.detach().to(tortoise[name].device), alpha=1 - self.config.tau)
+            if tortoise[name].device != p.device:  # a state loaded on the CPU (map_location) follows the model
+                tortoise[name] = tortoise[name].to(p.device)
+            tortoise[name].mul_(self.config.tau).add_(p.detach(), alpha=1 - self.config.tau)
         self.steps += 1
         if self.config.every and self.steps % self.config.every == 0:
             self.reset_hare(model, optimizer)
@@ -838,10 +840,12 @@ class CChain(Mitigation):
         inputs, self._capture.inputs = self._capture.inputs, None
         if self.config.strength == 0 or self.previous is None or inputs is None:
             return None
-        buffers = dict(model.named_buffers())
-        current = torch.func.functional_call(self._template, {**dict(model.named_parameters()), **buffers}, inputs)
+        buffers, params = dict(model.named_buffers()), dict(model.named_parameters())
+        current = torch.func.functional_call(self._template, {**params, **buffers}, inputs)
+        # a snapshot loaded on the CPU (map_location) follows the parameters' device
+        previous = {k: v.to(params[k].device) if k in params else v for k, v in self.previous.items()}
         with torch.no_grad():
-            before = torch.func.functional_call(self._template, {**self.previous, **buffers}, inputs)
+            before = torch.func.functional_call(self._template, {**previous, **buffers}, inputs)
         churn = (current - before).pow(2).mean()
         self.last_churn = float(churn.detach())
         return self.config.strength * churn

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row
-from lopkit.configs import ConfigError, require
+from lopkit.configs import ConfigError, check_device, require
 from lopkit.mitigations.base import Mitigation
 
 __all__ = [
@@ -165,8 +165,12 @@ class MoEEvalConfig(BenchmarkConfig):
     data_seed: int = 0
     """Seed of the item sets and held-out text."""
 
+    device: str = "cpu"
+    """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""
+
     def validate(self) -> None:
         """Reject impossible values with a message naming the field."""
+        check_device(self.device, supported=("cpu",))
         require(bool(self.source_run_id) and bool(self.source_store),
                 "source_store and source_run_id must name a finished moe_pretrain/moe_finetune run "
                 "(use 'lopkit moe evaluate --out DIR', which finds them)")

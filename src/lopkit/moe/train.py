@@ -49,7 +49,7 @@ from lopkit.benchmarks.base import (
     make_row,
     register_benchmark,
 )
-from lopkit.configs import ConfigError, require
+from lopkit.configs import ConfigError, check_device, require
 from lopkit.data.seeding import seeded_generator
 from lopkit.mitigations.base import Mitigation
 
@@ -290,8 +290,12 @@ class MoEPretrainConfig(BenchmarkConfig):
     data_seed: int = 0
     """Seed of the corpus (which entries are train/val/test); the run seed sets init and batch order."""
 
+    device: str = "cpu"
+    """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""
+
     def validate(self) -> None:
         """Reject impossible sizes and schedules with a message naming the field."""
+        check_device(self.device, supported=("cpu",))
         for name in ("d_model", "n_layers", "n_heads", "context", "n_experts", "expert_hidden", "k_pre", "steps",
                      "batch_size", "log_every", "val_every", "val_batches"):
             value = getattr(self, name)
@@ -538,8 +542,12 @@ class MoEFinetuneConfig(BenchmarkConfig):
     data_seed: int = 0
     """Seed of the item sets (same items for every variant and seed)."""
 
+    device: str = "cpu"
+    """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""
+
     def validate(self) -> None:
         """Reject impossible values with a message naming the field (checks against the model need the pretrain run)."""
+        check_device(self.device, supported=("cpu",))
         require(bool(self.init_run_id),
                 "init_run_id is empty: a finetune starts from a finished moe_pretrain run; run 'lopkit moe pretrain' "
                 "and pass --set init_run_id=RUN_ID (or use 'lopkit moe run', which chains the stages)")

@@ -48,6 +48,7 @@ __all__ = [
     "make_equitable_nonconstant",
     "frozen_units",
     "ELEMENTWISE_ACTIVATIONS",
+    "WEIGHT_LAYERS",
 ]
 
 BlockIds = torch.Tensor | None  # block id of each unit; None = not cloned (singleton blocks)
