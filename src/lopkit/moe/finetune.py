@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -17,9 +17,11 @@ from lopkit.benchmarks.base import (
     register_benchmark,
 )
 from lopkit.configs import ConfigError, require
-from lopkit.data.seeding import seeded_generator
+from lopkit.data.seeding import seeded_generator, stable_key
 from lopkit.mitigations.base import Mitigation
 from lopkit.moe.training import (
+    mc_scores,
+    resolve_domains,
     _DATA_KEY,
     _K_KEY,
     _LossBins,
@@ -82,12 +84,18 @@ class MoEFinetuneConfig(BenchmarkConfig):
     """Load-balancing loss coefficient during SFT (spec: 0.01 for the internal models)."""
     train_items: int = 4000
     """Training items per multiple-choice domain."""
-    val_items: int = 100
+    val_items: int = 200
     """Validation items per domain (checkpoint selection)."""
     domains: tuple[str, ...] = ()
     """Multiple-choice domains (empty = all of ``lopkit.moe.data.MC_DOMAINS``)."""
     select_every: int = 250
     """Steps between checkpoint-selection evaluations (after the burn-in, plus the last step)."""
+    select_after_anchor: bool = True
+    """With a curriculum (``anchor_k`` set, ``anchor_fraction > 0``) select only after the anchor phase, i.e. the
+    last weights: a checkpoint picked before the anchor phase would not be an anchored model at all."""
+    variant: str = ""
+    """Label of the fine-tune variant (the pipeline sets it); the k stream is derived from it with
+    :func:`lopkit.seeding.stable_key`, so two variants (``phds``, ``phds_anchor``) never share a k sequence."""
     select_burn_in: float = 0.5
     """Fraction of the steps before selection starts (the paper: 5k of ~10k steps)."""
     select_k: Literal["k_pre", "mean_train"] = "k_pre"
@@ -143,29 +151,6 @@ class MoEFinetuneConfig(BenchmarkConfig):
                     f"needs 1 <= k <= k_pre, hard routing 1 <= k <= n_experts; change k_fixed/k_train/anchor_k")
 
 
-def resolve_domains(domains: Sequence[str]) -> tuple[str, ...]:
-    """The domains to use (all of MC_DOMAINS when empty); ConfigError for an unknown one."""
-    from lopkit.moe.data import MC_DOMAINS
-
-    chosen = tuple(domains) or tuple(MC_DOMAINS)
-    unknown = [d for d in chosen if d not in MC_DOMAINS]
-    require(not unknown, f"unknown multiple-choice domain(s) {unknown}; choose from {', '.join(MC_DOMAINS)}")
-    return chosen
-
-
-@torch.no_grad()
-def mc_scores(model: Any, items: Sequence[Any], k: int, context: int, batch_size: int) -> dict[str, Any]:
-    """``lopkit.moe.scoring.mc_accuracy`` of ``model`` at hard top-k (eval mode, restored afterwards)."""
-    from lopkit.moe.scoring import mc_accuracy
-
-    was_training = model.training
-    model.eval()
-    try:
-        return mc_accuracy(lambda tokens: model(tokens, k=k).logits, items, context, batch_size)
-    finally:
-        model.train(was_training)
-
-
 @register_benchmark
 class MoEFinetune(Benchmark):
     """SFT of a pretrained MoE on multiple-choice items: fixed-k (Oracle-k, Naive) or multi-k PHDS with curriculum."""
@@ -180,7 +165,7 @@ class MoEFinetune(Benchmark):
                   "train_items": 64, "val_items": 8, "select_every": 4, "select_burn_in": 0.3, "log_every": 4,
                   "score_batch_size": 64, "anchor_fraction": 0.25},
         "mini": {"steps": 500, "batch_size": 16, "lr": 1e-3, "warmup_steps": 25, "train_items": 2000,
-                 "val_items": 48, "select_every": 100, "select_burn_in": 0.5, "log_every": 25,
+                 "val_items": 200, "select_every": 100, "select_burn_in": 0.5, "log_every": 25,
                  "anchor_fraction": 0.06},
         "default": {},
         "paper": {},
@@ -212,11 +197,14 @@ class MoEFinetune(Benchmark):
         self.domains = resolve_domains(config.domains)
         self.train_items = [item for d in self.domains
                             for item in cached_items(d, config.train_items, config.data_seed, "train", self.context)]
-        self.val_items = [item for d in self.domains
-                          for item in cached_items(d, config.val_items, config.data_seed, "val", self.context)]
+        self.val_items = {d: cached_items(d, config.val_items, config.data_seed, "val", self.context)
+                          for d in self.domains}
         self.data_generator = seeded_generator(self.seed, _DATA_KEY)
-        self.k_generator = seeded_generator(self.seed, _K_KEY)
-        self.selection_points = set(selection_steps(config.steps, config.select_every, config.select_burn_in))
+        self.k_generator = seeded_generator(self.seed, _K_KEY, stable_key(config.variant))
+        if config.select_after_anchor and config.anchor_k is not None and config.anchor_fraction > 0:
+            self.selection_points = {config.steps}  # the anchor phase ends at the last step
+        else:
+            self.selection_points = set(selection_steps(config.steps, config.select_every, config.select_burn_in))
         self.bins = _LossBins()
         self.best_model: dict[str, torch.Tensor] | None = None
         self.best_score = -math.inf
@@ -300,10 +288,16 @@ class MoEFinetune(Benchmark):
         ks = [self.k_pre] if cfg.select_k == "k_pre" else sorted(set(cfg.k_train))
         rows, scores = [], []
         for k in ks:
-            result = mc_scores(self.model, self.val_items, k, self.context, cfg.score_batch_size)
-            rows.append(make_row(self.step, k, "model", "val_acc", result["acc"]))
-            rows.append(make_row(self.step, k, "model", "val_acc_norm", result["acc_norm"]))
-            scores.append(float(result[cfg.select_metric]))
+            correct = {"acc": 0.0, "acc_norm": 0.0}
+            for domain, items in self.val_items.items():  # per-domain learning curves
+                result = mc_scores(self.model, items, k, self.context, cfg.score_batch_size)
+                rows.append(make_row(self.step, k, domain, "val_acc", result["acc"]))
+                for name in correct:
+                    correct[name] += float(result[name]) * len(items)
+            total = sum(len(items) for items in self.val_items.values())
+            rows.append(make_row(self.step, k, "model", "val_acc", correct["acc"] / total))
+            rows.append(make_row(self.step, k, "model", "val_acc_norm", correct["acc_norm"] / total))
+            scores.append(correct[cfg.select_metric] / total)
         score = sum(scores) / len(scores)
         if cfg.select_k == "mean_train":
             rows.append(make_row(self.step, 0, "model", f"val_{cfg.select_metric}_mean", score))

@@ -16,10 +16,14 @@ from lopkit.benchmarks.base import (
     make_row,
     register_benchmark,
 )
-from lopkit.configs import require
+from lopkit.configs import build_config, require
 from lopkit.data.seeding import seeded_generator
 from lopkit.mitigations.base import Mitigation
+from lopkit.moe.data.corpus import PretrainCorpusConfig
 from lopkit.moe.training import (
+    cached_items,
+    mc_scores,
+    resolve_domains,
     MODEL_FIELDS,
     _DATA_KEY,
     _INIT_KEY,
@@ -85,6 +89,26 @@ class MoEPretrainConfig(BenchmarkConfig):
     """Validation batches (of ``batch_size`` consecutive windows of held-out 'val' GCIDE text) for ``val_loss``."""
     data_seed: int = 0
     """Seed of the corpus (which entries are train/val/test); the run seed sets init and batch order."""
+    mix_gcide: float = 0.3
+    """Share of pretraining rows from cleaned GCIDE entries (the "web text"); ``mix_*`` are normalised to sum 1."""
+    mix_fortunes: float = 0.15
+    """Share of rows from the fortune pool (every fortune_cloze fact)."""
+    mix_definition: float = 0.2
+    """Share of rows from the definition lines (every definition fact; question form for train items only)."""
+    mix_arithmetic: float = 0.15
+    """Share of rows of fresh ``a+b = c`` lines."""
+    mix_reversal: float = 0.08
+    """Share of rows of fresh ``reverse: abc -> cba`` lines."""
+    mix_copy: float = 0.04
+    """Share of rows of fresh ``copy: abc -> abc`` lines."""
+    mix_kv: float = 0.04
+    """Share of rows of fresh key-value recall lines."""
+    mix_dyck: float = 0.04
+    """Share of rows of fresh Dyck-bracket validity lines."""
+    val_items: int = 200
+    """Validation MC items per domain scored at k_pre at every ``val_every`` (the domains' learning curves; 0 = off)."""
+    score_batch_size: int = 64
+    """Sequences per forward pass when scoring validation items."""
 
     def validate(self) -> None:
         """Reject impossible sizes and schedules with a message naming the field."""
@@ -103,6 +127,14 @@ class MoEPretrainConfig(BenchmarkConfig):
         require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         require(self.aux_loss_coef >= 0, f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         require(self.data_seed >= 0, f"data_seed must be >= 0, got {self.data_seed}")
+        require(self.val_items >= 0, f"val_items must be >= 0 (0 = no learning curves), got {self.val_items}")
+        require(self.score_batch_size >= 1, f"score_batch_size must be >= 1, got {self.score_batch_size}")
+        build_config(PretrainCorpusConfig, {f"mix_{name}": value for name, value in self.mixture()})  # its mix checks
+
+    def mixture(self) -> tuple[tuple[str, float], ...]:
+        """``(("gcide", mix_gcide), ...)``: the pretraining mixture handed to the corpus."""
+        return tuple((f.name[4:], float(getattr(self, f.name))) for f in dataclasses.fields(self)
+                     if f.name.startswith("mix_"))
 
     def model_values(self) -> dict[str, Any]:
         """The model fields as a dict (what :func:`model_config_from` takes)."""
@@ -122,7 +154,7 @@ class MoEPretrain(Benchmark):
     presets = {
         "smoke": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context": 64, "n_experts": 8, "expert_hidden": 32,
                   "k_pre": 2, "steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "log_every": 10,
-                  "val_every": 20, "val_batches": 1},
+                  "val_every": 20, "val_batches": 1, "val_items": 8},
         # mini: sized from measured step times (2 threads, idle machine: ~0.12 s/step) so that the whole pipeline
         # (pretrain + 7 fine-tunes + evaluation, 1 seed) takes about 20-25 min on 2 cores
         "mini": {"d_model": 96, "n_layers": 3, "n_heads": 4, "context": 128, "n_experts": 16, "expert_hidden": 96,
@@ -140,7 +172,9 @@ class MoEPretrain(Benchmark):
         self.model_config = model_config_from(config.model_values())
         self.model = build_model(self.model_config, None, seeded_generator(self.seed, _INIT_KEY).initial_seed())
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
-        self.corpus = cached_corpus(config.data_seed)
+        self.corpus = cached_corpus(config.data_seed, config.mixture())
+        self.val_items = {d: cached_items(d, config.val_items, config.data_seed, "val", config.context)
+                          for d in resolve_domains(())} if config.val_items else {}
         self.data_generator = seeded_generator(self.seed, _DATA_KEY)
         n_rows, width = config.val_batches * config.batch_size, config.context + 1
         val_windows = heldout_windows(cached_heldout(config.data_seed, "val", n_rows * width), n_rows, width)
@@ -190,6 +224,9 @@ class MoEPretrain(Benchmark):
         if self.step % cfg.val_every == 0 or self.step == cfg.steps:
             self._last["val_loss"] = self.validation_loss(cfg.k_pre)
             rows.append(make_row(self.step, cfg.k_pre, "model", "val_loss", self._last["val_loss"]))
+            for domain, items in self.val_items.items():  # the domains' learning curves
+                result = mc_scores(self.model, items, cfg.k_pre, cfg.context, cfg.score_batch_size)
+                rows.append(make_row(self.step, cfg.k_pre, domain, "val_acc", result["acc"]))
         return rows
 
     @torch.no_grad()

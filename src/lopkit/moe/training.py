@@ -11,7 +11,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from lopkit.configs import ConfigError
+from lopkit.configs import ConfigError, require
 
 
 # keys of the independent random streams derived from the run seed
@@ -147,11 +147,14 @@ def model_from_state(state: dict[str, Any], which: Literal["selected", "last"] =
 
 
 @functools.lru_cache(maxsize=4)
-def cached_corpus(data_seed: int) -> Any:
-    """The training :class:`lopkit.moe.data.PretrainCorpus` of ``data_seed``, built once per process (it is immutable)."""
-    from lopkit.moe.data import PretrainCorpus
+def cached_corpus(data_seed: int, mixture: tuple[tuple[str, float], ...] = ()) -> Any:
+    """The training :class:`lopkit.moe.data.PretrainCorpus` of ``data_seed`` with the ``(source, mix)`` proportions of
+    ``mixture`` (empty: the defaults of :class:`lopkit.moe.data.PretrainCorpusConfig`), built once per process."""
+    from lopkit.configs import build_config
+    from lopkit.moe.data import PretrainCorpus, PretrainCorpusConfig
 
-    return PretrainCorpus(data_seed, "train")
+    config = build_config(PretrainCorpusConfig, {f"mix_{name}": value for name, value in mixture})
+    return PretrainCorpus(data_seed, "train", config)
 
 
 @functools.lru_cache(maxsize=8)
@@ -175,15 +178,38 @@ def item_fits(item: Any, context: int) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def cached_items(domain: str, n: int, data_seed: int, split: str, context: int) -> tuple[Any, ...]:
-    """``build_mc_items(domain, n, data_seed, split)`` without the items that do not fit ``context`` (cached)."""
-    from lopkit.moe.data import build_mc_items
+    """``build_mc_items(domain, min(n, pool), data_seed, split)`` without the items that do not fit ``context`` (cached)."""
+    from lopkit.moe.data import build_mc_items, mc_pool_size
 
+    pool = mc_pool_size(domain, split)
+    n = n if pool is None else min(n, pool)  # a bounded domain gives at most its pool
     kept = tuple(item for item in build_mc_items(domain, n, data_seed, split) if item_fits(item, context))
     if not kept:
         raise ConfigError(f"no {domain} item of split {split} fits a context of {context} bytes; raise context")
     return kept
 
 
+def resolve_domains(domains: Sequence[str]) -> tuple[str, ...]:
+    """The domains to use (all of MC_DOMAINS when empty); ConfigError for an unknown one."""
+    from lopkit.moe.data import MC_DOMAINS
+
+    chosen = tuple(domains) or tuple(MC_DOMAINS)
+    unknown = [d for d in chosen if d not in MC_DOMAINS]
+    require(not unknown, f"unknown multiple-choice domain(s) {unknown}; choose from {', '.join(MC_DOMAINS)}")
+    return chosen
+
+
+@torch.no_grad()
+def mc_scores(model: Any, items: Sequence[Any], k: int, context: int, batch_size: int) -> dict[str, Any]:
+    """``lopkit.moe.scoring.mc_accuracy`` of ``model`` at hard top-k (eval mode, restored afterwards)."""
+    from lopkit.moe.scoring import mc_accuracy
+
+    was_training = model.training
+    model.eval()
+    try:
+        return mc_accuracy(lambda tokens: model(tokens, k=k).logits, items, context, batch_size)
+    finally:
+        model.train(was_training)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

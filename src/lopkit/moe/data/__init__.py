@@ -14,17 +14,21 @@ Sources (Debian packages, nothing is downloaded):
 * ``fortunes``: ``/usr/share/games/fortunes/*`` (entries separated by lines holding ``%``; the ``.dat`` index
   files, the ``.u8`` symlinks and the offensive ``off/`` folder are skipped).
 
-Splits. Every item has an underlying *key* (the lower-case word, the arithmetic operands ``a+b mod p``, the
-source string of a reversal, the SHA-1 of a whitespace-normalised fortune). :func:`key_split` hashes the key
-(BLAKE2b, independent of any seed) into train/val/test with fractions 0.8/0.1/0.1, so the splits are disjoint
-by construction and stable across runs; the pretraining corpus only ever draws train keys.
+Splits: items are held out, facts are not. Every item has an underlying *key* (the lower-case word, the
+operands ``a+b``, the source string of a reversal, the SHA-1 of a whitespace-normalised fortune). :func:`key_split`
+hashes the key (BLAKE2b, independent of any seed) into train/val/test with fractions 0.8/0.1/0.1, so the SFT,
+validation and test *items* (question format plus distractors) are disjoint by construction and stable across
+runs. The *facts* behind every item are in pretraining: the definitions of all ``DEFINITION_VOCAB`` pool words
+(whose GCIDE entries are text-train entries), all ``FORTUNE_POOL`` cloze fortunes, and arithmetic, reversal and
+the in-context tasks sampled fresh for every batch row from the whole key space. Only the GCIDE *entry text*
+keeps a separate train/val/test split (namespace ``word``), for held-out perplexity.
 
 Multiple-choice formats (score each choice by log P(choice | context); ``context + choice`` is exactly the
 surface form of the pretraining line for the correct choice; choices start with a space):
 
-* ``arithmetic``: context ``"37+58 mod 97 ="``, choices e.g. ``(" 93", " 95", " 1", " 96")`` with answer 1
-  (``" 95"``); the distractors are the true value shifted by 3 distinct offsets in {-3..3}\\{0}, mod p
-  (95+3 = 98 = 1 mod 97). Pretraining line: ``"37+58 mod 97 = 95"``.
+* ``arithmetic``: context ``"37+58 ="``, choices e.g. ``(" 62", " 95", " 73", " 128")`` with answer 1
+  (``" 95"``); operands 0..99, the distractors are the sum shifted by 3 distinct offsets of +-11, +-22, +-33
+  (never negative), so a distractor's units and tens digits both differ from the answer's. Pretraining line: ``"37+58 = 95"``.
 * ``reversal``: context ``"reverse: stone ->"``, choices ``(" enots", " eonts", " stone", " tsone")`` -- the
   true reversal, a copy with two different characters swapped, the unreversed string and a rotation of the
   reversal. Pretraining line: ``"reverse: stone -> enots"``.
@@ -32,7 +36,8 @@ surface form of the pretraining line for the correct choice; choices start with 
   leading space, e.g. ``" Any member of three species of African wild horses ..."``; the 3 distractors come
   from other words of the same split, preferably of the same part of speech and similar length, and are never
   a definition of the asked word (homographs such as the several ``Bank`` entries are excluded).
-  Pretraining lines: ``"Which definition fits zebra? Any member ..."`` and ``"zebra: Any member ..."``.
+  Pretraining lines: ``"zebra: Any member ..."`` for every pool word, and the question form
+  ``"Which definition fits zebra? Any member ..."`` only for the words of the train items.
 * ``fortune_cloze``: context = the first half of a short fortune (cut at the word boundary nearest the middle),
   choices = the true second half and the second halves of 3 other fortunes of the same split with similar
   length, e.g. context ``"A fool and his money"`` / choices ``(" are soon parted.", ...)``. Pretraining line:
@@ -41,8 +46,9 @@ surface form of the pretraining line for the correct choice; choices start with 
 Pretraining corpus (:class:`PretrainCorpus`): a mixture of sources with the proportions of
 :class:`PretrainCorpusConfig` (``mix_*`` fields, normalised to sum 1): cleaned GCIDE entries, fortunes (one per
 line), definition lines, arithmetic, reversal, copy (``"copy: abc -> abc"``), key-value recall
-(``"kv: a=3 k=7 x=1 ? k -> 7"``) and Dyck-bracket validity (``"dyck: ([]) -> valid"``). Each batch row is a
-random window of ``context + 1`` bytes of one source, drawn with a ``torch.Generator`` (reproducible).
+(``"kv: a=3 k=7 x=1 ? k -> 7"``) and Dyck-bracket validity (``"dyck: ([]) -> valid"``). Each batch row is
+``context + 1`` bytes of one source: a random window of a fixed text source, or freshly generated lines of a
+generated source, all drawn from a ``torch.Generator`` (reproducible).
 
 Modules: :mod:`~lopkit.moe.data.text` (splits, constants), :mod:`~lopkit.moe.data.gcide`,
 :mod:`~lopkit.moe.data.fortunes`, :mod:`~lopkit.moe.data.generated`, :mod:`~lopkit.moe.data.items` (MC items),
@@ -72,9 +78,9 @@ from lopkit.moe.data.gcide import (  # noqa: F401
     load_gcide,
     parse_dictd_index,
 )
-from lopkit.moe.data.items import MCItem, build_mc_items, mc_pool_size
-from lopkit.moe.data.corpus import PretrainCorpus, PretrainCorpusConfig
-from lopkit.moe.data.generated import arithmetic_line, dyck_line, kv_line
+from lopkit.moe.data.items import MCItem, build_mc_items, definition_pool, fortune_pool, mc_pool_size
+from lopkit.moe.data.corpus import PretrainCorpus, PretrainCorpusConfig, definition_lines, fresh_window
+from lopkit.moe.data.generated import arithmetic_line, dyck_line, generated_line, kv_line
 from lopkit.moe.data.fortunes import fortune_key, load_fortunes
 from lopkit.moe.data.sft import sft_batch
 
@@ -92,10 +98,15 @@ __all__ = [
     "arithmetic_line",
     "build_mc_items",
     "decode_dictd_base64",
+    "definition_lines",
+    "definition_pool",
     "dyck_line",
     "fortune_key",
+    "fortune_pool",
+    "fresh_window",
     "gcide_blocks_by_split",
     "gcide_definitions_by_word",
+    "generated_line",
     "key_split",
     "kv_line",
     "last_parse_stats",

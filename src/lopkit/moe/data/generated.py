@@ -4,38 +4,37 @@ from __future__ import annotations
 
 import functools
 import random
-from lopkit.moe.data.text import ARITHMETIC_MODULI, REVERSAL_LENGTHS, key_split
+from lopkit.moe.data.text import ARITHMETIC_MAX, REVERSAL_LENGTHS, key_split
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # generated domains (pure, seeded by a random.Random)
 
 
-def arithmetic_line(a: int, b: int, p: int) -> str:
-    """Pretraining surface form ``"a+b mod p = c"``."""
-    return f"{a}+{b} mod {p} = {(a + b) % p}"
+def arithmetic_line(a: int, b: int) -> str:
+    """Pretraining surface form ``"a+b = c"`` (plain addition)."""
+    return f"{a}+{b} = {a + b}"
 
 
-def _arithmetic_keys(split: str) -> list[tuple[int, int, int]]:
-    """All canonical (a <= b, p) operand triples of a split, in a fixed order."""
+def _arithmetic_keys(split: str) -> list[tuple[int, int]]:
+    """All canonical (a <= b) operand pairs of a split, in a fixed order."""
     return _arithmetic_keys_cached(split)
 
 
 @functools.lru_cache(maxsize=4)
-def _arithmetic_keys_cached(split: str) -> list[tuple[int, int, int]]:
+def _arithmetic_keys_cached(split: str) -> list[tuple[int, int]]:
     """Cached enumeration of the arithmetic keys of a split."""
     return [
-        (a, b, p)
-        for p in ARITHMETIC_MODULI
-        for a in range(p)
-        for b in range(a, p)
-        if key_split("arith", _arithmetic_key(a, b, p)) == split
+        (a, b)
+        for a in range(ARITHMETIC_MAX + 1)
+        for b in range(a, ARITHMETIC_MAX + 1)
+        if key_split("arith", _arithmetic_key(a, b)) == split
     ]
 
 
-def _arithmetic_key(a: int, b: int, p: int) -> str:
+def _arithmetic_key(a: int, b: int) -> str:
     """Canonical key of an addition problem (a+b and b+a share it, so they share a split)."""
-    return f"{min(a, b)}+{max(a, b)} mod {p}"
+    return f"{min(a, b)}+{max(a, b)}"
 
 
 def _random_string(rng: random.Random) -> str:
@@ -88,3 +87,24 @@ def dyck_line(rng: random.Random) -> str:
     else:
         text = "".join(rng.choice("()[]") for _ in range(rng.randint(2, 10)))
     return f"dyck: {text} -> {'valid' if _dyck_valid(text) else 'invalid'}"
+
+
+def generated_line(domain: str, rng: random.Random) -> str:
+    """One fresh pretraining line of a generated domain, drawn from the whole key space (every split).
+
+    Pretraining samples these anew for every batch row, so a run sees as many distinct problems as it has rows;
+    only the multiple-choice *items* (question and distractors) are held out by split, not the facts.
+    """
+    if domain == "arithmetic":
+        return arithmetic_line(rng.randint(0, ARITHMETIC_MAX), rng.randint(0, ARITHMETIC_MAX))
+    if domain == "reversal":
+        text = _random_string(rng)
+        return f"reverse: {text} -> {text[::-1]}"
+    if domain == "copy":
+        text = _random_string(rng)
+        return f"copy: {text} -> {text}"
+    if domain == "kv":
+        return kv_line(rng)
+    if domain == "dyck":
+        return dyck_line(rng)
+    raise ValueError(f"unknown generated domain {domain!r}")

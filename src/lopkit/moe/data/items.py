@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import random
 from bisect import bisect_left, bisect_right
@@ -9,7 +11,11 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from lopkit.moe.data.text import (
+    ARITHMETIC_OFFSETS,
     DEFAULT_FORTUNES_DIR,
+    DEFINITION_VOCAB,
+    FORTUNE_POOL,
+    SPLITS,
     DEFAULT_GCIDE_DICT,
     MC_DOMAINS,
     N_CHOICES,
@@ -47,16 +53,16 @@ def _place_answer(rng: random.Random, answer: str, distractors: list[str]) -> tu
     return tuple(choices), position
 
 
-def _arithmetic_item(rng: random.Random, key: tuple[int, int, int]) -> MCItem:
-    """``"a+b mod p ="`` with the true value and 3 nearby wrong values (distinct offsets in -3..3)."""
-    a, b, p = key
+def _arithmetic_item(rng: random.Random, key: tuple[int, int]) -> MCItem:
+    """``"a+b ="`` with the true sum and 3 far-apart wrong sums (offsets from ARITHMETIC_OFFSETS, all >= 0)."""
+    a, b = key
     if rng.random() < 0.5:  # present a+b or b+a (the same key)
         a, b = b, a
-    value = (a + b) % p
-    offsets = rng.sample([-3, -2, -1, 1, 2, 3], N_CHOICES - 1)
-    distractors = [f" {(value + o) % p}" for o in offsets]
+    value = a + b
+    offsets = rng.sample([o for o in ARITHMETIC_OFFSETS if value + o >= 0], N_CHOICES - 1)
+    distractors = [f" {value + o}" for o in offsets]
     choices, answer = _place_answer(rng, f" {value}", distractors)
-    return MCItem("arithmetic", f"{a}+{b} mod {p} =", choices, answer, key=_arithmetic_key(a, b, p))
+    return MCItem("arithmetic", f"{a}+{b} =", choices, answer, key=_arithmetic_key(a, b))
 
 
 def _reversal_distractors(rng: random.Random, text: str) -> list[str] | None:
@@ -111,10 +117,35 @@ def _length_sorted(pairs: Iterable[tuple[int, str]]) -> tuple[list[int], list[st
     return [n for n, _ in ordered], [t for _, t in ordered]
 
 
+def _pool_order(namespace: str, key: str) -> bytes:
+    """A seed-independent sort key that picks a fixed pseudo-random subset (the first N of a pool)."""
+    return hashlib.blake2b(f"{namespace}|{key}".encode("utf-8"), digest_size=8).digest()
+
+
+@functools.lru_cache(maxsize=8)
+def _definition_pool_cached(entries: tuple[GcideEntry, ...]) -> dict[str, dict[str, tuple[str, str]]]:
+    """The definition domain's words by item split: word -> (first-sense definition, part of speech)."""
+    candidates = _definition_index(entries)[1]["train"]  # words whose GCIDE entry is pretraining text
+    chosen = sorted(candidates, key=lambda w: _pool_order("definition_pool", w))[:DEFINITION_VOCAB]
+    pool: dict[str, dict[str, tuple[str, str]]] = {split: {} for split in SPLITS}
+    for word in sorted(chosen):
+        pool[key_split("definition_item", word)][word] = candidates[word]
+    return pool
+
+
+def definition_pool(entries: Sequence[GcideEntry]) -> dict[str, dict[str, tuple[str, str]]]:
+    """The ``DEFINITION_VOCAB`` words of the definition domain, by item split: ``{split: {word: (definition, pos)}}``.
+
+    Every word (of every split) has its GCIDE entry in the pretraining text and its ``"word: definition"`` line in
+    the pretraining corpus: the facts are seen, only the multiple-choice items of val/test words are held out.
+    """
+    return _definition_pool_cached(tuple(entries))
+
+
 def _definition_items(entries: Sequence[GcideEntry], n: int | None, rng: random.Random, split: str) -> list[MCItem]:
     """Definition items for ``split``: distractors from other words of the split (same pos, similar length)."""
-    all_defs, candidates = _definition_index(tuple(entries))
-    pool = candidates[split]
+    all_defs = _definition_index(tuple(entries))[0]
+    pool = definition_pool(entries)[split]
     words = sorted(pool)
     chosen = _choose_keys(rng, words, n, "definition", split)
     by_pos: dict[str, list[tuple[int, str]]] = {}
@@ -141,17 +172,31 @@ def _definition_items(entries: Sequence[GcideEntry], n: int | None, rng: random.
     return items
 
 
-def _fortune_pool(fortunes: Sequence[str], split: str) -> list[tuple[str, str, str]]:
-    """(key, context, answer) of every cloze-able fortune of a split."""
+def fortune_pool(fortunes: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """The ``FORTUNE_POOL`` cloze-able fortunes of the fortune_cloze domain: ``(key, context, answer, split)``.
+
+    All of them (every split) are in the pretraining corpus; the split only decides which cloze *items* are used
+    for SFT, validation and test.
+    """
+    return _fortune_pool_cached(tuple(fortunes))
+
+
+@functools.lru_cache(maxsize=4)
+def _fortune_pool_cached(fortunes: tuple[str, ...]) -> list[tuple[str, str, str, str]]:
+    """Cached :func:`fortune_pool`."""
     result = []
     for fortune in fortunes:
-        key = fortune_key(fortune)
-        if key_split("fortune", key) != split:
-            continue
         parts = _cloze_parts(fortune)
         if parts is not None:
-            result.append((key, *parts))
-    return result
+            key = fortune_key(fortune)
+            result.append((key, *parts, key_split("fortune", key)))
+    result.sort(key=lambda row: _pool_order("fortune_pool", row[0]))
+    return result[:FORTUNE_POOL]
+
+
+def _fortune_pool(fortunes: Sequence[str], split: str) -> list[tuple[str, str, str]]:
+    """(key, context, answer) of the pool fortunes of a split."""
+    return [(key, context, answer) for key, context, answer, s in fortune_pool(fortunes) if s == split]
 
 
 def _fortune_items(fortunes: Sequence[str], n: int | None, rng: random.Random, split: str) -> list[MCItem]:
@@ -198,7 +243,7 @@ def mc_pool_size(
     if domain == "reversal":
         return None
     if domain == "definition":
-        return len(_definition_index(load_gcide(gcide_path))[1][split])
+        return len(definition_pool(load_gcide(gcide_path))[split])
     if domain == "fortune_cloze":
         return len(_fortune_pool(load_fortunes(fortunes_dir), split))
     raise ValueError(f"unknown MC domain {domain!r}; choose from {', '.join(MC_DOMAINS)}")

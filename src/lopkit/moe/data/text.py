@@ -19,7 +19,10 @@ SPLITS = ("train", "val", "test")
 SPLIT_PERMILLE = (800, 900)  # bucket < 800 -> train, < 900 -> val, else test
 MC_DOMAINS = ("arithmetic", "reversal", "definition", "fortune_cloze")
 GENERATED_DOMAINS = ("arithmetic", "reversal", "copy", "kv", "dyck")
-ARITHMETIC_MODULI = (97, 101, 103, 107)
+ARITHMETIC_MAX = 99  # operands of "a+b = c" are 0..ARITHMETIC_MAX
+ARITHMETIC_OFFSETS = (-33, -22, -11, 11, 22, 33)  # distractor offsets: units and tens digits differ
+DEFINITION_VOCAB = 3000  # words whose definitions are the definition domain's facts (all of them in pretraining)
+FORTUNE_POOL = 3000  # cloze-able fortunes that are the fortune_cloze domain's facts (all of them in pretraining)
 REVERSAL_LENGTHS = (5, 8)  # inclusive range of string lengths for reversal/copy
 FORTUNE_CLOZE_CHARS = (30, 120)  # inclusive length range of fortunes used for cloze items
 DEFINITION_CHARS = (15, 90)  # inclusive length range of definitions used for MC items
