@@ -261,3 +261,15 @@ def test_seed_agreement_control_matches_brute_force():
     for row in pairs.itertuples():
         expected = float(np.mean(preds[(row.seed_a, row.k)] == preds[(row.seed_b, row.k)]))
         assert row.A == pytest.approx(expected)
+
+
+def test_dial_cli_on_a_lopkit_experiment_folder(smoke, tmp_path, capsys):
+    from lopkit.moe.cli import main
+
+    result, _ = smoke
+    text = tmp_path / "text.txt"
+    text.write_text("reverse: stone -> enots\n12+30 = 42\n" * 20)
+    assert main(["dial", str(result.out_dir), "--k", "1,2", "--text", str(text), "--context", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "(lopkit), k_pre=2" in out and out.count("\n| 1 |") == 1 and out.count("\n| 2 |") == 1
+    assert "| 2 | " in out and out.strip().splitlines()[-1].split("|")[3].strip() == "1"  # k_pre agrees with itself
