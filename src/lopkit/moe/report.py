@@ -536,7 +536,8 @@ def report_tables(runs: pd.DataFrame, metrics: pd.DataFrame, timings: Mapping[st
                             "oracle{k2}@k2)", _pairs_table(matrices)),
         ("agreement_pairs_all_domains", "Agreement A(k1, k2), all domains pooled (inflated by chance-level domains)",
          _pairs_table(all_matrices)),
-        ("learning_curves", "Validation accuracy per domain during training (pretrain: at k_pre)",
+        ("learning_curves", "Validation accuracy per domain during training, mean over seeds (pretrain: at k_pre; "
+                            "fine-tune: at the selection k)",
          learning_curves(metrics) if not metrics.empty else pd.DataFrame()),
         ("tokens_per_s", "Tokens/s (measured) by model and k", _pivot(summary, "tokens_per_s")),
         ("stage_seconds", "Stage wall time (s, summed over resumes)",
