@@ -145,3 +145,37 @@ def test_dial_cli_prints_a_table_and_one_error_line_per_bad_input(tmp_path, caps
         assert main(["dial", *argv, "--text", str(text)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_phds_soft_mask_router_patch(family, tokens):
+    model = _build(family, K_PRE[family])
+    with torch.no_grad():
+        original = model(input_ids=tokens).logits
+    k_pre = hf.enable_phds_routing(model, eps=0.0)
+    assert k_pre == K_PRE[family]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, original)  # k = k_pre: the unpatched model
+        hf.set_phds_k(model, 1)
+        soft = model(input_ids=tokens).logits
+        hard = _build(family, 1)
+        hard.load_state_dict(model.state_dict())
+        expected = hard(input_ids=tokens).logits
+    # eps = 0 zeroes ranks 1..k_pre-1: the same outputs as hard top-1 (renormalised only where the router does)
+    assert torch.allclose(soft, expected, atol=1e-6) and not torch.allclose(soft, original, atol=1e-4)
+    # eps > 0 keeps a gradient path into the experts ranked k..k_pre-1 (eps = 0 cuts it)
+    reached = {}
+    for eps in (0.0, 1e-6):
+        hf.disable_phds_routing(model)
+        hf.enable_phds_routing(model, eps=eps)
+        hf.set_phds_k(model, 1)
+        model.zero_grad()
+        model(input_ids=tokens[:1, :1]).logits.sum().backward()  # one token: top-1 reaches 1 expert per layer
+        stacks = [p for m in model.modules() if type(m).__name__.endswith("Experts") for p in m.parameters()]
+        reached[eps] = sum(int(bool((p.grad[e] != 0).any())) for p in stacks for e in range(p.shape[0]))
+    assert reached[1e-6] > reached[0.0] > 0
+    with pytest.raises(hf.DialError, match=r"1\.\.k_pre"):
+        hf.set_phds_k(model, K_PRE[family] + 1)
+    hf.disable_phds_routing(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, original)

@@ -36,11 +36,14 @@ __all__ = [
     "McTask",
     "dial_table",
     "dialed",
+    "disable_phds_routing",
+    "enable_phds_routing",
     "find_routers",
     "hf_flops_per_token",
     "load_dial_model",
     "load_mc_tasks",
     "pretrained_top_k",
+    "set_phds_k",
     "set_top_k",
 ]
 
@@ -128,6 +131,56 @@ def dialed(model: torch.nn.Module, k: int) -> Iterator[torch.nn.Module]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             set_top_k(model, previous)
+
+
+def _phds_router_forward(router: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The PHDS soft top-k of one router (spec 1.2a): rank the top k_pre experts; the first k keep ``p_e``, ranks
+    k..k_pre-1 get ``eps``; renormalise only if the router does (``norm_topk_prob``; Mixtral always does)."""
+    k_pre, k, eps = router._lopkit_phds
+    hidden = hidden_states.reshape(-1, router.weight.shape[1])
+    logits = torch.nn.functional.linear(hidden, router.weight)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    top_value, top_index = torch.topk(probs, k_pre, dim=-1)
+    if k < k_pre:
+        dropped = torch.arange(k_pre, device=top_value.device) >= k
+        top_value = torch.where(dropped, torch.full_like(top_value, eps), top_value)
+    if getattr(router, "norm_topk_prob", True):  # OLMoE/Qwen2-MoE: a config flag; Mixtral: always
+        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+    return logits, top_value.to(logits.dtype), top_index
+
+
+def enable_phds_routing(model: torch.nn.Module, eps: float = 1e-6) -> int:
+    """Patch every router of ``model`` with the PHDS soft mask (all k_pre experts computed, static shapes); returns
+    k_pre. Choose the training k with :func:`set_phds_k`; :func:`disable_phds_routing` restores the routers."""
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise DialError(f"eps must be a finite number >= 0, got {eps!r}")
+    k_pre = pretrained_top_k(model)
+    for router in _require_routers(model):
+        if int(router.top_k) != k_pre:
+            raise DialError(f"the routers are dialed to k={router.top_k}; set them back to k_pre={k_pre} first")
+        object.__setattr__(router, "_lopkit_phds", (k_pre, k_pre, float(eps)))
+        router.forward = _phds_router_forward.__get__(router)
+    return k_pre
+
+
+def set_phds_k(model: torch.nn.Module, k: int) -> None:
+    """The k of the PHDS soft mask for the coming forward passes (1 <= k <= k_pre), the same k in every layer."""
+    routers = [r for r in _require_routers(model) if hasattr(r, "_lopkit_phds")]
+    if not routers:
+        raise DialError("the model's routers are not PHDS-patched; call enable_phds_routing(model) first")
+    k_pre, _k, eps = routers[0]._lopkit_phds
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_pre:
+        raise DialError(f"the PHDS training k must be an integer in 1..k_pre={k_pre}, got {k!r}")
+    for router in routers:
+        object.__setattr__(router, "_lopkit_phds", (k_pre, k, eps))
+
+
+def disable_phds_routing(model: torch.nn.Module) -> None:
+    """Undo :func:`enable_phds_routing`: the routers run their own top-k forward again."""
+    for router in find_routers(model):
+        if hasattr(router, "_lopkit_phds"):
+            del router.forward
+            object.__delattr__(router, "_lopkit_phds")
 
 
 def hf_flops_per_token(model: torch.nn.Module, k: int) -> float:
