@@ -140,7 +140,7 @@ _FORTUNE_WORDS = ["cat", "dog", "truth", "money", "wisdom", "time", "code", "lov
 
 def _corpus_config(synthetic, **overrides) -> D.PretrainCorpusConfig:
     values = {"gcide_path": str(synthetic["dict"]), "fortunes_dir": str(synthetic["fortunes_dir"]),
-              "generated_lines": 3000, "use_disk_cache": False, **overrides}  # fmt: skip
+              "use_disk_cache": False, **overrides}  # fmt: skip
     return build_config(D.PretrainCorpusConfig, values)
 
 
@@ -214,8 +214,8 @@ def _independent_key(item: D.MCItem) -> str:
     """Recompute an item's underlying key from its text only."""
     correct = item.choices[item.answer]
     if item.domain == "arithmetic":
-        a, b, p = map(int, re.fullmatch(r"(\d+)\+(\d+) mod (\d+) =", item.context).groups())
-        return f"{min(a, b)}+{max(a, b)} mod {p}"
+        a, b = map(int, re.fullmatch(r"(\d+)\+(\d+) =", item.context).groups())
+        return f"{min(a, b)}+{max(a, b)}"
     if item.domain == "reversal":
         return re.fullmatch(r"reverse: ([a-z]+) ->", item.context).group(1)
     if item.domain == "definition":
@@ -241,10 +241,12 @@ def test_mc_items_are_well_formed_and_correct(synthetic, domain):
         correct = item.choices[item.answer]
         assert all(c.startswith(" ") and c.strip() for c in item.choices)
         if domain == "arithmetic":
-            a, b, p = map(int, re.findall(r"\d+", item.context))
-            assert int(correct) == (a + b) % p
-            assert all(0 < min(abs(int(c) - int(correct)), p - abs(int(c) - int(correct))) <= 3
-                       for c in item.choices if c != correct)  # fmt: skip
+            a, b = map(int, re.findall(r"\d+", item.context))
+            assert int(correct) == a + b and 0 <= a <= 99 and 0 <= b <= 99
+            for c in item.choices:  # far-apart distractors: units and tens digits differ from the answer's
+                if c != correct:
+                    assert int(c) >= 0 and abs(int(c) - int(correct)) in (11, 22, 33)
+                    assert int(c) % 10 != int(correct) % 10 and int(c) // 10 % 10 != int(correct) // 10 % 10
         elif domain == "reversal":
             source = item.context.split()[1]
             assert correct.strip() == source[::-1]
@@ -263,26 +265,29 @@ def test_mc_items_are_well_formed_and_correct(synthetic, domain):
 
 
 def test_definition_distractors_avoid_homograph_senses(tmp_path):
-    # 'bank' has three senses; one lives in a block shared with 'banc', whose only sense is thus also a sense
-    # of 'bank' and must never be offered as a wrong answer for 'bank'. Three other words give the distractors.
+    # 'tank' (a text-train word, so in the definition pool) has three senses; one lives in a block shared with a
+    # partner word, whose only sense is thus also a sense of 'tank' and must never be offered as a wrong answer for
+    # 'tank'. Three other words of the same item split give the distractors.
     rng = random.Random(9)
-    split = D.key_split("word", "bank")
-    partner, *others = [w for w in _words(rng, 300) if D.key_split("word", w) == split][:4]  # 'banc'
-    senses = {"bank": ["A raised mound of earth beside a river.", "An establishment that keeps money.",
+    assert D.key_split("word", "tank") == "train"
+    split = D.key_split("definition_item", "tank")
+    partner, *others = [w for w in _words(rng, 300)
+                        if D.key_split("word", w) == "train" and D.key_split("definition_item", w) == split][:4]
+    senses = {"tank": ["A raised mound of earth beside a river.", "An establishment that keeps money.",
                        "A bench; a high seat of judgment."]}  # fmt: skip
     head = partner.capitalize()
-    blocks = [(["Bank"], f"Bank \\Bank\\, n.\n   {senses['bank'][0]}\n"),
-              (["Bank"], f"Bank \\Bank\\, n.\n   {senses['bank'][1]}\n"),
-              ([head, "Bank"], f"{head} \\{head}\\, Bank \\Bank\\, n.\n   {senses['bank'][2]}\n")]  # fmt: skip
+    blocks = [(["Tank"], f"Tank \\Tank\\, n.\n   {senses['tank'][0]}\n"),
+              (["Tank"], f"Tank \\Tank\\, n.\n   {senses['tank'][1]}\n"),
+              ([head, "Tank"], f"{head} \\{head}\\, Tank \\Tank\\, n.\n   {senses['tank'][2]}\n")]  # fmt: skip
     for i, word in enumerate(others):
         blocks.append(([word.capitalize()], f"{word.capitalize()} \\{word}\\, n.\n   {_definition(rng, i)}\n"))
     path = write_dictd(tmp_path / "homograph.dict.dz", blocks)
     for seed in range(10):
         items = D.build_mc_items("definition", None, seed, split, gcide_path=path)
-        (item,) = [item for item in items if item.key == "bank"]
+        (item,) = [item for item in items if item.key == "tank"]
         wrong = [c.strip() for i, c in enumerate(item.choices) if i != item.answer]
-        assert item.choices[item.answer].strip() in senses["bank"]
-        assert not set(wrong) & set(senses["bank"])
+        assert item.choices[item.answer].strip() in senses["tank"]
+        assert not set(wrong) & set(senses["tank"])
 
 
 def test_shared_blocks_go_to_a_split_only_when_all_their_words_do(synthetic):
@@ -363,20 +368,43 @@ def test_sft_batch_mask_covers_exactly_the_answer_bytes(synthetic):
 # ---------------------------------------------------------------------------------------------------- corpus
 
 
+def _valid_generated_line(line: str) -> str | None:
+    """The generated domain a complete line belongs to, if it is a correct line of it (else None)."""
+    if m := re.fullmatch(r"(\d+)\+(\d+) = (\d+)", line):
+        return "arithmetic" if int(m.group(1)) + int(m.group(2)) == int(m.group(3)) else None
+    if m := re.fullmatch(r"reverse: ([a-z]+) -> ([a-z]+)", line):
+        return "reversal" if m.group(1)[::-1] == m.group(2) else None
+    if m := re.fullmatch(r"copy: ([a-z]+) -> ([a-z]+)", line):
+        return "copy" if m.group(1) == m.group(2) else None
+    if line.startswith(("kv: ", "dyck: ")):
+        return line.split(":")[0]
+    return None
+
+
 def test_corpus_batches_are_reproducible_bytes(synthetic):
     corpus = D.PretrainCorpus(seed=0, split="train", config=_corpus_config(synthetic))
-    first = corpus.batch(8, 64, torch.Generator().manual_seed(5))
-    again = corpus.batch(8, 64, torch.Generator().manual_seed(5))
-    other = corpus.batch(8, 64, torch.Generator().manual_seed(6))
-    assert first.shape == (8, 65) and first.dtype == torch.long
+    first, sources = corpus.batch(64, 64, torch.Generator().manual_seed(5), return_sources=True)
+    again = corpus.batch(64, 64, torch.Generator().manual_seed(5))
+    other = corpus.batch(64, 64, torch.Generator().manual_seed(6))
+    assert first.shape == (64, 65) and first.dtype == torch.long
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert int(first.min()) >= 0 and int(first.max()) <= 255
     rebuilt = D.PretrainCorpus(seed=0, split="train", config=_corpus_config(synthetic))
-    assert torch.equal(rebuilt.batch(8, 64, torch.Generator().manual_seed(5)), first)
-    # every row is a contiguous window of the concatenated source buffer
+    assert torch.equal(rebuilt.batch(64, 64, torch.Generator().manual_seed(5)), first)
+    # a text-source row is a contiguous window of the text buffer; a generated row is made of correct fresh lines
     text = bytes(corpus.buffer.tolist())
-    for row in first:
-        assert bytes(row.tolist()) in text
+    kinds = Counter()
+    for row, source in zip(first, sources.tolist()):
+        name = corpus.source_names[source]
+        data = bytes(row.tolist())
+        if name in ("gcide", "fortunes", "definition"):
+            assert data in text
+            kinds["text"] += 1
+        else:
+            lines = data.decode().split("\n")[1:-1]
+            assert lines and all(_valid_generated_line(line) == name for line in lines), (name, lines)
+            kinds["generated"] += 1
+    assert kinds["text"] and kinds["generated"]
 
 
 def test_corpus_mixture_proportions(synthetic):
@@ -389,35 +417,43 @@ def test_corpus_mixture_proportions(synthetic):
     assert torch.allclose(freq, torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64), atol=0.03)
 
 
-def test_train_corpus_never_shows_val_or_test_keys(synthetic):
+def test_eval_items_facts_are_in_pretraining_but_not_their_question_form(synthetic):
     corpus = D.PretrainCorpus(seed=2, split="train", config=_corpus_config(synthetic))
-    tokens = corpus.batch(300, 96, torch.Generator().manual_seed(1))
-    seen = Counter()
-    fortune_split = {D.normalize_text(f): D.key_split("fortune", D.fortune_key(f)) for f in synthetic["fortunes"]}
-    for row in tokens:
-        lines = bytes(row.tolist()).decode("utf-8", errors="replace").split("\n")[1:-1]  # complete lines only
-        for line in lines:
-            if m := re.fullmatch(r"(\d+)\+(\d+) mod (\d+) = (\d+)", line):
-                a, b, p, c = map(int, m.groups())
-                assert D.key_split("arith", f"{min(a, b)}+{max(a, b)} mod {p}") == "train" and c == (a + b) % p
-                seen["arithmetic"] += 1
-            elif m := re.fullmatch(r"(reverse|copy): ([a-z]+) -> ([a-z]+)", line):
-                assert D.key_split("string", m.group(2)) == "train"
-                seen[m.group(1)] += 1
-            elif m := re.fullmatch(r"Which definition fits ([a-z]+)\? (.*)", line):
-                assert D.key_split("word", m.group(1)) == "train"
-                assert m.group(2) in synthetic["first_senses"][m.group(1)]
-                seen["definition"] += 1
-            elif line in fortune_split:
-                assert fortune_split[line] == "train"
-                seen["fortune"] += 1
-    assert min(seen[k] for k in ("arithmetic", "reverse", "copy", "definition", "fortune")) > 0, seen
-    # the held-out GCIDE text holds no train-split definition
-    train_defs = {d for w, ds in synthetic["first_senses"].items() if D.key_split("word", w) == "train" for d in ds}
+    definitions = set(corpus.source_text("definition").split("\n"))
+    fortunes = set(corpus.source_text("fortunes").split("\n"))
+    paths = {"gcide_path": synthetic["dict"], "fortunes_dir": synthetic["fortunes_dir"]}
+    for split in ("val", "test"):
+        for item in D.build_mc_items("definition", None, 0, split, **paths):
+            word, answer = item.key, item.choices[item.answer].strip()
+            assert f"{word}: {answer}" in definitions  # the fact is pretraining text
+            assert f"{item.context} {answer}" not in definitions  # the held-out question form is not
+            for choice in item.choices:  # the distractors are facts of other pool words, seen too
+                assert any(line.endswith(": " + choice.strip()) for line in definitions)
+        for item in D.build_mc_items("fortune_cloze", None, 0, split, **paths):
+            assert item.context + item.choices[item.answer] in fortunes
+    train = D.build_mc_items("definition", None, 0, "train", **paths)
+    assert all(f"{i.context} {i.choices[i.answer].strip()}" in definitions for i in train)
+    # the definition pool's entries are pretraining text, never held-out perplexity text
     heldout = bytes(corpus.heldout_tokens(2000).tolist()).decode()
-    assert heldout and not any(d in heldout for d in train_defs)
-    test_defs = {d for w, ds in synthetic["first_senses"].items() if D.key_split("word", w) == "test" for d in ds}
-    assert any(d in heldout for d in test_defs)
+    pool_defs = {d for ds in D.definition_pool(D.load_gcide(synthetic["dict"])).values() for d, _pos in ds.values()}
+    assert heldout and not any(d in heldout for d in pool_defs)
+
+
+def test_generated_domains_are_fresh_every_batch_and_cover_every_split(synthetic):
+    config = _corpus_config(synthetic, mix_gcide=0.0, mix_fortunes=0.0, mix_definition=0.0, mix_arithmetic=1.0,
+                            mix_reversal=0.0, mix_copy=0.0, mix_kv=0.0, mix_dyck=0.0)  # fmt: skip
+    corpus = D.PretrainCorpus(seed=3, split="train", config=config)
+    generator = torch.Generator().manual_seed(0)
+    seen: list[set[str]] = []
+    for _ in range(3):
+        batch = corpus.batch(64, 96, generator)
+        lines = {line for row in batch for line in bytes(row.tolist()).decode().split("\n")[1:-1]}
+        assert all(_valid_generated_line(line) == "arithmetic" for line in lines)
+        seen.append(lines)
+    assert len(seen[0]) > 300 and len(seen[0] & seen[1]) < len(seen[0]) // 10  # new problems each batch
+    splits = Counter(D.key_split("arith", "{}+{}".format(*sorted(map(int, re.findall(r"\d+", line)[:2]))))
+                     for lines in seen for line in lines)
+    assert splits["val"] > 0 and splits["test"] > 0  # facts are not held out, only items are
 
 
 def test_corpus_config_validation(synthetic):
@@ -439,6 +475,8 @@ def test_generated_lines_are_correct():
         while "()" in reduced or "[]" in reduced:
             reduced = reduced.replace("()", "").replace("[]", "")
         assert (verdict == "valid") == (reduced == "")
+        for domain in D.GENERATED_DOMAINS:
+            assert _valid_generated_line(D.generated_line(domain, rng)) == domain
         kv = D.kv_line(rng)
         pairs, query, value = re.fullmatch(r"kv: (.*) \? ([a-z]) -> (\d)", kv).groups()
         assert dict(p.split("=") for p in pairs.split())[query] == value

@@ -11,6 +11,7 @@ import torch
 from lopkit.configs import ConfigError
 from lopkit.moe import evaluate as E
 from lopkit.moe import pipeline as P
+from lopkit.moe import data as D
 from lopkit.moe import report as R
 from lopkit.moe.train import MoEFinetune
 from lopkit.runner.execute import execute_run
@@ -43,7 +44,8 @@ def test_smoke_pipeline_runs_every_stage(smoke):
     assert (flops["min"] == flops["max"]).all() and flops.loc[2, "min"] > flops.loc[1, "min"]
     assert result.report_path is not None and result.report_path.exists()
     html = result.report_path.read_text()
-    assert html.count("data:image/png;base64,") >= 4 and ("PASS" in html or "MISS" in html)
+    assert html.count("data:image/png;base64,") >= 4 and "Learned domains" in html
+    assert "PASS" in html or "MISS" in html or "no domain above chance" in html
 
 
 def test_overall_accuracy_is_the_item_weighted_mean_of_the_predictions(smoke):
@@ -195,3 +197,79 @@ def test_cli_reports_bad_input_as_one_error_line(tmp_path, capsys):
     assert main(["finetune", "--preset", "smoke", "--out", str(tmp_path / "empty")]) == 2
     assert "lopkit moe pretrain" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+# ------------------------------------------------------------------------------------------- issue 18 checks
+
+
+def test_phds_anchor_has_its_own_k_stream_and_is_selected_after_its_anchor_phase(smoke):
+    result, _ = smoke
+    with ResultStore(result.out_dir) as store:
+        rows = {label: _finetune_rows(store, result.run_ids[(label, 0)]) for label in ("phds", "phds_anchor")}
+    config = MoEFinetune.make_config("smoke", {"init_store": "x", "init_run_id": "x"})
+    n_anchor = max(1, round(config.anchor_fraction * config.steps))
+    before = {label: r.loc[r["metric"] == "sampled_k", "value"].tolist()[: config.steps - n_anchor]
+              for label, r in rows.items()}
+    assert len(before["phds"]) == config.steps - n_anchor >= 8
+    assert before["phds"] != before["phds_anchor"]  # same q_t before the anchor phase, different draws
+    selected = {label: r.loc[r["metric"] == "selected_step", "value"].item() for label, r in rows.items()}
+    assert selected["phds_anchor"] == config.steps
+    anchor_selection = rows["phds_anchor"][(rows["phds_anchor"]["metric"] == "val_acc")]
+    assert set(anchor_selection["step"]) == {config.steps}
+
+
+def test_learning_curves_have_a_row_per_domain(smoke):
+    result, _ = smoke
+    with ResultStore(result.out_dir) as store:
+        metrics = store.metrics()
+    curves = R.learning_curves(metrics)
+    assert set(curves.columns) == set(D.MC_DOMAINS)
+    assert set(curves.index.get_level_values("stage")) == {"pretrain", "finetune"}
+    pretrain = curves.loc["pretrain"]
+    assert len(pretrain) >= 2 and pretrain.notna().all().all()
+
+
+def test_chance_level_domain_is_reported_and_excluded_from_the_targets():
+    rows = []
+    for model, k, good, chance in [("oracle4", 4, 0.80, 0.26), ("pretrained", 4, 0.70, 0.25),
+                                   ("pretrained", 3, 0.69, 0.24), ("pretrained", 1, 0.30, 0.27)]:
+        rows.append({"model": model, "seed": 0, "k": k, "acc:arith": good, "acc:cloze": chance,
+                     "acc": (good + chance) / 2})
+    summary = pd.DataFrame(rows)
+    learned = R.learned_domains(summary, {"arith": 300, "cloze": 300}, 4).set_index("domain")
+    assert learned.loc["arith", "learned"] and not learned.loc["cloze", "learned"]
+    assert learned.loc["cloze", "reference"] == "oracle4@4"
+    with_learned = R.with_learned_accuracy(summary, ["arith"])
+    assert with_learned["acc_learned"].tolist() == summary["acc:arith"].tolist()
+    table = R.target_table(with_learned, {}, 4, {}, "mini", column="acc_learned").set_index("target")
+    keep = table.loc["pretrained: acc(k=3) >= 97% of acc(k=4)"]
+    assert "0.69 / 0.7" in keep["measured"] and keep["status"] == "PASS"  # 0.9857, not the pooled 0.465/0.475
+    # just above / below the 3-s.e. threshold with 300 items: 0.25 + 3 * sqrt(0.1875 / 300) = 0.325
+    edge = pd.DataFrame([{"model": "oracle4", "seed": 0, "k": 4, "acc:a": 0.33, "acc:b": 0.32}])
+    flags = R.learned_domains(edge, {"a": 300, "b": 300}, 4).set_index("domain")["learned"]
+    assert flags["a"] and not flags["b"]
+
+
+def test_seed_agreement_control_matches_brute_force():
+    rng = np.random.default_rng(1)
+    preds = {(seed, k): rng.integers(0, 4, size=20) for seed in (0, 1, 2) for k in (2, 4)}
+    rows = [{"benchmark": "moe_eval", "metric": "pred", "method": "phds", "seed": seed, "task": k,
+             "layer": "arith", "step": i, "value": int(v)}
+            for (seed, k), vector in preds.items() for i, v in enumerate(vector)]
+    pairs = E.seed_agreement(pd.DataFrame(rows))
+    assert len(pairs) == 6  # 3 seed pairs x 2 ks
+    for row in pairs.itertuples():
+        expected = float(np.mean(preds[(row.seed_a, row.k)] == preds[(row.seed_b, row.k)]))
+        assert row.A == pytest.approx(expected)
+
+
+def test_dial_cli_on_a_lopkit_experiment_folder(smoke, tmp_path, capsys):
+    from lopkit.moe.cli import main
+
+    result, _ = smoke
+    text = tmp_path / "text.txt"
+    text.write_text("reverse: stone -> enots\n12+30 = 42\n" * 20)
+    assert main(["dial", str(result.out_dir), "--k", "1,2", "--text", str(text), "--context", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "(lopkit), k_pre=2" in out and out.count("\n| 1 |") == 1 and out.count("\n| 2 |") == 1
+    assert "| 2 | " in out and out.strip().splitlines()[-1].split("|")[3].strip() == "1"  # k_pre agrees with itself

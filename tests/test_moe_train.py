@@ -191,3 +191,27 @@ def test_pretrain_state_roundtrip_continues_identically():
     model = T.model_from_state(final)
     for key, value in straight.model.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
+
+
+def test_pretrain_mix_fields_reach_the_corpus(monkeypatch):
+    from lopkit.moe import pretrain as pretrain_module
+    from lopkit.moe.data import PretrainCorpusConfig
+
+    config = T.MoEPretrain.make_config("smoke", {"mix_arithmetic": 0.5, "mix_gcide": 0.0})
+    mix = dict(config.mixture())
+    assert set(mix) == set(PretrainCorpusConfig().mixture()) and mix["arithmetic"] == 0.5 and mix["gcide"] == 0.0
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_corpus(data_seed, mixture):
+        seen["mixture"] = dict(mixture)
+        raise Stop
+
+    monkeypatch.setattr(pretrain_module, "cached_corpus", fake_corpus)
+    with pytest.raises(Stop):
+        T.MoEPretrain(config, 0)
+    assert seen["mixture"] == mix
+    with pytest.raises(ConfigError, match="mix_kv"):
+        T.MoEPretrain.make_config("smoke", {"mix_kv": -0.1})

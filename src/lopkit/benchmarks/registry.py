@@ -38,8 +38,8 @@ BUILTIN_BENCHMARKS: dict[str, str] = {
     "permuted": "lopkit.benchmarks.continual:PermutedBenchmark",
     "random_labels": "lopkit.benchmarks.continual:RandomLabelsBenchmark",
     # the seed systems built on the core: MoE-PHDS stages and the HEiMDaL keyword spotter
-    "moe_pretrain": "lopkit.moe.train:MoEPretrain",
-    "moe_finetune": "lopkit.moe.train:MoEFinetune",
+    "moe_pretrain": "lopkit.moe.pretrain:MoEPretrain",
+    "moe_finetune": "lopkit.moe.finetune:MoEFinetune",
     "kws_train": "lopkit.kws.train:KWSTrainBenchmark",
     "kws_continual": "lopkit.kws.continual:KWSContinualBenchmark",
 }

@@ -2,15 +2,18 @@
 
 Modules, in the order data flows:
 
-- :mod:`lopkit.moe.data`: offline text (Debian ``dict-gcide``, ``fortunes``), generated domains, multiple-choice sets;
+- :mod:`lopkit.moe.data` (a package): offline text (Debian ``dict-gcide``, ``fortunes``), generated domains,
+  multiple-choice items (held out by split) whose facts are all in the pretraining corpus;
 - :mod:`lopkit.moe.model`: a byte-level decoder-only MoE transformer (hard top-k at inference, PHDS soft mask in
   training, per-k norm copies);
 - :mod:`lopkit.moe.experts`: expert load, dormant and duplicate experts, cloned experts (the cloned-unit manifold);
 - :mod:`lopkit.moe.scoring`: lm-eval-harness style choice scoring (``acc``, ``acc_norm``) and perplexity;
-- :mod:`lopkit.moe.train`: the ``moe_pretrain`` and ``moe_finetune`` benchmarks (oracle, naive, PHDS);
+- :mod:`lopkit.moe.pretrain`, :mod:`lopkit.moe.finetune` (re-exported by :mod:`lopkit.moe.train`): the
+  ``moe_pretrain`` and ``moe_finetune`` benchmarks (oracle, naive, PHDS), helpers in :mod:`lopkit.moe.training`;
 - :mod:`lopkit.moe.evaluate`: accuracy, perplexity, tokens/s and FLOPs at every k, cross-sparsity agreement;
 - :mod:`lopkit.moe.pipeline`, :mod:`lopkit.moe.report`, :mod:`lopkit.moe.cli`: ``lopkit moe run|pretrain|finetune|
-  evaluate|report``, resumable stages in one results store.
+  evaluate|report|dial``, resumable stages in one results store;
+- :mod:`lopkit.moe.hf`: dial-k at inference on Hugging Face MoE models (imports transformers lazily).
 
 See docs/moe.md.
 """

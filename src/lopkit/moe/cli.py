@@ -1,4 +1,4 @@
-"""``lopkit moe pretrain|finetune|evaluate|run|report``: the MoE-PHDS stages from the command line (resumable)."""
+"""``lopkit moe pretrain|finetune|evaluate|run|report|dial``: the MoE-PHDS stages from the command line (resumable)."""
 
 from __future__ import annotations
 
@@ -128,6 +128,42 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dial(args: argparse.Namespace) -> int:
+    """``lopkit moe dial MODEL --k 1,2,4``: a table per k (perplexity, MC accuracy, agreement with k_pre, tokens/s,
+    FLOP proxy) for a Hugging Face MoE checkpoint folder or a lopkit MoE model."""
+    apply_threads(args)
+    from lopkit.moe.hf import DialError, dial_table, format_dial_table, load_dial_model, load_mc_tasks
+
+    try:
+        ks = [int(part) for part in str(args.k).split(",") if part.strip()]
+    except ValueError:
+        return _error(f"--k must be a comma-separated list of integers such as 1,2,4,8, got {args.k!r}")
+    if not ks:
+        return _error("--k needs at least one k, e.g. --k 1,2,4,8")
+    text_path = Path(args.text).expanduser()
+    if not text_path.is_file():
+        return _error(f"text file {text_path} not found; pass --text FILE (plain text to measure perplexity on)")
+    try:
+        model = load_dial_model(args.model, args.run)
+        bad = [k for k in ks if not 1 <= k <= model.n_experts]
+        if bad:
+            return _error(f"k={bad[0]} is outside 1..{model.n_experts} (the number of experts per layer of "
+                          f"{model.name}); pick --k values in that range")
+        tasks = load_mc_tasks(args.tasks) if args.tasks else None
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = dial_table(model, ks, text_path.read_text(encoding="utf-8", errors="replace"), tasks,
+                              context_len=args.context, max_tokens=args.max_tokens)
+        for message in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
+            print(f"warning: {message}", file=sys.stderr)
+    except DialError as err:
+        return _error(str(err))
+    print(format_dial_table(model, rows))
+    return EXIT_OK
+
+
 def _add_stage_options(parser: argparse.ArgumentParser, variants: bool) -> None:
     """Options shared by the stage commands."""
     parser.add_argument("--preset", default="default", choices=["smoke", "mini", "default", "paper"],
@@ -172,6 +208,7 @@ def register(subparsers: Any) -> None:
                "  lopkit moe finetune --preset mini --out runs/moe_mini --variant phds_anchor\n"
                "  lopkit moe evaluate --preset mini --out runs/moe_mini\n"
                "  lopkit moe report runs/moe_mini\n"
+               "  lopkit moe dial path/to/olmoe-checkpoint --k 2,4,6,8 --text wiki.txt --tasks qa.jsonl\n"
                "exit codes: 0 ok, 1 a run failed, 2 bad input, 130 interrupted (see docs/moe.md)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -190,6 +227,22 @@ def register(subparsers: Any) -> None:
     report.add_argument("experiment_dir", type=Path, help="folder holding results.sqlite")
     report.add_argument("-o", "--output", default=None, help="HTML file (default: EXPERIMENT_DIR/moe_report.html)")
     report.set_defaults(func=_report)
+    dial = sub.add_parser("dial", help="set top-k at inference on an MoE model and tabulate quality and cost per k",
+                          description="Dial k on a Hugging Face MoE checkpoint folder (OLMoE, Qwen2-MoE, Mixtral or "
+                                      "any model with routers in their pattern) or a lopkit MoE model (experiment "
+                                      "folder or saved state): perplexity, MC accuracy, agreement with the k_pre "
+                                      "outputs, tokens/s and a FLOP proxy per k.")
+    dial.add_argument("model", help="HF checkpoint folder (config.json), lopkit experiment folder (results.sqlite) "
+                                    "or saved lopkit MoE state (.pt)")
+    dial.add_argument("--k", default="1,2,4,8", help="ks to evaluate, comma-separated (default: %(default)s)")
+    dial.add_argument("--text", required=True, metavar="FILE", help="plain text for perplexity and token agreement")
+    dial.add_argument("--tasks", default=None, metavar="FILE",
+                      help='JSONL multiple-choice tasks: {"context": ..., "choices": [...], "answer": i} per line')
+    dial.add_argument("--run", default=None, help="run id or label in a lopkit experiment folder (default: pretrain)")
+    dial.add_argument("--context", type=int, default=128, help="tokens per window (default: %(default)s)")
+    dial.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text to use (default: %(default)s)")
+    add_threads_flag(dial)
+    dial.set_defaults(func=_dial)
     moe.set_defaults(func=lambda _args: (moe.print_help(), EXIT_USAGE)[1])
 
 

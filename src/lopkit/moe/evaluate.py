@@ -46,6 +46,7 @@ __all__ = [
     "measure_tokens_per_second",
     "oracle_predictions",
     "prediction_vectors",
+    "seed_agreement",
     "summary_table",
 ]
 
@@ -267,9 +268,13 @@ class MoEEval(Benchmark):
 # ------------------------------------------------------------------------------------------ tables & agreement
 
 
-def prediction_vectors(metrics: pd.DataFrame, metric: str = "pred") -> dict[tuple[str, int, int], np.ndarray]:
-    """``{(model label, seed, k): predictions}`` over all test items (domains sorted, items in index order)."""
+def prediction_vectors(metrics: pd.DataFrame, metric: str = "pred",
+                       domains: Sequence[str] | None = None) -> dict[tuple[str, int, int], np.ndarray]:
+    """``{(model label, seed, k): predictions}`` over the test items of ``domains`` (None: all; domains sorted,
+    items in index order)."""
     rows = metrics[(metrics["benchmark"] == "moe_eval") & (metrics["metric"] == metric)]
+    if domains is not None:
+        rows = rows[rows["layer"].isin(list(domains))]
     vectors = {}
     for (label, seed, k), group in rows.groupby(["method", "seed", "task"], sort=True):
         ordered = group.sort_values(["layer", "step"])
@@ -293,9 +298,11 @@ def agreement_matrix(predictions: Mapping[int, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame(values, index=pd.Index(ks, name="k1"), columns=pd.Index(ks, name="k2"))
 
 
-def model_agreement_matrices(metrics: pd.DataFrame, metric: str = "pred") -> dict[tuple[str, int], pd.DataFrame]:
-    """Agreement matrices per (model label, seed), plus ``("oracles", seed)`` from Oracle-k1@k1 vs Oracle-k2@k2."""
-    vectors = prediction_vectors(metrics, metric)
+def model_agreement_matrices(metrics: pd.DataFrame, metric: str = "pred",
+                             domains: Sequence[str] | None = None) -> dict[tuple[str, int], pd.DataFrame]:
+    """Agreement matrices per (model label, seed), plus ``("oracles", seed)`` from Oracle-k1@k1 vs Oracle-k2@k2,
+    over the test items of ``domains`` (None: all domains)."""
+    vectors = prediction_vectors(metrics, metric, domains)
     matrices: dict[tuple[str, int], pd.DataFrame] = {}
     models = sorted({(label, seed) for label, seed, _k in vectors})
     for label, seed in models:
@@ -306,6 +313,24 @@ def model_agreement_matrices(metrics: pd.DataFrame, metric: str = "pred") -> dic
         if len(oracle) >= 2:
             matrices[("oracles", seed)] = agreement_matrix(oracle)
     return matrices
+
+
+def seed_agreement(metrics: pd.DataFrame, metric: str = "pred",
+                   domains: Sequence[str] | None = None) -> pd.DataFrame:
+    """The agreement control: ``A(model seed s1 @k, model seed s2 @k)`` for every model, k and pair of seeds.
+
+    Two independently trained copies of one method disagree on some items; an agreement gain of one checkpoint
+    across k is only meaningful next to this seed-to-seed baseline. Columns: model, k, seed_a, seed_b, A.
+    """
+    vectors = prediction_vectors(metrics, metric, domains)
+    rows = []
+    for label, k in sorted({(label, k) for label, _seed, k in vectors}):
+        seeds = sorted(s for lab, s, kk in vectors if lab == label and kk == k)
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1:]:
+                rows.append({"model": label, "k": k, "seed_a": a, "seed_b": b,
+                             "A": agreement(vectors[(label, a, k)], vectors[(label, b, k)])})
+    return pd.DataFrame(rows, columns=["model", "k", "seed_a", "seed_b", "A"])
 
 
 def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -230,7 +230,8 @@ def run_pipeline(
                 _require_finished(store, pre_id, f"the pretrain run of seed {seed} (preset {preset})",
                                   f"lopkit moe pretrain --preset {preset} --out {out}")
             for label in chosen:
-                values = {**routed["finetune"], **every_variant[label], "init_store": store_dir, "init_run_id": pre_id}
+                values = {**routed["finetune"], **every_variant[label], "variant": label, "init_store": store_dir,
+                          "init_run_id": pre_id}
                 ft_config = MoEFinetune.make_config(preset, values)
                 run_ids[(label, seed)] = make_run_id(MoEFinetune.name, label, config_to_dict(ft_config), seed)
                 if "finetune" in stages:

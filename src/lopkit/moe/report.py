@@ -31,7 +31,9 @@ import pandas as pd  # noqa: E402
 from lopkit.moe.common import TIMINGS_FILE, k_low  # noqa: E402
 from lopkit.report.html import render_page  # noqa: E402
 
-__all__ = ["MoEReport", "agreement_summary", "build_moe_report", "seed_stats", "target_table"]
+__all__ = ["MoEReport", "MoETables", "agreement_summary", "build_moe_report", "domain_agreement_table",
+           "learned_domains", "learning_curves", "report_tables", "seed_control_table", "seed_stats", "target_table",
+           "with_learned_accuracy"]
 
 REPORT_FILE = "moe_report.html"
 FIGURE_DIR = "moe_figures"
@@ -108,8 +110,9 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 
 def target_table(summary: pd.DataFrame, matrices: Mapping[tuple[str, int], pd.DataFrame], k_pre: int,
-                 timings: Mapping[str, float], preset: str | None) -> pd.DataFrame:
-    """Each target of issue 6 with the measured figure and PASS/MISS (accuracy = ``acc``, all domains pooled)."""
+                 timings: Mapping[str, float], preset: str | None, column: str = "acc") -> pd.DataFrame:
+    """Each target of issue 6 with the measured figure and PASS/MISS (accuracy = ``column`` of the summary, e.g.
+    ``acc_learned``: the mean over the learned domains; ``matrices``: agreement over the same items)."""
     low = k_low(k_pre)
     rows: list[dict[str, Any]] = []
 
@@ -117,9 +120,9 @@ def target_table(summary: pd.DataFrame, matrices: Mapping[tuple[str, int], pd.Da
         status = "n/a" if passed is None else ("PASS" if passed else "MISS")
         rows.append({"target": target, "measured": measured, "status": status, "note": note})
 
-    acc_pre, _, _ = _cell(summary, "pretrained", k_pre, "acc")
-    acc_below, _, _ = _cell(summary, "pretrained", k_pre - 1, "acc") if k_pre > 1 else (float("nan"), 0, 0)
-    acc_one, _, _ = _cell(summary, "pretrained", 1, "acc")
+    acc_pre, _, _ = _cell(summary, "pretrained", k_pre, column)
+    acc_below, _, _ = _cell(summary, "pretrained", k_pre - 1, column) if k_pre > 1 else (float("nan"), 0, 0)
+    acc_one, _, _ = _cell(summary, "pretrained", 1, column)
     keep = acc_below / acc_pre if acc_pre and acc_pre == acc_pre else float("nan")
     add(f"pretrained: acc(k={k_pre - 1}) >= {KEEP_RATIO_TARGET:.0%} of acc(k={k_pre})",
         f"ratio {_fmt(keep)} ({_fmt(acc_below)} / {_fmt(acc_pre)})", None if keep != keep else keep >= KEEP_RATIO_TARGET)
@@ -129,15 +132,15 @@ def target_table(summary: pd.DataFrame, matrices: Mapping[tuple[str, int], pd.Da
     add(f"pretrained: k=1 drops sharply (relative drop >= {SHARP_DROP_TARGET:.0%} and >= 3x the k={k_pre - 1} drop)",
         f"relative drop {_fmt(drop_one)} (acc {_fmt(acc_one)})", None if drop_one != drop_one else bool(sharp))
     for k in range(low, k_pre + 1):
-        phds, phds_se, _ = _cell(summary, PHDS_LABEL, k, "acc")
-        oracle, oracle_se, _ = _cell(summary, f"oracle{k}", k, "acc")
+        phds, phds_se, _ = _cell(summary, PHDS_LABEL, k, column)
+        oracle, oracle_se, _ = _cell(summary, f"oracle{k}", k, column)
         tolerance = max(MATCH_POINTS, np.nanmax([phds_se, oracle_se, 0.0]))
         gap = phds - oracle
         add(f"{PHDS_LABEL}@{k} within ~1 point of oracle{k}@{k} (or better)",
             f"{_fmt(phds)} vs {_fmt(oracle)} (diff {_fmt(100 * gap, 3)} points; tolerance {_fmt(100 * tolerance, 3)})",
             None if gap != gap else gap >= -tolerance)
-    phds_low, _, _ = _cell(summary, PHDS_LABEL, low, "acc")
-    oracle_pre_low, _, _ = _cell(summary, f"oracle{k_pre}", low, "acc")
+    phds_low, _, _ = _cell(summary, PHDS_LABEL, low, column)
+    oracle_pre_low, _, _ = _cell(summary, f"oracle{k_pre}", low, column)
     add(f"{PHDS_LABEL}@{low} beats oracle{k_pre}@{low} (mis-specified)",
         f"{_fmt(phds_low)} vs {_fmt(oracle_pre_low)} (diff {_fmt(100 * (phds_low - oracle_pre_low), 3)} points)",
         None if phds_low != phds_low or oracle_pre_low != oracle_pre_low else phds_low > oracle_pre_low)
@@ -164,6 +167,80 @@ def target_table(summary: pd.DataFrame, matrices: Mapping[tuple[str, int], pd.Da
     if preset == "smoke":
         add("smoke preset runs in CI", f"{_fmt(total_hours * 3600, 3)} s", None, "tests/test_moe_pipeline.py")
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------- learned domains
+
+#: Standard errors above chance a domain's reference accuracy must reach to count as learned.
+LEARNED_Z = 3.0
+
+
+def learned_domains(summary: pd.DataFrame, n_items: Mapping[str, int], k_pre: int, n_choices: int = 4,
+                    z: float = LEARNED_Z) -> pd.DataFrame:
+    """Which domains a model learned: the reference model's ``acc`` (``oracle{k_pre}`` at k_pre, else the pretrained
+    model at k_pre; mean over seeds) must exceed chance ``1/n_choices`` by ``z`` binomial standard errors of chance
+    with ``n = items x seeds``. Columns: domain, reference, acc, n, threshold, learned.
+
+    A domain at chance is reported and excluded from the targets: its predictions carry no signal, and a single
+    checkpoint's chance predictions are stable across k, which would inflate single-checkpoint agreement.
+    """
+    rows = []
+    for domain, items in sorted(n_items.items()):
+        column = f"acc:{domain}"
+        acc, reference, seeds = float("nan"), "", 0
+        for model in (f"oracle{k_pre}", "pretrained"):
+            mean, _se, seeds = _cell(summary, model, k_pre, column)
+            if seeds:
+                acc, reference = mean, f"{model}@{k_pre}"
+                break
+        chance = 1.0 / n_choices
+        n = max(1, int(items) * max(seeds, 1))
+        threshold = chance + z * math.sqrt(chance * (1 - chance) / n)
+        rows.append({"domain": domain, "reference": reference, "acc": acc, "n": n, "threshold": threshold,
+                     "learned": bool(acc == acc and acc > threshold)})
+    return pd.DataFrame(rows, columns=["domain", "reference", "acc", "n", "threshold", "learned"])
+
+
+def with_learned_accuracy(summary: pd.DataFrame, domains: list[str]) -> pd.DataFrame:
+    """``summary`` plus ``acc_learned``: the mean of the per-domain ``acc`` over ``domains`` (NaN when empty)."""
+    result = summary.copy()
+    columns = [f"acc:{d}" for d in domains if f"acc:{d}" in result]
+    result["acc_learned"] = result[columns].mean(axis=1) if columns else float("nan")
+    return result
+
+
+def domain_agreement_table(metrics: pd.DataFrame, domains: list[str], k1: int, k2: int) -> pd.DataFrame:
+    """Model x domain table of the seed-mean ``A(k1, k2)`` (oracles: oracle{k1}@k1 vs oracle{k2}@k2)."""
+    from lopkit.moe.evaluate import model_agreement_matrices
+
+    columns = {}
+    for domain in domains:
+        matrices = model_agreement_matrices(metrics, domains=[domain])
+        table = agreement_summary(matrices, k1, k2)
+        if not table.empty:
+            columns[domain] = table.set_index("model")["A"]
+    return pd.DataFrame(columns).round(4)
+
+
+def seed_control_table(metrics: pd.DataFrame, domains: list[str] | None, ks: list[int]) -> pd.DataFrame:
+    """Model x k table of the mean ``A(model seed a @k, model seed b @k)`` over seed pairs (the agreement control)."""
+    from lopkit.moe.evaluate import seed_agreement
+
+    pairs = seed_agreement(metrics, domains=domains)
+    pairs = pairs[pairs["k"].isin(ks)]
+    if pairs.empty:
+        return pd.DataFrame()
+    table = pairs.groupby(["model", "k"])["A"].mean().unstack("k")
+    return table.reindex(_model_order(list(table.index))).round(4)
+
+
+def items_per_domain(metrics: pd.DataFrame) -> dict[str, int]:
+    """Test items per domain (the prediction rows of one evaluated (model, seed, k))."""
+    rows = metrics[(metrics["benchmark"] == "moe_eval") & (metrics["metric"] == "pred")]
+    if rows.empty:
+        return {}
+    first = rows.groupby(["method", "seed", "task"]).ngroup() == 0
+    return {str(d): int(n) for d, n in rows[first].groupby("layer").size().items()}
 
 
 # -------------------------------------------------------------------------------------------------- figures
@@ -322,7 +399,8 @@ def _plot_diagnostics(diag: pd.DataFrame, k: int, path: Path) -> Path | None:
 def _plot_training(metrics: pd.DataFrame, path: Path) -> Path | None:
     """Pretraining train/val loss and fine-tune validation accuracy at the selection points."""
     pre = metrics[(metrics["benchmark"] == "moe_pretrain") & metrics["metric"].isin(["train_loss", "val_loss"])]
-    ft = metrics[(metrics["benchmark"] == "moe_finetune") & (metrics["metric"] == "val_acc")]
+    ft = metrics[(metrics["benchmark"] == "moe_finetune") & (metrics["metric"] == "val_acc")
+                 & (metrics["layer"] == "model")]
     if pre.empty and ft.empty:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
@@ -387,9 +465,89 @@ def _pairs_table(matrices: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFra
     return pd.DataFrame.from_dict(rows, orient="index").round(4)
 
 
+def learning_curves(metrics: pd.DataFrame) -> pd.DataFrame:
+    """(stage, model, step) x domain table of the seed-mean validation accuracy at k_pre (pretraining) or at the
+    selection k (fine-tuning): every domain's learning curve."""
+    rows = metrics[metrics["benchmark"].isin(["moe_pretrain", "moe_finetune"]) & (metrics["metric"] == "val_acc")
+                   & (metrics["layer"] != "model")]
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(stage=rows["benchmark"].str.replace("moe_", "", regex=False))
+    table = rows.groupby(["stage", "method", "step", "layer"])["value"].mean().unstack("layer")
+    table.index = table.index.set_names(["stage", "model", "step"])
+    return table.round(4)
+
+
+@dataclasses.dataclass
+class MoETables:
+    """Every table of the report, computed from the runs and metrics of one or several stores."""
+
+    summary: pd.DataFrame
+    matrices: dict
+    k_pre: int
+    preset: str | None
+    learned: pd.DataFrame
+    targets: pd.DataFrame
+    named: list[tuple[str, str, pd.DataFrame]]
+
+
+def report_tables(runs: pd.DataFrame, metrics: pd.DataFrame, timings: Mapping[str, float]) -> MoETables:
+    """The summary, learned domains, targets (on learned domains only) and every named table of the report."""
+    from lopkit.moe.evaluate import model_agreement_matrices, summary_table
+
+    summary = summary_table(metrics)
+    pretrain_runs = runs[runs["benchmark"] == "moe_pretrain"]
+    k_pre = int(json.loads(pretrain_runs["config_json"].iloc[-1])["k_pre"]) if not pretrain_runs.empty else 0
+    presets = [p for p in runs["preset"].dropna().unique()] if not runs.empty else []
+    preset = presets[0] if len(presets) == 1 else None
+    learned = learned_domains(summary, items_per_domain(metrics), k_pre) if k_pre and not summary.empty \
+        else pd.DataFrame(columns=["domain", "reference", "acc", "n", "threshold", "learned"])
+    learned_names = [str(d) for d in learned.loc[learned["learned"], "domain"]]
+    if not summary.empty:
+        summary = with_learned_accuracy(summary, learned_names)
+    all_matrices = model_agreement_matrices(metrics) if not metrics.empty else {}
+    matrices = model_agreement_matrices(metrics, domains=learned_names) if learned_names else {}
+    targets = (target_table(summary, matrices, k_pre, timings, preset, column="acc_learned")
+               if k_pre and learned_names else pd.DataFrame())
+    if k_pre and not learned_names and not summary.empty:
+        targets = pd.DataFrame([{"target": "every target", "measured": "no domain above chance", "status": "n/a",
+                                 "note": "targets are computed on learned domains only"}])
+    low = k_low(k_pre) if k_pre else 0
+    domains = sorted(items_per_domain(metrics))
+    named = [
+        ("learned_domains", f"Learned domains: reference acc > chance + {LEARNED_Z:g} s.e. (n = items x seeds); "
+                            "the others are excluded from the targets", learned.round(4)),
+        ("targets", "Issue-6 targets on the learned domains only (accuracy = mean acc over learned domains; "
+                    "agreement over their items; tolerance 1 point or 1 seed s.e.)", targets),
+        ("accuracy_learned", "Accuracy over the learned domains by model and declared k", _pivot(summary, "acc_learned")),
+        ("accuracy", "Accuracy (acc) over all domains pooled (chance-level domains included)", _pivot(summary, "acc")),
+        ("accuracy_by_domain", "Accuracy (acc) per domain, by model and k", _domain_table(summary)),
+        ("accuracy_norm", "Accuracy (acc_norm) by model and declared k", _pivot(summary, "acc_norm")),
+        ("perplexity", "Held-out perplexity by model and k", _pivot(summary, "perplexity")),
+        ("agreement", f"Agreement A({low},{k_pre}) over the learned domains", agreement_summary(matrices, low, k_pre)
+         if matrices else pd.DataFrame()),
+        ("agreement_by_domain", f"Agreement A({low},{k_pre}) per domain (every domain)",
+         domain_agreement_table(metrics, domains, low, k_pre) if k_pre else pd.DataFrame()),
+        ("agreement_seed_control", "Agreement control: A(model seed a @k, model seed b @k), mean over seed pairs, "
+                                   "learned domains", seed_control_table(metrics, learned_names or None,
+                                                                         list(range(1, k_pre + 1)))
+         if not metrics.empty else pd.DataFrame()),
+        ("agreement_pairs", "Agreement A(k1, k2) for every pair of ks, learned domains (oracles: oracle{k1}@k1 vs "
+                            "oracle{k2}@k2)", _pairs_table(matrices)),
+        ("agreement_pairs_all_domains", "Agreement A(k1, k2), all domains pooled (inflated by chance-level domains)",
+         _pairs_table(all_matrices)),
+        ("learning_curves", "Validation accuracy per domain during training, mean over seeds (pretrain: at k_pre; "
+                            "fine-tune: at the selection k)",
+         learning_curves(metrics) if not metrics.empty else pd.DataFrame()),
+        ("tokens_per_s", "Tokens/s (measured) by model and k", _pivot(summary, "tokens_per_s")),
+        ("stage_seconds", "Stage wall time (s, summed over resumes)",
+         pd.DataFrame(sorted(timings.items()), columns=["stage", "seconds"]).round(1)),
+    ]
+    return MoETables(summary, matrices, k_pre, preset, learned, targets, named)
+
+
 def build_moe_report(out_dir: str | Path, output: str | Path | None = None) -> MoEReport:
     """Write the MoE-PHDS HTML report, PNGs and CSV tables for the experiment folder ``out_dir``."""
-    from lopkit.moe.evaluate import model_agreement_matrices, summary_table
     from lopkit.runner.store import ResultStore, store_path
 
     out = Path(out_dir)
@@ -403,18 +561,14 @@ def build_moe_report(out_dir: str | Path, output: str | Path | None = None) -> M
     html_path = Path(output) if output else out / REPORT_FILE
     figures = html_path.parent / FIGURE_DIR
     figures.mkdir(parents=True, exist_ok=True)
-    summary = summary_table(metrics)
-    matrices = model_agreement_matrices(metrics) if not metrics.empty else {}
-    pretrain_runs = runs[runs["benchmark"] == "moe_pretrain"]
-    k_pre = int(json.loads(pretrain_runs["config_json"].iloc[-1])["k_pre"]) if not pretrain_runs.empty else 0
-    presets = [p for p in runs["preset"].dropna().unique()] if not runs.empty else []
-    preset = presets[0] if len(presets) == 1 else None
     timings_path = out / TIMINGS_FILE
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    computed = report_tables(runs, metrics, timings)
+    summary, matrices, k_pre, preset = computed.summary, computed.matrices, computed.k_pre, computed.preset
 
     accuracy_paths = [
-        _plot_vs_k(summary, "acc", "MC accuracy (argmax summed log-likelihood) vs k", figures / "accuracy_vs_k.png"),
-        _plot_vs_k(summary, "acc_norm", "MC accuracy (length-normalised, acc_norm) vs k",
+        _plot_vs_k(summary, "acc_learned", "MC accuracy over the learned domains vs k", figures / "accuracy_vs_k.png"),
+        _plot_vs_k(summary, "acc_norm", "MC accuracy (length-normalised, acc_norm, all domains) vs k",
                    figures / "accuracy_norm_vs_k.png"),
         _plot_vs_k(summary, "perplexity", "Held-out GCIDE perplexity (per byte) vs k", figures / "perplexity_vs_k.png"),
     ]
@@ -426,38 +580,26 @@ def build_moe_report(out_dir: str | Path, output: str | Path | None = None) -> M
     sections = [("Accuracy and perplexity vs declared k", accuracy_paths), ("Cross-sparsity agreement", agreement_paths),
                 ("Cost vs k", cost_paths), ("Expert diagnostics", diag_paths), ("Training", train_paths)]
     sections = [(title, [p for p in paths if p is not None]) for title, paths in sections]
-
-    targets = target_table(summary, matrices, k_pre, timings, preset) if k_pre else pd.DataFrame()
-    agree = agreement_summary(matrices, k_low(k_pre), k_pre) if k_pre else pd.DataFrame()
-    named_tables = [
-        ("targets", "Issue-6 targets (accuracy = acc over all domains; tolerance 1 point or 1 seed s.e.)", targets),
-        ("accuracy", "Accuracy (acc) by model and declared k, mean over seeds", _pivot(summary, "acc")),
-        ("accuracy_norm", "Accuracy (acc_norm) by model and declared k", _pivot(summary, "acc_norm")),
-        ("perplexity", "Held-out perplexity by model and k", _pivot(summary, "perplexity")),
-        ("agreement", "Agreement between the lowest trained k and k_pre", agree),
-        ("agreement_pairs", "Agreement A(k1, k2) for every pair of ks (oracles: oracle{k1}@k1 vs oracle{k2}@k2)",
-         _pairs_table(matrices)),
-        ("accuracy_by_domain", "Accuracy (acc) per domain, by model and k", _domain_table(summary)),
-        ("tokens_per_s", "Tokens/s (measured) by model and k", _pivot(summary, "tokens_per_s")),
-        ("stage_seconds", "Stage wall time (s, summed over resumes)",
-         pd.DataFrame(sorted(timings.items()), columns=["stage", "seconds"]).round(1)),
-    ]
+    named_tables = computed.named
     for csv_name, _caption, table in named_tables:
         if not table.empty:
-            table.to_csv(figures / f"{csv_name}.csv", index=csv_name not in ("targets", "agreement", "stage_seconds"))
+            table.to_csv(figures / f"{csv_name}.csv",
+                         index=csv_name not in ("targets", "agreement", "stage_seconds", "learned_domains"))
     tables = [(caption, table) for _name, caption, table in named_tables]
     if not summary.empty:
         summary.to_csv(figures / "summary_by_model_seed_k.csv", index=False)
     notes = [
         "acc: the choice with the highest summed log-likelihood of its bytes; acc_norm: highest log-likelihood per "
-        "byte (lm-eval-harness byte-length normalisation). Agreement uses acc predictions over all test items.",
+        "byte (lm-eval-harness byte-length normalisation). Targets and agreement use acc predictions over the items "
+        "of the learned domains only; a domain at chance is listed and excluded.",
         f"Models: pretrained = the pretrain run evaluated at each k (no SFT); oracle{{k}} = SFT at fixed k (soft "
         f"mask); naive = SFT at fixed low k with hard routing; phds = multi-k SFT; {PHDS_LABEL} = multi-k + anchor "
-        "curriculum. Every fine-tune is evaluated with the weights picked by checkpoint selection.",
+        "curriculum (own k stream, selected after its anchor phase). Other fine-tunes are evaluated with the "
+        "weights picked by checkpoint selection.",
         "Tokens/s are wall-clock measurements on a shared CPU and are noisy; the FLOP proxy is exact.",
     ]
     page = render_page(f"MoE-PHDS reproduction ({preset or 'mixed presets'})",
                        f"Results store: {store_path(out)}. {len(runs)} runs.", sections, tables, notes)
     html_path.write_text(page, encoding="utf-8")
     pngs = [p for _title, paths in sections for p in paths]
-    return MoEReport(html_path, pngs, summary, targets)
+    return MoEReport(html_path, pngs, summary, computed.targets)
