@@ -71,3 +71,21 @@ def test_layer_types_is_a_leaf_module():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['lopkit.layer_types']"
+
+
+def test_monitor_measures_a_gpt2_by_default_including_its_conv1d_layers():
+    """Hugging Face GPT-2 keeps its projections in Conv1D (weight (in, out)); the default Monitor picks them up."""
+    transformers = pytest.importorskip("transformers")
+    import lopkit as lk
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2Model(config).eval()
+    monitor = lk.Monitor(model)
+    chosen = {layer.name for layer in monitor.layers}
+    assert {"h.0.attn.c_attn", "h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.0.mlp.act"} <= chosen
+    rows = monitor.measure(torch.randint(0, 50, (4, 8)))
+    assert {r["layer"] for r in rows} >= {"h.0.mlp.c_fc", "h.0.mlp.act"}
+    dead = [r["value"] for r in rows if r["layer"] == "h.0.mlp.act" and r["metric"] == "dead_fraction"]
+    assert len(dead) == 1 and 0.0 <= dead[0] <= 1.0

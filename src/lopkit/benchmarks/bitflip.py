@@ -103,7 +103,7 @@ from lopkit.benchmarks.bitflip_lean import (  # noqa: F401  (learner_layers re-e
 )
 from lopkit.configs import ConfigError, check_device, require
 from lopkit.data.bitflip import FLIP_MODES, THRESHOLD_RULES, BitFlipConfig, BitFlipStream, run_inputs_at
-from lopkit.data.seeding import seeded_generator
+from lopkit.seeding import rng_sandbox, seeded_generator
 from lopkit.diagnostics.activations import dead_unit_mask
 from lopkit.diagnostics.monitor import METRIC_NAMES, Monitor, MonitorConfig
 from lopkit.diagnostics.similarity import duplicate_unit_mask, live_clone_fraction
@@ -300,7 +300,7 @@ def build_learner(config: BitFlipBenchmarkConfig, seed: int) -> nn.Module:
     """The seeded two-layer ReLU learner: Kaiming-uniform weights (ReLU gain / linear gain), zero biases."""
     from lopkit.benchmarks.models import build_mlp
 
-    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG; keep it untouched
+    with rng_sandbox():  # nn.Linear's own init draws from the global RNG; keep it untouched
         model = build_mlp(learner_input_dim(config), (config.width,), 1, activation="relu", norm=None, dropout=0.0)
     hidden, _activation, output = learner_layers(model)
     generator = seeded_generator(seed, _INIT_STREAM)
@@ -585,7 +585,7 @@ class BitFlipBenchmark(Benchmark):
         self._initial_measured = False
         self._last_mse = float("nan")
 
-    seed_group_runner: ClassVar[str] = "lopkit.benchmarks.vmap_seeds:execute_seed_group"
+    seed_group_runner: ClassVar[str] = "lopkit.runner.bitflip_group:execute_seed_group"
     """``lopkit run --seeds``: trains the seeds as one vectorised learner when the method allows it (prints which
     path), or returns None and the seeds run one by one; a "module:function" name, loaded when used (the module
     imports this one)."""

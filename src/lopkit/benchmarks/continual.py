@@ -61,17 +61,15 @@ from torch import Tensor, nn
 from lopkit.benchmarks.base import (
     Benchmark,
     BenchmarkConfig,
-    capture_rng_state,
     check_finite_loss,
     make_row,
     register_benchmark,
-    restore_rng_state,
 )
 from lopkit.benchmarks.architectures import RESNET_NORMS, VIT_NORMS, SmallResNet, SmallViT, build_resnet, build_vit
 from lopkit.benchmarks.models import ACTIVATIONS, INITS, NORMS, build_cnn, build_mlp, zero_head_
 from lopkit.configs import ConfigError, check_device, config_to_dict, require
 from lopkit.data.fashion_mnist import load_fashion_mnist
-from lopkit.data.seeding import derive_seed, seeded_generator
+from lopkit.seeding import RNGSandbox, derive_seed, rng_sandbox, seeded_generator
 from lopkit.data.tasks import TaskStream, class_split_tasks, pixel_permutations, random_label_tasks
 from lopkit.diagnostics.monitor import METRIC_NAMES, PARAMETRIC_TYPES, Monitor, MonitorConfig
 from lopkit.layer_types import ACTIVATION_TYPES
@@ -408,8 +406,8 @@ class ContinualBenchmark(Benchmark):
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         self.config: ContinualConfig = config
         self.device = check_device(config.device)
-        outer = self._capture_rng()
-        try:
+        cuda = self.device if self.device.type == "cuda" else None
+        with rng_sandbox(cuda):
             torch.manual_seed(derive_seed(self.seed))  # nothing below should draw from it; seeded like the rest
             self.tasks: list[TaskSpec] = self._build_tasks()
             self._steps_per_task = [self._task_steps(spec) for spec in self.tasks]
@@ -418,9 +416,7 @@ class ContinualBenchmark(Benchmark):
             self.model = self.method.prepare_model(model).to(self.device)
             self.optimizer = _build_optimizer(config, self.model)
             self.method.attach(self.model, self.optimizer)
-            self._rng_state = self._capture_rng()
-        finally:
-            self._restore_rng(outer)
+            self.rng = RNGSandbox(cuda_device=cuda)  # the run's private global-RNG state from here on
         self.monitor = self._build_monitor() if config.monitor else None
         self.task = 0
         self.step_in_task = 0
@@ -464,29 +460,9 @@ class ContinualBenchmark(Benchmark):
         monitor_config = MonitorConfig(seed=self.seed, warn_constant_units=False)  # dead_fraction counts dead units
         return Monitor(self.model, layers, metrics=metrics, config=monitor_config, max_rows=0)  # rows leave via run()
 
-    def _capture_rng(self) -> dict[str, Any]:
-        """Global RNG states (python, numpy, torch, and CUDA when used)."""
-        state = capture_rng_state()
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _restore_rng(self, state: dict[str, Any]) -> None:
-        """Inverse of ``_capture_rng``."""
-        restore_rng_state(state)
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
-
-    @contextlib.contextmanager
-    def _own_rng(self) -> Iterator[None]:
-        """Run with this benchmark's private global-RNG state (dropout, mitigation noise), isolated from others."""
-        outer = self._capture_rng()
-        self._restore_rng(self._rng_state)
-        try:
-            yield
-        finally:
-            self._rng_state = self._capture_rng()
-            self._restore_rng(outer)
+    def own_rng(self) -> Any:
+        """Context: run with this benchmark's private global-RNG state (dropout, mitigation noise), isolated from others."""
+        return self.rng.active()
 
     # ------------------------------------------------------------------ Benchmark API
     @property
@@ -505,7 +481,7 @@ class ContinualBenchmark(Benchmark):
             raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
         target = min(self.step + n_steps, self.total_steps)
         rows: list[dict[str, Any]] = []
-        with self._own_rng():
+        with self.own_rng():
             while self.step < target:
                 if not self._task_started:
                     rows += self._start_task()
@@ -535,7 +511,7 @@ class ContinualBenchmark(Benchmark):
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
             "stream": None if self._stream is None else self._stream.state_dict(),
-            "rng": self._rng_state,
+            "rng": self.rng.state,
             "bin": self._bin,
             "task_sums": self._task_sums,
             "last_online": self._last_online,
@@ -557,7 +533,7 @@ class ContinualBenchmark(Benchmark):
         self.method.load_state_dict(state["method"])
         self.step, self.task, self.step_in_task = int(state["step"]), int(state["task"]), int(state["step_in_task"])
         self._task_started = bool(state["task_started"])
-        self._rng_state = state["rng"]
+        self.rng.state = state["rng"]
         # checkpoints written before the unmasked counter existed lack its key: start it at zero
         self._bin = {**_empty_sums(), **state["bin"]}
         self._task_sums = {**_empty_sums(), **state["task_sums"]}

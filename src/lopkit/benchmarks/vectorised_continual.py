@@ -317,14 +317,14 @@ class VectorisedContinual:
         while self.step < target:
             if not self.benchmarks[0]._task_started:
                 for bench, out in zip(self.benchmarks, rows):
-                    with bench._own_rng():
+                    with bench.own_rng():
                         out += bench._start_task()
                 if self.config.reset_optimizer:
                     self.optimizer.clear()
             self._train_step()
             if self._measuring_step():
                 for bench, out in zip(self.benchmarks, rows):
-                    with bench._own_rng():  # evaluations and the Monitor run under the run's own RNG
+                    with bench.own_rng():  # evaluations and the Monitor run under the run's own RNG
                         out += bench._after_step()
             else:  # only bins close: no RNG involved
                 for bench, out in zip(self.benchmarks, rows):

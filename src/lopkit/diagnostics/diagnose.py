@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lopkit.configs import require
-from lopkit.seeding import derive_seed, seeded_generator, stable_key
+from lopkit.seeding import derive_seed, rng_sandbox, seeded_generator, stable_key
 
 __all__ = [
     "TRAPS",
@@ -481,7 +481,7 @@ def default_loss(output: Tensor, target: Tensor) -> Tensor:
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
     """A deep copy of ``model`` with every ``reset_parameters`` re-run under a generator seeded from ``seed``."""
     twin = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
+    with rng_sandbox():
         torch.manual_seed(derive_seed(seed, stable_key("diagnose_reference")))
         for module in twin.modules():
             reset = getattr(module, "reset_parameters", None)

@@ -34,6 +34,7 @@ from lopkit.diagnostics.rank import RANK_METRIC_NAMES
 from lopkit.diagnostics.units import all_finite, as_unit_matrix
 from lopkit.layer_types import ACTIVATION_MODULE_PATHS, ACTIVATION_TYPES, WEIGHT_LAYERS
 from lopkit.layer_types import is_activation as is_activation_module
+from lopkit.layer_types import is_hf_conv1d, is_weight_layer
 
 __all__ = [
     "ACTIVATION_MODULE_PATHS",
@@ -285,7 +286,7 @@ def _layer_kind(module: nn.Module, extra_activation_types: tuple[type[nn.Module]
     """Classify a module as an elementwise activation, a weight layer, or anything else."""
     if is_activation_module(module, extra_activation_types) or isinstance(module, FunctionalActivation):
         return "activation"
-    if isinstance(module, PARAMETRIC_TYPES):
+    if is_weight_layer(module):  # torch's Linear/Conv and Hugging Face's Conv1D (GPT-2)
         return "parametric"
     if looks_like_activation(module):
         return "activation"
@@ -346,7 +347,7 @@ def token_wise_layers(model: nn.Module) -> set[str]:
             ends[prefix] = index
     weight_before: list[nn.Module | None] = []
     for _, module in named:
-        if isinstance(module, PARAMETRIC_TYPES):
+        if is_weight_layer(module):
             last_weight = module
         weight_before.append(last_weight)
     for name, module in named:
@@ -355,9 +356,11 @@ def token_wise_layers(model: nn.Module) -> set[str]:
             if declared:
                 result.add(name or MODEL_LAYER)
             continue
-        if isinstance(module, PARAMETRIC_TYPES) or isinstance(module, _CHANNEL_NORMS):
+        if is_weight_layer(module) or isinstance(module, _CHANNEL_NORMS):
             continue
-        if isinstance(module, _TOKEN_NORMS) or isinstance(weight_before[ends[name]], nn.Linear):
+        before = weight_before[ends[name]]
+        if isinstance(module, _TOKEN_NORMS) or isinstance(before, nn.Linear) or (before is not None
+                                                                                and is_hf_conv1d(before)):
             result.add(name or MODEL_LAYER)
     return result
 
@@ -585,7 +588,7 @@ class Monitor:
         if layers is None:
             self.skipped = _never_called_weights(self.model)
             selected = [(name, m) for name, m in named
-                        if (isinstance(m, PARAMETRIC_TYPES) or is_activation_module(m, self._extra_activation_types)
+                        if (is_weight_layer(m) or is_activation_module(m, self._extra_activation_types)
                             or looks_like_activation(m)) and (name or MODEL_LAYER) not in self.skipped]
             if not selected:
                 raise ValueError(
