@@ -1,6 +1,6 @@
 """Print the markdown section of the continual ResNet/ViT runs (T3/T4 and the ResNet/ViT run times) from run stores.
 
-Usage: ``python scripts/results_arch.py [--runs /tmp/arch16/runs ...] [--include-unfinished]``
+Usage: ``python scripts/results_arch.py [--runs /work/runs/arch ...] [--include-unfinished]``
 
 It reads every ``results.sqlite`` under the given folders (pooled) and, for each ``class_split`` run of a ``vit_*``
 or ``resnet_*`` preset, prints: how far the run got, the online accuracy of its first and last tasks, the
@@ -10,8 +10,8 @@ every ``attn.o``) and the block outputs' effective rank along the run, and the m
 T3/T4 verdict lines are computed from those numbers with the thresholds printed beside them; nothing is typed by
 hand. Produce the stores with, e.g.::
 
-    lopkit run class_split --preset vit_t3 --seed-list 0,1 --out /tmp/arch16/runs --threads 1
-    lopkit run class_split --preset vit_t4 --seed-list 0,1 --out /tmp/arch16/runs --threads 1
+    lopkit run class_split --preset vit_t3 --seed-list 0,1 --out /work/runs/arch --threads 1
+    lopkit run class_split --preset vit_t4 --seed-list 0,1 --out /work/runs/arch --threads 1
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def section(runs: pd.DataFrame, metrics: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and print the section."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, nargs="+", default=[Path("/tmp/arch16/runs")],
-                        help="store folders (default /tmp/arch16/runs)")
+    parser.add_argument("--runs", type=Path, nargs="+", default=[Path("/work/runs/arch")],
+                        help="store folders (default /work/runs/arch)")
     parser.add_argument("--include-unfinished", action="store_true", help="also report running/interrupted runs")
     args = parser.parse_args(argv)
     runs, metrics = load(args.runs, args.include_unfinished)
