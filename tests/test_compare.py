@@ -317,3 +317,17 @@ def test_summary_table_and_ranking_give_the_same_values_and_name_the_layers(tmp_
     page = (tmp_path / "report.html").read_text()
     assert "layer metrics over act1" in page  # the summary names the layer it averages
     assert "layers act1" in ranking.caption()
+
+
+def test_a_method_the_benchmark_refuses_is_skipped_and_the_grid_goes_on(tmp_path, capsys):
+    """proper_adam on the SGD toy benchmark: one error line, its seeds not tried, the other methods run and rank."""
+    out = tmp_path / "cmp"
+    code = compare_main([*TOY_ARGS, "--methods", "proper_adam,sgd", "--out", str(out), "--no-report"])
+    captured = capsys.readouterr()
+    assert code == 1  # the user asked for a method that did not run
+    assert captured.err.count("proper_adam cannot run here, skipped") == 1
+    assert "Traceback" not in captured.err
+    runs, _ = _store_frames(out)
+    assert sorted(runs["method"].unique()) == ["sgd"] and set(runs["status"]) == {"finished"} and len(runs) == 2
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert list(ranking.iloc[:, 0]) == ["sgd"]  # the methods that ran are still ranked

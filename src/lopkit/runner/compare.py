@@ -142,19 +142,31 @@ class CellResult:
 
 
 def run_plan(plan: ComparePlan, store: Any, *, progress: bool | str = True, checkpoint_every: int | None = None,
-             on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+             on_result: Callable[[CellResult], None] | None = None,
+             on_skip: Callable[[MethodEntry, ConfigError], None] | None = None) -> list[CellResult]:
     """Run every cell through ``execute_run`` (finished ones are skipped); stops early on an interrupt.
 
-    A failed cell is recorded in the store and the grid goes on. An interrupted cell (Ctrl-C) ends the grid:
-    its last result has status ``interrupted``; run the same plan again to resume.
+    A failed cell is recorded in the store and the grid goes on. A method the benchmark refuses at set-up (a
+    ConfigError, e.g. ``proper_adam`` on an SGD benchmark) is reported through ``on_skip`` once and its other
+    seeds are not tried; the other methods go on. An interrupted cell (Ctrl-C) ends the grid: its last result has
+    status ``interrupted``; run the same plan again to resume.
     """
     results = []
+    refused: set[str] = set()
     for method, seed in plan.cells:
+        if method.label in refused:
+            continue
         try:
             result = execute_run(store, plan.benchmark, plan.config, seed, method.specs, checkpoint_every, progress,
                                  preset=plan.preset, label=method.label, raise_on_error=False)
         except KeyboardInterrupt:
             result = RunResult(plan.run_id(method, seed), "interrupted", 0, None)
+        except ConfigError as err:  # this method cannot run on this benchmark/config: skip it, keep the grid going
+            refused.add(method.label)
+            if on_skip is None:
+                raise
+            on_skip(method, err)
+            continue
         cell = CellResult(method, seed, result)
         results.append(cell)
         if on_result is not None:

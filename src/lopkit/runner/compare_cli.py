@@ -84,12 +84,19 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         if not args.rank_only:
             try:
+                refused: list[str] = []
+
+                def skip(method: Any, err: Exception) -> None:
+                    refused.append(method.label)
+                    print(f"error: {method.label} cannot run here, skipped (its seeds are not tried): {err}",
+                          file=sys.stderr, flush=True)
+
                 cells = run_plan(plan, store, progress=progress, checkpoint_every=args.checkpoint_every,
-                                 on_result=lambda cell: print(_describe_cell(cell), flush=True))
+                                 on_result=lambda cell: print(_describe_cell(cell), flush=True), on_skip=skip)
             except (*SETUP_ERRORS, StoreError) as err:  # a benchmark refusing a config/method combination, a
                 # missing dataset, a store that cannot be written
                 return _error(str(err))
-            failures = sum(c.result.status == "failed" for c in cells)
+            failures = sum(c.result.status == "failed" for c in cells) + len(refused)
             for cell in cells:
                 if cell.result.status == "failed":
                     print(f"error: {cell.method.label} seed {cell.seed} failed: {cell.result.error_line} "
