@@ -16,6 +16,7 @@ Usage from a script::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -24,7 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["README", "START", "END", "HEADER", "add_record_argument", "machine_description", "record", "update_table"]
+__all__ = ["README", "START", "END", "HEADER", "add_record_argument", "load", "machine_description", "one_blas_thread",
+           "record", "update_table"]
 
 #: The README whose table the scripts keep up to date.
 README = Path(__file__).resolve().parent / "README.md"
@@ -36,6 +38,23 @@ def add_record_argument(parser: argparse.ArgumentParser) -> None:
     """Add the shared ``--record`` flag (write the figures into benchmarks/README.md)."""
     parser.add_argument("--record", action="store_true",
                         help="write the figures into the table of benchmarks/README.md (rows keyed by figure)")
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager:
+    """Limit NumPy's BLAS to one thread when threadpoolctl is available (else a no-op)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages (the machine may be shared)."""
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 def machine_description(threads: int | None = None, device: str = "cpu") -> str:

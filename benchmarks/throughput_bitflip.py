@@ -15,15 +15,15 @@ Usage: python benchmarks/throughput_bitflip.py [--steps 50000] [--width 100] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
-import os
 import pstats
 import time
 import warnings
 
 import torch
+
+from _record import load, one_blas_thread
 
 from lopkit.benchmarks.bitflip import BitFlipBenchmark
 from lopkit.mitigations.registry import build_methods
@@ -46,23 +46,6 @@ def steps_per_second(width: int, steps: int, monitor_every: int, engine: str, me
     start = time.perf_counter()
     bench.run(steps)
     return steps / (time.perf_counter() - start)
-
-
-def one_blas_thread() -> contextlib.AbstractContextManager:
-    """Limit NumPy's BLAS to one thread when threadpoolctl is available (else a no-op)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
-
-
-def load() -> str:
-    """The 1/5/15-minute load averages (the machine may be shared)."""
-    try:
-        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "load average unknown"
 
 
 def profile_top(width: int, steps: int, method: str, entries: int = 15) -> str:

@@ -23,38 +23,21 @@ Usage: python benchmarks/throughput_vmap_seeds.py [--seeds 8] [--steps 10000] [-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
-import os
 import pstats
 import time
 import warnings
 
 import torch
 
+from _record import load, one_blas_thread
+
 from lopkit.benchmarks.bitflip import BitFlipBenchmark
 from lopkit.benchmarks.vmap_seeds import BitFlipSeedGroup, run_bitflip_seeds
 from lopkit.mitigations.registry import build_methods
 
 TARGET = 3.0
-
-
-def one_blas_thread() -> contextlib.AbstractContextManager:
-    """Limit NumPy's BLAS to one thread when threadpoolctl is available (else a no-op)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
-
-
-def load() -> str:
-    """The 1/5/15-minute load averages (the machine may be shared)."""
-    try:
-        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "load average unknown"
 
 
 def plain_table(args: argparse.Namespace) -> None:

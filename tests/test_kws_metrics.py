@@ -179,3 +179,18 @@ def test_fa_by_kind_charges_each_trigger_to_the_utterance_it_falls_in():
     assert result == pytest.approx({"confusable": 1 / hours, "sentence": 1 / hours, "noise": 2 / hours})
     with pytest.raises(ValueError, match="segment lists"):
         fa_by_kind([scores], [], 0.5, hours)
+
+
+def test_precomputed_negative_blocks_give_the_same_interval_and_must_match_the_grid():
+    from lopkit.kws.metrics import bootstrap_frr_at_fa, negative_block_counts, sweep_thresholds
+
+    rng = np.random.default_rng(7)
+    positive_max = rng.uniform(0.3, 1.0, size=60)
+    stream = rng.uniform(0.0, 0.7, size=6000 * 4) ** 2
+    thresholds = sweep_thresholds(positive_max, stream)
+    blocks = negative_block_counts(stream, thresholds, 100)
+    assert blocks.counts.shape == (4, thresholds.size)
+    assert bootstrap_frr_at_fa(positive_max, blocks, [1.0, 30.0], thresholds, n_boot=200, seed=2) == \
+        bootstrap_frr_at_fa(positive_max, stream, [1.0, 30.0], thresholds, n_boot=200, seed=2)
+    with pytest.raises(ValueError, match="threshold grid"):
+        bootstrap_frr_at_fa(positive_max, blocks, 1.0, thresholds[:-1], n_boot=10)

@@ -27,6 +27,7 @@ Definitions (also in docs/kws.md):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -36,7 +37,9 @@ from torch import Tensor
 
 __all__ = [
     "DET_COLUMNS",
+    "NegativeBlocks",
     "bootstrap_frr_at_fa",
+    "negative_block_counts",
     "fa_by_kind",
     "clip_auc",
     "count_triggers",
@@ -216,9 +219,42 @@ def _operating_frr(frr: np.ndarray, fa: np.ndarray, target: float) -> np.ndarray
     return np.where(allowed.any(axis=1), out, 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class NegativeBlocks:
+    """Trigger counts of fixed-length negative-stream blocks at each threshold: what the bootstrap resamples."""
+
+    thresholds: np.ndarray  # ascending
+    counts: np.ndarray  # [n_blocks, n_thresholds] triggers within each block
+    hours: np.ndarray  # [n_blocks] duration of each block
+
+
+def negative_block_counts(
+    negative_stream_scores: np.ndarray | Sequence[np.ndarray],
+    thresholds: Sequence[float] | np.ndarray,
+    refractory_frames: int = FRAMES_PER_SECOND,
+    block_frames: int = 60 * FRAMES_PER_SECOND,
+) -> NegativeBlocks:
+    """Cut the negative streams into ``block_frames``-long blocks and count each block's triggers per threshold.
+
+    Computed once per stream and threshold grid, it serves every split's :func:`bootstrap_frr_at_fa`.
+    """
+    if block_frames < 1:
+        raise ValueError(f"block_frames must be >= 1, got {block_frames}")
+    streams = [negative_stream_scores] if isinstance(negative_stream_scores, np.ndarray) else list(negative_stream_scores)
+    blocks = [_as_1d(s, "negative_stream_scores")[i:i + block_frames]
+              for s in streams for i in range(0, len(s), block_frames)]
+    blocks = [b for b in blocks if b.size]
+    if not blocks:
+        raise ValueError("bootstrap_frr_at_fa needs a non-empty negative stream")
+    thresholds = np.sort(_as_1d(thresholds, "thresholds"))
+    counts = np.array([[count_triggers(b, float(t), refractory_frames) for t in thresholds] for b in blocks])
+    hours = np.array([b.size for b in blocks], dtype=np.float64) / FRAMES_PER_SECOND / 3600.0
+    return NegativeBlocks(thresholds, counts, hours)
+
+
 def bootstrap_frr_at_fa(
     positive_max: Sequence[float] | np.ndarray,
-    negative_stream_scores: np.ndarray | Sequence[np.ndarray],
+    negative: np.ndarray | Sequence[np.ndarray] | NegativeBlocks,
     fa_per_hour: float | Sequence[float],
     thresholds: Sequence[float] | np.ndarray,
     refractory_frames: int = FRAMES_PER_SECOND,
@@ -231,6 +267,7 @@ def bootstrap_frr_at_fa(
 
     Positives and ``block_frames``-long blocks of the negative streams are resampled independently; every
     replicate recomputes the step operating point on ``thresholds``. The generator is seeded by ``seed``.
+    ``negative`` is the negative stream(s), or their :func:`negative_block_counts` on the same thresholds.
     """
     from lopkit.seeding import derive_seed
 
@@ -241,17 +278,14 @@ def bootstrap_frr_at_fa(
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1 or block_frames < 1:
         raise ValueError(f"n_boot and block_frames must be >= 1, got {n_boot}, {block_frames}")
-    streams = [negative_stream_scores] if isinstance(negative_stream_scores, np.ndarray) else list(negative_stream_scores)
-    blocks = [_as_1d(s, "negative_stream_scores")[i:i + block_frames]
-              for s in streams for i in range(0, len(s), block_frames)]
-    blocks = [b for b in blocks if b.size]
-    if not blocks:
-        raise ValueError("bootstrap_frr_at_fa needs a non-empty negative stream")
     thresholds = np.sort(_as_1d(thresholds, "thresholds"))
-    counts = np.array([[count_triggers(b, float(t), refractory_frames) for t in thresholds] for b in blocks])
-    hours = np.array([b.size for b in blocks], dtype=np.float64) / FRAMES_PER_SECOND / 3600.0
+    if not isinstance(negative, NegativeBlocks):
+        negative = negative_block_counts(negative, thresholds, refractory_frames, block_frames)
+    elif not np.array_equal(negative.thresholds, thresholds):
+        raise ValueError("the negative block counts were made on another threshold grid")
+    counts, hours = negative.counts, negative.hours
     rng = np.random.default_rng(derive_seed(int(seed), 0x4B5753))
-    block_index = rng.integers(0, len(blocks), size=(n_boot, len(blocks)))
+    block_index = rng.integers(0, hours.size, size=(n_boot, hours.size))
     pos_index = rng.integers(0, positive_max.size, size=(n_boot, positive_max.size))
     fa = counts[block_index].sum(axis=1) / hours[block_index].sum(axis=1, keepdims=True)  # [R, n_thr]
     sampled = np.sort(positive_max[pos_index], axis=1)

@@ -299,6 +299,7 @@ def evaluate_model(model: torch.nn.Module, kind: str, corpus_dir: Path, config: 
     all_pos = np.array([e[0] for entries in positives.values() for e in entries])
     thresholds = M.sweep_thresholds(all_pos, np.concatenate(neg_scores), max_points=600)
     result: dict[str, Any] = {"params": count_parameters(model), "stream_hours": neg_hours, "splits": {}}
+    neg_blocks = M.negative_block_counts(neg_scores, thresholds, refractory)  # once for every split's bootstrap
     for split, entries in positives.items():
         pos_max = np.array([e[0] for e in entries])
         det = M.det_curve(pos_max, neg_scores, neg_hours, refractory, thresholds)
@@ -317,7 +318,7 @@ def evaluate_model(model: torch.nn.Module, kind: str, corpus_dir: Path, config: 
         frame.to_csv(eval_dir / f"{kind}__{split}_starts.csv", index=False)
         detected = frame[frame["detected"]]
         levels = sorted({float(config.target_fa_per_hour), *map(float, config.extra_fa_levels)})
-        intervals = M.bootstrap_frr_at_fa(pos_max, neg_scores, levels, thresholds, refractory,
+        intervals = M.bootstrap_frr_at_fa(pos_max, neg_blocks, levels, thresholds, refractory,
                                           n_boot=config.bootstrap_samples, seed=config.seed)
         info = {**op, "n_pos": len(entries),
                 "start": M.start_error_summary(detected["predicted_start_s"], detected["reference_start_s"]),
