@@ -32,6 +32,11 @@ EXPERIMENTS = (
 )
 
 
+#: The every-method comparisons (issue 17), when present under ``--runs``: they replace the older 6-7 method grids
+#: in compare_e1.md / compare_bitflip.md.
+EVERY_METHOD_COMPARE = {"e1": "e17/compare_e1", "e3": "e17/compare_bitflip"}
+
+
 def run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run one step with the repository's source first on the path; echo the command."""
     print("$ " + " ".join(command), flush=True)
@@ -52,6 +57,9 @@ def regenerate_experiment(key: str, runs: Path) -> str:
         return f"stores `{store_dir}` not found: `docs/results_{key}.md` kept as last generated"
     script = ROOT / "scripts" / f"results_{key}.py"
     args = ["--runs", str(store_dir)] + (["--out", str(DOCS / "results_e2.md")] if key == "e2" else ["--docs", str(DOCS)])
+    every = runs / EVERY_METHOD_COMPARE.get(key, "-")
+    if key in EVERY_METHOD_COMPARE and (every / "results.sqlite").exists():
+        args += ["--compare", str(every)]
     done = run([sys.executable, str(script), *args], timeout=1800)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]

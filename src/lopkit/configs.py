@@ -184,6 +184,27 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def run_identity(config: Any, config_cls: type | None = None) -> dict[str, Any]:
+    """The part of a config a run id hashes: every field, except a ``run_id_neutral`` one at its default.
+
+    A config class lists in ``run_id_neutral`` the fields added after runs had been stored whose default does what
+    those runs did; leaving them out while they hold that default keeps the ids of stores written before the field
+    existed (they then resume and skip instead of rerunning). A non-default value is part of the id as usual.
+    ``config`` is a typed config, or its dict (as stored) together with ``config_cls``.
+    """
+    if isinstance(config, Mapping):
+        if config_cls is None:
+            raise TypeError("run_identity of a config dict needs its config class")
+        values = json.loads(json.dumps(dict(config)))
+    else:
+        config_cls, values = type(config), config_to_dict(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.default is not dataclasses.MISSING}
+    for name in getattr(config_cls, "run_id_neutral", ()):
+        if name in values and name in defaults and values[name] == json.loads(json.dumps(defaults[name])):
+            del values[name]
+    return values
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds; used in configs' ``validate`` methods."""
     if not condition:

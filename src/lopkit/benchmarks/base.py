@@ -41,7 +41,14 @@ PRESET_NAMES = ("smoke", "default", "paper")
 
 @dataclasses.dataclass
 class BenchmarkConfig:
-    """Base class of every benchmark config; subclasses add typed fields and override ``validate``."""
+    """Base class of every benchmark config; subclasses add typed fields and override ``validate``.
+
+    ``run_id_neutral`` names the fields added after runs had been stored whose default reproduces what those
+    runs did: while such a field holds its default it is left out of the run id
+    (:func:`lopkit.configs.run_identity`), so a store written before the field existed keeps its ids and resumes.
+    """
+
+    run_id_neutral: ClassVar[tuple[str, ...]] = ("device",)
 
     def validate(self) -> None:
         """Raise ConfigError for impossible values (called by ``build_config``)."""

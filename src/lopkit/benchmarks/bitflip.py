@@ -148,6 +148,9 @@ _RUN_PROBE_STREAM = 13  # key of the run probe's step indices
 class BitFlipBenchmarkConfig(BenchmarkConfig):
     """Sizes of the stream and the learner, schedule of the metrics and the training engine."""
 
+    run_id_neutral: ClassVar[tuple[str, ...]] = ("device", "flip_mode")
+    """Fields added after runs had been stored (left out of the run id at their default; see BenchmarkConfig)."""
+
     width: int = 100
     """Hidden units of the learner (the paper uses 5, 10, 50 and 100)."""
     num_bits: int = 20

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -104,6 +104,11 @@ _KIND_PREFIXES = (("fc", "linear"), ("norm", "norm"), ("act", "activation"), ("d
 @dataclasses.dataclass
 class CloningConfig(BenchmarkConfig):
     """Data subset, base MLP, schedule, clone variant and its hyper-parameters."""
+
+    run_id_neutral: ClassVar[tuple[str, ...]] = (
+        "device", "channels", "model", "vit_depth", "vit_dim", "vit_heads", "vit_patch",
+    )
+    """Fields added after runs had been stored (left out of the run id at their default; see BenchmarkConfig)."""
 
     variant: Literal["sgd", "adam", "noisy_sgd", "dropout"] = "sgd"
     """How the clone is trained (see the module docstring)."""

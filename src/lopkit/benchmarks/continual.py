@@ -177,6 +177,11 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 class ContinualConfig(BenchmarkConfig):
     """Settings shared by the continual Fashion-MNIST benchmarks (model, optimiser, schedule, monitoring)."""
 
+    run_id_neutral: ClassVar[tuple[str, ...]] = (
+        "device", "resnet_blocks", "vit_depth", "vit_dim", "vit_heads", "vit_mlp_ratio", "vit_patch",
+    )
+    """Fields added after runs had been stored (left out of the run id at their default; see BenchmarkConfig)."""
+
     model: str = "mlp"  # "mlp", "cnn", "resnet" or "vit" (benchmarks.architectures)
     width: int = 128  # units of every hidden FC layer (mlp/cnn only)
     depth: int = 5  # number of hidden FC layers (CNN: FC layers after the conv stack; may be 0) (mlp/cnn only)

@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from lopkit.configs import ConfigError, config_to_dict
+from lopkit.configs import ConfigError
 from lopkit.moe.common import TIMINGS_FILE, k_low
-from lopkit.runner.store import make_run_id
 
 __all__ = [
     "PIPELINE_PRESETS",
@@ -207,7 +206,7 @@ def run_pipeline(
         every = max(1, config.steps // 5) if cls is MoEFinetune else None
         # a stage that continues the run ``source`` gets its kept state from the pipeline's store (read here, not
         # by the benchmark); a finished run is skipped without reading it
-        run_id = make_run_id(cls.name, label, config_to_dict(config), seed)
+        run_id = store.resolve_run_id(cls.name, label, config, seed)
         done = (store.get_run(run_id) or {}).get("status") == "finished"
         initial = store.kept_state(source) if source is not None and not done else None
         result = execute_run(store, cls, config, seed, checkpoint_every=every, progress=progress, preset=preset,
@@ -221,7 +220,7 @@ def run_pipeline(
 
     try:
         for seed in seeds:
-            pre_id = make_run_id(MoEPretrain.name, PRETRAIN_LABEL, config_to_dict(pre_config), seed)
+            pre_id = store.resolve_run_id(MoEPretrain.name, PRETRAIN_LABEL, pre_config, seed)
             run_ids[(PRETRAIN_LABEL, seed)] = pre_id
             if "pretrain" in stages:
                 if execute(MoEPretrain, pre_config, seed, PRETRAIN_LABEL, True, "pretrain") == "interrupted":
@@ -233,7 +232,7 @@ def run_pipeline(
                 values = {**routed["finetune"], **every_variant[label], "variant": label, "init_store": store_dir,
                           "init_run_id": pre_id}
                 ft_config = MoEFinetune.make_config(preset, values)
-                run_ids[(label, seed)] = make_run_id(MoEFinetune.name, label, config_to_dict(ft_config), seed)
+                run_ids[(label, seed)] = store.resolve_run_id(MoEFinetune.name, label, ft_config, seed)
                 if "finetune" in stages:
                     if execute(MoEFinetune, ft_config, seed, label, True, label, pre_id) == "interrupted":
                         return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
@@ -246,7 +245,7 @@ def run_pipeline(
                                       f"lopkit moe finetune --preset {preset} --out {out}")
                     eval_config = MoEEval.make_config(preset, {**routed["eval"], "source_store": store_dir,
                                                                "source_run_id": source})
-                    eval_ids[(label, seed)] = make_run_id(MoEEval.name, label, config_to_dict(eval_config), seed)
+                    eval_ids[(label, seed)] = store.resolve_run_id(MoEEval.name, label, eval_config, seed)
                     if execute(MoEEval, eval_config, seed, label, False, f"eval_{label}", source) == "interrupted":
                         return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
     finally:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lopkit.configs import ConfigError, require
+from lopkit.schedules import warmup_cosine_factor
 
 
 # keys of the independent random streams derived from the run seed
@@ -26,12 +27,8 @@ MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "context", "n_experts", "exper
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine decay to ``min_lr_ratio * base_lr``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
-    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    """Learning rate of optimiser step ``step`` (0-based): the one warm-up + cosine schedule of :mod:`lopkit.schedules`."""
+    return base_lr * warmup_cosine_factor(step, total_steps, warmup_steps, min_lr_ratio)
 
 
 def anchor_weight(step: int, total_steps: int, anchor_fraction: float) -> float:

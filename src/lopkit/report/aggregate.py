@@ -26,6 +26,31 @@ def _config_frame(runs: pd.DataFrame) -> pd.DataFrame:
     return frame.map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v)
 
 
+def _with_neutral_defaults(frame: pd.DataFrame, benchmark: str) -> pd.DataFrame:
+    """Fill a config field that older runs lack with its default when the benchmark marks it ``run_id_neutral``.
+
+    A store may hold runs written before such a field existed next to newer ones; they ran the same configuration,
+    so they get the same label (and the same run id, :func:`lopkit.configs.run_identity`).
+    """
+    import dataclasses
+
+    from lopkit.benchmarks.registry import get_benchmark
+    from lopkit.configs import ConfigError
+
+    try:
+        config_cls = get_benchmark(benchmark).Config
+    except ConfigError:
+        return frame
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.default is not dataclasses.MISSING}
+    frame = frame.copy()
+    for name in getattr(config_cls, "run_id_neutral", ()):
+        if name in frame.columns and name in defaults:
+            value = json.loads(json.dumps(defaults[name]))
+            value = json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+            frame[name] = frame[name].map(lambda v, d=value: d if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+    return frame
+
+
 def varying_keys(frame: pd.DataFrame) -> list[str]:
     """Columns of a config frame whose value differs between rows (a key some rows lack counts as differing)."""
     def text(value: object) -> str:
@@ -55,7 +80,7 @@ def config_labels(runs: pd.DataFrame) -> pd.Series:
     multi_benchmark = benchmarks.nunique() > 1
     parts = pd.Series("", index=runs.index, name="label", dtype=object)
     for benchmark, group in runs.groupby(benchmarks, sort=True):
-        frame = _config_frame(group).dropna(axis=1, how="all")
+        frame = _with_neutral_defaults(_config_frame(group), str(benchmark)).dropna(axis=1, how="all")
         varying = varying_keys(frame)
         for idx in group.index:
             label = [str(benchmark)] if multi_benchmark else []

@@ -15,7 +15,7 @@ from lopkit.benchmarks.bitflip import BitFlipBenchmark, BitFlipBenchmarkConfig
 from lopkit.benchmarks.vmap_seeds import BitFlipSeedGroup, group_unsupported_reason
 from lopkit.configs import config_to_dict
 from lopkit.runner.execute import RunResult, default_checkpoint_every, method_label, resolve_methods
-from lopkit.runner.store import deserialize_state, make_run_id, serialize_state
+from lopkit.runner.store import deserialize_state, serialize_state
 
 __all__ = ["execute_seed_group"]
 
@@ -42,7 +42,7 @@ def execute_seed_group(
     results: dict[int, Any] = {}
     pending: list[tuple[int, str]] = []
     for seed in seeds:
-        run_id = make_run_id(BitFlipBenchmark.name, label, config_dict, seed)
+        run_id = store.resolve_run_id(BitFlipBenchmark.name, label, config, seed)
         existing = store.get_run(run_id)
         if existing is not None and existing["status"] == "finished":
             results[seed] = RunResult(run_id, "skipped", int(existing["step"]), existing["total_steps"])

@@ -114,7 +114,7 @@ class ComparePlan:
 
     def run_id(self, method: MethodEntry, seed: int) -> str:
         """The runner's id of one cell (same as ``lopkit run`` with this config, method and seed)."""
-        return make_run_id(self.benchmark, method.label, config_to_dict(self.config), seed)
+        return make_run_id(self.benchmark, method.label, self.config, seed)
 
     @property
     def run_ids(self) -> list[str]:

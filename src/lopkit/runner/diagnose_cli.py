@@ -348,7 +348,7 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
         cured_rows = _finish(cured, until)
         gain_cured = probe_gain(cured.model, probe, config.probe_steps, config.probe_lr, config.seed) if probe is not None else float("nan")
         label = f"{method}+{spec}" if method not in ("sgd", "none", "baseline") else spec
-        cured_id = make_run_id(cls.name, f"diagnose-fix {label}", config_to_dict(bench_config), seed)
+        cured_id = make_run_id(cls.name, f"diagnose-fix {label}", bench_config, seed)
         store.start_run(cls.name, f"diagnose-fix {label}", config_to_dict(bench_config), seed, preset=run["preset"],
                         run_id=cured_id)
         store.set_total_steps(cured_id, until)

@@ -33,7 +33,7 @@ from lopkit.configs import ConfigError, config_to_dict, parse_overrides
 from lopkit.data.errors import DatasetNotFoundError
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.registry import split_method_specs
-from lopkit.runner.store import ResultStore, deserialize_state, load_kept_state, make_run_id, serialize_state
+from lopkit.runner.store import ResultStore, deserialize_state, load_kept_state, serialize_state
 
 __all__ = [
     "BASELINE_METHOD",
@@ -288,7 +288,7 @@ def execute_run(
     check_accepts_methods(cls, methods)  # a benchmark that cannot apply methods refuses them
     label = label or method_label(method_names)
     config_dict = config_to_dict(config)
-    run_id = make_run_id(cls.name, label, config_dict, seed)
+    run_id = store.resolve_run_id(cls.name, label, config, seed)
     started = time.monotonic()
 
     existing = store.get_run(run_id)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Ty
 if TYPE_CHECKING:  # torch and pandas are imported only when needed (keeps the store light to import)
     import pandas as pd
 
-from lopkit.configs import ConfigError
+from lopkit.configs import ConfigError, run_identity
 
 __all__ = [
     "RUN_STATUSES",
@@ -166,13 +166,38 @@ def canonical_config_json(config: Any) -> str:
 
 
 def make_run_id(benchmark: str, method: str, config: Any, seed: int) -> str:
-    """Stable id of one run: a hash of (benchmark, method, canonical config JSON, seed)."""
+    """Stable id of one run: a hash of (benchmark, method, canonical config JSON, seed).
+
+    A typed config is hashed through :func:`lopkit.configs.run_identity` (fields added later are left out while at
+    their default, so older stores keep their ids); a mapping is hashed as given.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = run_identity(config)
     identity = json.dumps(
         {"benchmark": str(benchmark), "method": str(method), "config": json.loads(canonical_config_json(config)),
          "seed": int(seed)},
         sort_keys=True, separators=(",", ":"),
     )
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+
+
+def run_id_candidates(benchmark: str, method: str, config: Any, seed: int) -> list[str]:
+    """Every id a store may hold this run under, the current one (:func:`make_run_id`) first.
+
+    Fields added later (``run_id_neutral``) are left out of the current id at their default, but a store written
+    while such a field was hashed holds it in the id: the other candidates add back each subset of those fields.
+    """
+    current = make_run_id(benchmark, method, config, seed)
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)):
+        return [current]
+    full = json.loads(canonical_config_json(config))
+    identity = run_identity(config)
+    dropped = sorted(set(full) - set(identity))
+    ids = [current]
+    for mask in range(1, 2 ** len(dropped)):
+        back = {name: full[name] for bit, name in enumerate(dropped) if mask >> bit & 1}
+        ids.append(make_run_id(benchmark, method, {**identity, **back}, seed))
+    return ids
 
 
 @functools.lru_cache(maxsize=1)
@@ -562,6 +587,24 @@ class ResultStore:
             lambda: self.conn.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         )
         return dict(zip(_RUN_COLUMNS, row)) if row else None
+
+    def resolve_run_id(self, benchmark: str, method: str, config: Any, seed: int) -> str:
+        """The id this store knows the run by: a finished stored candidate, else any stored one, else the current id.
+
+        So a store written before a config field was added (or while it was hashed) is resumed, not rerun
+        (:func:`run_id_candidates`).
+        """
+        candidates = run_id_candidates(benchmark, method, config, seed)
+        if len(candidates) == 1:
+            return candidates[0]
+        marks = ", ".join("?" * len(candidates))
+        found = dict(self._retry(lambda: self.conn.execute(
+            f"SELECT run_id, status FROM runs WHERE run_id IN ({marks})", candidates).fetchall()))
+        for wanted in ("finished", None):
+            for run_id in candidates:
+                if run_id in found and (wanted is None or found[run_id] == wanted):
+                    return run_id
+        return candidates[0]
 
     def start_run(
         self,

@@ -23,7 +23,7 @@ _error = error_exit
 
 def _dry_run(sweep: Any) -> int:
     """List the runs a sweep expands to (and which are already finished) without running anything."""
-    from lopkit.runner.store import STORE_FILENAME, ResultStore, StoreError
+    from lopkit.runner.store import STORE_FILENAME, ResultStore, StoreError, run_id_candidates
 
     finished: set[str] = set()
     if (sweep.experiment / STORE_FILENAME).exists():
@@ -33,10 +33,15 @@ def _dry_run(sweep: Any) -> int:
         except StoreError as err:
             return _error(str(err))
         finished = set(frame.loc[frame["status"] == "finished", "run_id"])
-    for spec in sweep.runs:
-        mark = "finished" if spec.run_id() in finished else "todo"
-        print(f"{mark:<9} {spec.label}")
-    todo = sum(spec.run_id() not in finished for spec in sweep.runs)
+    def is_finished(spec: Any) -> bool:
+        """Whether the store holds the run finished, under its current id or an older one."""
+        ids = run_id_candidates(spec.benchmark, spec.method_label, spec.make_config(), spec.seed)
+        return any(run_id in finished for run_id in ids)
+
+    marks = [is_finished(spec) for spec in sweep.runs]
+    for spec, done in zip(sweep.runs, marks):
+        print(f"{'finished' if done else 'todo':<9} {spec.label}")
+    todo = marks.count(False)
     print(f"{len(sweep.runs)} runs ({todo} to do) -> {sweep.experiment}")
     return EXIT_OK
 

@@ -46,7 +46,7 @@ from lopkit.runner.execute import (
     progress_enabled,
     resolve_methods,
 )
-from lopkit.runner.store import ResultStore, StoreError, deserialize_state, make_run_id, serialize_state
+from lopkit.runner.store import ResultStore, StoreError, deserialize_state, serialize_state
 
 __all__ = [
     "GROUP_ENGINE",
@@ -200,7 +200,7 @@ def execute_group(
     methods = resolve_methods(method_names)
     check_accepts_methods(cls, methods)
     label = label or method_label(method_names)
-    run_ids = [make_run_id(cls.name, label, config_to_dict(config), seed) for config, seed in members]
+    run_ids = [store.resolve_run_id(cls.name, label, config, seed) for config, seed in members]
     if len(set(run_ids)) != len(run_ids):
         raise ValueError("the members of a vectorised group must be distinct runs (a seed or config given twice)")
     results: list[RunResult | None] = [None] * len(members)

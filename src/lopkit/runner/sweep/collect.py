@@ -23,7 +23,7 @@ def _absorb(store: Any, sweep: Sweep, result: TaskResult) -> None:
         return  # skipped: already in the store; interrupted/cancelled: the private store is gone, redo later
     spec = sweep.runs[result.index]
     config = spec.make_config()
-    run_id = spec.run_id(config)
+    run_id = spec.stored_run_id(store, config)
     existing = store.get_run(run_id)
     if existing is not None and existing["status"] == "finished":
         return
@@ -71,7 +71,7 @@ class Collector:
         """A task died without reporting (worker crash): its runs are failed, in the store too if registered."""
         for index, spec in zip(task.indices, task.specs):
             with contextlib.suppress(Exception):
-                run_id = spec.run_id()
+                run_id = spec.stored_run_id(self.store)
                 record = self.store.get_run(run_id)
                 if record is not None and record["status"] != "finished":
                     self.store.fail_run(run_id, error)

@@ -55,7 +55,7 @@ def run_sweep(
         configs = [spec.make_config() for spec in sweep.runs]
         done: dict[int, RunOutcome] = {}
         for index, (spec, config) in enumerate(zip(sweep.runs, configs)):
-            record = store.get_run(spec.run_id(config))
+            record = store.get_run(spec.stored_run_id(store, config))
             if record is not None and record["status"] == "finished":
                 done[index] = RunOutcome(spec, "skipped")
         pending = [i for i in range(len(sweep.runs)) if i not in done]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lopkit.benchmarks.base import check_accepts_methods, get_benchmark
-from lopkit.configs import ConfigError, coerce_value, config_field_types, config_to_dict, resolve_key
+from lopkit.configs import ConfigError, coerce_value, config_field_types, resolve_key
 from lopkit.runner.cli_common import parse_seeds
 from lopkit.runner.execute import method_label, resolve_methods, split_method_names
 from lopkit.runner.store import make_run_id
@@ -84,7 +84,12 @@ class RunSpec:
     def run_id(self, config: Any | None = None) -> str:
         """The run's id in the results store (the same id ``lopkit run`` gives it)."""
         config = self.make_config() if config is None else config
-        return make_run_id(self.benchmark, self.method_label, config_to_dict(config), self.seed)
+        return make_run_id(self.benchmark, self.method_label, config, self.seed)
+
+    def stored_run_id(self, store: Any, config: Any | None = None) -> str:
+        """The id ``store`` holds this run under (an older store may use an older id; see ``resolve_run_id``)."""
+        config = self.make_config() if config is None else config
+        return store.resolve_run_id(self.benchmark, self.method_label, config, self.seed)
 
     @property
     def label(self) -> str:

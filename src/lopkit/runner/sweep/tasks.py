@@ -143,7 +143,7 @@ def _execute_vectorised(store: Any, task: Task) -> list[TaskResult]:
     runs = []  # (index, spec, run_id) of the seeds that start from scratch here
     results: list[TaskResult] = []
     for index, spec in zip(task.indices, task.specs):
-        run_id = spec.run_id(config)
+        run_id = spec.stored_run_id(store, config)
         record = store.get_run(run_id)
         if record is not None and record["status"] == "finished":
             results.append(TaskResult(index, "skipped", step=int(record["step"])))
