@@ -73,7 +73,9 @@ def clone(model: nn.Module, factor: int, layout: str = "interleaved") -> tuple[n
     authors' code); ``layout="tiled"`` at ``j * K + k``.  The partition maps every module of the clone
     whose output units are cloned to the base unit index of each unit; for a ``Flatten`` after
     cloned channels the ids are ``base_channel * HW + s``.  The clone is a deep copy (same dtype and
-    device); the base is not modified.  Raises ``TypeError`` for unsupported modules.
+    device); the base is not modified.  Raises ``TypeError`` for unsupported modules.  The modules are walked by
+    the one unit walker, :func:`lopkit.theory.unit_maps.sequential_leaves`: a module registered at several places
+    is cloned at each place and stays one (tied) module, which needs its clones at every place to be equal.
     """
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor must be a positive integer (the width expansion), got {factor!r}")
