@@ -20,6 +20,7 @@ from lopkit.theory.cloning import clone
 from lopkit.theory.invariance import measure_cloning, track_clone_training
 from lopkit.theory.manifolds import block_constancy_residual, weight_layer_blocks
 from lopkit.theory.partition import Partition
+from lopkit.theory.unit_maps import sequential_leaves
 
 IN_FEATURES = 12
 
@@ -252,6 +253,37 @@ def test_unsupported_modules_raise_clear_errors():
         clone(make_mlp(), 0)
     with pytest.raises(ValueError, match="layout"):
         clone(make_mlp(), 2, layout="blocked")
+
+
+def test_clone_walks_the_one_unit_walker_shared_modules_stay_tied():
+    """clone() walks lopkit.theory.unit_maps.sequential_leaves: a module registered at several places is cloned at
+    each place (the base's tie is kept: one module, the partition names every place) and a Sequential with its own
+    forward is a barrier for the walker and an error for clone()."""
+    torch.manual_seed(0)
+    act, tied = nn.ReLU(), nn.Linear(6, 6)
+    base = nn.Sequential(nn.Linear(4, 6), act, tied, act, nn.Sequential(tied, act), nn.Linear(6, 2))
+    walked = [name for name, _ in sequential_leaves(base)]
+    assert walked == ["0", "1", "2", "3", "4.0", "4.1", "5"]
+    x = torch.randn(7, 4)
+    for layout in ("interleaved", "tiled"):
+        cloned, partition = clone(base, 2, layout)
+        assert torch.allclose(cloned(x), base(x), atol=1e-5)
+        assert list(partition) == walked[:-1]  # every place of the shared ReLU and Linear, not the output layer
+        assert cloned[2] is cloned[4][0] and cloned[2].weight.shape == (12, 12)
+        assert sum(p.numel() for p in cloned.parameters()) == 4 * 12 + 12 + 12 * 12 + 12 + 12 * 2 + 2
+    with pytest.raises(TypeError, match="'2' is registered again at '4'"):  # the tie's second place is the output
+        clone(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), tied, nn.ReLU(), tied), 2)
+
+    class Reversed(nn.Sequential):
+        def forward(self, x):
+            for module in reversed(self):
+                x = module(x)
+            return x
+
+    model = nn.Sequential(nn.Linear(4, 6), Reversed(nn.ReLU(), nn.Linear(6, 6)), nn.Linear(6, 2))
+    assert list(sequential_leaves(model))[1] == ("1", None)
+    with pytest.raises(TypeError, match="'1' must be an nn.Sequential.*plain Sequential forward, got Reversed"):
+        clone(model, 2)
 
 
 def test_group_norm_with_several_groups_needs_interleaved_layout():

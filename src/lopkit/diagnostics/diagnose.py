@@ -10,9 +10,9 @@ curvature, low plasticity-probe gain), the evidence (metric, reference, threshol
 and the cures ranked for that trap as ``--method`` specs. Pure analysis: no file, no store, no training run here
 (``lopkit.runner.diagnose_cli`` does the I/O and ``--fix``).
 
-The plasticity probe here is a minimal private one (:func:`probe_gain`): fit a fresh random target on the probe
-for a few steps from a copy of the network and report the relative loss drop. Swap it for
-``lopkit.diagnostics.plasticity.plasticity_probe`` once that lands.
+The plasticity probe is lopkit's one probe, :func:`lopkit.diagnostics.plasticity.plasticity_probe` (through
+:func:`probe_gain`): fit a fresh random target on the probe for a few Adam steps from a copy of the network and
+report the relative loss drop, next to the same on the fresh copy.
 """
 
 from __future__ import annotations
@@ -681,8 +681,8 @@ def diagnose(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None = None,
     measures = measure_model(model, probe_x, probe_y, loss_fn, config)
     notes = ["Reference: the same measurement on a copy of the architecture freshly initialised (reset_parameters, "
              f"seed {config.seed}); value and reference use the same probe batch of {probe_x.shape[0]} samples.",
-             f"Plasticity probe: lopkit's minimal private probe (fit a fresh random target on the probe for "
-             f"{config.probe_steps} Adam steps at lr {config.probe_lr:g}; gain = 1 - L_after / L_before)."]
+             f"Plasticity probe: lopkit.diagnostics.plasticity.plasticity_probe (fit a fresh random target on the "
+             f"probe for {config.probe_steps} Adam steps at lr {config.probe_lr:g}; gain = 1 - L_after / L_before)."]
     notes.append("Weight growth is judged on the hidden weight layers; the output head (the last Linear/Conv) is left "
                  "out, its norm is the scale of the logits and grows with any fit.")
     if probe_y is None:

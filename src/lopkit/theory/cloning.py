@@ -30,7 +30,7 @@ from torch import nn
 
 from lopkit.layer_types import CLONABLE_ELEMENTWISE
 from lopkit.theory.partition import Partition
-from lopkit.theory.unit_maps import clone_weight_layer, index_unit_tensors, new_unit_map
+from lopkit.theory.unit_maps import clone_weight_layer, index_unit_tensors, is_chain, new_unit_map, sequential_leaves
 
 __all__ = ["clone", "SUPPORTED_MODULES", "LAYOUTS"]
 
@@ -73,7 +73,9 @@ def clone(model: nn.Module, factor: int, layout: str = "interleaved") -> tuple[n
     authors' code); ``layout="tiled"`` at ``j * K + k``.  The partition maps every module of the clone
     whose output units are cloned to the base unit index of each unit; for a ``Flatten`` after
     cloned channels the ids are ``base_channel * HW + s``.  The clone is a deep copy (same dtype and
-    device); the base is not modified.  Raises ``TypeError`` for unsupported modules.
+    device); the base is not modified.  Raises ``TypeError`` for unsupported modules.  The modules are walked by
+    the one unit walker, :func:`lopkit.theory.unit_maps.sequential_leaves`: a module registered at several places
+    is cloned at each place and stays one (tied) module, which needs its clones at every place to be equal.
     """
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor must be a positive integer (the width expansion), got {factor!r}")
@@ -96,9 +98,11 @@ def clone(model: nn.Module, factor: int, layout: str = "interleaved") -> tuple[n
     cloned = copy.deepcopy(model)
     state = _State()
     blocks: dict[str, torch.Tensor] = {}
+    shared: dict[int, tuple[str, nn.Module]] = {}  # a module with tensors registered at several places
     for name, base_module in leaves:
         is_last = name == last_layer
         new_module, state = _clone_module(name, base_module, state, factor, layout, is_last, blocks)
+        new_module = _tie(shared, name, base_module, new_module)
         _replace_module(cloned, name, new_module)
         if state.pending_channels is not None:
             state.pending_names.append(name)
@@ -117,25 +121,41 @@ def clone(model: nn.Module, factor: int, layout: str = "interleaved") -> tuple[n
 
 
 def _check_sequential(module: nn.Module, name: str) -> None:
-    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+    if not is_chain(module):
         raise TypeError(
             f"clone(): {name!r} must be an nn.Sequential (nested Sequentials allowed) whose forward is the plain "
             f"Sequential forward, got {type(module).__name__}; the forward order of other containers is unknown"
         )
 
 
-def _leaf_modules(model: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """Leaf modules of nested Sequentials in forward order, with their ``named_modules`` names."""
-    leaves: list[tuple[str, nn.Module]] = []
-    for key, child in model.named_children():
-        name = f"{prefix}{key}"
-        is_container = len(list(child.children())) > 0 and not isinstance(child, SUPPORTED_MODULES)
-        if isinstance(child, nn.Sequential) or is_container:
-            _check_sequential(child, name)
-            leaves.extend(_leaf_modules(child, prefix=f"{name}."))
-        else:
-            leaves.append((name, child))
-    return leaves
+def _leaf_modules(model: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    """Leaf modules of nested Sequentials in forward order (the one walker,
+    :func:`lopkit.theory.unit_maps.sequential_leaves`); any other container is an error."""
+    leaves = list(sequential_leaves(model))
+    for name, leaf in leaves:
+        if leaf is None:
+            _check_sequential(model.get_submodule(name), name)
+    return leaves  # type: ignore[return-value]
+
+
+def _tie(shared: dict[int, tuple[str, nn.Module]], name: str, base: nn.Module, new: nn.Module) -> nn.Module:
+    """The clone of a module with tensors registered at several places is one module too (tied as in the base),
+    provided its clones at every place are equal; otherwise the clone cannot keep the tie."""
+    if not any(True for _ in base.parameters()) and not any(True for _ in base.buffers()):
+        return new
+    if id(base) not in shared:
+        shared[id(base)] = (name, new)
+        return new
+    first_name, first = shared[id(base)]
+    first_state, new_state = first.state_dict(), new.state_dict()
+    if first_state.keys() == new_state.keys() and all(
+        first_state[k].shape == new_state[k].shape and torch.equal(first_state[k], new_state[k]) for k in first_state
+    ):
+        return first
+    raise TypeError(
+        f"clone(): module {first_name!r} is registered again at {name!r} but its clones there differ (the units "
+        "it reads or writes are cloned differently), so the tie cannot be kept; give each place its own module"
+    )
 
 
 def _last_weight_layer(leaves: list[tuple[str, nn.Module]]) -> str | None:

@@ -9,8 +9,8 @@ read only by the columns of weight layers (``outgoing``). Resets (``lopkit.mitig
 manifold checks (``lopkit.theory.manifolds``) and the ResNet/ViT clone wiring use these.
 
 - ``nn.Sequential`` models (MLP, CNN): a layer's input is the output of the leaf module before it in
-  registration order; the unit sites are found by ``lopkit.mitigations.layers.find_unit_groups`` on the same
-  leaf walk (:func:`sequential_leaves`).
+  registration order; the unit sites are found by ``lopkit.mitigations.layers.find_unit_groups`` and the clones
+  of ``lopkit.theory.cloning.clone`` are built on the same leaf walk (:func:`sequential_leaves`).
 - :class:`~lopkit.benchmarks.architectures.SmallResNet`: the real wiring: a block's ``conv1`` and projection
   ``shortcut.conv`` read the residual stream (the previous block's output, or ``stem``), ``conv2`` reads
   ``conv1``'s units; the head reads the last block. Resettable: every block's ``conv1 -> norm1 -> act1 ->
@@ -43,7 +43,7 @@ from torch import nn
 from lopkit.layer_types import WEIGHT_LAYERS
 from lopkit.theory.partition import interleaved_block_ids, tiled_block_ids
 
-__all__ = ["UnitSite", "clone_weight_layer", "index_unit_tensors", "layer_wiring", "new_unit_map",
+__all__ = ["UnitSite", "clone_weight_layer", "index_unit_tensors", "is_chain", "layer_wiring", "new_unit_map",
            "sequential_leaves", "unit_sites", "WEIGHT_LAYERS"]
 
 # WEIGHT_LAYERS (lopkit.layer_types): weight layers whose rows make units and whose columns read them.
@@ -63,16 +63,23 @@ class UnitSite:
     units_last: bool = False
 
 
+def is_chain(module: nn.Module) -> bool:
+    """Whether a module runs its children one after the other in registration order: an ``nn.Sequential`` (or a
+    subclass) whose forward is the plain Sequential forward."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def sequential_leaves(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module | None]]:
-    """``(name, leaf)`` of nested ``nn.Sequential`` containers in forward order; ``(name, None)`` for any other
-    container (a barrier: its inside is not a chain); a module registered twice is yielded at each place."""
+    """``(name, leaf)`` of nested chains (:func:`is_chain`) in forward order; ``(name, None)`` for any other
+    container or Sequential with its own forward (a barrier: its inside is not a chain); a module registered
+    twice is yielded at each place."""
     for key, child in model._modules.items():  # not children(): it skips a module's second occurrence
         if child is None:
             continue
         name = f"{prefix}.{key}" if prefix else key
-        if isinstance(child, nn.Sequential):
+        if is_chain(child):
             yield from sequential_leaves(child, name)
-        elif any(True for _ in child.children()):
+        elif isinstance(child, nn.Sequential) or any(True for _ in child.children()):
             yield name, None
         else:
             yield name, child
