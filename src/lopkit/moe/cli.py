@@ -1,4 +1,4 @@
-"""``lopkit moe pretrain|finetune|evaluate|run|report|dial|finetune-hf``: the MoE-PHDS stages from the command line (resumable)."""
+"""``lopkit moe pretrain|finetune|evaluate|run|report|dial|finetune-hf``: the MoE-PHDS stages from the command line."""
 
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ recover a denser model's quality).
 k_pre outputs (MC answers and top-1 next tokens), measured tokens/s and a FLOP proxy (2 x the parameters a token
 touches at k: dense parameters except the input embedding, plus k of the routed experts of every MoE layer).
 
+PHDS training patches (used by :mod:`lopkit.moe.hf_phds`): :func:`enable_phds_routing` / :func:`set_phds_k` (the eps
+soft mask) and the opt-in per-k norm copies :func:`add_per_k_norms`, switched with k by :func:`set_top_k` and
+:func:`set_phds_k`, saved next to a checkpoint and added back by :func:`load_dial_model` (:func:`load_per_k_norms`).
+
 transformers is imported lazily (only by :func:`load_dial_model` for a checkpoint folder): ``import lopkit`` never
 imports it.
 """

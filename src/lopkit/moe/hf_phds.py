@@ -98,7 +98,7 @@ class HfPhdsConfig:
     """Label of the run; the k stream is derived from it (two labels never share a k sequence)."""
 
     def validate(self) -> None:
-        """Reject impossible values with a message naming the field (ks against the model: :meth:`check_against_model`)."""
+        """Reject impossible values with a message naming the field (ks vs the model: :meth:`check_against_model`)."""
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
@@ -185,6 +185,9 @@ class HfPhdsTrainer:
         self.k_pre = hf.pretrained_top_k(model)
         self.n_experts = min(int(router.num_experts) for router in routers)
         config.check_against_model(self.k_pre, self.n_experts)
+        if any(int(router.top_k) != self.k_pre for router in routers):
+            raise hf.DialError(f"the routers are dialed to k={routers[0].top_k}; set them back to k_pre={self.k_pre} "
+                               f"first (set_top_k(model, {self.k_pre}))")
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         self.rows = _check_rows(rows, vocab if isinstance(vocab, int) else None)
         self.k_train = config.resolved_k_train(self.k_pre)
@@ -192,7 +195,6 @@ class HfPhdsTrainer:
         if coef is None:
             coef = float(getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0)
         self.aux_loss_coef = float(coef)
-        hf.enable_phds_routing(model, config.eps)
         if config.per_k_norms:
             wanted = tuple(config.training_ks(self.k_pre))
             present = hf.per_k_norm_ks(model)
@@ -201,6 +203,7 @@ class HfPhdsTrainer:
             elif present != wanted:
                 raise hf.DialError(f"the model has per-k norms for k={list(present)}, the config trains "
                                    f"k={list(wanted)}; start from a model without per-k norms or match k_train")
+        hf.enable_phds_routing(model, config.eps)
         hf.set_phds_k(model, self.k_pre)
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
         self.k_generator = seeded_generator(seed, _K_KEY, stable_key(config.variant))
@@ -258,7 +261,7 @@ class HfPhdsTrainer:
         return record
 
     def finish(self) -> torch.nn.Module:
-        """Restore the routers' own hard top-k forward (at k_pre, per-k norms of k_pre) and eval mode; returns the model."""
+        """Restore the routers' own hard top-k forward (at k_pre, k_pre's norms) and eval mode; returns the model."""
         hf.disable_phds_routing(self.model)
         hf.select_per_k_norms(self.model, self.k_pre)
         self.model.eval()
@@ -324,7 +327,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def save_phds_model(trainer: HfPhdsTrainer, folder: str | Path, source: str | Path | None = None) -> Path:
     """Save the fine-tuned model as a Hugging Face checkpoint (``save_pretrained``; with per-k norms the shared norm
-    weights are the copies of k_pre, so a plain ``from_pretrained`` is the model at k_pre), its per-k norm copies in :data:`lopkit.moe.hf.PER_K_NORMS_FILE`, a JSON summary, and the tokenizer files of ``source``."""
+    weights are the copies of k_pre, so a plain ``from_pretrained`` is the model at k_pre), its per-k norm copies in
+    :data:`lopkit.moe.hf.PER_K_NORMS_FILE`, a JSON summary, and the tokenizer files of ``source``."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.model
