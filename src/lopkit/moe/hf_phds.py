@@ -243,7 +243,7 @@ class HfPhdsTrainer:
         k = sample_k(self.k_probabilities(self.step), self.k_generator)
         hf.set_phds_k(model, k)
         index = torch.randint(self.rows.shape[0], (cfg.batch_size,), generator=self.data_generator)
-        batch = self.rows[index]
+        batch = self.rows[index].to(next(model.parameters()).device)  # draws stay on the CPU generator
         output = model(input_ids=batch, output_router_logits=True, use_cache=False)
         lm_loss = masked_next_byte_loss(output.logits[:, :-1].float(), batch[:, 1:])
         aux = mixtral_load_balancing_loss(output.router_logits, self.n_experts, k)
