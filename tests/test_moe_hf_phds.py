@@ -288,3 +288,38 @@ def test_finetune_hf_cli_trains_saves_resumes_and_gives_one_error_line_per_bad_i
         assert main(["finetune-hf", *args, *base]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+def test_finetune_hf_cli_resumes_an_interrupted_run_to_the_uninterrupted_weights(tmp_path, capsys):
+    from lopkit.configs import build_config
+    from lopkit.moe.cli import main
+
+    folder = tmp_path / "tiny-olmoe"
+    _build("olmoe").save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text("{}")  # a tokenizer file travels with the fine-tuned model
+    text = tmp_path / "text.txt"
+    text.write_text("resume me exactly where I stopped, please. " * 12)
+    flags = ["--data", str(text), "--steps", "4", "--context", "24", "--batch-size", "2", "--k-train", "2,4",
+             "--anchor-k", "3", "--anchor-fraction", "0.5", "--per-k-norms", "--seed", "9", "--lr", "1e-3"]
+    assert main(["finetune-hf", str(folder), *flags, "--out", str(tmp_path / "whole")]) == 0
+    # the state an interrupted CLI run leaves after 2 steps (same text rows, config and seed)
+    loaded = hf.load_dial_model(folder)
+    config = build_config(hf_phds.HfPhdsConfig, {"steps": 4, "batch_size": 2, "k_train": "2,4", "anchor_k": 3,
+                                                 "anchor_fraction": 0.5, "per_k_norms": True, "lr": 1e-3})
+    trainer = hf_phds.HfPhdsTrainer(loaded.model, hf_phds.text_rows(loaded.encode(text.read_text()), 24), config, 9)
+    trainer.run(2)
+    (tmp_path / "resumed").mkdir()
+    torch.save(trainer.state_dict(), tmp_path / "resumed" / hf_phds.STATE_FILE)
+    capsys.readouterr()
+    assert main(["finetune-hf", str(folder), *flags, "--out", str(tmp_path / "resumed")]) == 0
+    assert "at step 2 of 4" in capsys.readouterr().err
+    whole, resumed = (hf.load_dial_model(tmp_path / name).model.state_dict() for name in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[n], resumed[n]) for n in whole)
+    assert any(".lopkit_per_k.k3" in n for n in whole)
+    assert (tmp_path / "resumed" / "tokenizer_config.json").is_file()
+    # another seed cannot resume this state: one error line, the saved state is kept
+    assert main(["finetune-hf", str(folder), *flags[:-4], "--seed", "8", "--lr", "1e-3",
+                 "--out", str(tmp_path / "resumed")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another seed or model" in err[0]
+    assert (tmp_path / "resumed" / hf_phds.STATE_FILE).is_file()
