@@ -14,6 +14,7 @@ Modules, in the order data flows:
 - :mod:`lopkit.moe.pipeline`, :mod:`lopkit.moe.report`, :mod:`lopkit.moe.cli`: ``lopkit moe run|pretrain|finetune|
   evaluate|report|dial``, resumable stages in one results store;
 - :mod:`lopkit.moe.hf`: dial-k at inference on Hugging Face MoE models (imports transformers lazily).
+- :mod:`lopkit.moe.hf_phds`: PHDS fine-tuning of Hugging Face MoE models (``lopkit moe finetune-hf``).
 
 See docs/moe.md.
 """

@@ -1,4 +1,4 @@
-"""``lopkit moe pretrain|finetune|evaluate|run|report|dial``: the MoE-PHDS stages from the command line (resumable)."""
+"""``lopkit moe pretrain|finetune|evaluate|run|report|dial|finetune-hf``: the MoE-PHDS stages from the command line."""
 
 from __future__ import annotations
 
@@ -164,6 +164,80 @@ def _dial(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _finetune_hf(args: argparse.Namespace) -> int:
+    """``lopkit moe finetune-hf MODEL --data text.txt --steps N --out DIR``: PHDS fine-tuning of a Hugging Face MoE
+    checkpoint folder, saved every ``--save-every`` steps (rerun the same command to resume)."""
+    import os
+
+    import torch
+
+    from lopkit.configs import build_config
+    from lopkit.moe.hf import DialError, load_dial_model
+    from lopkit.moe.hf_phds import STATE_FILE, HfPhdsConfig, HfPhdsTrainer, save_phds_model, text_rows
+
+    try:
+        apply_threads(args)
+        values: dict[str, Any] = {"steps": args.steps}
+        for name in ("batch_size", "anchor_k", "anchor_fraction", "eps", "aux_loss_coef", "lr", "warmup_steps",
+                     "weight_decay", "grad_clip"):
+            if getattr(args, name) is not None:
+                values[name] = getattr(args, name)
+        if args.k_train is not None:
+            values["k_train"] = args.k_train
+        if args.per_k_norms:
+            values["per_k_norms"] = True
+        config = build_config(HfPhdsConfig, values)
+        if args.save_every < 1:
+            raise ConfigError(f"--save-every must be >= 1, got {args.save_every}")
+        if args.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    except ConfigError as err:
+        return _error(str(err))
+    data = Path(args.data).expanduser()
+    if not data.is_file():
+        return _error(f"data file {data} not found; pass --data FILE (plain text to fine-tune on)")
+    text = data.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return _error(f"data file {data} holds no text; pass a plain-text file to fine-tune on")
+    out = Path(args.out).expanduser()
+    if out.resolve() == Path(args.model).expanduser().resolve():
+        return _error("--out is the model folder itself; write the fine-tuned model to a new folder")
+    try:
+        loaded = load_dial_model(args.model)
+        if loaded.kind != "hf":
+            return _error(f"{args.model} is a lopkit MoE model; fine-tune it with 'lopkit moe finetune' (finetune-hf "
+                          f"takes a Hugging Face checkpoint folder with config.json)")
+        rows = text_rows(loaded.encode(text), args.context)
+        trainer = HfPhdsTrainer(loaded.model, rows, config, args.seed)
+        state_path = out / STATE_FILE
+        if state_path.is_file():
+            trainer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
+            print(f"resuming {out} at step {trainer.step} of {config.steps}", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        while not trainer.done:
+            records = trainer.run(min(args.save_every, config.steps - trainer.step))
+            partial = state_path.with_name(STATE_FILE + ".tmp")
+            torch.save(trainer.state_dict(), partial)
+            os.replace(partial, state_path)  # a crash never leaves a half-written state
+            mean = sum(r["lm_loss"] for r in records) / len(records)
+            print(f"step {trainer.step}/{config.steps}: lm_loss {mean:.4f} (k: "
+                  f"{','.join(str(int(r['k'])) for r in records)})", file=sys.stderr)
+        trainer.finish()
+        save_phds_model(trainer, out, source=args.model)
+    except (DialError, ConfigError) as err:
+        return _error(str(err))
+    except KeyboardInterrupt:
+        print(f"interrupted; the last saved step is kept in {out / STATE_FILE}: rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"fine-tuned {loaded.name} (k_pre={trainer.k_pre}, k_train={list(trainer.k_train)}, anchor_k="
+          f"{config.anchor_k}, {trainer.step} steps) -> {out}")
+    return EXIT_OK
+
+
 def _add_stage_options(parser: argparse.ArgumentParser, variants: bool) -> None:
     """Options shared by the stage commands."""
     parser.add_argument("--preset", default="default", choices=["smoke", "mini", "default", "paper"],
@@ -209,6 +283,7 @@ def register(subparsers: Any) -> None:
                "  lopkit moe evaluate --preset mini --out runs/moe_mini\n"
                "  lopkit moe report runs/moe_mini\n"
                "  lopkit moe dial path/to/olmoe-checkpoint --k 2,4,6,8 --text wiki.txt --tasks qa.jsonl\n"
+               "  lopkit moe finetune-hf path/to/olmoe-checkpoint --data sft.txt --steps 1000 --out olmoe-phds\n"
                "exit codes: 0 ok, 1 a run failed, 2 bad input, 130 interrupted (see docs/moe.md)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -243,6 +318,37 @@ def register(subparsers: Any) -> None:
     dial.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text to use (default: %(default)s)")
     add_threads_flag(dial)
     dial.set_defaults(func=_dial)
+    tune = sub.add_parser("finetune-hf", help="PHDS fine-tuning of a Hugging Face MoE checkpoint (multi-k soft mask)",
+                          description="PHDS fine-tuning of a Hugging Face MoE causal LM (OLMoE, Qwen2-MoE, Mixtral or "
+                                      "routers in their pattern) on a text file: k sampled per step from K_train "
+                                      "(anchor curriculum optional), eps soft mask, load-balancing loss at the "
+                                      "sampled k. Saves OUT as a Hugging Face checkpoint; rerun to resume.")
+    tune.add_argument("model", help="Hugging Face checkpoint folder (config.json)")
+    tune.add_argument("--data", required=True, metavar="FILE", help="plain text to fine-tune on (next-token loss)")
+    tune.add_argument("--steps", type=int, required=True, metavar="N", help="optimiser steps")
+    tune.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (checkpoint + state)")
+    tune.add_argument("--k-train", dest="k_train", default=None, metavar="K,K,...",
+                      help="K_train, e.g. 2,3,4 (default: k_pre//2..k_pre)")
+    tune.add_argument("--anchor-k", dest="anchor_k", type=int, default=None, metavar="K",
+                      help="curriculum anchor k (default: no curriculum)")
+    tune.add_argument("--anchor-fraction", dest="anchor_fraction", type=float, default=None, metavar="F",
+                      help="fraction of the steps, at the end, of the anchor phase (default: 0.06)")
+    tune.add_argument("--eps", type=float, default=None, help="soft-mask weight of the dropped experts (default: 1e-6)")
+    tune.add_argument("--per-k-norms", dest="per_k_norms", action="store_true",
+                      help="one copy of every norm per training k (saved in lopkit_per_k_norms.pt)")
+    tune.add_argument("--aux-loss-coef", dest="aux_loss_coef", type=float, default=None,
+                      help="load-balancing loss coefficient (default: the model's router_aux_loss_coef)")
+    tune.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-5)")
+    tune.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=None, help="linear warm-up steps")
+    tune.add_argument("--weight-decay", dest="weight_decay", type=float, default=None, help="AdamW weight decay")
+    tune.add_argument("--grad-clip", dest="grad_clip", type=float, default=None, help="gradient-norm clip (0 = off)")
+    tune.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="rows per step (default: 8)")
+    tune.add_argument("--context", type=int, default=128, help="tokens per row (default: %(default)s)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the k and batch draws (default: %(default)s)")
+    tune.add_argument("--save-every", dest="save_every", type=int, default=50, metavar="N",
+                      help="steps between saved states (default: %(default)s)")
+    add_threads_flag(tune)
+    tune.set_defaults(func=_finetune_hf)
     moe.set_defaults(func=lambda _args: (moe.print_help(), EXIT_USAGE)[1])
 
 

@@ -13,6 +13,10 @@ recover a denser model's quality).
 k_pre outputs (MC answers and top-1 next tokens), measured tokens/s and a FLOP proxy (2 x the parameters a token
 touches at k: dense parameters except the input embedding, plus k of the routed experts of every MoE layer).
 
+PHDS training patches (used by :mod:`lopkit.moe.hf_phds`): :func:`enable_phds_routing` / :func:`set_phds_k` (the eps
+soft mask) and the opt-in per-k norm copies :func:`add_per_k_norms`, switched with k by :func:`set_top_k` and
+:func:`set_phds_k`, saved next to a checkpoint and added back by :func:`load_dial_model` (:func:`load_per_k_norms`).
+
 transformers is imported lazily (only by :func:`load_dial_model` for a checkpoint folder): ``import lopkit`` never
 imports it.
 """
@@ -36,13 +40,19 @@ __all__ = [
     "McTask",
     "dial_table",
     "dialed",
+    "add_per_k_norms",
     "disable_phds_routing",
     "enable_phds_routing",
     "find_routers",
     "hf_flops_per_token",
     "load_dial_model",
     "load_mc_tasks",
+    "load_per_k_norms",
+    "PER_K_NORMS_FILE",
+    "per_k_norm_ks",
+    "per_k_norm_state",
     "pretrained_top_k",
+    "select_per_k_norms",
     "set_phds_k",
     "set_top_k",
 ]
@@ -118,6 +128,7 @@ def set_top_k(model: torch.nn.Module, k: int) -> int:
     config = getattr(model, "config", None)
     if config is not None and isinstance(getattr(config, "num_experts_per_tok", None), int):
         config.num_experts_per_tok = k
+    select_per_k_norms(model, k)
     return previous
 
 
@@ -173,6 +184,7 @@ def set_phds_k(model: torch.nn.Module, k: int) -> None:
         raise DialError(f"the PHDS training k must be an integer in 1..k_pre={k_pre}, got {k!r}")
     for router in routers:
         object.__setattr__(router, "_lopkit_phds", (k_pre, k, eps))
+    select_per_k_norms(model, k)
 
 
 def disable_phds_routing(model: torch.nn.Module) -> None:
@@ -181,6 +193,82 @@ def disable_phds_routing(model: torch.nn.Module) -> None:
         if hasattr(router, "_lopkit_phds"):
             del router.forward
             object.__delattr__(router, "_lopkit_phds")
+
+
+# -------------------------------------------------------------------------------------------- per-k norms
+
+#: File of a saved PHDS model folder holding the per-k norm copies (``save_pretrained`` writes the shared ones).
+PER_K_NORMS_FILE = "lopkit_per_k_norms.pt"
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    """An RMSNorm/LayerNorm with a 1-D affine ``weight`` (OLMoE/Qwen2-MoE/Mixtral ``*RMSNorm``, torch LayerNorm)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith(("RMSNorm", "LayerNorm")) and isinstance(weight, torch.nn.Parameter)
+            and weight.ndim == 1)
+
+
+def _per_k_norm_forward(norm: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The norm's own class forward with its ``weight`` swapped for the copy of the selected k (gradient reaches
+    the copy only)."""
+    shared = norm._parameters["weight"]
+    norm._parameters["weight"] = norm.lopkit_per_k[norm._lopkit_norm_key]
+    try:
+        return type(norm).forward(norm, *args, **kwargs)
+    finally:
+        norm._parameters["weight"] = shared
+
+
+def per_k_norm_ks(model: torch.nn.Module) -> tuple[int, ...]:
+    """The ks that have their own norm copies in ``model`` (empty while the norms are shared)."""
+    return tuple(getattr(model, "_lopkit_per_k_norm_ks", ()) or ())
+
+
+def add_per_k_norms(model: torch.nn.Module, ks: Sequence[int]) -> int:
+    """Give every norm of a Hugging Face MoE one copy of its affine weight per k in ``ks`` (spec 1.2c, opt-in),
+    initialised from the current weight and registered as ``<norm>.lopkit_per_k.k{k}``; returns the number of norms.
+
+    From then on the copy of the nearest k in ``ks`` (:func:`lopkit.moe.model.nearest_trained_k`: ties -> the larger)
+    is used at the k of :func:`set_top_k` / :func:`set_phds_k`; the shared ``weight`` is left as it was.
+    """
+    from lopkit.moe.model import nearest_trained_k
+
+    routers = _require_routers(model)
+    n_experts = min(int(r.num_experts) for r in routers)
+    chosen = tuple(sorted(int(k) for k in ks))
+    if per_k_norm_ks(model):
+        raise DialError(f"per-k norms were already added for k={list(per_k_norm_ks(model))}; add them once")
+    if not chosen or len(set(chosen)) != len(chosen) or not all(1 <= k <= n_experts for k in chosen):
+        raise DialError(f"per-k norm ks must be distinct integers in 1..{n_experts}, got {list(ks)}")
+    norms = [module for module in model.modules() if _is_norm(module)]
+    if not norms:
+        raise DialError(f"{type(model).__name__} has no RMSNorm/LayerNorm with a weight: no per-k norms to add")
+    current = nearest_trained_k(int(routers[0].top_k), chosen)
+    for norm in norms:
+        norm.lopkit_per_k = torch.nn.ParameterDict(
+            {f"k{k}": torch.nn.Parameter(norm.weight.detach().clone()) for k in chosen})
+        object.__setattr__(norm, "_lopkit_norm_key", f"k{current}")
+        norm.forward = _per_k_norm_forward.__get__(norm)
+    object.__setattr__(model, "_lopkit_per_k_norm_ks", chosen)
+    return len(norms)
+
+
+def select_per_k_norms(model: torch.nn.Module, k: int) -> None:
+    """Use the norm copies of the trained k nearest to ``k`` (no-op while the norms are shared)."""
+    from lopkit.moe.model import nearest_trained_k
+
+    ks = per_k_norm_ks(model)
+    if not ks:
+        return
+    key = f"k{nearest_trained_k(int(k), ks)}"
+    for module in model.modules():
+        if hasattr(module, "_lopkit_norm_key"):
+            object.__setattr__(module, "_lopkit_norm_key", key)
+
+
+def per_k_norm_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The per-k norm copies of ``model`` (its state_dict entries with ``.lopkit_per_k.``), detached clones."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items() if ".lopkit_per_k." in name}
 
 
 def hf_flops_per_token(model: torch.nn.Module, k: int) -> float:
@@ -195,7 +283,8 @@ def hf_flops_per_token(model: torch.nn.Module, k: int) -> float:
         routed_total += sum(p.numel() for p in stacked)
         routed_one += sum(p[0].numel() for p in stacked)
     embedding = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
-    dense = sum(p.numel() for p in model.parameters()) - routed_total - embedding
+    # per-k norm copies (one set is used at a time, in place of the shared norms) are left out of the count
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".lopkit_per_k." not in n) - routed_total - embedding
     return float(2 * (dense + k * routed_one))
 
 
@@ -294,6 +383,22 @@ def _load_from_store(folder: Path, run: str | None) -> DialModel:
     return _lopkit_state_model(state, f"{folder.name}:{label}")
 
 
+def load_per_k_norms(model: torch.nn.Module, folder: str | Path) -> bool:
+    """Add and load the per-k norm copies a PHDS fine-tune saved next to a checkpoint (``PER_K_NORMS_FILE``);
+    False when the folder has none."""
+    source = Path(folder) / PER_K_NORMS_FILE
+    if not source.is_file():
+        return False
+    saved = torch.load(source, map_location="cpu", weights_only=True)
+    add_per_k_norms(model, [int(k) for k in saved["ks"]])
+    missing, unexpected = model.load_state_dict(saved["weights"], strict=False)
+    wanted = set(per_k_norm_state(model))
+    if unexpected or wanted & set(missing):
+        raise DialError(f"{source} does not match the model's norms; delete it or save the model again")
+    select_per_k_norms(model, pretrained_top_k(model))
+    return True
+
+
 def _load_hf(folder: Path) -> DialModel:
     """A Hugging Face causal-LM checkpoint folder, loaded offline, with its tokenizer if the folder has one."""
     try:
@@ -318,6 +423,7 @@ def _load_hf(folder: Path) -> DialModel:
         encode, note = (lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])), ""
     elif model.get_input_embeddings().weight.shape[0] < 256:
         raise DialError(f"{folder} has no tokenizer and a vocabulary under 256 ids: add its tokenizer files")
+    load_per_k_norms(model, folder)
     return DialModel(folder.name, "hf", model, pretrained_top_k(model), min(int(r.num_experts) for r in routers),
                      encode, note)
 
