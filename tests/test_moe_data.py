@@ -10,6 +10,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -503,3 +504,18 @@ def test_real_gcide_and_fortunes():
             for item in items:
                 word = item.key
                 assert all(c.strip() not in by_word[word] for i, c in enumerate(item.choices) if i != item.answer)
+
+
+@pytest.mark.parametrize("domain", ["definition", "fortune_cloze"])
+def test_the_answers_length_rank_is_uniform_so_length_alone_scores_chance(domain):
+    """Summed log-likelihood favours short choices: the answer must not be systematically longer or shorter.
+
+    With distractors drawn from a length window, the definition answer was the shortest choice in only 15 % of
+    items (a length-only model scored ~0.15, below the 0.25 chance); each rank now comes up about a quarter.
+    """
+    items = D.build_mc_items(domain, None, 3, "val") + D.build_mc_items(domain, None, 3, "test")  # ~590 items
+    ranks = [sum(len(c.encode()) < len(item.choices[item.answer].encode()) for c in item.choices) for item in items]
+    shares = np.bincount(ranks, minlength=4) / len(items)
+    assert np.all(np.abs(shares - 0.25) < 0.06), shares  # ~3.3 binomial standard errors at n ~ 590
+    longest = np.mean([np.argmax([len(c.encode()) for c in it.choices]) == it.answer for it in items])
+    assert abs(longest - 0.25) < 0.06

@@ -34,7 +34,8 @@ surface form of the pretraining line for the correct choice; choices start with 
   reversal. Pretraining line: ``"reverse: stone -> enots"``.
 * ``definition``: context ``"Which definition fits zebra?"``, choices are 4 first-sense GCIDE definitions with a
   leading space, e.g. ``" Any member of three species of African wild horses ..."``; the 3 distractors come
-  from other words of the same split, preferably of the same part of speech and similar length, and are never
+  from other words of the same split, preferably of the same part of speech and similar length (the answer's
+  byte-length rank among the 4 choices is uniform, so choosing by length scores chance), and are never
   a definition of the asked word (homographs such as the several ``Bank`` entries are excluded).
   Pretraining lines: ``"zebra: Any member ..."`` for every pool word, and the question form
   ``"Which definition fits zebra? Any member ..."`` only for the words of the train items.

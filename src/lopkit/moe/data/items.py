@@ -91,24 +91,55 @@ def _reversal_item(rng: random.Random, text: str) -> MCItem | None:
     return MCItem("reversal", f"reverse: {text} ->", choices, answer, key=text)
 
 
+def _draw_distinct(
+    rng: random.Random, texts: list[str], window: tuple[int, int], count: int, exclude: set[str]
+) -> list[str] | None:
+    """``count`` distinct texts drawn from ``texts[start:stop]`` that are not in ``exclude`` (None if that fails)."""
+    if count == 0:
+        return []
+    start, stop = window
+    if stop - start < count:
+        return None
+    picked: list[str] = []
+    for _ in range(50 * count):
+        text = texts[rng.randrange(start, stop)]
+        if text not in exclude and text not in picked:
+            picked.append(text)
+            if len(picked) == count:
+                return picked
+    return None
+
+
 def _similar_pick(
     rng: random.Random, pool: tuple[list[int], list[str]], length: int, count: int, exclude: set[str]
 ) -> list[str] | None:
-    """Pick ``count`` distinct texts from a length-sorted (lengths, texts) pool, preferring lengths x0.67..x1.5."""
+    """Pick ``count`` distinct texts from a length-sorted (byte lengths, texts) pool, preferring lengths x0.67..x1.5,
+    with the answer's length rank among the ``count + 1`` choices uniform.
+
+    A uniformly drawn number of the picks is strictly shorter than ``length`` and the rest strictly longer, so a
+    strategy that reads only lengths (e.g. the highest summed log-likelihood, which favours short choices) scores
+    chance, 1 / (count + 1). Drawing from a length window around ``length`` instead made the answer the shortest
+    choice in only 15 % of the definition items (lengths are right-skewed), so a length-only model scored ~0.15.
+    Ranks the pool cannot serve (no longer text, say) are skipped.
+    """
     lengths, texts = pool
-    lo, hi = bisect_left(lengths, int(length / 1.5)), bisect_right(lengths, int(length * 1.5) + 1)
-    for start, stop in ((lo, hi), (0, len(texts))):
-        window = range(start, stop)
-        if len(window) < count:
-            continue
-        picked: list[str] = []
-        for _ in range(50 * count):
-            text = texts[rng.choice(window)]
-            if text not in exclude and text not in picked:
-                picked.append(text)
-                if len(picked) == count:
-                    return picked
+    low, mid_low = bisect_left(lengths, int(length / 1.5)), bisect_left(lengths, length)
+    mid_high, high = bisect_right(lengths, length), bisect_right(lengths, int(length * 1.5) + 1)
+    ranks = list(range(count + 1))
+    rng.shuffle(ranks)
+    for n_shorter in ranks:
+        for shorter, longer in (((low, mid_low), (mid_high, high)), ((0, mid_low), (mid_high, len(texts)))):
+            below = _draw_distinct(rng, texts, shorter, n_shorter, exclude)
+            above = None if below is None else _draw_distinct(rng, texts, longer, count - n_shorter,
+                                                               exclude | set(below))
+            if below is not None and above is not None:
+                return below + above
     return None
+
+
+def _nbytes(text: str) -> int:
+    """UTF-8 length: what the scorer sums log-probabilities over."""
+    return len(text.encode("utf-8"))
 
 
 def _length_sorted(pairs: Iterable[tuple[int, str]]) -> tuple[list[int], list[str]]:
@@ -152,8 +183,8 @@ def _definition_items(entries: Sequence[GcideEntry], n: int | None, rng: random.
     everything: list[tuple[int, str]] = []
     for word in words:
         definition, pos = pool[word]
-        by_pos.setdefault(pos, []).append((len(definition), definition))
-        everything.append((len(definition), definition))
+        by_pos.setdefault(pos, []).append((_nbytes(definition), definition))
+        everything.append((_nbytes(definition), definition))
     sorted_by_pos = {pos: _length_sorted(group) for pos, group in by_pos.items()}
     sorted_everything = _length_sorted(everything)
     items = []
@@ -162,9 +193,9 @@ def _definition_items(entries: Sequence[GcideEntry], n: int | None, rng: random.
         exclude = set(all_defs.get(word, ())) | {definition}
         picked = None
         if len(by_pos.get(pos, ())) > 20:
-            picked = _similar_pick(rng, sorted_by_pos[pos], len(definition), N_CHOICES - 1, exclude)
+            picked = _similar_pick(rng, sorted_by_pos[pos], _nbytes(definition), N_CHOICES - 1, exclude)
         if picked is None:
-            picked = _similar_pick(rng, sorted_everything, len(definition), N_CHOICES - 1, exclude)
+            picked = _similar_pick(rng, sorted_everything, _nbytes(definition), N_CHOICES - 1, exclude)
         if picked is None:
             raise ValueError(f"not enough distinct definitions in split {split!r} to build 4-choice items")
         choices, answer = _place_answer(rng, " " + definition, [" " + d for d in picked])
@@ -202,12 +233,12 @@ def _fortune_pool(fortunes: Sequence[str], split: str) -> list[tuple[str, str, s
 def _fortune_items(fortunes: Sequence[str], n: int | None, rng: random.Random, split: str) -> list[MCItem]:
     """Cloze items: first half as context; true second half vs 3 second halves of other fortunes."""
     pool = _fortune_pool(fortunes, split)
-    endings = _length_sorted({(len(answer), answer) for _, _, answer in pool})
+    endings = _length_sorted({(_nbytes(answer), answer) for _, _, answer in pool})
     chosen = _choose_keys(rng, list(range(len(pool))), n, "fortune_cloze", split)
     items = []
     for index in chosen:
         key, context, answer = pool[index]
-        picked = _similar_pick(rng, endings, len(answer), N_CHOICES - 1, {answer})
+        picked = _similar_pick(rng, endings, _nbytes(answer), N_CHOICES - 1, {answer})
         if picked is None:
             raise ValueError(f"not enough fortunes in split {split!r} to build 4-choice cloze items")
         choices, position = _place_answer(rng, answer, picked)
