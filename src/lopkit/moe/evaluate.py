@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -165,6 +165,10 @@ class MoEEvalConfig(BenchmarkConfig):
     """Sequences of the expert-diagnostics probe batch (0 = skip diagnostics)."""
     data_seed: int = 0
     """Seed of the item sets and held-out text."""
+    mc_item_rule: Literal["length_rank_uniform"] = "length_rank_uniform"
+    """How the multiple-choice items are built: ``length_rank_uniform`` (since 2026-12-07) draws distractors so the
+    answer's byte-length rank among the choices is uniform. Part of the run id on purpose: stored runs made with the
+    older items (whose answer was rarely the shortest choice) are not reused."""
 
     device: str = "cpu"
     """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""
