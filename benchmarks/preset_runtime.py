@@ -94,8 +94,13 @@ def report(args: argparse.Namespace, steps: int, wall: float, cpu: float, note: 
               f"({steps / cpu:.1f} steps per CPU-second); {note}: {load()}")
     print(figure)
     if args.record:
+        command = None  # this script's own command line
+        if args.time_file:  # the run was the CLI's: name that command
+            sets = f" --set {' '.join(args.set)}" if args.set else ""
+            command = (f"/usr/bin/time -v lopkit run {args.benchmark} --preset {args.preset} --seed-list {args.seed} "
+                       f"--threads {args.threads}{sets} --out {args.out} 2> {args.time_file}")
         record(f"preset_runtime/{args.benchmark}/{args.preset}/{args.threads}t", "preset_runtime.py", figure,
-               threads=args.threads)
+               threads=args.threads, command=command)
     return 0
 
 
