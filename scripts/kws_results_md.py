@@ -3,7 +3,8 @@
 Usage: python scripts/kws_results_md.py RUN_DIR [RUN_DIR ...] [--write docs/kws.md]
 
 Each RUN_DIR is a ``lopkit kws run`` / ``lopkit kws evaluate`` output folder; the script reads only
-``pipeline.json``, ``eval/summary.json`` and ``corpus/index.json``. Every section is labelled with the folder, seed,
+``pipeline.json``, ``eval/summary.json``, ``eval/<kind>__stream_neg_top.csv`` (when the evaluation wrote them) and
+``corpus/index.json``. Every section is labelled with the folder, seed,
 corpus (keyword, negative-stream minutes, whether confusables were checked by phones), training budget and the
 UTC date the evaluation was written. ``--write FILE`` replaces the text between the markers
 ``<!-- kws-results:begin -->`` and ``<!-- kws-results:end -->`` in FILE instead of printing.
@@ -11,6 +12,7 @@ UTC date the evaluation was written. ``--write FILE`` replaces the text between 
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import math
@@ -21,6 +23,7 @@ BEGIN, END = "<!-- kws-results:begin -->", "<!-- kws-results:end -->"
 SPLITS = (("test_seen", "held-out espeak voices"), ("test_cross", "flite + festival voices"),
           ("stream_pos", "positives inside continuous speech"))
 KINDS = ("confusable", "sentence", "noise")
+TOP_EVENTS = 10
 
 
 def _read(path: Path) -> dict:
@@ -39,6 +42,43 @@ def _ms(value: float) -> str:
 
 def _frr_at(split: dict, level: float, target: float) -> float:
     return split["frr"] if level == target else split["frr_at"].get(str(level), math.nan)
+
+
+def _window_max(folder: Path, kind: str, split: str) -> str:
+    """Median of the positives' smoothed window maxima (``max_score`` of the starts CSV; as a logit for the CNNs)."""
+    path = folder / "eval" / f"{kind}__{split}_starts.csv"
+    if not path.exists():
+        return "n/a"
+    values = sorted(float(r["max_score"]) for r in csv.DictReader(path.open()))
+    median = values[len(values) // 2] if len(values) % 2 else 0.5 * (values[len(values) // 2 - 1] + values[len(values) // 2])
+    if kind == "dnn_hmm":
+        return f"{median:.1f}"
+    return f"p {median:.4f} (logit {math.log(median) - math.log1p(-median):.2f})"
+
+
+def homophone_lines(folder: Path) -> list[str]:
+    """Counts of stored negatives that sound like the keyword, per split (needs the corpus shards; [] without them)."""
+    from lopkit.kws.corpus import load_corpus, sounds_like_keyword
+
+    corpus_dir = folder / "corpus"
+    if not (corpus_dir / "clips").is_dir() or not (corpus_dir / "streams").is_dir():
+        return []
+    corpus = load_corpus(str(corpus_dir))
+    keyword, counts = corpus.config.keyword, {}
+    for split, entry in corpus.info["splits"].items():
+        found, confusables = 0, 0
+        for path in corpus.files(split):
+            import numpy as np
+
+            with np.load(path) as data:
+                meta = json.loads(str(data["meta"]))
+            for row in meta.get("records", meta.get("segments", [])):
+                if int(row.get("label", 0)) == 0 and row.get("kind") == "confusable":
+                    confusables += 1
+                    found += sounds_like_keyword(str(row.get("text", "")), keyword)
+        counts[split] = (found, confusables)
+    return ["- negatives that sound like the keyword (espeak phones contain the keyword's), of all confusables: "
+            + ", ".join(f"{split} {found} of {total}" for split, (found, total) in counts.items())]
 
 
 def run_section(folder: Path) -> str:
@@ -62,12 +102,13 @@ def run_section(folder: Path) -> str:
              + ", ".join(f"{k} {v} steps" for k, v in steps.items())
              + (f"; train stage {state['stage_seconds']['train']:.0f} s wall" if "train" in state.get("stage_seconds", {})
                 else ""),
+             *homophone_lines(folder),
              "- FRR at each FA/h level on the negative stream, with the 95 % bootstrap interval (positives and 60 s "
              "stream blocks resampled; the training-seed spread is not included)", ""]
     models = summary["models"]
     header = "| model | split | " + " | ".join(f"FRR @ {f:g} FA/h [95 % CI]" for f in levels) + \
-             " | median start error at the trigger (n) | median start error at the peak |"
-    lines += [header, "|" + "---|" * (4 + len(levels))]
+             " | positives' window max, median | median start error at the trigger (n) | median start error at the peak |"
+    lines += [header, "|" + "---|" * (5 + len(levels))]
     for kind, result in models.items():
         for split, label in SPLITS:
             info = result["splits"].get(split)
@@ -79,13 +120,34 @@ def run_section(folder: Path) -> str:
                 cells.append(f"{_pct(_frr_at(info, level, target))} [{_pct(low)}, {_pct(high)}]")
             start, peak = info["start"], info["start_peak"]
             lines.append(f"| {kind} ({result['params']:,} params) | {split} ({label}) | " + " | ".join(cells)
-                         + f" | {_ms(start['median_abs_ms'])} ({start['n']}) | {_ms(peak['median_abs_ms'])} |")
+                         + f" | {_window_max(folder, kind, split)} | {_ms(start['median_abs_ms'])} ({start['n']}) | "
+                         f"{_ms(peak['median_abs_ms'])} |")
     lines += ["", f"False accepts per hour by negative kind at the {target:g} FA/h operating threshold, and cost:", "",
               "| model | threshold | " + " | ".join(KINDS) + " | streaming RTF (1 thread) |", "|" + "---|" * (3 + len(KINDS))]
     for kind, result in models.items():
         by_kind = result.get("fa_by_kind", {})
         lines.append(f"| {kind} | {result['threshold']:.6g} | " + " | ".join(f"{by_kind.get(k, math.nan):.2f}" for k in KINDS)
                      + f" | {result['rtf']:.3f} |")
+    seconds = state.get("stage_seconds", {})
+    if seconds:
+        lines += ["", "Stage wall seconds of this folder (a machine shared with other jobs): "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+                  + (f"; default-preset estimate from these rates {state['default_estimate_seconds'] / 3600:.1f} h"
+                     if state.get("default_estimate_seconds") else "") + "."]
+    for kind in models:
+        path = folder / "eval" / f"{kind}__stream_neg_top.csv"
+        if not path.exists():
+            continue
+        rows = list(csv.DictReader(path.open()))[:TOP_EVENTS]
+        score = "logit" if rows and "logit" in rows[0] else "score"
+        lines += ["", f"The {TOP_EVENTS} highest-scoring negative-stream events of {kind} (smoothed {score}; "
+                  "`eval/" + path.name + "`):", "",
+                  f"| time in the stream | {score} | kind | text spoken | voice |", "|---|---|---|---|---|"]
+        for row in rows:
+            at = float(row["time_s"])
+            lines.append(f"| chunk {row['stream']}, {at:.2f} s | {float(row[score]):.3f} | {row['kind']} | "
+                         f"{row['text'] or '-'} | {row['engine']}:{row['voice']} |" if row["engine"] else
+                         f"| chunk {row['stream']}, {at:.2f} s | {float(row[score]):.3f} | {row['kind']} | - | - |")
     return "\n".join(lines) + "\n"
 
 

@@ -225,7 +225,7 @@ def test_top_negative_events_lists_each_peak_once_with_its_utterance():
     from lopkit.kws.metrics import top_negative_events
 
     scores = np.zeros(1000)
-    scores[148:153] = [0.5, 0.8, 0.9, 0.7, 0.6]  # one utterance's peak straddling the 1 s window edge at frame 150
+    scores[198:203] = [0.5, 0.8, 0.9, 0.7, 0.6]  # one utterance's peak straddling the 1 s window edge at frame 200
     scores[610] = 0.95  # inside the second utterance's 0.5 s tail
     scores[900] = 0.3  # between utterances: noise
     segments = [{"start_s": 1.0, "end_s": 2.0, "kind": "confusable", "text": "hey commuter", "engine": "espeak",
@@ -233,9 +233,12 @@ def test_top_negative_events_lists_each_peak_once_with_its_utterance():
                 {"start_s": 5.0, "end_s": 5.8, "kind": "sentence", "text": "a sentence", "engine": "flite",
                  "voice": "kal"}]
     events = top_negative_events([scores], [segments], top=3)
-    assert events["frame"].tolist() == [610, 150, 900]  # highest first, the straddling peak listed once
+    assert events["frame"].tolist() == [610, 200, 900]  # highest first, the straddling peak listed once
     assert events["kind"].tolist() == ["sentence", "confusable", "noise"]
     assert events["text"].tolist()[:2] == ["a sentence", "hey commuter"]
-    assert events["time_s"].tolist()[1] == pytest.approx((150 * 160 + 400) / 16000)
+    assert events["time_s"].tolist()[1] == pytest.approx((200 * 160 + 400) / 16000)
     rest = top_negative_events([scores], [segments], top=50)
-    assert rest["frame"].tolist() == [610, 150, 900, 300, 400]  # and the flat windows tied with both neighbours
+    assert rest["frame"].tolist() == [610, 200, 900, 0, 300, 400, 500, 800]  # then flat windows >= 1 s from those
+    close = np.zeros(1000)
+    close[[133, 299]] = [0.9, 0.8]  # two utterances' peaks 1.66 s apart in adjacent windows: both listed
+    assert top_negative_events([close], [[]], top=2)["frame"].tolist() == [133, 299]

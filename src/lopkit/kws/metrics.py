@@ -360,8 +360,9 @@ def top_negative_events(
 ) -> pd.DataFrame:
     """The highest-scoring events of the negative streams, with the utterance each falls in (what false-accepts first).
 
-    Each stream is cut into ``window_frames``-long windows; a window whose maximum is at least both neighbours' is
-    one event (so one utterance's peak is listed once), at the frame of that maximum. Columns: stream, frame,
+    Each stream is cut into ``window_frames``-long windows, each summarised by its maximum; taken from the highest
+    down, a window's maximum is an event unless it lies within ``window_frames`` of an event already taken in the
+    same stream (so one utterance's peak is listed once, and peaks 1 s apart are both kept). Columns: stream, frame,
     time_s (window end of the frame, as for triggers), score, kind (``noise`` outside every utterance, see
     :func:`fa_by_kind`), text, engine, voice; sorted by score, highest first, at most ``top`` rows.
     """
@@ -369,26 +370,30 @@ def top_negative_events(
         raise ValueError(f"{len(negative_stream_scores)} streams but {len(segments)} segment lists")
     if window_frames < 1 or top < 1:
         raise ValueError(f"window_frames and top must be >= 1, got {window_frames}, {top}")
-    rows = []
-    for stream, (scores, utterances) in enumerate(zip(negative_stream_scores, segments)):
+    candidates = []  # (score, stream, frame)
+    for stream, scores in enumerate(negative_stream_scores):
         scores = _as_1d(scores, "negative_stream_scores")
         if scores.size == 0:
             continue
         padded = np.full(-(-scores.size // window_frames) * window_frames, -np.inf)
         padded[:scores.size] = scores
         windows = padded.reshape(-1, window_frames)
-        peak = windows.max(axis=1)
-        left = np.concatenate([[-np.inf], peak[:-1]])
-        right = np.concatenate([peak[1:], [-np.inf]])
-        ordered = sorted(utterances, key=lambda u: float(u["start_s"]))
-        for w in np.flatnonzero((peak >= left) & (peak >= right)):
-            frame = int(w * window_frames + np.argmax(windows[w]))
-            time_s = (frame * 160 + 400) / 16000
-            hit = segment_at(time_s, ordered, tail_s) or {}
-            rows.append({"stream": stream, "frame": frame, "time_s": time_s, "score": float(peak[w]),
-                         "kind": str(hit.get("kind", "") or ("noise" if not hit else "unknown")),
-                         "text": str(hit.get("text", "")), "engine": str(hit.get("engine", "")),
-                         "voice": str(hit.get("voice", ""))})
-    columns = ["stream", "frame", "time_s", "score", "kind", "text", "engine", "voice"]
-    frame = pd.DataFrame(rows, columns=columns)
-    return frame.sort_values("score", ascending=False, kind="stable").head(top).reset_index(drop=True)
+        frames = np.arange(windows.shape[0]) * window_frames + np.argmax(windows, axis=1)
+        candidates += [(float(v), stream, int(f)) for v, f in zip(windows.max(axis=1), frames)]
+    candidates.sort(key=lambda c: -c[0])  # stable: ties keep stream and time order
+    taken: list[tuple[float, int, int]] = []
+    for score, stream, frame in candidates:
+        if len(taken) == top:
+            break
+        if all(s != stream or abs(f - frame) >= window_frames for _v, s, f in taken):
+            taken.append((score, stream, frame))
+    rows = []
+    ordered = [sorted(u, key=lambda x: float(x["start_s"])) for u in segments]
+    for score, stream, frame in taken:
+        time_s = (frame * 160 + 400) / 16000
+        hit = segment_at(time_s, ordered[stream], tail_s) or {}
+        rows.append({"stream": stream, "frame": frame, "time_s": time_s, "score": score,
+                     "kind": str(hit.get("kind", "") or ("noise" if not hit else "unknown")),
+                     "text": str(hit.get("text", "")), "engine": str(hit.get("engine", "")),
+                     "voice": str(hit.get("voice", ""))})
+    return pd.DataFrame(rows, columns=["stream", "frame", "time_s", "score", "kind", "text", "engine", "voice"])

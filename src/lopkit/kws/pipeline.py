@@ -451,6 +451,11 @@ def stage_evaluate(config: PipelineConfig, out: Path, progress: bool, runs: dict
     from lopkit.kws.train import model_from_state
     from lopkit.runner.store import ResultStore
 
+    missing = [kind for kind in config.models if kind not in runs]
+    if missing:
+        raise ConfigError(f"models {missing} were not trained in {out} (trained: {', '.join(runs) or 'none'}); "
+                          f"evaluate those with --set models={','.join(k for k in config.models if k in runs)} "
+                          "or run the train stage first")
     eval_dir = out / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"target_fa_per_hour": config.target_fa_per_hour, "models": {}}
