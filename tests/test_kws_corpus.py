@@ -224,3 +224,10 @@ def test_old_corpus_with_homophone_negatives_is_repaired_to_equal_a_fresh_build(
         np.testing.assert_array_equal(after[untouched], before[path][untouched])
         assert all(not np.array_equal(after[i - first], before[path][i - first]) for i in rows)
     C.generate_confusables.cache_clear()
+
+
+def test_build_refuses_a_given_confusable_that_sounds_like_the_keyword(tmp_path):
+    config = build_config(C.CorpusConfig, {**TINY, "confusables": ("hey you", "hay computer")})
+    with pytest.raises(ConfigError, match="hay computer"):
+        C.build_corpus(config, str(tmp_path / "c"), progress=False, workers=1)
+    assert not os.path.exists(tmp_path / "c" / "config.json")

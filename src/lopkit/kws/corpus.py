@@ -764,6 +764,8 @@ def build_corpus(
     to test resuming). ``workers`` > 1 synthesises shards in a process pool (espeak is process-global).
     """
     config = build_config(CorpusConfig, config_to_dict(config))  # re-validate
+    if config.confusables:  # one that sounds like the keyword: ConfigError before anything is written
+        confusables_for(config)
     index_path = os.path.join(out_dir, "index.json")
     _check_config_file(out_dir, config, force)
     if os.path.exists(index_path):
