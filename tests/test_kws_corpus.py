@@ -164,3 +164,70 @@ def test_index_json_written_last_and_consistent(tiny):
     assert info["keyword_phones"] == S.keyword_phones(config.keyword)
     assert info["splits"]["train"]["n_clips"] == sum(config.split_sizes()["train"])
     assert math.isclose(index.stream_hours("stream_neg"), config.stream_neg_minutes / 60, rel_tol=1e-3)
+
+
+def test_confusables_never_sound_like_the_keyword():
+    """Issue 19: 'hay computer' passed the written-text test but is the keyword to the ear (same espeak phones)."""
+    vocabulary = ("hay", "hex", "fey", "commuter", "compute", "zebra")
+    candidates = C.confusable_candidates("hey computer", vocabulary)
+    assert "hay computer" in candidates  # the one-word swap the generator proposes
+    kept = C.generate_confusables("hey computer", vocabulary)
+    assert "hay computer" not in kept and "fey computer" in kept and "hey commuter" in kept
+    target = C.phone_sequence("hey computer")
+    assert target == tuple(S.keyword_phones("hey computer"))
+    for phrase in kept:
+        phones = C.phone_sequence(phrase)
+        assert all(phones[i:i + len(target)] != target for i in range(len(phones)))
+    assert C.sounds_like_keyword("well, hay computer, stop", "hey computer")
+    assert not C.sounds_like_keyword("hey commuter", "hey computer")
+    with pytest.raises(ConfigError, match="sound like the keyword"):
+        C.confusables_for(build_config(C.CorpusConfig, {"confusables": ("hey you", "hay computer")}))
+
+
+HOMOPHONE_TINY = dict(TINY, confusable_fraction=1.0, seed=5)
+FAKE_CANDIDATES = ("hay computer", "hey commuter", "computer hey")
+
+
+@pytest.mark.slow
+def test_old_corpus_with_homophone_negatives_is_repaired_to_equal_a_fresh_build(tmp_path, monkeypatch):
+    """A corpus built before the phone check is repaired on the next build: only the affected clips and stream
+    chunks are re-synthesised, every other clip stays byte-identical, and the result equals a fresh build."""
+    monkeypatch.setattr(C, "confusable_candidates", lambda keyword, vocabulary=None: FAKE_CANDIDATES)
+    C.generate_confusables.cache_clear()
+    config = build_config(C.CorpusConfig, HOMOPHONE_TINY)
+    old_dir, fresh_dir = str(tmp_path / "old"), str(tmp_path / "fresh")
+    with monkeypatch.context() as old_rules:  # the corpus as the written-text check built it
+        old_rules.setattr(C, "sounds_like_keyword", lambda phrase, keyword: False)
+        C.build_corpus(config, old_dir, progress=False, workers=1)
+    C.generate_confusables.cache_clear()
+    index_path = os.path.join(old_dir, "index.json")
+    info = json.load(open(index_path))
+    del info["homophone_check"]  # corpora of that time have no record of the check
+    json.dump(info, open(index_path, "w"))
+    stale = C.homophone_negatives(config, old_dir)
+    clip_paths = [p for p, rows in stale.items() if rows]
+    assert clip_paths and any("stream" in p for p in stale)  # the seed puts homophones in clips and streams
+    before = {p: np.load(p)["audio"].copy() for p in clip_paths}
+    repaired = C.build_corpus(config, old_dir, progress=False, workers=1)
+    assert C.homophone_negatives(config, old_dir) == {}
+    assert repaired.info["homophone_check"] == C.HOMOPHONE_CHECK
+    fresh = C.build_corpus(config, fresh_dir, progress=False, workers=1)
+    for split in C.CLIP_SPLITS + C.STREAM_SPLITS:
+        for a, b in zip(repaired.files(split), fresh.files(split)):
+            _npz_equal(a, b)
+    for path, rows in stale.items():
+        if not rows:
+            continue
+        first = int(json.loads(str(np.load(path)["meta"]))["records"][0]["index"])
+        after = np.load(path)["audio"]
+        untouched = [r for r in range(after.shape[0]) if r + first not in rows]
+        np.testing.assert_array_equal(after[untouched], before[path][untouched])
+        assert all(not np.array_equal(after[i - first], before[path][i - first]) for i in rows)
+    C.generate_confusables.cache_clear()
+
+
+def test_build_refuses_a_given_confusable_that_sounds_like_the_keyword(tmp_path):
+    config = build_config(C.CorpusConfig, {**TINY, "confusables": ("hey you", "hay computer")})
+    with pytest.raises(ConfigError, match="hay computer"):
+        C.build_corpus(config, str(tmp_path / "c"), progress=False, workers=1)
+    assert not os.path.exists(tmp_path / "c" / "config.json")

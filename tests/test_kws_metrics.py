@@ -194,3 +194,51 @@ def test_precomputed_negative_blocks_give_the_same_interval_and_must_match_the_g
         bootstrap_frr_at_fa(positive_max, stream, [1.0, 30.0], thresholds, n_boot=200, seed=2)
     with pytest.raises(ValueError, match="threshold grid"):
         bootstrap_frr_at_fa(positive_max, blocks, 1.0, thresholds[:-1], n_boot=10)
+
+
+def test_one_false_accept_in_an_hour_of_chunks_meets_one_fa_per_hour():
+    """Issue 19: six 10 min chunks sum to 0.9999999999999999 h; their single false accept still meets 1 FA/h."""
+    from lopkit.kws.metrics import bootstrap_frr_at_fa, meets_fa_target
+
+    chunk_hours = [600 * 16000 / 16000 / 3600] * 6
+    hours = sum(chunk_hours)
+    assert hours < 1.0  # the rounding the evaluation used to carry
+    chunks = [np.zeros(60000) for _ in range(6)]
+    chunks[2][30000] = 0.9  # the hour's only false accept, above every positive
+    positive_max = np.full(20, 0.5)
+    thresholds = np.array([0.25, 0.7, 1.0])
+    det = det_curve(positive_max, chunks, hours, 100, thresholds)
+    assert det["false_accepts"].tolist() == [1, 1, 0]
+    op = frr_at_fa(det, 1.0)
+    assert op["threshold"] == 0.25 and op["frr"] == 0.0
+    assert meets_fa_target(1 / hours, 1.0) and not meets_fa_target(1.001, 1.0)
+    # the bootstrap's replicate hours are sums of block hours too: one trigger per 10 min block is 6 FA/h exactly
+    blocks = [np.zeros(60000) for _ in range(6)]
+    for block in blocks:
+        block[100] = 0.9
+    interval = bootstrap_frr_at_fa(positive_max, np.concatenate(blocks), [6.0], thresholds, refractory_frames=100,
+                                   block_frames=60000, n_boot=50, seed=0)
+    assert interval[6.0] == (0.0, 0.0)
+
+
+def test_top_negative_events_lists_each_peak_once_with_its_utterance():
+    from lopkit.kws.metrics import top_negative_events
+
+    scores = np.zeros(1000)
+    scores[198:203] = [0.5, 0.8, 0.9, 0.7, 0.6]  # one utterance's peak straddling the 1 s window edge at frame 200
+    scores[610] = 0.95  # inside the second utterance's 0.5 s tail
+    scores[900] = 0.3  # between utterances: noise
+    segments = [{"start_s": 1.0, "end_s": 2.0, "kind": "confusable", "text": "hey commuter", "engine": "espeak",
+                 "voice": "en"},
+                {"start_s": 5.0, "end_s": 5.8, "kind": "sentence", "text": "a sentence", "engine": "flite",
+                 "voice": "kal"}]
+    events = top_negative_events([scores], [segments], top=3)
+    assert events["frame"].tolist() == [610, 200, 900]  # highest first, the straddling peak listed once
+    assert events["kind"].tolist() == ["sentence", "confusable", "noise"]
+    assert events["text"].tolist()[:2] == ["a sentence", "hey commuter"]
+    assert events["time_s"].tolist()[1] == pytest.approx((200 * 160 + 400) / 16000)
+    rest = top_negative_events([scores], [segments], top=50)
+    assert rest["frame"].tolist() == [610, 200, 900, 0, 300, 400, 500, 800]  # then flat windows >= 1 s from those
+    close = np.zeros(1000)
+    close[[133, 299]] = [0.9, 0.8]  # two utterances' peaks 1.66 s apart in adjacent windows: both listed
+    assert top_negative_events([close], [[]], top=2)["frame"].tolist() == [133, 299]

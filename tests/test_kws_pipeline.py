@@ -310,3 +310,18 @@ def test_smoke_pipeline_end_to_end_on_synthetic_speech(tmp_path):
     assert before[1] > 0 and all(r["status"] == "finished" for r in before[0])
     run_pipeline(pipeline_config("smoke"), tmp_path, progress=False, stages=("corpus", "features", "train", "evaluate"))
     assert snapshot() == before  # every stage was found done: no run touched, no row added, no file rewritten
+
+
+def test_evaluation_lists_the_top_negative_events_and_names_untrained_models(pipeline_dir, capsys):
+    from lopkit.kws.corpus import load_corpus
+
+    top = pd.read_csv(pipeline_dir / "eval" / "heimdal__stream_neg_top.csv")
+    assert len(top) > 0 and top["score"].is_monotonic_decreasing
+    assert np.allclose(top["logit"], np.log(top["score"] / (1 - top["score"])))
+    segments = [s for c in load_corpus(str(pipeline_dir / "corpus")).streams("stream_neg") for s in c.meta["segments"]]
+    texts = {s["text"] for s in segments}
+    assert set(top.loc[top["kind"] != "noise", "text"]) <= texts
+    code = _cli("kws", "evaluate", "--preset", "smoke", "--out", str(pipeline_dir), "--no-progress",
+                "--set", "models=heimdal,heimdal_utterance")
+    err = capsys.readouterr().err
+    assert code != 0 and "error: models ['heimdal_utterance'] were not trained" in err and "Traceback" not in err

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -254,14 +255,31 @@ def similar_words(word: str, vocabulary: tuple[str, ...], count: int = 3) -> lis
     return [w for _, _, w in sorted(ranked)[:count]]
 
 
-@lru_cache(maxsize=8)
-def generate_confusables(keyword: str, vocabulary: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """Negative phrases that sound like parts of ``keyword`` but never contain it, derived from the phrase itself.
+@lru_cache(maxsize=4096)
+def phone_sequence(text: str) -> tuple[str, ...]:
+    """Normalised espeak-ng en-us phones of ``text`` (pauses dropped): what the keyword test compares."""
+    return tuple(synth.normalize_phone(p) for p, _dur, _word in synth.espeak_phone_template(_normalize_text(text)))
 
-    Kinds: each word alone; the words reversed; the phrase with one word swapped for a similar word
-    (:func:`similar_words` over the fortune/GCIDE vocabulary); the last word after an article and inside short
-    carrier sentences; the first word followed by a common word. For the default phrase the hand-written list
-    :data:`CONFUSABLES` is added. Deterministic (sorted, no randomness).
+
+def sounds_like_keyword(phrase: str, keyword: str) -> bool:
+    """True when ``phrase`` contains the keyword's phone sequence (a homophone: 'hay computer' for 'hey computer').
+
+    Such a phrase is the keyword to the ear (and to any detector), so it must never be a negative. The test is on
+    espeak-ng en-us phones (``phone_sequence``), stress and variant marks removed; the written-text test
+    (``keyword in phrase``) misses homophones.
+    """
+    target, phones = phone_sequence(keyword), phone_sequence(phrase)
+    if not target or len(phones) < len(target):
+        return False
+    return any(phones[i:i + len(target)] == target for i in range(len(phones) - len(target) + 1))
+
+
+@lru_cache(maxsize=8)
+def confusable_candidates(keyword: str, vocabulary: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Every phrase :func:`generate_confusables` considers, before homophones of the keyword are removed (sorted).
+
+    Corpus plans draw a confusable's index from this list (and draw again from the valid ones when the index
+    lands on a homophone), so corpora keep every other utterance when the homophone rule changes the pool.
     """
     words = _normalize_text(keyword).split()
     if not words:
@@ -279,15 +297,49 @@ def generate_confusables(keyword: str, vocabulary: tuple[str, ...] | None = None
     if _normalize_text(keyword) == _normalize_text(synth.DEFAULT_KEYWORD):
         phrases.update(CONFUSABLES)
     target = " ".join(words)
-    kept = sorted(p for p in phrases if target not in _normalize_text(p) and _normalize_text(p) != "")
+    return tuple(sorted(p for p in phrases if target not in _normalize_text(p) and _normalize_text(p) != ""))
+
+
+@lru_cache(maxsize=8)
+def generate_confusables(keyword: str, vocabulary: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Negative phrases that sound like parts of ``keyword`` but never contain it, derived from the phrase itself.
+
+    Kinds: each word alone; the words reversed; the phrase with one word swapped for a similar word
+    (:func:`similar_words` over the fortune/GCIDE vocabulary); the last word after an article and inside short
+    carrier sentences; the first word followed by a common word. For the default phrase the hand-written list
+    :data:`CONFUSABLES` is added. A phrase is dropped when its text contains the keyword or when it is a homophone
+    of it (:func:`sounds_like_keyword`: a swapped word that sounds the same, e.g. 'hay computer'). Deterministic
+    (sorted, no randomness).
+    """
+    kept = tuple(p for p in confusable_candidates(keyword, vocabulary) if not sounds_like_keyword(p, keyword))
     if not kept:
         raise ValueError(f"no confusables could be derived from keyword {keyword!r}; pass confusables= explicitly")
-    return tuple(kept)
+    return kept
 
 
 def confusables_for(config: "CorpusConfig") -> tuple[str, ...]:
-    """The confusable negatives of a corpus: ``config.confusables`` if given, else generated from its keyword."""
-    return tuple(config.confusables) if config.confusables else generate_confusables(config.keyword)
+    """The confusable negatives of a corpus: ``config.confusables`` if given, else generated from its keyword.
+
+    A given phrase that sounds like the keyword (:func:`sounds_like_keyword`) is a ConfigError: it would be the
+    keyword labelled as a negative.
+    """
+    if not config.confusables:
+        return generate_confusables(config.keyword)
+    same = [p for p in config.confusables if sounds_like_keyword(p, config.keyword)]
+    if same:
+        raise ConfigError(f"confusables {same} sound like the keyword {config.keyword!r} (same espeak phones); "
+                          "a negative must not be the keyword: remove them from confusables")
+    return tuple(config.confusables)
+
+
+def _draw_confusable(config: "CorpusConfig", rng: np.random.Generator) -> str:
+    """One confusable for a negative plan: an index into the candidate list, redrawn among the valid ones on a homophone."""
+    valid = confusables_for(config)
+    pool = tuple(config.confusables) if config.confusables else confusable_candidates(config.keyword)
+    phrase = pool[int(rng.integers(len(pool)))]
+    if phrase not in valid:
+        phrase = valid[int(rng.integers(len(valid)))]
+    return phrase
 
 
 def negative_sentences(keyword: str, group: str) -> tuple[str, ...]:
@@ -359,8 +411,7 @@ def plan_utterance(
     else:
         kw = -1
         if rng.random() < config.confusable_fraction:
-            pool = confusables_for(config)
-            segments, kind = [pool[int(rng.integers(len(pool)))]], "confusable"
+            segments, kind = [_draw_confusable(config, rng)], "confusable"
         else:
             pool = negative_sentences(config.keyword, group)
             segments, kind = [pool[int(rng.integers(len(pool)))]], "sentence"
@@ -713,10 +764,21 @@ def build_corpus(
     to test resuming). ``workers`` > 1 synthesises shards in a process pool (espeak is process-global).
     """
     config = build_config(CorpusConfig, config_to_dict(config))  # re-validate
+    if config.confusables:  # one that sounds like the keyword: ConfigError before anything is written
+        confusables_for(config)
     index_path = os.path.join(out_dir, "index.json")
     _check_config_file(out_dir, config, force)
     if os.path.exists(index_path):
-        return load_corpus(out_dir)
+        index = load_corpus(out_dir)
+        if index.info.get("homophone_check") != HOMOPHONE_CHECK:  # built before negatives were checked by phones
+            counts = repair_homophone_negatives(config, out_dir, workers)
+            if counts["clips"] or counts["stream_chunks"]:
+                print(f"[kws] corpus {out_dir}: {counts['clips']} clips in {counts['clip_shards']} shards and "
+                      f"{counts['stream_chunks']} stream chunks held negatives that sound like the keyword "
+                      f"{config.keyword!r}; re-synthesised them (retrain models trained on the old corpus)",
+                      file=sys.stderr, flush=True)
+            index = load_corpus(out_dir)
+        return index
     tasks = _task_list(config)
     pending = [t for t in tasks if not os.path.exists(_task_path(out_dir, t))]
     if max_tasks is not None:
@@ -752,6 +814,86 @@ def build_corpus(
     return load_corpus(out_dir)
 
 
+HOMOPHONE_CHECK = 1  # index.json key "homophone_check": corpora written since negatives are checked by phones
+
+
+def homophone_negatives(config: CorpusConfig, out_dir: str) -> dict[str, list[int]]:
+    """Stored negatives that sound like the keyword: ``{shard or chunk path: [clip indices]}`` ([] for a stream chunk).
+
+    Only confusable phrases are checked (background sentences are filtered on their text and are not built from the
+    keyword). A corpus built before confusables were checked by phones (:func:`sounds_like_keyword`) can hold such
+    negatives, e.g. 'hay computer' for 'hey computer'.
+    """
+    found: dict[str, list[int]] = {}
+    for task in _task_list(config):
+        path = _task_path(out_dir, task)
+        if not os.path.exists(path):
+            continue
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+        rows = meta["records"] if task[0] == "clips" else meta["segments"]
+        bad = [int(r["index"]) if task[0] == "clips" else k for k, r in enumerate(rows)
+               if int(r.get("label", 0)) == 0 and r.get("kind") == "confusable"
+               and sounds_like_keyword(str(r.get("text", "")), config.keyword)]
+        if bad:
+            found[path] = bad if task[0] == "clips" else []
+    return found
+
+
+def repair_homophone_negatives(config: CorpusConfig, out_dir: str, workers: int = 1) -> dict[str, int]:
+    """Re-synthesise only the negatives that sound like the keyword; returns counts of what was redone.
+
+    A clip is a pure function of (config, split, index), so each affected clip is re-planned (its confusable is now
+    drawn among the valid phrases) and rendered again in place; every other clip of its shard stays byte-identical.
+    A stream chunk holding one is rebuilt whole (the utterances after it move). The index is rewritten (so cached
+    features are recomputed) with the check recorded. Models trained on the old corpus must be retrained.
+    """
+    stale = homophone_negatives(config, out_dir)
+    tasks = _task_list(config)
+    by_path = {_task_path(out_dir, t): t for t in tasks}
+    counts = {"clips": 0, "clip_shards": 0, "stream_chunks": 0}
+    rebuild = []
+    for path, indices in stale.items():
+        task = by_path[path]
+        if task[0] == "streams":
+            rebuild.append(task)
+            continue
+        split, first = task[1], task[3]
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+        meta = json.loads(str(arrays["meta"]))
+        voices = voices_for(config, split)
+        plans = [plan_utterance(config, _rng(config, split, i), split, i, clip_label(config, split, i), voices)
+                 for i in indices]
+        for plan, (utt, a, b) in zip(plans, synthesize_plans(plans)):
+            clip, record = render_clip(config, plan, utt, a, b)
+            row = plan.index - first
+            arrays["audio"][row] = clip.astype(np.float16)
+            meta["records"][row] = record
+        arrays["meta"] = np.array(json.dumps(meta))
+        _save_npz(path, **arrays)
+        counts["clips"] += len(indices)
+        counts["clip_shards"] += 1
+    for task in rebuild:
+        os.remove(_task_path(out_dir, task))
+    if rebuild:
+        config_dict = config_to_dict(config)
+        jobs = [(config_dict, out_dir, t) for t in rebuild]
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+                list(pool.imap_unordered(_run_task, jobs))
+        else:
+            for job in jobs:
+                _run_task(job)
+    counts["stream_chunks"] = len(rebuild)
+    previous = load_corpus(out_dir).info.get("last_build_seconds", 0.0) if os.path.exists(
+        os.path.join(out_dir, "index.json")) else 0.0
+    _write_index(config, out_dir, tasks, float(previous))
+    return counts
+
+
 def _write_index(config: CorpusConfig, out_dir: str, tasks: list, seconds: float) -> None:
     splits: dict[str, Any] = {}
     for task in tasks:
@@ -772,6 +914,7 @@ def _write_index(config: CorpusConfig, out_dir: str, tasks: list, seconds: float
         "version": 1, "sample_rate": SAMPLE_RATE, "clip_samples": config.clip_samples, "config": config_to_dict(config),
         "splits": splits, "bytes": size, "last_build_seconds": round(seconds, 2),
         "phone_set": synth.phone_set(config.keyword), "keyword_phones": synth.keyword_phones(config.keyword),
+        "homophone_check": HOMOPHONE_CHECK,
     }
     with open(os.path.join(out_dir, "index.json.tmp"), "w") as handle:
         json.dump(index, handle, indent=1)

@@ -12,8 +12,9 @@ Definitions (also in docs/kws.md):
   acceptance window (from the keyword start to ``accept_after_s`` after its end). A positive utterance is
   therefore summarised by one number: its maximum score in that window (:func:`window_max`).
 - **Operating point.** For a target FA/h ``F``, the *lowest* swept threshold whose FA/h on the negative stream
-  is ``<= F`` (``method="step"``, the default: a threshold one could actually deploy). ``method="linear"``
-  interpolates FRR linearly in FA/h between the two DET points bracketing ``F`` instead.
+  is ``<= F`` up to a relative 1e-9 for the float rounding of the stream's hours (:func:`meets_fa_target`)
+  (``method="step"``, the default: a threshold one could actually deploy). ``method="linear"`` interpolates FRR
+  linearly in FA/h between the two DET points bracketing ``F`` instead.
 - **Relative FRR reduction** of system B over baseline A: ``(FRR_A - FRR_B) / FRR_A`` (NaN when ``FRR_A`` is 0).
 - **Bootstrap interval of FRR at a target FA/h** (:func:`bootstrap_frr_at_fa`): resample the positive utterances and
   the negative stream's fixed-length blocks (60 s by default; triggers counted within each block) with replacement,
@@ -45,15 +46,26 @@ __all__ = [
     "count_triggers",
     "det_curve",
     "frr_at_fa",
+    "meets_fa_target",
     "relative_reduction",
+    "segment_at",
     "start_error_summary",
     "sweep_thresholds",
+    "top_negative_events",
     "trigger_frames",
     "window_max",
 ]
 
 DET_COLUMNS = ("threshold", "frr", "fa_per_hour", "false_accepts", "misses")
 FRAMES_PER_SECOND = 100
+FA_RTOL = 1e-9
+"""Relative tolerance of the FA/h target test: a stream's hours summed from chunks or blocks carry rounding
+(six 10 min chunks sum to 0.9999999999999999 h, so 1 false accept read 1.0000000000000002 FA/h and missed 1 FA/h)."""
+
+
+def meets_fa_target(fa_per_hour: np.ndarray | float, target: float) -> np.ndarray | bool:
+    """``fa_per_hour <= target`` up to :data:`FA_RTOL` (float rounding of the stream's duration is not a false accept)."""
+    return np.asarray(fa_per_hour) <= float(target) * (1.0 + FA_RTOL)
 
 
 def _as_1d(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
@@ -158,7 +170,7 @@ def frr_at_fa(det: pd.DataFrame, fa_per_hour: float, method: str = "step") -> di
     if det.empty:
         raise ValueError("empty DET curve")
     ordered = det.sort_values("threshold").reset_index(drop=True)
-    allowed = ordered[ordered["fa_per_hour"] <= fa_per_hour]
+    allowed = ordered[meets_fa_target(ordered["fa_per_hour"].to_numpy(), fa_per_hour)]
     if allowed.empty:  # even the highest threshold false-accepts too often: reject everything
         return {"frr": 1.0, "threshold": math.inf, "fa_per_hour": 0.0}
     best = allowed.iloc[0]  # lowest threshold meeting the target
@@ -213,7 +225,7 @@ def clip_auc(positive: Tensor, negative: Tensor) -> float:
 
 def _operating_frr(frr: np.ndarray, fa: np.ndarray, target: float) -> np.ndarray:
     """FRR at the lowest threshold whose FA/h <= target, per row of ``frr``/``fa`` ``[R, n_thresholds]`` (1 if none)."""
-    allowed = fa <= target
+    allowed = meets_fa_target(fa, target)
     first = np.argmax(allowed, axis=1)
     out = frr[np.arange(frr.shape[0]), first]
     return np.where(allowed.any(axis=1), out, 1.0)
@@ -323,12 +335,65 @@ def fa_by_kind(
         ordered = sorted(utterances, key=lambda u: float(u["start_s"]))
         for utterance in ordered:
             counts.setdefault(str(utterance.get("kind", "") or "unknown"), 0)
-        starts = np.array([float(u["start_s"]) for u in ordered])
         for frame in trigger_frames(scores, threshold, refractory_frames):
-            time_s = (int(frame) * 160 + 400) / 16000
-            index = int(np.searchsorted(starts, time_s, side="right")) - 1
-            if index >= 0 and time_s <= float(ordered[index]["end_s"]) + tail_s:
-                counts[str(ordered[index].get("kind", "") or "unknown")] += 1
-            else:
-                counts["noise"] += 1
+            hit = segment_at((int(frame) * 160 + 400) / 16000, ordered, tail_s)
+            counts["noise" if hit is None else str(hit.get("kind", "") or "unknown")] += 1
     return {kind: n / negative_hours for kind, n in sorted(counts.items())}
+
+
+def segment_at(time_s: float, ordered_segments: Sequence[dict], tail_s: float = 0.5) -> dict | None:
+    """The utterance a stream event at ``time_s`` is charged to: the last one started before it and ended less than
+    ``tail_s`` earlier (``ordered_segments`` sorted by ``start_s``); None for the noise between utterances."""
+    starts = np.array([float(u["start_s"]) for u in ordered_segments])
+    index = int(np.searchsorted(starts, time_s, side="right")) - 1
+    if index >= 0 and time_s <= float(ordered_segments[index]["end_s"]) + tail_s:
+        return ordered_segments[index]
+    return None
+
+
+def top_negative_events(
+    negative_stream_scores: Sequence[np.ndarray],
+    segments: Sequence[Sequence[dict]],
+    top: int = 50,
+    window_frames: int = FRAMES_PER_SECOND,
+    tail_s: float = 0.5,
+) -> pd.DataFrame:
+    """The highest-scoring events of the negative streams, with the utterance each falls in (what false-accepts first).
+
+    Each stream is cut into ``window_frames``-long windows, each summarised by its maximum; taken from the highest
+    down, a window's maximum is an event unless it lies within ``window_frames`` of an event already taken in the
+    same stream (so one utterance's peak is listed once, and peaks 1 s apart are both kept). Columns: stream, frame,
+    time_s (window end of the frame, as for triggers), score, kind (``noise`` outside every utterance, see
+    :func:`fa_by_kind`), text, engine, voice; sorted by score, highest first, at most ``top`` rows.
+    """
+    if len(negative_stream_scores) != len(segments):
+        raise ValueError(f"{len(negative_stream_scores)} streams but {len(segments)} segment lists")
+    if window_frames < 1 or top < 1:
+        raise ValueError(f"window_frames and top must be >= 1, got {window_frames}, {top}")
+    candidates = []  # (score, stream, frame)
+    for stream, scores in enumerate(negative_stream_scores):
+        scores = _as_1d(scores, "negative_stream_scores")
+        if scores.size == 0:
+            continue
+        padded = np.full(-(-scores.size // window_frames) * window_frames, -np.inf)
+        padded[:scores.size] = scores
+        windows = padded.reshape(-1, window_frames)
+        frames = np.arange(windows.shape[0]) * window_frames + np.argmax(windows, axis=1)
+        candidates += [(float(v), stream, int(f)) for v, f in zip(windows.max(axis=1), frames)]
+    candidates.sort(key=lambda c: -c[0])  # stable: ties keep stream and time order
+    taken: list[tuple[float, int, int]] = []
+    for score, stream, frame in candidates:
+        if len(taken) == top:
+            break
+        if all(s != stream or abs(f - frame) >= window_frames for _v, s, f in taken):
+            taken.append((score, stream, frame))
+    rows = []
+    ordered = [sorted(u, key=lambda x: float(x["start_s"])) for u in segments]
+    for score, stream, frame in taken:
+        time_s = (frame * 160 + 400) / 16000
+        hit = segment_at(time_s, ordered[stream], tail_s) or {}
+        rows.append({"stream": stream, "frame": frame, "time_s": time_s, "score": score,
+                     "kind": str(hit.get("kind", "") or ("noise" if not hit else "unknown")),
+                     "text": str(hit.get("text", "")), "engine": str(hit.get("engine", "")),
+                     "voice": str(hit.get("voice", ""))})
+    return pd.DataFrame(rows, columns=["stream", "frame", "time_s", "score", "kind", "text", "engine", "voice"])

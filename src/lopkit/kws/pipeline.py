@@ -8,6 +8,7 @@ Everything lives in one output folder::
     models/<kind>.pt             exported trained models with their operating threshold (for 'lopkit kws listen')
     eval/<kind>.json             per-model evaluation; eval/summary.json all of them
     eval/<kind>__<split>_det.csv DET points; eval/<kind>__<split>_starts.csv per-positive start estimates
+    eval/<kind>__stream_neg_top.csv the 50 highest-scoring negative-stream events with the utterance each falls in
     continual_corpora/<kw>/      small corpora of the new wake words (task_kind=keywords)
     report/index.html            the report (lopkit.kws.report)
     pipeline.json                stage status and timings
@@ -62,7 +63,7 @@ MODEL_ORDER = ("heimdal", "dnn_hmm", "heimdal_no_offset", "heimdal_utterance")
 #: Measured speed-up of a tau=2, batch-64 training step from 1 to 2 torch threads on an idle 2-core machine
 #: (1.05 s -> 0.60 s per step).
 TWO_THREAD_SPEEDUP = 1.75
-EVAL_VERSION = 2  # bump when the evaluation's outputs change, so cached evaluations are redone
+EVAL_VERSION = 3  # bump when the evaluation's outputs change, so cached evaluations are redone
 
 
 @dataclasses.dataclass
@@ -260,12 +261,13 @@ def evaluate_model(model: torch.nn.Module, kind: str, corpus_dir: Path, config: 
     accept = int(round(config.accept_after_s * FRAMES_PER_SECOND))
     refractory = max(1, int(round(config.refractory_s * FRAMES_PER_SECOND)))
     # negative stream
-    neg_scores, neg_segments, neg_hours = [], [], 0.0
+    neg_scores, neg_segments, neg_samples = [], [], 0
     for chunk in corpus.streams("stream_neg"):
         raw, _ = score_features(scorer, compute_features(chunk.audio))
         neg_scores.append(causal_moving_average(raw, config.smooth_frames))
         neg_segments.append(chunk.meta.get("segments", []))
-        neg_hours += chunk.audio.size / 16000 / 3600
+        neg_samples += chunk.audio.size
+    neg_hours = neg_samples / 16000 / 3600  # one division: summed per-chunk hours read 0.9999999999999999 for 60 min
     if neg_hours <= 0:
         raise ValueError("the corpus has no negative stream (stream_neg_minutes=0); FA/h cannot be measured")
     # positives per split: (max score in window, smoothed scores, starts, window, reference start, info)
@@ -332,6 +334,11 @@ def evaluate_model(model: torch.nn.Module, kind: str, corpus_dir: Path, config: 
                                       config.target_fa_per_hour)["threshold"]
     if math.isfinite(result["threshold"]):
         result["fa_by_kind"] = M.fa_by_kind(neg_scores, neg_segments, result["threshold"], neg_hours, refractory)
+    events = M.top_negative_events(neg_scores, neg_segments, top=50)
+    if kind != "dnn_hmm":  # the CNN's score is a probability: its logit says how far from saturation it is
+        clipped = events["score"].clip(1e-300, 1 - 1e-16)
+        events.insert(4, "logit", np.log(clipped) - np.log1p(-clipped))
+    events.to_csv(eval_dir / f"{kind}__stream_neg_top.csv", index=False)
     result["rtf"] = measure_rtf(scorer, corpus, config)
     return result
 
@@ -444,6 +451,11 @@ def stage_evaluate(config: PipelineConfig, out: Path, progress: bool, runs: dict
     from lopkit.kws.train import model_from_state
     from lopkit.runner.store import ResultStore
 
+    missing = [kind for kind in config.models if kind not in runs]
+    if missing:
+        raise ConfigError(f"models {missing} were not trained in {out} (trained: {', '.join(runs) or 'none'}); "
+                          f"evaluate those with --set models={','.join(k for k in config.models if k in runs)} "
+                          "or run the train stage first")
     eval_dir = out / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"target_fa_per_hour": config.target_fa_per_hour, "models": {}}
