@@ -89,6 +89,8 @@ __all__ = [
     "R2_DEFINITIONS",
     "activation_layer_names",
     "add_relative_gradient_noise_",
+    "cloning_group",
+    "cloning_refusal",
     "module_kind",
     "noise_scale",
     "r2_metric_name",
@@ -569,6 +571,22 @@ class CloningBenchmark(Benchmark):
             if key in self._last:
                 info[key] = round(self._last[key], 4)
         return info
+
+
+def cloning_refusal(configs: list[CloningConfig], methods: Any = None) -> str | None:
+    """Why ``lopkit run cloning --seeds N`` runs the seeds one after the other, in one line (always: no group yet)."""
+    if not configs:
+        return "no runs to vectorise"
+    first = configs[0]
+    return (f"cloning has no vectorised learner (model={first.model}, variant={first.variant}): each run trains a "
+            f"base, then from base_steps a {first.factor}x-wider clone beside it with its own optimizer, Monitor "
+            "and R^2 probes, not stacked across runs yet")
+
+
+def cloning_group(benchmark_cls: type[CloningBenchmark], members: list[tuple[CloningConfig, int]],
+                  methods: Any = None) -> None:
+    """The vectorised runner's ``build``: there is none, so the runs go separately (ValueError with the reason)."""
+    raise ValueError(cloning_refusal([config for config, _ in members], methods) or "cloning is not vectorised")
 
 
 def _copy_state(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -4,8 +4,9 @@
 S :class:`~lopkit.benchmarks.bitflip.BitFlipBenchmark` objects, plain or with ``cbp``/``cbp_aggressive``, as
 one learner: the lean step batched over seeds in NumPy, and continual backprop's utilities and replacements
 per seed (:class:`lopkit.benchmarks.bitflip_lean.LeanCBP`, each seed's own method generator seeded through
-:func:`lopkit.seeding.derive_seed` as in a separate run). Each benchmark's rows, state and checkpoints are
-those of its own run within float tolerance.
+:func:`lopkit.seeding.derive_seed` as in a separate run). ``l2``, ``l2init``, ``noisy_sgd``, ``shrink_perturb``
+and ``redo`` run through each seed's own lean kernel on its slice (:class:`_GroupKernels`). Each benchmark's
+rows, state and checkpoints are those of its own run within float tolerance.
 
 The older :func:`run_bitflip_seeds` below (plain learner only) builds its own runs:
 
@@ -73,6 +74,7 @@ from lopkit.diagnostics.monitor import Monitor
 
 __all__ = [
     "BitFlipSeedGroup",
+    "GROUP_KERNEL_METHODS",
     "VMAP_ENGINES",
     "group_unsupported_reason",
     "run_bitflip_seeds",
@@ -254,8 +256,8 @@ def group_unsupported_reason(benchmarks: Sequence[Any]) -> str | None:
     """Why :class:`BitFlipSeedGroup` cannot train these benchmarks as one learner (None: it can).
 
     It can when all are ``"bitflip"`` benchmarks with one config at the same step on the lean engine, with no
-    method or each with ``cbp``/``cbp_aggressive`` (:func:`lopkit.benchmarks.bitflip_lean.lean_cbp_supported`),
-    and no method switch.
+    method, each with ``cbp``/``cbp_aggressive`` (:func:`lopkit.benchmarks.bitflip_lean.lean_cbp_supported`) or
+    each with the same single method of :data:`GROUP_KERNEL_METHODS` that has a lean kernel, and no method switch.
     """
     from lopkit.benchmarks.bitflip import BitFlipBenchmark, method_is_noop
     from lopkit.benchmarks.bitflip_lean import lean_cbp_supported
@@ -277,7 +279,29 @@ def group_unsupported_reason(benchmarks: Sequence[Any]) -> str | None:
         return None
     if all(lean_cbp_supported(b.method, b.model) for b in benchmarks):
         return None
-    return f"method {first.method.name!r} has no vectorised kernel (plain SGD, cbp and cbp_aggressive do)"
+    return _group_kernel_refusal(benchmarks)
+
+
+#: Methods the seed group runs through their lean kernels (:mod:`lopkit.benchmarks.bitflip_lean`), besides cbp.
+GROUP_KERNEL_METHODS = ("l2", "l2init", "noisy_sgd", "shrink_perturb", "redo")
+
+
+def _group_kernel_refusal(benchmarks: Sequence[Any]) -> str | None:
+    """Why :class:`_GroupKernels` cannot run the benchmarks' methods (None: each has the same kind of lean kernel)."""
+    from lopkit.benchmarks.bitflip_lean import _MethodKernel, _single, lean_kernel
+
+    first = benchmarks[0]
+    singles = [_single(b.method) for b in benchmarks]
+    name = getattr(first.method, "name", type(first.method).__name__)
+    if any(m is None for m in singles):
+        return f"method {name!r} (a composition of several methods) has no vectorised kernel"
+    if len({type(m) for m in singles}) != 1 or any(getattr(m, "config", None) != singles[0].config for m in singles):
+        return "the runs have different methods or method settings"
+    kernel = lean_kernel(first.method, first.model, first.optimizer, first.config)
+    if not isinstance(kernel, _MethodKernel):
+        return (f"method {name!r} has no vectorised kernel (plain SGD, cbp, cbp_aggressive, "
+                f"{', '.join(GROUP_KERNEL_METHODS)} do)")
+    return None
 
 
 class BitFlipSeedGroup:
@@ -295,7 +319,7 @@ class BitFlipSeedGroup:
         if reason is not None:
             raise ConfigError(f"these runs cannot be trained as one vectorised learner: {reason}")
         from lopkit.benchmarks.bitflip import method_is_noop
-        from lopkit.benchmarks.bitflip_lean import LeanCBP
+        from lopkit.benchmarks.bitflip_lean import LeanCBP, lean_cbp_supported
 
         self.benchmarks = list(benchmarks)
         models = [b.model for b in self.benchmarks]
@@ -312,10 +336,14 @@ class BitFlipSeedGroup:
             hidden.weight.data = w1b[index, :inputs].t()
             hidden.bias.data, output.weight.data, output.bias.data = w1b[index, inputs], w2[index], b2[index]
         self.views = (w1b.numpy(), w2.numpy()[:, 0, :], b2.numpy())
-        self.cbp = None
-        if not all(method_is_noop(b.method) for b in self.benchmarks):
+        self.cbp = self.kernels = None
+        if all(method_is_noop(b.method) for b in self.benchmarks):
+            pass
+        elif all(lean_cbp_supported(b.method, b.model) for b in self.benchmarks):
             self.cbp = LeanCBP([b.method for b in self.benchmarks], models, [b.optimizer for b in self.benchmarks],
                                transposed=True, bias_row=True)
+        else:
+            self.kernels = _GroupKernels(self.benchmarks, self.views)
 
     @property
     def step(self) -> int:
@@ -333,16 +361,21 @@ class BitFlipSeedGroup:
                 rows[index] += bench._measure()
                 bench._initial_measured = True
         end = min(self.step + n_steps, bench.total_steps)
+        periods = self.kernels.periods if self.kernels is not None else ()
         while self.step < end:
             step = self.step
-            length = next_block_length(step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
+            length = next_block_length(step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every, *periods)
             batches = [b.stream.next_batches(length) for b in benches]
             inputs = np.ones((len(benches), length, self.views[0].shape[1]), dtype=np.float32)  # (S, L, D + 1)
             for index, (x, _) in enumerate(batches):
                 inputs[index, :, :-1] = learner_inputs(x, cfg).numpy()
             targets = np.stack([y.numpy()[:, 0] for _, y in batches])  # (S, L)
             sums = np.array([b._bin_sum for b in benches], dtype=np.float64)
-            _group_block(self.views, inputs, targets, cfg.lr, sums, step, self.cbp)
+            if self.kernels is not None:
+                self.kernels.begin(step, length, cfg.lr)
+            _group_block(self.views, inputs, targets, cfg.lr, sums, step, self.cbp, self.kernels)
+            if self.kernels is not None:
+                self.kernels.finish(step, length)
             for index, bench in enumerate(benches):
                 bench._bin_sum = float(sums[index])
                 bench._bin_count += length
@@ -359,8 +392,9 @@ def _group_block(
     sums: np.ndarray,
     first_step: int,
     cbp: Any = None,
+    kernels: Any = None,
 ) -> None:
-    """The lean SGD step batched over seeds, with continual backprop when given.
+    """The lean SGD step batched over seeds, with continual backprop or another method's kernels when given.
 
     ``views``: ``[W1^T; b1]`` (S, D + 1, H), w2 (S, H), b2 (S, 1); ``inputs`` (S, L, D + 1) end with a 1 column.
     The squared errors are added to ``sums`` one step after the other in float64, as the single-run engine does.
@@ -379,13 +413,21 @@ def _group_block(
         for i in range(length):
             x = inputs[:, i]  # (S, D + 1)
             z = np.matmul(x[:, None, :], w1b)[:, 0, :]
-            h = np.maximum(z, zero) if cbp is None else np.maximum(z, zero, out=cbp.rec_h[cbp.k])
+            if cbp is not None:
+                h = np.maximum(z, zero, out=cbp.rec_h[cbp.k])
+            elif kernels is not None and kernels.record is not None:
+                h = np.maximum(z, zero, out=kernels.record[i])
+            else:
+                h = np.maximum(z, zero)
             error = np.einsum("sh,sh->s", w2, h, out=errors[i])
             error += b2[:, 0]
             error -= targets[:, i]
             scale = two_lr * error
             dz = w2 * (z > 0)
             dz *= scale[:, None]
+            if kernels is not None:  # the method's penalty, noise or perturbation around the update
+                kernels.step(first_step + i, x, h, dz, scale, outer, lr)
+                continue
             w2 -= scale[:, None] * h
             b2[:, 0] -= scale
             np.multiply(x[:, :, None], dz[:, None, :], out=outer)
@@ -402,6 +444,89 @@ def _group_block(
     if not np.isfinite(sums).all():
         bad = int(np.flatnonzero(~np.isfinite(sums))[0])
         check_finite_loss("bitflip", float(sums[bad]), first_step + length - 1, lr)
+
+
+class _GroupKernels:
+    """``l2``, ``l2init``, ``noisy_sgd``, ``shrink_perturb`` and ``redo`` in the seed group: each seed's own lean kernel.
+
+    Each seed keeps the :class:`~lopkit.benchmarks.bitflip_lean._MethodKernel` its separate run builds (same
+    method object, anchors, generators and counters), applied to NumPy views of its slices of the stacked
+    parameters in the single-run layout, so every random draw comes from that seed's own method generator in
+    the order its separate run draws it. The L2 penalties (elementwise) act on all seeds at once; the gradient
+    noise and the shrink-and-perturb events go seed by seed (each draws from its own generator); ReDo's window
+    statistics come from a record of every seed's hidden features, and its check (the method's ``after_step``,
+    under the run's own RNG) rewrites the seed's slice in place.
+    """
+
+    def __init__(self, benchmarks: Sequence[Any], views: tuple[np.ndarray, np.ndarray, np.ndarray]):
+        from lopkit.benchmarks.bitflip_lean import lean_kernel
+
+        self.benchmarks = list(benchmarks)
+        self.kernels = [lean_kernel(b.method, b.model, b.optimizer, b.config) for b in self.benchmarks]
+        first, cfg = self.kernels[0], self.benchmarks[0].config
+        w1b, w2, b2 = self.views_of_group = views
+        inputs = w1b.shape[1] - 1
+        # each seed's (W1 (H, D), b1, w2, b2) in the single-run layout: views of its slices
+        self.seed_views = [(w1b[s, :inputs].T, w1b[s, inputs], w2[s], b2[s]) for s in range(len(self.benchmarks))]
+        self.periods = first.periods()
+        self.task_hook, self.flip_period = first.task_hook, cfg.flip_period
+        self.noise = first.noise is not None
+        self.perturb = first.perturb is not None
+        self.record: np.ndarray | None = None
+        if first.record is not None:  # ReDo: (block, S, H), each kernel reads its seed's column
+            self.record = np.zeros((cfg.block_size, len(self.benchmarks), w2.shape[1]), dtype=np.float32)
+            for s, kernel in enumerate(self.kernels):
+                kernel.record = self.record[:, s]
+        self.penalty: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.coefficient = 0.0
+        if first.penalty is not None:
+            group = (w1b[:, :inputs], w1b[:, inputs], w2, b2)
+            for position, (index, anchor) in enumerate(first.penalty[1]):
+                stacked = None
+                if anchor is not None:
+                    anchors = [k.penalty[1][position][1] for k in self.kernels]
+                    stacked = np.stack([a.T if index == 0 else a.reshape(group[index].shape[1:]) for a in anchors])
+                self.penalty.append((group[index], stacked))
+
+    def begin(self, first_step: int, length: int, lr: float) -> None:
+        """Before a block: task-start hooks (``shrink_perturb`` per task) and each seed's perturbation draws."""
+        first = self.kernels[0]
+        self.coefficient = first.penalty[0] * lr if first.penalty is not None else 0.0
+        if self.task_hook and first_step % self.flip_period == 0:
+            for bench, kernel in zip(self.benchmarks, self.kernels):
+                with bench.rng.active():
+                    kernel.method.on_task_start(bench.model, bench.optimizer, first_step // self.flip_period)
+        if self.perturb:
+            for kernel, views in zip(self.kernels, self.seed_views):
+                kernel.perturb.begin(views, length)
+
+    def step(self, index: int, x: np.ndarray, h: np.ndarray, dz: np.ndarray, scale: np.ndarray,
+             outer: np.ndarray, lr: float) -> None:
+        """Penalty, update (with each seed's gradient noise) and perturbation of step ``index`` for every seed."""
+        for p, anchor in self.penalty:
+            p -= self.coefficient * (p if anchor is None else p - anchor)
+        if self.noise:
+            inputs = x.shape[1] - 1
+            for s, (kernel, views) in enumerate(zip(self.kernels, self.seed_views)):
+                kernel.noise.step(index, views, dz[s], x[s, :inputs], scale[s], h[s], lr)
+        else:
+            w1b, w2, b2 = self.views_of_group
+            w2 -= scale[:, None] * h
+            b2[:, 0] -= scale
+            np.multiply(x[:, :, None], dz[:, None, :], out=outer)
+            w1b -= outer
+        if self.perturb:
+            for kernel, views in zip(self.kernels, self.seed_views):
+                kernel.perturb.step(views)
+
+    def finish(self, first_step: int, length: int) -> None:
+        """After a block: perturbation counters back to the methods, ReDo's statistics and check."""
+        for bench, kernel in zip(self.benchmarks, self.kernels):
+            if self.perturb:
+                kernel.perturb.finish()
+            if self.record is not None:
+                with bench.rng.active():
+                    kernel._redo_statistics(first_step, length)
 
 
 def run_seed_group(benchmarks: Sequence[Any], n_steps: int | None = None) -> list[list[dict[str, Any]]]:

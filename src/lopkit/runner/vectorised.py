@@ -94,6 +94,8 @@ _RUNNERS: dict[str, VectorisedRunner] = {
     "class_split": _CONTINUAL,
     "permuted": _CONTINUAL,
     "random_labels": _CONTINUAL,
+    "toy": VectorisedRunner("lopkit.benchmarks.toy", "toy_refusal", "ToySeedGroup", "VARYING_FIELDS"),
+    "cloning": VectorisedRunner("lopkit.benchmarks.cloning", "cloning_refusal", "cloning_group"),
 }
 
 
