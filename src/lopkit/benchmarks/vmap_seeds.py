@@ -524,9 +524,13 @@ class _GroupKernels:
         for bench, kernel in zip(self.benchmarks, self.kernels):
             if self.perturb:
                 kernel.perturb.finish()
-            if self.record is not None:
+            if self.record is None:
+                continue
+            if (first_step + length) % kernel.method.config.every == 0:  # the check may draw: the run's own RNG
                 with bench.rng.active():
                     kernel._redo_statistics(first_step, length)
+            else:
+                kernel._redo_statistics(first_step, length)
 
 
 def run_seed_group(benchmarks: Sequence[Any], n_steps: int | None = None) -> list[list[dict[str, Any]]]:
