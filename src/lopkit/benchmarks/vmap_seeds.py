@@ -497,8 +497,7 @@ class _GroupKernels:
                 with bench.rng.active():
                     kernel.method.on_task_start(bench.model, bench.optimizer, first_step // self.flip_period)
         if self.perturb:
-            for kernel, views in zip(self.kernels, self.seed_views):
-                kernel.perturb.begin(views, length)
+            self._perturb_begin(length)
 
     def step(self, index: int, x: np.ndarray, h: np.ndarray, dz: np.ndarray, scale: np.ndarray,
              outer: np.ndarray, lr: float) -> None:
@@ -516,14 +515,53 @@ class _GroupKernels:
             np.multiply(x[:, :, None], dz[:, None, :], out=outer)
             w1b -= outer
         if self.perturb:
-            for kernel, views in zip(self.kernels, self.seed_views):
-                kernel.perturb.step(views)
+            self._perturb_step()
+
+    def _perturb_begin(self, length: int) -> None:
+        """Each seed's uniform draws of the block's shrink-and-perturb events, laid out as the stacked parameters.
+
+        The draws are the single-run kernel's (:class:`~lopkit.benchmarks.bitflip_lean._PerturbSchedule`, each
+        seed's own method generator, one ``torch.rand`` per block); every event then updates all seeds at once.
+        """
+        w1b, w2, _b2 = self.views_of_group
+        inputs, hidden = w1b.shape[1] - 1, w1b.shape[2]
+        self.noise_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        draws = []
+        for kernel, views in zip(self.kernels, self.seed_views):
+            kernel.perturb.begin(views, length)  # draws into kernel.perturb.noise (events x parameters) or None
+            draws.append(kernel.perturb.noise)
+        method = self.kernels[0].method
+        self.events, self.position = method.events, 0
+        if draws[0] is None:
+            return
+        rows = np.stack(draws, axis=1)  # (events, S, H D + H + H + 1), each row in the single-run order
+        w1 = rows[:, :, : hidden * inputs].reshape(len(rows), len(draws), hidden, inputs).transpose(0, 1, 3, 2)
+        noise_w1b = np.concatenate([w1, rows[:, :, None, hidden * inputs : hidden * (inputs + 1)]], axis=2)
+        noise_w2 = rows[:, :, hidden * (inputs + 1) : hidden * (inputs + 2)]
+        self.noise_rows = (np.ascontiguousarray(noise_w1b), noise_w2, rows[:, :, hidden * (inputs + 2) :])
+
+    def _perturb_step(self) -> None:
+        """Count one step; on every ``every``-th, shrink and perturb every seed's parameters (the same elementwise
+        operations as the single-run kernel)."""
+        method = self.kernels[0].method
+        self.events += 1
+        if self.events % method.config.every:
+            return
+        shrink = np.float32(method.shrink)
+        for index, p in enumerate(self.views_of_group):
+            if method.shrink != 1.0:
+                p *= shrink
+            if self.noise_rows is not None:
+                p += self.noise_rows[index][self.position]
+        self.position += 1
+        for kernel in self.kernels:
+            kernel.method.applications += 1
 
     def finish(self, first_step: int, length: int) -> None:
         """After a block: perturbation counters back to the methods, ReDo's statistics and check."""
         for bench, kernel in zip(self.benchmarks, self.kernels):
             if self.perturb:
-                kernel.perturb.finish()
+                kernel.method.events = self.events
             if self.record is None:
                 continue
             if (first_step + length) % kernel.method.config.every == 0:  # the check may draw: the run's own RNG
