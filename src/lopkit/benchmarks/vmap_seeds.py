@@ -471,6 +471,12 @@ class _GroupKernels:
         self.periods = first.periods()
         self.task_hook, self.flip_period = first.task_hook, cfg.flip_period
         self.noise = first.noise is not None
+        if self.noise:  # each seed's noise buffers become slices of stacked ones (drawn into in place, per seed)
+            count = len(self.benchmarks)
+            stacked = [torch.zeros((count, *b.shape), dtype=b.dtype) for b in first.noise.buffers]
+            for s, kernel in enumerate(self.kernels):
+                kernel.noise.buffers = [buffer[s] for buffer in stacked]
+            self.noise_arrays = [buffer.numpy().reshape(count, -1) for buffer in stacked]
         self.perturb = first.perturb is not None
         self.record: np.ndarray | None = None
         if first.record is not None:  # ReDo: (block, S, H), each kernel reads its seed's column
@@ -505,9 +511,7 @@ class _GroupKernels:
         for p, anchor in self.penalty:
             p -= self.coefficient * (p if anchor is None else p - anchor)
         if self.noise:
-            inputs = x.shape[1] - 1
-            for s, (kernel, views) in enumerate(zip(self.kernels, self.seed_views)):
-                kernel.noise.step(index, views, dz[s], x[s, :inputs], scale[s], h[s], lr)
+            self._noisy_update(index, x, h, dz, scale, outer)
         else:
             w1b, w2, b2 = self.views_of_group
             w2 -= scale[:, None] * h
@@ -516,6 +520,45 @@ class _GroupKernels:
             w1b -= outer
         if self.perturb:
             self._perturb_step()
+
+    def _noisy_update(self, index: int, x: np.ndarray, h: np.ndarray, dz: np.ndarray, scale: np.ndarray,
+                      outer: np.ndarray) -> None:
+        """``noisy_sgd``'s update of every seed: the single-run kernel's (:class:`~lopkit.benchmarks.bitflip_lean.
+        _GradientNoise`) elementwise formulas on the stacked gradients, each seed's noise drawn from its own
+        generator in its run's order (fc1.weight, fc1.bias, head.weight, head.bias); only the gradient norms sum
+        in another order."""
+        w1b, w2, b2 = self.views_of_group
+        inputs = w1b.shape[1] - 1
+        sigmas = np.empty(len(self.kernels), dtype=np.float64)
+        for s, kernel in enumerate(self.kernels):
+            method = kernel.method
+            if method.config.restart_each_task and index % self.flip_period == 0:
+                method.t = 0  # on_task_start
+            sigmas[s] = method.sigma()
+            method.t += 1
+            if sigmas[s] > 0:
+                generator = method.noise.get(torch.device("cpu"))
+                for buffer in kernel.noise.buffers:
+                    torch.randn(buffer.shape, generator=generator, out=buffer)
+        np.multiply(x[:, :, None], dz[:, None, :], out=outer)  # lr * gradient of [W1^T; b1] (the b1 row is dz)
+        g_w2 = scale[:, None] * h
+        g_b2 = scale.copy()
+        noisy = sigmas > 0
+        if noisy.any():
+            n_w1, n_b1, n_w2, n_b2 = self.noise_arrays
+            g_w1 = outer[:, :inputs]
+            norms = [np.sqrt(np.einsum("sdh,sdh->s", g_w1, g_w1)), np.sqrt(np.einsum("sh,sh->s", dz, dz)),
+                     np.sqrt(np.einsum("sh,sh->s", g_w2, g_w2)), np.abs(scale)]
+            # sigma * ||g|| in float64, then float32, as the single-run kernel's np.float32(sigma * float(norm))
+            c_w1, c_b1, c_w2, c_b2 = ((sigmas * norm.astype(np.float64)) * noisy for norm in norms)
+            count, hidden = w2.shape
+            g_w1 += n_w1.reshape(count, hidden, inputs).transpose(0, 2, 1) * c_w1.astype(np.float32)[:, None, None]
+            outer[:, inputs] += n_b1 * c_b1.astype(np.float32)[:, None]
+            g_w2 += n_w2 * c_w2.astype(np.float32)[:, None]
+            g_b2 += n_b2[:, 0] * c_b2.astype(np.float32)
+        w1b -= outer
+        w2 -= g_w2
+        b2[:, 0] -= g_b2
 
     def _perturb_begin(self, length: int) -> None:
         """Each seed's uniform draws of the block's shrink-and-perturb events, laid out as the stacked parameters.
