@@ -147,3 +147,13 @@ def test_lopkit_run_toy_seeds_is_vectorised(tmp_path, capsys):
     assert out.count(": finished at step 120/120") == 3
     assert main(["run", "toy", "--seeds", "2", "--method", "l2", *common]) == 0
     assert "separate runs: method l2 is not vectorised for toy" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_group_on_cuda_equals_separate_cuda_runs():
+    config = _config(device="cuda")
+    group = ToySeedGroup(ToyBenchmark, [(config, seed) for seed in SEEDS])
+    assert all(p.is_cuda for p in group.params.values())
+    for seed, member_rows in zip(SEEDS, group.run(10**6)):
+        separate = ToyBenchmark(config, seed)
+        _assert_rows_close(separate.run(separate.total_steps), member_rows, rel=1e-4, abs_tol=1e-6)
