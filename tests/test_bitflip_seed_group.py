@@ -178,3 +178,33 @@ def test_cli_vectorises_cbp_seeds_and_stores_the_separate_runs_rows(capsys, tmp_
     assert code == 0 and "separate runs, one after the other (cannot vectorise: method 'upgd'" in out
     code, out = _cli(capsys, "--seeds", "0-1", "--method", "l2init", *overrides, "--out", str(tmp_path / "l2"))
     assert code == 0 and "2 runs trained as one vectorised learner (method l2init" in out
+
+
+def _store_rows(store, run_id):
+    frame = store.metrics(run_id=run_id)
+    return [{"step": int(r.step), "task": int(r.task), "layer": r.layer, "metric": r.metric, "value": float(r.value)}
+            for r in frame.itertuples(index=False)]
+
+
+def test_the_runner_registry_group_stores_separate_runs_rows_and_resumes(tmp_path):
+    """Sweeps train bitflip seeds with a method through execute_group (BitFlipVectorised): same run ids and rows."""
+    from lopkit.runner.execute import execute_run, resolve_methods
+    from lopkit.runner.vectorised import execute_group, vectorisation_refusal
+
+    config = BitFlipBenchmark.make_config("smoke", SHORT)
+    spec = "redo:every=200:window_steps=50:tau=0.2"
+    assert vectorisation_refusal("bitflip", [config, config], resolve_methods(spec)) is None
+    assert "autograd" in vectorisation_refusal("bitflip", [config, config], resolve_methods("upgd"))
+    reference, store = ResultStore(tmp_path / "reference"), ResultStore(tmp_path / "store")
+    expected = {seed: execute_run(reference, "bitflip", config, seed, [spec], progress="never") for seed in SEEDS}
+    for seed in SEEDS:  # separate runs paused at one step resume as one group
+        paused = execute_run(store, "bitflip", config, seed, [spec], checkpoint_every=500, progress="never",
+                             stop_after_steps=500)
+        assert paused.status == "paused"
+    lines: list[str] = []
+    results = execute_group(store, "bitflip", [(config, seed) for seed in SEEDS], [spec], checkpoint_every=400,
+                            progress="never", log=lines.append)
+    assert lines == [] and [(r.status, r.resumed_from) for r in results] == [("finished", 500)] * 3
+    for seed, result in zip(SEEDS, results):
+        assert result.run_id == expected[seed].run_id
+        assert_rows_close(_store_rows(reference, result.run_id), _store_rows(store, result.run_id))

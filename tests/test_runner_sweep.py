@@ -180,8 +180,10 @@ def test_vectorised_groups_are_planned_only_for_seed_groups(tmp_path):
     sweep = parse_sweep(data)
     tasks = _plan_tasks(sweep, list(range(len(sweep.runs))), str(tmp_path), parallelism=1, threads=1)
     vectorised = [t for t in tasks if t.vectorize_engine is not None]
-    # bitflip + sgd: one group of 4 seeds per width; toy: one group of its 4 seeds; l2init runs stay single
-    assert sorted(len(t.indices) for t in vectorised) == [4, 4, 4]
+    # bitflip + sgd: the fast path, one group of 4 seeds per width; bitflip + l2init (a lean kernel): one seed group
+    # per width; toy: one group of its 4 seeds
+    assert sorted(len(t.indices) for t in vectorised) == [4, 4, 4, 4, 4]
+    assert sorted(t.vectorize_engine for t in vectorised) == ["group"] * 3 + ["lean"] * 2
     assert all({sweep.runs[i].overrides_dict.get("width") for i in t.indices}.__len__() == 1 for t in vectorised)
     assert sum(len(t.indices) for t in tasks) == len(sweep.runs) == 4 * 4 + 4
     # with idle workers, groups are split so that every worker has work

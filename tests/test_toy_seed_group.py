@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from lopkit.benchmarks.cloning import CloningBenchmark, cloning_group, cloning_refusal
 from lopkit.benchmarks.toy import ToyBenchmark, ToySeedGroup, toy_refusal
 from lopkit.mitigations.registry import get_method
 from lopkit.runner.execute import execute_run
@@ -42,15 +41,6 @@ def test_refusals_name_what_is_not_vectorised():
     assert vectorisation_refusal("toy", [plain]) == "a single run"
     with pytest.raises(ValueError, match="cannot vectorise.*differ in num_tasks"):
         ToySeedGroup(ToyBenchmark, [(plain, 0), (_config(num_tasks=2), 1)])
-
-
-def test_cloning_refuses_in_one_line_and_its_build_hands_the_runs_back():
-    config = CloningBenchmark.make_config("smoke", {"dataset": "digits"})
-    reason = vectorisation_refusal("cloning", [config, config])
-    assert reason is not None and "\n" not in reason and "model=mlp" in reason and "clone" in reason
-    assert reason == cloning_refusal([config, config])
-    with pytest.raises(ValueError, match="no vectorised learner"):  # execute_group then runs them separately
-        cloning_group(CloningBenchmark, [(config, 0), (config, 1)])
 
 
 def test_rows_and_weights_equal_separate_runs_in_any_pieces():

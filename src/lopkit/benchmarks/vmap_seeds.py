@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -73,7 +73,10 @@ from lopkit.data.bitflip import BitFlipStream, run_inputs_at
 from lopkit.diagnostics.monitor import Monitor
 
 __all__ = [
+    "BITFLIP_VARYING_FIELDS",
     "BitFlipSeedGroup",
+    "BitFlipVectorised",
+    "bitflip_refusal",
     "GROUP_KERNEL_METHODS",
     "VMAP_ENGINES",
     "group_unsupported_reason",
@@ -612,6 +615,95 @@ class _GroupKernels:
                     kernel._redo_statistics(first_step, length)
             else:
                 kernel._redo_statistics(first_step, length)
+
+
+# --------------------------------------------------------------------------- lopkit.runner.vectorised (sweeps)
+
+#: Config fields that may differ within one group: none (the seed group trains one config; its step has one lr).
+BITFLIP_VARYING_FIELDS: tuple[str, ...] = ()
+
+
+def bitflip_refusal(configs: Sequence[Any], methods: Sequence[Any] = ()) -> str | None:
+    """Why these bit-flipping runs (their configs, the shared resolved methods) cannot be one seed group, in one line.
+
+    Two Monitor-less copies of the run are built to ask :func:`group_unsupported_reason` (engine, method kernel).
+    """
+    from lopkit.benchmarks.bitflip import BitFlipBenchmark, BitFlipBenchmarkConfig
+
+    if not configs:
+        return "no runs to vectorise"
+    first = configs[0]
+    if not all(isinstance(config, BitFlipBenchmarkConfig) for config in configs):
+        return "configs of another benchmark, not bitflip's"
+    if any(config != first for config in configs):
+        return "the runs have different configs (a bit-flipping seed group trains one config)"
+    probe = replace(first, monitor_every=0)
+    try:
+        benches = [BitFlipBenchmark(probe, seed, copy.deepcopy(list(methods))) for seed in (0, 1)]
+    except ConfigError as err:  # the separate runs report it as a set-up error
+        return str(err).splitlines()[0]
+    return group_unsupported_reason(benches)
+
+
+class BitFlipVectorised:
+    """The bit-flipping learner of :mod:`lopkit.runner.vectorised` (sweeps): a :class:`BitFlipSeedGroup` with its contract.
+
+    One :class:`~lopkit.benchmarks.bitflip.BitFlipBenchmark` per member, each with its own copy of the methods
+    (attached, seeded and checkpointed by its run); the seed group is made at the first :meth:`run`, after any
+    :meth:`load_state_dicts`, so resumed members continue from their saved state.
+    """
+
+    def __init__(self, benchmark_cls: type, members: Sequence[tuple[Any, int]], methods: Sequence[Any] = ()):
+        members = list(members)
+        if not members:
+            raise ValueError("no runs to vectorise: pass at least one (config, seed)")
+        if any(config != members[0][0] for config, _ in members):
+            raise ValueError("cannot vectorise these bitflip runs: the runs have different configs")
+        self.benchmarks = [benchmark_cls(config, seed, copy.deepcopy(list(methods))) for config, seed in members]
+        reason = group_unsupported_reason(self.benchmarks)
+        if reason is not None:
+            raise ValueError(f"cannot vectorise these bitflip runs: {reason}")
+        self._group: BitFlipSeedGroup | None = None
+
+    @property
+    def step(self) -> int:
+        """Steps taken (the same for every member)."""
+        return self.benchmarks[0].step
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of each member's run."""
+        return self.benchmarks[0].total_steps
+
+    @property
+    def done(self) -> bool:
+        """Whether every member has finished."""
+        return self.step >= self.total_steps
+
+    def progress(self) -> dict[str, Any]:
+        """The first member's live status."""
+        return self.benchmarks[0].progress()
+
+    def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
+        """Advance every member by up to ``n_steps``; per member, the rows its own ``run`` would return."""
+        if self._group is None:
+            self._group = BitFlipSeedGroup(self.benchmarks)
+        return self._group.run(n_steps)
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """Each member's state (its benchmark's ``state_dict``: loadable by a separate run)."""
+        return [bench.state_dict() for bench in self.benchmarks]
+
+    def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
+        """Restore every member from a state of its run (written here or by a separate run), all at one step."""
+        if len(states) != len(self.benchmarks):
+            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
+        steps = {int(state["step"]) for state in states}
+        if len(steps) != 1:
+            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+        for bench, state in zip(self.benchmarks, states):
+            bench.load_state_dict(state)
+        self._group = None  # rebuilt from the loaded parameters and method states at the next run
 
 
 def run_seed_group(benchmarks: Sequence[Any], n_steps: int | None = None) -> list[list[dict[str, Any]]]:
