@@ -7,9 +7,11 @@ Part 2 times plain SGD and each method (``cbp``, ``cbp_aggressive``, ``redo``, `
 process, Monitor off, best of ``--repeats`` interleaved runs, and prints each rate and its ratio to plain SGD
 (issue 15 target: ``cbp`` >= 0.5x). When ``cbp`` misses the target its cProfile top entries are printed.
 Single-threaded (torch, and NumPy's BLAS via threadpoolctl when installed); the load average is printed.
+``--record`` writes the figures (engine rates, per-method rates and ratios, the cbp verdict) into the table of
+``benchmarks/README.md`` (:mod:`_record`), one row per figure keyed by the width.
 
 Usage: python benchmarks/throughput_bitflip.py [--steps 50000] [--width 100] [--monitor-every 1000]
-       [--method-steps 20000] [--methods cbp,redo] [--skip-engines]
+       [--method-steps 20000] [--methods cbp,redo] [--skip-engines] [--record]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import warnings
 
 import torch
 
-from _record import load, one_blas_thread
+from _record import add_record_argument, load, one_blas_thread, record
 
 from lopkit.benchmarks.bitflip import BitFlipBenchmark
 from lopkit.mitigations.registry import build_methods
@@ -71,15 +73,46 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method specs")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per method (best is kept)")
     parser.add_argument("--skip-engines", action="store_true", help="only the per-method table")
+    add_record_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # dead-layer NaN warnings of the Monitor are expected
     with one_blas_thread():
-        run(args)
+        results = run(args)
+    if args.record:
+        for key, figure in recorded_figures(results, args.width, args.monitor_every, args.method_steps, args.repeats):
+            record(key, "throughput_bitflip.py", figure, threads=1)
 
 
-def run(args: argparse.Namespace) -> None:
-    """The two tables (see the module docstring)."""
+def recorded_figures(results: dict, width: int, monitor_every: int, method_steps: int, repeats: int
+                     ) -> list[tuple[str, str]]:
+    """The README rows ``(key, figure)`` of one run's ``results`` (see :func:`run`); parts that did not run give none."""
+    rows: list[tuple[str, str]] = []
+    engines = results.get("engines") or {}
+    if engines:
+        cells = [f"{engine} {rate:.0f} steps/s (Monitor {'on' if every else 'off'})"
+                 for (engine, every), rate in engines.items()]
+        rows.append((f"throughput_bitflip/engines/width{width}",
+                     f"{'; '.join(cells)}; Monitor every {monitor_every} steps when on; {results['load']}"))
+    methods = results.get("methods") or {}
+    plain = methods.get("sgd")
+    if plain and len(methods) > 1:
+        cells = [f"{name} {rate:.0f} ({rate / plain:.2f}x)" for name, rate in methods.items() if name != "sgd"]
+        rows.append((f"throughput_bitflip/methods/width{width}",
+                     f"learner-steps/s (x plain {plain:.0f}), lean kernels, Monitor off, {method_steps} steps, best "
+                     f"of {repeats}: {'; '.join(cells)}; {results['load']}"))
+    if plain and "cbp" in methods:
+        ratio = methods["cbp"] / plain
+        verdict = "met" if ratio >= CBP_TARGET else "MISSED"
+        rows.append((f"throughput_bitflip/cbp_ratio/width{width}",
+                     f"cbp / plain = {ratio:.2f} (target >= {CBP_TARGET}: {verdict}); {results['load']}"))
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The two tables (see the module docstring); returns ``{"engines": {(engine, monitor_every): steps/s},
+    "methods": {method: steps/s}, "load": load average at the end}``."""
+    results: dict = {"engines": {}, "methods": {}}
     steps_per_second(args.width, 500, 0, "lean")  # warm-up
     print(f"threads 1; width {args.width}; {load()} at start")
     if not args.skip_engines:
@@ -89,6 +122,7 @@ def run(args: argparse.Namespace) -> None:
             steps = args.steps if engine == "lean" else (args.autograd_steps or max(args.steps // 5, 1000))
             for every in (0, args.monitor_every):
                 rate = steps_per_second(args.width, steps, every, engine)
+                results["engines"][(engine, every)] = rate
                 print(f"{engine:<9} {'on' if every else 'off':<8} {steps:7d} {rate:9.0f}")
 
     methods = ["sgd"] + [m for m in args.methods.split(",") if m]
@@ -109,6 +143,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"\ncbp / plain = {ratio:.2f} (target >= {CBP_TARGET}: {verdict})")
         if ratio < CBP_TARGET:
             print(profile_top(args.width, args.method_steps, "cbp"))
+    results["methods"] = best
+    results["load"] = load()
+    return results
 
 
 if __name__ == "__main__":

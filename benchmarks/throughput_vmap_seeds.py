@@ -15,9 +15,11 @@ top entries.
 
 Single-threaded: ``torch.set_num_threads(1)`` and, when ``threadpoolctl`` is installed, one BLAS thread for
 NumPy (a multi-threaded BLAS on a shared machine distorts the small products). The load average is printed.
+``--record`` writes the figures (part 1: each variant's speed-up over sequential runs; part 2: the aggregate
+ratio and its verdict) into the table of ``benchmarks/README.md`` (:mod:`_record`), keyed by seeds and width.
 
 Usage: python benchmarks/throughput_vmap_seeds.py [--seeds 8] [--steps 10000] [--width 100] [--monitor-every 1000]
-       [--method cbp] [--method-steps 5000] [--repeats 3] [--skip-plain]
+       [--method cbp] [--method-steps 5000] [--repeats 3] [--skip-plain] [--record]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import warnings
 
 import torch
 
-from _record import load, one_blas_thread
+from _record import add_record_argument, load, one_blas_thread, record
 
 from lopkit.benchmarks.bitflip import BitFlipBenchmark
 from lopkit.benchmarks.vmap_seeds import BitFlipSeedGroup, run_bitflip_seeds
@@ -40,8 +42,8 @@ from lopkit.mitigations.registry import build_methods
 TARGET = 3.0
 
 
-def plain_table(args: argparse.Namespace) -> None:
-    """Part 1: the plain learner, sequential runs versus the vectorised engines."""
+def plain_table(args: argparse.Namespace) -> dict[str, float]:
+    """Part 1: the plain learner, sequential runs versus the vectorised engines; returns seconds per variant."""
     config = BitFlipBenchmark.make_config(
         "default", {"width": args.width, "num_steps": args.steps, "monitor_every": args.monitor_every}
     )
@@ -75,10 +77,11 @@ def plain_table(args: argparse.Namespace) -> None:
     print(f"{'variant':<12} {'seconds':>9} {'seed-steps/s':>13} {'speed-up':>9}")
     for name, seconds in timings.items():
         print(f"{name:<12} {seconds:9.2f} {seed_steps / seconds:13.0f} {sequential / seconds:8.2f}x")
+    return timings
 
 
-def method_table(args: argparse.Namespace) -> None:
-    """Part 2: one seed with the method versus S seeds with it as one seed group (Monitor off)."""
+def method_table(args: argparse.Namespace) -> tuple[float, float]:
+    """Part 2: one seed with the method versus S seeds with it as one seed group (Monitor off); returns both rates."""
     config = BitFlipBenchmark.make_config(
         "default", {"width": args.width, "num_steps": args.method_steps, "monitor_every": 0}
     )
@@ -113,6 +116,31 @@ def method_table(args: argparse.Namespace) -> None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
         print(out.getvalue())
+    return one, group
+
+
+def recorded_figures(args: argparse.Namespace, timings: dict[str, float] | None, rates: tuple[float, float] | None,
+                     load_text: str) -> list[tuple[str, str]]:
+    """The README rows ``(key, figure)`` of one run (``timings`` of part 1 and ``rates`` of part 2 when they ran)."""
+    rows: list[tuple[str, str]] = []
+    where = f"{args.seeds}seeds/width{args.width}"
+    if timings:
+        sequential = timings["sequential"]
+        seed_steps = args.seeds * args.steps
+        cells = [f"{name} {seed_steps / seconds:.0f} seed-steps/s ({sequential / seconds:.2f}x)"
+                 for name, seconds in timings.items()]
+        rows.append((f"throughput_vmap_seeds/plain/{where}",
+                     f"{args.seeds} seeds x {args.steps} steps, Monitor every {args.monitor_every or 'never'}, x = "
+                     f"speed-up over sequential lean runs: {'; '.join(cells)}; {load_text}"))
+    if rates:
+        one, group = rates
+        ratio = group / one
+        verdict = "met" if ratio >= TARGET else "MISSED"
+        rows.append((f"throughput_vmap_seeds/{args.method}/{where}",
+                     f"{args.seeds} seeds as one seed group {group:.0f} seed-steps/s vs one seed {one:.0f} "
+                     f"learner-steps/s = {ratio:.2f}x (target >= {TARGET}x for 8 seeds: {verdict}); Monitor off, "
+                     f"{args.method_steps} steps, best of {args.repeats}; {load_text}"))
+    return rows
 
 
 def main() -> None:
@@ -126,14 +154,17 @@ def main() -> None:
     parser.add_argument("--method-steps", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-plain", action="store_true", help="only part 2")
+    add_record_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # dead-layer NaN warnings of the Monitor are expected
     print(f"threads 1 (torch; BLAS via threadpoolctl when installed); {load()} at start")
     with one_blas_thread():
-        if not args.skip_plain:
-            plain_table(args)
-        method_table(args)
+        timings = None if args.skip_plain else plain_table(args)
+        rates = method_table(args)
+    if args.record:
+        for key, figure in recorded_figures(args, timings, rates, load()):
+            record(key, "throughput_vmap_seeds.py", figure, threads=1)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def toy_sweep(experiment: Path, seeds=(0, 1), methods=("sgd", "l2init"), extra=N
         "experiment": str(experiment),
         "preset": "smoke",
         "seeds": list(seeds),
+        "vectorize_seeds": False,  # separate runs: their rows equal direct runs bit for bit (ToySeedGroup's: to rounding)
         "runs": [{"benchmark": "toy", "methods": list(methods), "set": {**TINY_TOY, **(extra or {})}}],
     }
 
@@ -179,9 +180,11 @@ def test_vectorised_groups_are_planned_only_for_seed_groups(tmp_path):
     sweep = parse_sweep(data)
     tasks = _plan_tasks(sweep, list(range(len(sweep.runs))), str(tmp_path), parallelism=1, threads=1)
     vectorised = [t for t in tasks if t.vectorize_engine is not None]
-    # bitflip + sgd: one group of 4 seeds per width; l2init runs and toy runs stay single
-    assert sorted(len(t.indices) for t in vectorised) == [4, 4]
-    assert all({sweep.runs[i].overrides_dict["width"] for i in t.indices}.__len__() == 1 for t in vectorised)
+    # bitflip + sgd: the fast path, one group of 4 seeds per width; bitflip + l2init (a lean kernel): one seed group
+    # per width; toy: one group of its 4 seeds
+    assert sorted(len(t.indices) for t in vectorised) == [4, 4, 4, 4, 4]
+    assert sorted(t.vectorize_engine for t in vectorised) == ["group"] * 3 + ["lean"] * 2
+    assert all({sweep.runs[i].overrides_dict.get("width") for i in t.indices}.__len__() == 1 for t in vectorised)
     assert sum(len(t.indices) for t in tasks) == len(sweep.runs) == 4 * 4 + 4
     # with idle workers, groups are split so that every worker has work
     spread = _plan_tasks(sweep, [i for i, s in enumerate(sweep.runs) if s.benchmark == "bitflip"

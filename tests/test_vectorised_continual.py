@@ -94,7 +94,7 @@ def test_refusals_name_what_is_not_vectorised():
     assert "differ in width" in continual_refusal([plain, _config(ClassSplitBenchmark, width=16)])
     assert "cbp" in continual_refusal([plain, plain], [get_method("cbp")])
     assert vectorisation_refusal("class_split", [plain]) == "a single run"
-    assert vectorisation_refusal("toy", [plain, plain]) == "toy has no vectorised learner"
+    assert vectorisation_refusal("kws_train", [plain, plain]) == "kws_train has no vectorised learner"
     with pytest.raises(ValueError, match="cannot vectorise.*norm=batch"):
         VectorisedContinual(ClassSplitBenchmark, [(_config(ClassSplitBenchmark, norm="batch"), 0)])
 
@@ -255,7 +255,7 @@ def test_sweep_plans_one_group_per_shared_shape_and_says_why_others_run_separate
     data = {"experiment": str(tmp_path), "preset": "smoke", "seeds": 3, "runs": [
         {"benchmark": "class_split", "grid": {"lr": [0.001, 0.01]}},  # one group: seeds x lr grid
         {"benchmark": "class_split", "set": {"norm": "batch"}},  # refused: three separate runs
-        {"benchmark": "toy"},  # no vectorised learner: separate, silently
+        {"benchmark": "moe_pretrain"},  # no vectorised learner: separate, silently
     ]}  # fmt: skip
     sweep = parse_sweep(data)
     tasks = _plan_tasks(sweep, list(range(len(sweep.runs))), str(tmp_path), 1, 1)

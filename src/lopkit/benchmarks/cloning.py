@@ -50,6 +50,9 @@ Speed: the paired loop keeps the loss sums as tensors and checks them for NaN/in
 divergence raises ``DivergedError`` at the first log after it), uses foreach optimizer updates, and measures
 the probe metrics only at logs; ``r2_every`` thins the clone R^2 further.
 
+Several runs (seeds, or an lr grid) of the MLP with ``sgd``/``adam`` train as one learner with
+:class:`CloningSeedGroup` (``lopkit run cloning --seeds N`` picks it; :func:`cloning_refusal` says when it cannot).
+
 A mitigation passed as ``method`` acts on the clone only (its hooks are called from the cloning step on:
 ``attach`` and ``on_task_start(task=0)`` when the clone is made, then ``loss_term``/``before_step``/``after_step``
 at every clone step, with the clone step index); the base is the untouched reference. Noise of ``noisy_sgd`` is
@@ -69,7 +72,7 @@ from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, registe
 from lopkit.benchmarks.base import PrivateRNG, check_finite_loss
 from lopkit.benchmarks.architectures import build_resnet, build_vit
 from lopkit.benchmarks.models import build_mlp
-from lopkit.configs import ConfigError, check_device, require
+from lopkit.configs import ConfigError, check_device, config_to_dict, require
 from lopkit.data.digits import load_digits_dataset
 from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.data.tasks import TaskStream
@@ -89,6 +92,9 @@ __all__ = [
     "R2_DEFINITIONS",
     "activation_layer_names",
     "add_relative_gradient_noise_",
+    "CloningSeedGroup",
+    "VARYING_FIELDS",
+    "cloning_refusal",
     "module_kind",
     "noise_scale",
     "r2_metric_name",
@@ -580,3 +586,301 @@ def _copy_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Detached copies of a module state dict (so later training does not change a saved state)."""
     return {key: value.detach().clone() for key, value in state.items()}
 
+
+
+# --------------------------------------------------------------------------- several runs as one learner
+
+#: Config fields that may differ between the members of one :class:`CloningSeedGroup` (they change no shape).
+VARYING_FIELDS: tuple[str, ...] = ("lr",)
+
+
+class _StackedModels:
+    """The same MLP of S members (base or clone) as stacked parameters and BatchNorm statistics, with its optimizer.
+
+    Each member's module parameters and buffers become views of its slice, so the member's Monitor, R^2 probes,
+    evaluations and ``state_dict`` see the current values. The update is PyTorch's SGD (momentum) or Adam formula
+    on the stacked tensors, one lr per member; :meth:`member_state` / :meth:`load_members` convert the state to and
+    from each member's own torch optimizer layout.
+    """
+
+    def __init__(self, models: list[nn.Module], variant: str, lrs: list[float], momentum: float):
+        self.template = models[0]
+        self.names = [name for name, _ in self.template.named_parameters()]
+        self.params = {
+            n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(True)
+            for n in self.names
+        }
+        self.buffers = {
+            n: torch.stack([dict(m.named_buffers())[n].detach() for m in models])
+            for n, b in self.template.named_buffers() if not n.endswith("num_batches_tracked")
+        }
+        for index, model in enumerate(models):
+            for name, parameter in model.named_parameters():
+                parameter.data = self.params[name].detach()[index]
+            for name, module in model.named_modules():
+                for key in list(module._buffers):
+                    full = f"{name}.{key}" if name else key
+                    if full in self.buffers:
+                        module._buffers[key] = self.buffers[full][index]
+        self.models, self.variant, self.momentum = models, variant, momentum
+        groups: dict[float, list[int]] = {}
+        for index, lr in enumerate(lrs):
+            groups.setdefault(float(lr), []).append(index)
+        self.lr_groups = [(lr, None if len(groups) == 1 else members) for lr, members in groups.items()]
+        self.state: list[dict[str, Any]] = [{} for _ in self.names]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Train-mode forward of every member on its own batch: ``x`` (S, B, ...) -> logits (S, B, C)."""
+        members = x.shape[0]
+        x = x.reshape(members, x.shape[1], -1)
+        for name, module in self.template.named_children():
+            if isinstance(module, nn.Flatten):
+                continue
+            if isinstance(module, nn.Linear):
+                x = torch.baddbmm(self.params[f"{name}.bias"].unsqueeze(1), x,
+                                  self.params[f"{name}.weight"].transpose(1, 2))
+            elif isinstance(module, nn.BatchNorm1d):  # per-member batch statistics: members side by side as channels
+                batch, width = x.shape[1], x.shape[2]
+                flat = x.transpose(0, 1).reshape(batch, members * width)
+                weight = self.params[f"{name}.weight"].reshape(-1) if module.affine else None
+                bias = self.params[f"{name}.bias"].reshape(-1) if module.affine else None
+                flat = nn.functional.batch_norm(
+                    flat, self.buffers[f"{name}.running_mean"].view(-1), self.buffers[f"{name}.running_var"].view(-1),
+                    weight, bias, True, module.momentum, module.eps)
+                x = flat.reshape(batch, members, width).transpose(0, 1)
+                for model in self.models:
+                    model.get_submodule(name).num_batches_tracked.add_(1)
+            elif isinstance(module, nn.LayerNorm):
+                x = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+                if module.elementwise_affine:
+                    x = x * self.params[f"{name}.weight"].unsqueeze(1) + self.params[f"{name}.bias"].unsqueeze(1)
+            elif isinstance(module, nn.ReLU):
+                x = torch.relu(x)
+            else:
+                raise ValueError(f"layer {name} ({type(module).__name__}) has no vectorised forward")
+        return x
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One optimizer update of every member from the stacked ``.grad``."""
+        params = [self.params[n] for n in self.names]
+        grads = [p.grad for p in params]
+        if self.variant == "adam":
+            from torch.optim.adam import adam
+
+            if not self.state[0]:
+                for param, state in zip(params, self.state):
+                    state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+            step = self.state[0]["step"]
+            for lr, members in self.lr_groups:
+                pick = (lambda ts: ts) if members is None else (lambda ts: [t[m] for t in ts for m in members])
+                chosen = pick([p.detach() for p in params])
+                adam(chosen, pick(grads), pick([s["exp_avg"] for s in self.state]),
+                     pick([s["exp_avg_sq"] for s in self.state]), [],
+                     [torch.tensor(float(step)) for _ in chosen], foreach=True, amsgrad=False, beta1=0.9,
+                     beta2=0.999, lr=lr, weight_decay=0.0, eps=1e-8, maximize=False)
+            for state in self.state:
+                state["step"] = step + 1
+            return
+        for param, grad, state in zip(params, grads, self.state):
+            if self.momentum:
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = grad.detach().clone()
+                else:
+                    state["momentum_buffer"].mul_(self.momentum).add_(grad)
+                grad = state["momentum_buffer"]
+            for lr, members in self.lr_groups:
+                if members is None:
+                    param.add_(grad, alpha=-lr)
+                else:
+                    for member in members:
+                        param[member].add_(grad[member], alpha=-lr)
+
+    def member_state(self, index: int) -> dict[int, dict[str, Any]]:
+        """Member ``index``'s slice in the ``state`` layout of its own torch optimizer's ``state_dict``."""
+        out: dict[int, dict[str, Any]] = {}
+        for k, state in enumerate(self.state):
+            if self.variant == "adam" and state:
+                out[k] = {"step": torch.tensor(float(state["step"])), "exp_avg": state["exp_avg"][index].clone(),
+                          "exp_avg_sq": state["exp_avg_sq"][index].clone()}
+            elif "momentum_buffer" in state:
+                out[k] = {"momentum_buffer": state["momentum_buffer"][index].clone()}
+        return out
+
+    def load_members(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Take the members' own torch optimizer states (loaded from checkpoints) into the stacked state, then clear them."""
+        for k, name in enumerate(self.names):
+            states = [dict(opt.state.get(dict(model.named_parameters())[name], {}))
+                      for opt, model in zip(optimizers, self.models)]
+            if not any(states):
+                self.state[k] = {}
+                continue
+            if not all(states):
+                raise ValueError("the members' optimizer states differ in which parameters they hold")
+            if self.variant == "adam":
+                steps = {int(float(s["step"])) for s in states}
+                if len(steps) != 1:
+                    raise ValueError(f"the members' Adam steps differ ({sorted(steps)})")
+                self.state[k] = {"step": steps.pop(), "exp_avg": torch.stack([s["exp_avg"] for s in states]),
+                                 "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in states])}
+            else:
+                self.state[k] = {"momentum_buffer": torch.stack([s["momentum_buffer"] for s in states])}
+        for opt in optimizers:
+            opt.state.clear()
+
+
+def cloning_refusal(configs: list[CloningConfig], methods: Any = None) -> str | None:
+    """Why these cloning runs cannot train as one :class:`CloningSeedGroup`, in one line (None when they can)."""
+    if not configs:
+        return "no runs to vectorise"
+    present = [m for m in (methods or []) if type(m) is not Mitigation]
+    if present:
+        return f"method {', '.join(m.name for m in present)} is not vectorised for cloning (it acts on each clone)"
+    first = configs[0]
+    if first.model != "mlp":
+        return f"model={first.model} is not vectorised for cloning (only the MLP is)"
+    if first.variant in ("dropout", "noisy_sgd"):
+        return f"variant={first.variant} is not vectorised (each run draws its own masks or noise per step)"
+    if first.variant == "adam" and first.norm == "batch":
+        return ("variant=adam with norm=batch is not vectorised: the biases before BatchNorm have zero gradients up "
+                "to rounding noise, which Adam turns into full steps, so no batched computation reproduces the runs")
+    if first.device != "cpu":
+        return f"device={first.device} is not vectorised for cloning yet (the CPU is)"
+    shared = {k: v for k, v in config_to_dict(first).items() if k not in VARYING_FIELDS}
+    for other in configs[1:]:
+        theirs = {k: v for k, v in config_to_dict(other).items() if k not in VARYING_FIELDS}
+        differing = sorted(k for k in shared if shared[k] != theirs.get(k))
+        if differing:
+            return f"configs differ in {', '.join(differing)} (only {', '.join(VARYING_FIELDS)} may differ)"
+    return None
+
+
+class CloningSeedGroup:
+    """S cloning runs (MLP, sgd or adam, seeds and/or an lr grid) trained as one learner; rows and states per member.
+
+    One ordinary :class:`CloningBenchmark` per member keeps its data subset, minibatch stream, probes, Monitors,
+    loss sums and logs; the training steps of the bases, and after the cloning step of the clones, run on
+    stacked parameters (:class:`_StackedModels`): every member's minibatch from its own stream, one batched
+    forward (BatchNorm with each member's own batch statistics and running averages), one backward of the summed
+    member losses and one update. Logs (and the cloning itself) run per member on its own modules, under its run's
+    RNG. Rows and states equal the separate runs' to float32 rounding.
+    """
+
+    def __init__(self, benchmark_cls: type[CloningBenchmark], members: list[tuple[CloningConfig, int]],
+                 methods: Any = None):
+        members = list(members)
+        if not members:
+            raise ValueError("no runs to vectorise: pass at least one (config, seed)")
+        reason = cloning_refusal([config for config, _ in members], methods)
+        if reason is not None:
+            raise ValueError(f"cannot vectorise these cloning runs: {reason}")
+        self.benchmarks = [benchmark_cls(config, seed) for config, seed in members]
+        self.config = self.benchmarks[0].config
+        self.lrs = [bench.config.step_size for bench in self.benchmarks]
+        self._stack()
+
+    def _stack(self) -> None:
+        """Stack the bases (and the clones, once made) of the members."""
+        cfg, benches = self.config, self.benchmarks
+        self.base = _StackedModels([b.base for b in benches], cfg.variant, self.lrs, cfg.momentum)
+        self.clone = None
+        if benches[0].clone is not None:
+            self.clone = _StackedModels([b.clone for b in benches], cfg.variant, self.lrs, cfg.momentum)
+
+    @property
+    def step(self) -> int:
+        """Steps taken (the same for every member)."""
+        return self.benchmarks[0].step
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of each member's run."""
+        return self.benchmarks[0].total_steps
+
+    @property
+    def done(self) -> bool:
+        """Whether every member has finished."""
+        return self.step >= self.total_steps
+
+    def progress(self) -> dict[str, Any]:
+        """The first member's live status."""
+        return self.benchmarks[0].progress()
+
+    def _logs(self) -> list[list[dict[str, Any]]]:
+        """Every member's log at this step (under its own RNG); stacks the clones when the log made them."""
+        rows = []
+        for bench in self.benchmarks:
+            with bench.rng.active():
+                rows.append(bench._log())
+        if self.clone is None and self.benchmarks[0].clone is not None:
+            cfg = self.config
+            self.clone = _StackedModels([b.clone for b in self.benchmarks], cfg.variant, self.lrs, cfg.momentum)
+        return rows
+
+    def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
+        """Advance every member by up to ``n_steps`` steps; per member, the rows its own ``run`` would return."""
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        rows: list[list[dict[str, Any]]] = [[] for _ in self.benchmarks]
+        end = min(self.step + n_steps, self.total_steps)
+        if not self.benchmarks[0]._initial_logged:
+            for out, new in zip(rows, self._logs()):
+                out += new
+            for bench in self.benchmarks:
+                bench._initial_logged = True
+        while self.step < end:
+            self._train_step()
+            for bench in self.benchmarks:
+                bench.step += 1
+            if self.benchmarks[0]._log_due():
+                for out, new in zip(rows, self._logs()):
+                    out += new
+        return rows
+
+    def _train_step(self) -> None:
+        """One minibatch step of every member's base and (once made) clone, on that member's own minibatch."""
+        inputs, targets = [], []
+        for bench in self.benchmarks:
+            indices = bench.stream.next_indices().to(bench.device)
+            inputs.append(bench.train_x[indices])
+            targets.append(bench.train_y[indices])
+        x, y = torch.stack(inputs), torch.stack(targets)
+        for which, stacked in (("base", self.base), ("clone", self.clone)):
+            if stacked is None:
+                continue
+            logits = stacked.forward(x)
+            members, batch = y.shape
+            losses = nn.functional.cross_entropy(logits.reshape(members * batch, -1), y.reshape(-1),
+                                                 reduction="none").reshape(members, batch).mean(dim=1)
+            for param in stacked.params.values():
+                param.grad = None
+            losses.sum().backward()
+            stacked.step()
+            for bench, loss in zip(self.benchmarks, losses.detach()):
+                bench._sums[which] += loss
+                bench._sums[f"{which}_steps"] += 1
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """Each member's state, what its separate run's ``state_dict`` holds (loadable by either path)."""
+        states = []
+        for index, bench in enumerate(self.benchmarks):
+            state = bench.state_dict()
+            state["base_optimizer"]["state"] = self.base.member_state(index)
+            if self.clone is not None:
+                state["clone"]["optimizer"]["state"] = self.clone.member_state(index)
+            states.append(state)
+        return states
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Restore every member from a state of its run (written here or by a separate run), all at one step."""
+        if len(states) != len(self.benchmarks):
+            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
+        steps = {int(state["step"]) for state in states}
+        if len(steps) != 1:
+            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+        for bench, state in zip(self.benchmarks, states):
+            bench.load_state_dict(state)
+        self._stack()
+        self.base.load_members([b.base_optimizer for b in self.benchmarks])
+        if self.clone is not None:
+            self.clone.load_members([b.clone_optimizer for b in self.benchmarks])

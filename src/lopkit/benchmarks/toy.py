@@ -13,6 +13,9 @@ Rows (``layer="model"``):
 - ``task_final_loss`` at each task's last step: the loss on a fixed probe batch of that task's data.
 
 ``step`` in a row is the number of optimiser steps done; ``task`` the task those steps belong to.
+
+Several runs (seeds, or configs that differ only in :data:`VARYING_FIELDS`: an lr grid) train as one learner
+with :class:`ToySeedGroup` (``lopkit run toy --seeds N`` picks it; :func:`toy_refusal` says when it cannot).
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ from lopkit.benchmarks.base import (
     make_row,
     register_benchmark,
 )
-from lopkit.configs import check_device, require
+from lopkit.configs import check_device, config_to_dict, require
 from lopkit.seeding import rng_sandbox, seeded_generator
 from lopkit.mitigations.base import Mitigation, MitigationHooks
 
-__all__ = ["ToyBenchmark", "ToyConfig", "build_toy_model", "toy_teacher"]
+__all__ = ["VARYING_FIELDS", "ToyBenchmark", "ToyConfig", "ToySeedGroup", "build_toy_model", "toy_refusal", "toy_teacher"]
 
 # keys of the independent random streams derived from the run seed
 _INIT_KEY, _DATA_KEY, _TEACHER_KEY, _PROBE_KEY = 1, 2, 3, 4
@@ -254,3 +257,175 @@ class ToyBenchmark(Benchmark):
     def progress(self) -> dict[str, Any]:
         """Current task and the last binned training loss."""
         return {"task": min(self.step // self.config.steps_per_task, self.config.num_tasks - 1), "loss": self._last_loss}
+
+
+# --------------------------------------------------------------------------- several runs as one learner
+
+#: Config fields that may differ between the members of one :class:`ToySeedGroup` (they change no shape).
+VARYING_FIELDS: tuple[str, ...] = ("lr",)
+
+
+def _methods_present(methods: Mitigation | list[Mitigation] | None) -> list[Mitigation]:
+    """The mitigations in ``methods`` that do something (a composition is unpacked; None and no-ops dropped)."""
+    if methods is None:
+        return []
+    if isinstance(methods, Mitigation):
+        inner = getattr(methods, "methods", None)
+        methods = list(inner) if inner is not None else [methods]
+    present: list[Mitigation] = []
+    for method in methods:
+        inner = getattr(method, "methods", None)
+        if inner is not None:
+            present += _methods_present(list(inner))
+        elif type(method) is not Mitigation:
+            present.append(method)
+    return present
+
+
+def toy_refusal(configs: list[ToyConfig], methods: Mitigation | list[Mitigation] | None = None) -> str | None:
+    """Why these toy runs cannot train as one :class:`ToySeedGroup`, in one line (None when they can)."""
+    if not configs:
+        return "no runs to vectorise"
+    present = _methods_present(methods)
+    if present:
+        names = ", ".join(getattr(m, "name", type(m).__name__) for m in present)
+        return (f"method {names} is not vectorised for toy (its hooks act on one run's model and optimizer, "
+                "step by step)")
+    first = configs[0]
+    if not isinstance(first, ToyConfig):
+        return f"configs of another benchmark ({type(first).__name__}), not toy's"
+    shared = {k: v for k, v in config_to_dict(first).items() if k not in VARYING_FIELDS}
+    for other in configs[1:]:
+        if not isinstance(other, ToyConfig):
+            return f"configs of another benchmark ({type(other).__name__}), not toy's"
+        theirs = {k: v for k, v in config_to_dict(other).items() if k not in VARYING_FIELDS}
+        differing = sorted(k for k in shared if shared[k] != theirs.get(k))
+        if differing:
+            return f"configs differ in {', '.join(differing)} (only {', '.join(VARYING_FIELDS)} may differ)"
+    return None
+
+
+class ToySeedGroup:
+    """S toy runs (seeds and/or an lr grid, no method) trained as one learner; rows and states per member.
+
+    One ordinary :class:`ToyBenchmark` per member keeps everything its separate run has (data generator,
+    teachers, loss bins, probe); only the SGD step is shared: the members' parameters are stacked along a
+    leading member axis (each member's ``nn.Module`` parameters are views of its slice, so the probe loss and
+    ``state_dict`` see the current weights), every member draws its own batch from its own data generator as
+    its separate run does, and one batched forward (``baddbmm``), one backward of the summed member losses and
+    one ``p -= lr g`` per distinct lr advance all members. Rows and states equal the separate runs' to float32
+    rounding (the batched products sum in another order); a state written here resumes a separate run and the
+    other way round. ``build`` of the toy's :class:`~lopkit.runner.vectorised.VectorisedRunner`.
+    """
+
+    def __init__(self, benchmark_cls: type[ToyBenchmark], members: list[tuple[ToyConfig, int]],
+                 methods: Mitigation | list[Mitigation] | None = None):
+        members = list(members)
+        if not members:
+            raise ValueError("no runs to vectorise: pass at least one (config, seed)")
+        reason = toy_refusal([config for config, _ in members], methods)
+        if reason is not None:
+            raise ValueError(f"cannot vectorise these toy runs: {reason}")
+        self.benchmarks = [benchmark_cls(config, seed) for config, seed in members]
+        self.config = self.benchmarks[0].config
+        models = [bench.model for bench in self.benchmarks]
+        self.names = [name for name, _ in models[0].named_parameters()]
+        self.params = {
+            name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_(True)
+            for name in self.names
+        }
+        for index, model in enumerate(models):
+            for name, parameter in model.named_parameters():
+                parameter.data = self.params[name].detach()[index]  # the member's module sees its slice
+        lrs: dict[float, list[int]] = {}
+        for index, (config, _seed) in enumerate(members):
+            lrs.setdefault(float(config.lr), []).append(index)
+        # (lr, members or None for all): one in-place update per distinct lr, the formula of torch.optim.SGD
+        self.lr_groups = [(lr, None if len(lrs) == 1 else indices) for lr, indices in lrs.items()]
+
+    @property
+    def step(self) -> int:
+        """Steps taken (the same for every member)."""
+        return self.benchmarks[0].step
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of each member's run."""
+        return self.benchmarks[0].total_steps
+
+    @property
+    def done(self) -> bool:
+        """Whether every member has finished."""
+        return self.step >= self.total_steps
+
+    def progress(self) -> dict[str, Any]:
+        """The first member's live status."""
+        return self.benchmarks[0].progress()
+
+    def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
+        """Advance every member by up to ``n_steps`` SGD steps; per member, the rows its own ``run`` would return."""
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
+            raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
+        rows: list[list[dict[str, Any]]] = [[] for _ in self.benchmarks]
+        end = min(self.step + n_steps, self.total_steps)
+        while self.step < end:
+            for out, new in zip(rows, self._train_step()):
+                out += new
+        return rows
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The members' MLPs on their own batches: ``inputs`` (S, B, D) -> (S, B, 1)."""
+        p = self.params
+        hidden = torch.baddbmm(p["fc1.bias"].unsqueeze(1), inputs, p["fc1.weight"].transpose(1, 2))
+        return torch.baddbmm(p["head.bias"].unsqueeze(1), torch.relu(hidden), p["head.weight"].transpose(1, 2))
+
+    def _train_step(self) -> list[list[dict[str, Any]]]:
+        """One SGD step of every member on its own next batch; returns each member's rows due after it."""
+        cfg, benches = self.config, self.benchmarks
+        index = self.step
+        task, within = divmod(index, cfg.steps_per_task)
+        inputs, targets = [], []
+        for bench in benches:  # each member's batch from its own generator, as its separate run draws it
+            x = torch.randn(cfg.batch_size, cfg.input_dim, generator=bench.data_generator).to(bench.device)
+            inputs.append(x)
+            targets.append(teacher_targets(bench.teacher(task), x))
+        x, y = torch.stack(inputs), torch.stack(targets)  # (S, B, D), (S, B, 1)
+        losses = (self._forward(x) - y).pow(2).mean(dim=(1, 2))  # each member's mse_loss
+        values = losses.detach().tolist()
+        for member, (bench, value) in enumerate(zip(benches, values)):
+            if not math.isfinite(value):
+                check_finite_loss("toy", value, index, bench.config.lr, f"task {task}, member {member}")
+        for param in self.params.values():
+            param.grad = None
+        losses.sum().backward()  # members share no parameter: each slice gets its own loss's gradient
+        with torch.no_grad():
+            for param in self.params.values():
+                for lr, members in self.lr_groups:
+                    if members is None:
+                        param.add_(param.grad, alpha=-lr)
+                    else:
+                        for member in members:
+                            param[member].add_(param.grad[member], alpha=-lr)
+        rows = []
+        for bench, value in zip(benches, values):
+            bench.step += 1
+            bench._bin_sum += value
+            bench._bin_count += 1
+            rows.append(bench._rows_due(task, within + 1))
+        if cfg.step_sleep > 0:
+            time.sleep(cfg.step_sleep)
+        return rows
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """Each member's state, what its separate run's ``state_dict`` holds (loadable by either path)."""
+        return [bench.state_dict() for bench in self.benchmarks]  # the model entries are copies of the slices
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Restore every member from a state of its run (written here or by a separate run), all at one step."""
+        if len(states) != len(self.benchmarks):
+            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
+        steps = {int(state["step"]) for state in states}
+        if len(steps) != 1:
+            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+        for bench, state in zip(self.benchmarks, states):
+            bench.load_state_dict(state)  # the model loads in place into its slice of the stacked tensors

@@ -4,8 +4,9 @@
 S :class:`~lopkit.benchmarks.bitflip.BitFlipBenchmark` objects, plain or with ``cbp``/``cbp_aggressive``, as
 one learner: the lean step batched over seeds in NumPy, and continual backprop's utilities and replacements
 per seed (:class:`lopkit.benchmarks.bitflip_lean.LeanCBP`, each seed's own method generator seeded through
-:func:`lopkit.seeding.derive_seed` as in a separate run). Each benchmark's rows, state and checkpoints are
-those of its own run within float tolerance.
+:func:`lopkit.seeding.derive_seed` as in a separate run). ``l2``, ``l2init``, ``noisy_sgd``, ``shrink_perturb``
+and ``redo`` run through each seed's own lean kernel on its slice (:class:`_GroupKernels`). Each benchmark's
+rows, state and checkpoints are those of its own run within float tolerance.
 
 The older :func:`run_bitflip_seeds` below (plain learner only) builds its own runs:
 
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -72,7 +73,11 @@ from lopkit.data.bitflip import BitFlipStream, run_inputs_at
 from lopkit.diagnostics.monitor import Monitor
 
 __all__ = [
+    "BITFLIP_VARYING_FIELDS",
     "BitFlipSeedGroup",
+    "BitFlipVectorised",
+    "bitflip_refusal",
+    "GROUP_KERNEL_METHODS",
     "VMAP_ENGINES",
     "group_unsupported_reason",
     "run_bitflip_seeds",
@@ -254,8 +259,8 @@ def group_unsupported_reason(benchmarks: Sequence[Any]) -> str | None:
     """Why :class:`BitFlipSeedGroup` cannot train these benchmarks as one learner (None: it can).
 
     It can when all are ``"bitflip"`` benchmarks with one config at the same step on the lean engine, with no
-    method or each with ``cbp``/``cbp_aggressive`` (:func:`lopkit.benchmarks.bitflip_lean.lean_cbp_supported`),
-    and no method switch.
+    method, each with ``cbp``/``cbp_aggressive`` (:func:`lopkit.benchmarks.bitflip_lean.lean_cbp_supported`) or
+    each with the same single method of :data:`GROUP_KERNEL_METHODS` that has a lean kernel, and no method switch.
     """
     from lopkit.benchmarks.bitflip import BitFlipBenchmark, method_is_noop
     from lopkit.benchmarks.bitflip_lean import lean_cbp_supported
@@ -277,7 +282,29 @@ def group_unsupported_reason(benchmarks: Sequence[Any]) -> str | None:
         return None
     if all(lean_cbp_supported(b.method, b.model) for b in benchmarks):
         return None
-    return f"method {first.method.name!r} has no vectorised kernel (plain SGD, cbp and cbp_aggressive do)"
+    return _group_kernel_refusal(benchmarks)
+
+
+#: Methods the seed group runs through their lean kernels (:mod:`lopkit.benchmarks.bitflip_lean`), besides cbp.
+GROUP_KERNEL_METHODS = ("l2", "l2init", "noisy_sgd", "shrink_perturb", "redo")
+
+
+def _group_kernel_refusal(benchmarks: Sequence[Any]) -> str | None:
+    """Why :class:`_GroupKernels` cannot run the benchmarks' methods (None: each has the same kind of lean kernel)."""
+    from lopkit.benchmarks.bitflip_lean import _MethodKernel, _single, lean_kernel
+
+    first = benchmarks[0]
+    singles = [_single(b.method) for b in benchmarks]
+    name = getattr(first.method, "name", type(first.method).__name__)
+    if any(m is None for m in singles):
+        return f"method {name!r} (a composition of several methods) has no vectorised kernel"
+    if len({type(m) for m in singles}) != 1 or any(getattr(m, "config", None) != singles[0].config for m in singles):
+        return "the runs have different methods or method settings"
+    kernel = lean_kernel(first.method, first.model, first.optimizer, first.config)
+    if not isinstance(kernel, _MethodKernel):
+        return (f"method {name!r} has no vectorised kernel (plain SGD, cbp, cbp_aggressive, "
+                f"{', '.join(GROUP_KERNEL_METHODS)} do)")
+    return None
 
 
 class BitFlipSeedGroup:
@@ -295,7 +322,7 @@ class BitFlipSeedGroup:
         if reason is not None:
             raise ConfigError(f"these runs cannot be trained as one vectorised learner: {reason}")
         from lopkit.benchmarks.bitflip import method_is_noop
-        from lopkit.benchmarks.bitflip_lean import LeanCBP
+        from lopkit.benchmarks.bitflip_lean import LeanCBP, lean_cbp_supported
 
         self.benchmarks = list(benchmarks)
         models = [b.model for b in self.benchmarks]
@@ -312,10 +339,14 @@ class BitFlipSeedGroup:
             hidden.weight.data = w1b[index, :inputs].t()
             hidden.bias.data, output.weight.data, output.bias.data = w1b[index, inputs], w2[index], b2[index]
         self.views = (w1b.numpy(), w2.numpy()[:, 0, :], b2.numpy())
-        self.cbp = None
-        if not all(method_is_noop(b.method) for b in self.benchmarks):
+        self.cbp = self.kernels = None
+        if all(method_is_noop(b.method) for b in self.benchmarks):
+            pass
+        elif all(lean_cbp_supported(b.method, b.model) for b in self.benchmarks):
             self.cbp = LeanCBP([b.method for b in self.benchmarks], models, [b.optimizer for b in self.benchmarks],
                                transposed=True, bias_row=True)
+        else:
+            self.kernels = _GroupKernels(self.benchmarks, self.views)
 
     @property
     def step(self) -> int:
@@ -333,16 +364,21 @@ class BitFlipSeedGroup:
                 rows[index] += bench._measure()
                 bench._initial_measured = True
         end = min(self.step + n_steps, bench.total_steps)
+        periods = self.kernels.periods if self.kernels is not None else ()
         while self.step < end:
             step = self.step
-            length = next_block_length(step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every)
+            length = next_block_length(step, end, cfg.block_size, cfg.bin_size, cfg.monitor_every, *periods)
             batches = [b.stream.next_batches(length) for b in benches]
             inputs = np.ones((len(benches), length, self.views[0].shape[1]), dtype=np.float32)  # (S, L, D + 1)
             for index, (x, _) in enumerate(batches):
                 inputs[index, :, :-1] = learner_inputs(x, cfg).numpy()
             targets = np.stack([y.numpy()[:, 0] for _, y in batches])  # (S, L)
             sums = np.array([b._bin_sum for b in benches], dtype=np.float64)
-            _group_block(self.views, inputs, targets, cfg.lr, sums, step, self.cbp)
+            if self.kernels is not None:
+                self.kernels.begin(step, length, cfg.lr)
+            _group_block(self.views, inputs, targets, cfg.lr, sums, step, self.cbp, self.kernels)
+            if self.kernels is not None:
+                self.kernels.finish(step, length)
             for index, bench in enumerate(benches):
                 bench._bin_sum = float(sums[index])
                 bench._bin_count += length
@@ -359,8 +395,9 @@ def _group_block(
     sums: np.ndarray,
     first_step: int,
     cbp: Any = None,
+    kernels: Any = None,
 ) -> None:
-    """The lean SGD step batched over seeds, with continual backprop when given.
+    """The lean SGD step batched over seeds, with continual backprop or another method's kernels when given.
 
     ``views``: ``[W1^T; b1]`` (S, D + 1, H), w2 (S, H), b2 (S, 1); ``inputs`` (S, L, D + 1) end with a 1 column.
     The squared errors are added to ``sums`` one step after the other in float64, as the single-run engine does.
@@ -379,13 +416,21 @@ def _group_block(
         for i in range(length):
             x = inputs[:, i]  # (S, D + 1)
             z = np.matmul(x[:, None, :], w1b)[:, 0, :]
-            h = np.maximum(z, zero) if cbp is None else np.maximum(z, zero, out=cbp.rec_h[cbp.k])
+            if cbp is not None:
+                h = np.maximum(z, zero, out=cbp.rec_h[cbp.k])
+            elif kernels is not None and kernels.record is not None:
+                h = np.maximum(z, zero, out=kernels.record[i])
+            else:
+                h = np.maximum(z, zero)
             error = np.einsum("sh,sh->s", w2, h, out=errors[i])
             error += b2[:, 0]
             error -= targets[:, i]
             scale = two_lr * error
             dz = w2 * (z > 0)
             dz *= scale[:, None]
+            if kernels is not None:  # the method's penalty, noise or perturbation around the update
+                kernels.step(first_step + i, x, h, dz, scale, outer, lr)
+                continue
             w2 -= scale[:, None] * h
             b2[:, 0] -= scale
             np.multiply(x[:, :, None], dz[:, None, :], out=outer)
@@ -402,6 +447,263 @@ def _group_block(
     if not np.isfinite(sums).all():
         bad = int(np.flatnonzero(~np.isfinite(sums))[0])
         check_finite_loss("bitflip", float(sums[bad]), first_step + length - 1, lr)
+
+
+class _GroupKernels:
+    """``l2``, ``l2init``, ``noisy_sgd``, ``shrink_perturb`` and ``redo`` in the seed group: each seed's own lean kernel.
+
+    Each seed keeps the :class:`~lopkit.benchmarks.bitflip_lean._MethodKernel` its separate run builds (same
+    method object, anchors, generators and counters), applied to NumPy views of its slices of the stacked
+    parameters in the single-run layout, so every random draw comes from that seed's own method generator in
+    the order its separate run draws it. The L2 penalties (elementwise) act on all seeds at once; the gradient
+    noise and the shrink-and-perturb events go seed by seed (each draws from its own generator); ReDo's window
+    statistics come from a record of every seed's hidden features, and its check (the method's ``after_step``,
+    under the run's own RNG) rewrites the seed's slice in place.
+    """
+
+    def __init__(self, benchmarks: Sequence[Any], views: tuple[np.ndarray, np.ndarray, np.ndarray]):
+        from lopkit.benchmarks.bitflip_lean import lean_kernel
+
+        self.benchmarks = list(benchmarks)
+        self.kernels = [lean_kernel(b.method, b.model, b.optimizer, b.config) for b in self.benchmarks]
+        first, cfg = self.kernels[0], self.benchmarks[0].config
+        w1b, w2, b2 = self.views_of_group = views
+        inputs = w1b.shape[1] - 1
+        # each seed's (W1 (H, D), b1, w2, b2) in the single-run layout: views of its slices
+        self.seed_views = [(w1b[s, :inputs].T, w1b[s, inputs], w2[s], b2[s]) for s in range(len(self.benchmarks))]
+        self.periods = first.periods()
+        self.task_hook, self.flip_period = first.task_hook, cfg.flip_period
+        self.noise = first.noise is not None
+        if self.noise:  # each seed's noise buffers become slices of stacked ones (drawn into in place, per seed)
+            count = len(self.benchmarks)
+            stacked = [torch.zeros((count, *b.shape), dtype=b.dtype) for b in first.noise.buffers]
+            for s, kernel in enumerate(self.kernels):
+                kernel.noise.buffers = [buffer[s] for buffer in stacked]
+            self.noise_arrays = [buffer.numpy().reshape(count, -1) for buffer in stacked]
+        self.perturb = first.perturb is not None
+        self.record: np.ndarray | None = None
+        if first.record is not None:  # ReDo: (block, S, H), each kernel reads its seed's column
+            self.record = np.zeros((cfg.block_size, len(self.benchmarks), w2.shape[1]), dtype=np.float32)
+            for s, kernel in enumerate(self.kernels):
+                kernel.record = self.record[:, s]
+        self.penalty: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.coefficient = 0.0
+        if first.penalty is not None:
+            group = (w1b[:, :inputs], w1b[:, inputs], w2, b2)
+            for position, (index, anchor) in enumerate(first.penalty[1]):
+                stacked = None
+                if anchor is not None:
+                    anchors = [k.penalty[1][position][1] for k in self.kernels]
+                    stacked = np.stack([a.T if index == 0 else a.reshape(group[index].shape[1:]) for a in anchors])
+                self.penalty.append((group[index], stacked))
+
+    def begin(self, first_step: int, length: int, lr: float) -> None:
+        """Before a block: task-start hooks (``shrink_perturb`` per task) and each seed's perturbation draws."""
+        first = self.kernels[0]
+        self.coefficient = first.penalty[0] * lr if first.penalty is not None else 0.0
+        if self.task_hook and first_step % self.flip_period == 0:
+            for bench, kernel in zip(self.benchmarks, self.kernels):
+                with bench.rng.active():
+                    kernel.method.on_task_start(bench.model, bench.optimizer, first_step // self.flip_period)
+        if self.perturb:
+            self._perturb_begin(length)
+
+    def step(self, index: int, x: np.ndarray, h: np.ndarray, dz: np.ndarray, scale: np.ndarray,
+             outer: np.ndarray, lr: float) -> None:
+        """Penalty, update (with each seed's gradient noise) and perturbation of step ``index`` for every seed."""
+        for p, anchor in self.penalty:
+            p -= self.coefficient * (p if anchor is None else p - anchor)
+        if self.noise:
+            self._noisy_update(index, x, h, dz, scale, outer)
+        else:
+            w1b, w2, b2 = self.views_of_group
+            w2 -= scale[:, None] * h
+            b2[:, 0] -= scale
+            np.multiply(x[:, :, None], dz[:, None, :], out=outer)
+            w1b -= outer
+        if self.perturb:
+            self._perturb_step()
+
+    def _noisy_update(self, index: int, x: np.ndarray, h: np.ndarray, dz: np.ndarray, scale: np.ndarray,
+                      outer: np.ndarray) -> None:
+        """``noisy_sgd``'s update of every seed: the single-run kernel's (:class:`~lopkit.benchmarks.bitflip_lean.
+        _GradientNoise`) elementwise formulas on the stacked gradients, each seed's noise drawn from its own
+        generator in its run's order (fc1.weight, fc1.bias, head.weight, head.bias); only the gradient norms sum
+        in another order."""
+        w1b, w2, b2 = self.views_of_group
+        inputs = w1b.shape[1] - 1
+        sigmas = np.empty(len(self.kernels), dtype=np.float64)
+        for s, kernel in enumerate(self.kernels):
+            method = kernel.method
+            if method.config.restart_each_task and index % self.flip_period == 0:
+                method.t = 0  # on_task_start
+            sigmas[s] = method.sigma()
+            method.t += 1
+            if sigmas[s] > 0:
+                generator = method.noise.get(torch.device("cpu"))
+                for buffer in kernel.noise.buffers:
+                    torch.randn(buffer.shape, generator=generator, out=buffer)
+        np.multiply(x[:, :, None], dz[:, None, :], out=outer)  # lr * gradient of [W1^T; b1] (the b1 row is dz)
+        g_w2 = scale[:, None] * h
+        g_b2 = scale.copy()
+        noisy = sigmas > 0
+        if noisy.any():
+            n_w1, n_b1, n_w2, n_b2 = self.noise_arrays
+            g_w1 = outer[:, :inputs]
+            norms = [np.sqrt(np.einsum("sdh,sdh->s", g_w1, g_w1)), np.sqrt(np.einsum("sh,sh->s", dz, dz)),
+                     np.sqrt(np.einsum("sh,sh->s", g_w2, g_w2)), np.abs(scale)]
+            # sigma * ||g|| in float64, then float32, as the single-run kernel's np.float32(sigma * float(norm))
+            c_w1, c_b1, c_w2, c_b2 = ((sigmas * norm.astype(np.float64)) * noisy for norm in norms)
+            count, hidden = w2.shape
+            g_w1 += n_w1.reshape(count, hidden, inputs).transpose(0, 2, 1) * c_w1.astype(np.float32)[:, None, None]
+            outer[:, inputs] += n_b1 * c_b1.astype(np.float32)[:, None]
+            g_w2 += n_w2 * c_w2.astype(np.float32)[:, None]
+            g_b2 += n_b2[:, 0] * c_b2.astype(np.float32)
+        w1b -= outer
+        w2 -= g_w2
+        b2[:, 0] -= g_b2
+
+    def _perturb_begin(self, length: int) -> None:
+        """Each seed's uniform draws of the block's shrink-and-perturb events, laid out as the stacked parameters.
+
+        The draws are the single-run kernel's (:class:`~lopkit.benchmarks.bitflip_lean._PerturbSchedule`, each
+        seed's own method generator, one ``torch.rand`` per block); every event then updates all seeds at once.
+        """
+        w1b, w2, _b2 = self.views_of_group
+        inputs, hidden = w1b.shape[1] - 1, w1b.shape[2]
+        self.noise_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        draws = []
+        for kernel, views in zip(self.kernels, self.seed_views):
+            kernel.perturb.begin(views, length)  # draws into kernel.perturb.noise (events x parameters) or None
+            draws.append(kernel.perturb.noise)
+        method = self.kernels[0].method
+        self.events, self.position = method.events, 0
+        if draws[0] is None:
+            return
+        rows = np.stack(draws, axis=1)  # (events, S, H D + H + H + 1), each row in the single-run order
+        w1 = rows[:, :, : hidden * inputs].reshape(len(rows), len(draws), hidden, inputs).transpose(0, 1, 3, 2)
+        noise_w1b = np.concatenate([w1, rows[:, :, None, hidden * inputs : hidden * (inputs + 1)]], axis=2)
+        noise_w2 = rows[:, :, hidden * (inputs + 1) : hidden * (inputs + 2)]
+        self.noise_rows = (np.ascontiguousarray(noise_w1b), noise_w2, rows[:, :, hidden * (inputs + 2) :])
+
+    def _perturb_step(self) -> None:
+        """Count one step; on every ``every``-th, shrink and perturb every seed's parameters (the same elementwise
+        operations as the single-run kernel)."""
+        method = self.kernels[0].method
+        self.events += 1
+        if self.events % method.config.every:
+            return
+        shrink = np.float32(method.shrink)
+        for index, p in enumerate(self.views_of_group):
+            if method.shrink != 1.0:
+                p *= shrink
+            if self.noise_rows is not None:
+                p += self.noise_rows[index][self.position]
+        self.position += 1
+        for kernel in self.kernels:
+            kernel.method.applications += 1
+
+    def finish(self, first_step: int, length: int) -> None:
+        """After a block: perturbation counters back to the methods, ReDo's statistics and check."""
+        for bench, kernel in zip(self.benchmarks, self.kernels):
+            if self.perturb:
+                kernel.method.events = self.events
+            if self.record is None:
+                continue
+            if (first_step + length) % kernel.method.config.every == 0:  # the check may draw: the run's own RNG
+                with bench.rng.active():
+                    kernel._redo_statistics(first_step, length)
+            else:
+                kernel._redo_statistics(first_step, length)
+
+
+# --------------------------------------------------------------------------- lopkit.runner.vectorised (sweeps)
+
+#: Config fields that may differ within one group: none (the seed group trains one config; its step has one lr).
+BITFLIP_VARYING_FIELDS: tuple[str, ...] = ()
+
+
+def bitflip_refusal(configs: Sequence[Any], methods: Sequence[Any] = ()) -> str | None:
+    """Why these bit-flipping runs (their configs, the shared resolved methods) cannot be one seed group, in one line.
+
+    Two Monitor-less copies of the run are built to ask :func:`group_unsupported_reason` (engine, method kernel).
+    """
+    from lopkit.benchmarks.bitflip import BitFlipBenchmark, BitFlipBenchmarkConfig
+
+    if not configs:
+        return "no runs to vectorise"
+    first = configs[0]
+    if not all(isinstance(config, BitFlipBenchmarkConfig) for config in configs):
+        return "configs of another benchmark, not bitflip's"
+    if any(config != first for config in configs):
+        return "the runs have different configs (a bit-flipping seed group trains one config)"
+    probe = replace(first, monitor_every=0)
+    try:
+        benches = [BitFlipBenchmark(probe, seed, copy.deepcopy(list(methods))) for seed in (0, 1)]
+    except ConfigError as err:  # the separate runs report it as a set-up error
+        return str(err).splitlines()[0]
+    return group_unsupported_reason(benches)
+
+
+class BitFlipVectorised:
+    """The bit-flipping learner of :mod:`lopkit.runner.vectorised` (sweeps): a :class:`BitFlipSeedGroup` with its contract.
+
+    One :class:`~lopkit.benchmarks.bitflip.BitFlipBenchmark` per member, each with its own copy of the methods
+    (attached, seeded and checkpointed by its run); the seed group is made at the first :meth:`run`, after any
+    :meth:`load_state_dicts`, so resumed members continue from their saved state.
+    """
+
+    def __init__(self, benchmark_cls: type, members: Sequence[tuple[Any, int]], methods: Sequence[Any] = ()):
+        members = list(members)
+        if not members:
+            raise ValueError("no runs to vectorise: pass at least one (config, seed)")
+        if any(config != members[0][0] for config, _ in members):
+            raise ValueError("cannot vectorise these bitflip runs: the runs have different configs")
+        self.benchmarks = [benchmark_cls(config, seed, copy.deepcopy(list(methods))) for config, seed in members]
+        reason = group_unsupported_reason(self.benchmarks)
+        if reason is not None:
+            raise ValueError(f"cannot vectorise these bitflip runs: {reason}")
+        self._group: BitFlipSeedGroup | None = None
+
+    @property
+    def step(self) -> int:
+        """Steps taken (the same for every member)."""
+        return self.benchmarks[0].step
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of each member's run."""
+        return self.benchmarks[0].total_steps
+
+    @property
+    def done(self) -> bool:
+        """Whether every member has finished."""
+        return self.step >= self.total_steps
+
+    def progress(self) -> dict[str, Any]:
+        """The first member's live status."""
+        return self.benchmarks[0].progress()
+
+    def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
+        """Advance every member by up to ``n_steps``; per member, the rows its own ``run`` would return."""
+        if self._group is None:
+            self._group = BitFlipSeedGroup(self.benchmarks)
+        return self._group.run(n_steps)
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """Each member's state (its benchmark's ``state_dict``: loadable by a separate run)."""
+        return [bench.state_dict() for bench in self.benchmarks]
+
+    def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
+        """Restore every member from a state of its run (written here or by a separate run), all at one step."""
+        if len(states) != len(self.benchmarks):
+            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
+        steps = {int(state["step"]) for state in states}
+        if len(steps) != 1:
+            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+        for bench, state in zip(self.benchmarks, states):
+            bench.load_state_dict(state)
+        self._group = None  # rebuilt from the loaded parameters and method states at the next run
 
 
 def run_seed_group(benchmarks: Sequence[Any], n_steps: int | None = None) -> list[list[dict[str, Any]]]:

@@ -94,6 +94,10 @@ _RUNNERS: dict[str, VectorisedRunner] = {
     "class_split": _CONTINUAL,
     "permuted": _CONTINUAL,
     "random_labels": _CONTINUAL,
+    "bitflip": VectorisedRunner("lopkit.benchmarks.vmap_seeds", "bitflip_refusal", "BitFlipVectorised",
+                                "BITFLIP_VARYING_FIELDS"),
+    "toy": VectorisedRunner("lopkit.benchmarks.toy", "toy_refusal", "ToySeedGroup", "VARYING_FIELDS"),
+    "cloning": VectorisedRunner("lopkit.benchmarks.cloning", "cloning_refusal", "CloningSeedGroup", "VARYING_FIELDS"),
 }
 
 
