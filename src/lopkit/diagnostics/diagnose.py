@@ -383,7 +383,7 @@ def _ratio_rule(measure: LayerMeasure, metric: str, ratio: float, below: bool, r
 
 def _plasticity_rule(measure: LayerMeasure, ratio: float, ref_label: str, min_fit: float = 0.1,
                      ) -> list[tuple[float, Evidence] | None]:
-    """Low plasticity: ``probe_fit`` / its reference at or below ``ratio`` (judged when the reference is >= ``min_fit``).
+    """Low plasticity: ``probe_fit`` / its reference at or below ``ratio`` (judged when the reference >= ``min_fit``).
 
     Evidence: the judged ``probe_fit``, then the former ``probe_gain`` (not judged, for continuity). Severity is
     ``ratio / quotient`` with the quotient floored at 0.01 (a fit at or below 0, no better than a constant, gives 100
@@ -537,7 +537,7 @@ def random_target(output: Tensor, seed: int) -> Tensor:
     return torch.randn(output.shape, generator=generator, dtype=torch.float32).to(output.device, output.dtype)
 
 
-def probe_fit(model: nn.Module, probe_x: Tensor, steps: int = 100, lr: float = 3e-3, seed: int = 0,
+def probe_fit(model: nn.Module, probe_x: Tensor, steps: int = 200, lr: float = 3e-3, seed: int = 0,
               ) -> dict[str, float]:
     """diagnose's plasticity probe: fit the network's own output plus fresh N(0, 1) noise for ``steps`` Adam steps.
 
@@ -550,11 +550,12 @@ def probe_fit(model: nn.Module, probe_x: Tensor, steps: int = 100, lr: float = 3
     from lopkit.diagnostics.plasticity import plasticity_probe
 
     if not any(p.requires_grad for p in model.parameters()):
-        return {k: float("nan") for k in ("loss_before", "loss_after", "drop", "gain", "loss_constant", "fit", "loss_auc")}
+        names = ("loss_before", "loss_after", "drop", "gain", "loss_constant", "fit", "loss_auc")
+        return {k: float("nan") for k in names}
     return plasticity_probe(model, probe_x, steps=steps, seed=seed, lr=lr, target="residual")
 
 
-def probe_gain(model: nn.Module, probe_x: Tensor, steps: int = 100, lr: float = 3e-3, seed: int = 0) -> float:
+def probe_gain(model: nn.Module, probe_x: Tensor, steps: int = 200, lr: float = 3e-3, seed: int = 0) -> float:
     """The former judged quantity (shown, not judged): gain 1 - L_after / L_before fitting a fresh N(0, 1) target.
 
     :func:`lopkit.diagnostics.plasticity.plasticity_probe` with ``target="random"``; it grows with the scale of a

@@ -321,7 +321,8 @@ PLASTICITY_MEASURES: dict[str, tuple[str, str]] = {
     "churn": ("Monitor metric, opt-in (churn_metric())", "mean squared output drift on the probe between measurements"),
     "distance_from_init": ("Monitor metric, opt-in (distance_from_init_metric(model)); function",
                            "||theta - theta(0)|| per layer and in total"),
-    "plasticity_probe": ("function", "loss drop of a copy fitting a fresh random target (or a fresh head) in N steps"),
+    "plasticity_probe": ("function", "loss drop and R^2 of a copy fitting a fresh random target, its own output plus "
+                         "noise, or a fresh head, in N steps"),
     "upgd_plasticity": ("function (one_step_plasticity)", "UPGD's 1 - L_after / L_before on the next batch"),
 }
 
