@@ -11,11 +11,11 @@ and the cures ranked for that trap as ``--method`` specs. Pure analysis: no file
 (``lopkit.runner.diagnose_cli`` does the I/O and ``--fix``).
 
 The plasticity probe is lopkit's one probe, :func:`lopkit.diagnostics.plasticity.plasticity_probe` (through
-:func:`probe_fit`): fit a fresh random target on the probe for a few Adam steps from a copy of the network and
-report how much of the target's variance the copy then explains (``probe_fit``, R^2), next to the same on the fresh
-copy. The former quantity, the relative loss drop ``probe_gain`` = 1 - L_after / L_before, is still measured and
-shown (not judged): it grows with the scale of a trained network's outputs, so it missed trained networks that fit
-worse than a fresh one (docs/diagnose.md).
+:func:`probe_fit`): from a copy of the network, learn its own output plus fresh N(0, 1) noise on the probe for
+a few Adam steps and report the fraction of the noise learnt (``probe_fit``, independent of the output scale), next
+to the same on the fresh copy. The former quantity, the relative loss drop ``probe_gain`` = 1 - L_after / L_before
+fitting a plain N(0, 1) target, is still measured and shown (not judged): it grows with the scale of a trained
+network's outputs, so it missed trained networks that fit worse than a fresh one (docs/diagnose.md).
 """
 
 from __future__ import annotations
@@ -401,9 +401,9 @@ def _plasticity_rule(measure: LayerMeasure, ratio: float, ref_label: str, min_fi
                                                measure.trends.get("probe_fit", [])))]
     gain, gain_reference = measure.values.get("probe_gain"), measure.reference.get("probe_gain")
     if _finite(gain):
-        former = (f"the former rule (probe_gain / reference <= {ratio:g}"
-                  + (f", here {gain / gain_reference:.3g}" if _finite(gain_reference) and gain_reference > 0 else "")
-                  + "); 1 - L_after / L_before grows with the scale of a trained network's outputs")
+        here = f" (ratio here {gain / gain_reference:.3g})" if _finite(gain_reference) and gain_reference > 0 else ""
+        former = (f"the former quantity, shown for continuity{here}; 1 - L_after / L_before fitting an N(0, 1) target "
+                  "grows with the scale of a trained network's outputs")
         hits.append((0.0, Evidence("probe_gain", float(gain), former,
                                    float(gain_reference) if _finite(gain_reference) else None, ref_label,
                                    measure.trends.get("probe_gain", []), judged=False)))
