@@ -81,12 +81,79 @@ def test_probe_fresh_head_replaces_last_linear():
         plasticity_probe(nn.Sequential(nn.ReLU()), x, steps=1, target="head")
 
 
+def _two_scalar_layers(w1: float, w2: float) -> nn.Sequential:
+    """f(x) = w2 * w1 * x, the first factor frozen (requires_grad=False)."""
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(w1)
+        net[1].weight.fill_(w2)
+    net[0].weight.requires_grad_(False)
+    return net
+
+
+def test_probe_keeps_frozen_parameters_frozen_unless_train_all():
+    """One SGD step on mean (w2 w1 x)^2: only w2 moves by default; with train_all both move (hand computation)."""
+    w1, w2, lr = 2.0, 1.5, 0.01
+    x = torch.tensor([[1.0], [3.0]])  # mean x^2 = 5
+    net = _two_scalar_layers(w1, w2)
+    frozen = plasticity_probe(net, x, steps=1, y=torch.zeros(2, 1), optimizer="sgd", lr=lr)
+    w2_new = w2 - lr * 2 * w2 * w1 * w1 * 5.0  # dL/dw2 = 2 w2 w1^2 mean x^2
+    assert frozen["loss_after"] == pytest.approx((w2_new * w1) ** 2 * 5.0)
+    both = plasticity_probe(net, x, steps=1, y=torch.zeros(2, 1), optimizer="sgd", lr=lr, train_all=True)
+    w1_new = w1 - lr * 2 * w1 * w2 * w2 * 5.0  # dL/dw1 = 2 w1 w2^2 mean x^2, at the old w2
+    assert both["loss_after"] == pytest.approx((w2_new * w1_new) ** 2 * 5.0)
+    assert not net[0].weight.requires_grad and net[1].weight.requires_grad  # the model's flags are untouched
+
+
+def test_probe_with_nothing_trainable_does_not_move():
+    net = _two_scalar_layers(2.0, 1.5)
+    net[1].weight.requires_grad_(False)
+    out = plasticity_probe(net, torch.tensor([[1.0], [3.0]]), steps=3, y=torch.zeros(2, 1))
+    assert out["loss_after"] == out["loss_before"] == pytest.approx(9.0 * 5.0) and out["gain"] == 0.0
+
+
+def test_probe_fit_is_the_explained_variance_of_the_target():
+    """fit = 1 - L_after / L_constant, L_constant the MSE of each output's mean target; auc the mean of the losses."""
+    net = nn.Linear(1, 2)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.copy_(torch.tensor([1.0, -1.0]))
+    x = torch.randn(3, 1)
+    y = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    out = plasticity_probe(net, x, steps=0, y=y)
+    # output (1, -1) on every row; per-output means (2, 2); variances (8/3, 2); MSE to (1, -1): (1+1+9 + 4+4+25)/6
+    assert out["loss_constant"] == pytest.approx((8 / 3 + 2) / 2)
+    assert out["loss_after"] == pytest.approx(44 / 6)
+    assert out["fit"] == pytest.approx(1 - (44 / 6) / ((8 / 3 + 2) / 2))
+    assert out["loss_auc"] == pytest.approx(out["loss_before"])
+    fitted = plasticity_probe(net, x, steps=2, y=y, optimizer="sgd", lr=0.1)
+    sgd = plasticity_probe(net, x, steps=1, y=y, optimizer="sgd", lr=0.1)
+    assert fitted["loss_auc"] == pytest.approx((fitted["loss_before"] + sgd["loss_after"] + fitted["loss_after"]) / 3)
+
+
+def test_probe_residual_target_starts_at_the_noise_whatever_the_output_scale():
+    """target=residual: y = own output + N(0, 1), so L_before and L_constant do not grow when the outputs are scaled."""
+    net = tiny_net()
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(2))
+    big = tiny_net()
+    with torch.no_grad():
+        big[2].weight.mul_(100.0)
+        big[2].bias.add_(50.0)
+    small_out = plasticity_probe(net, x, steps=0, seed=5, target="residual")
+    big_out = plasticity_probe(big, x, steps=0, seed=5, target="residual")
+    assert small_out["loss_before"] == pytest.approx(big_out["loss_before"], rel=1e-4)
+    assert small_out["loss_constant"] == pytest.approx(big_out["loss_constant"], rel=1e-4)
+    assert plasticity_probe(big, x, steps=0, seed=5)["loss_before"] > 100 * small_out["loss_before"]
+
+
 def test_probe_rejects_bad_arguments():
     net = tiny_net()
     with pytest.raises(ValueError, match="steps"):
         plasticity_probe(net, torch.randn(2, 3), steps=-1)
     with pytest.raises(ValueError, match="target"):
         plasticity_probe(net, torch.randn(2, 3), target="x")
+    with pytest.raises(ValueError, match="train_all"):
+        plasticity_probe(net, torch.randn(2, 3), train_all="yes")
 
 
 def test_upgd_plasticity_hand_values():

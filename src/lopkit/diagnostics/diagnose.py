@@ -6,13 +6,16 @@ of the architecture (the *reference*); :func:`measure_rows` reads the tidy metri
 run's first measurement as the reference and the mean over its final window as the value. :func:`judge` then
 compares every layer with the thresholds of :class:`DiagnoseConfig` and returns a :class:`Diagnosis`: per layer the
 trap (frozen/dead units, saturated units, live cloned units and their clusters, rank collapse, weight growth, sharp
-curvature, low plasticity-probe gain), the evidence (metric, reference, threshold, how the paper's theory links it)
+curvature, low plasticity-probe fit), the evidence (metric, reference, threshold, how the paper's theory links it)
 and the cures ranked for that trap as ``--method`` specs. Pure analysis: no file, no store, no training run here
 (``lopkit.runner.diagnose_cli`` does the I/O and ``--fix``).
 
 The plasticity probe is lopkit's one probe, :func:`lopkit.diagnostics.plasticity.plasticity_probe` (through
-:func:`probe_gain`): fit a fresh random target on the probe for a few Adam steps from a copy of the network and
-report the relative loss drop, next to the same on the fresh copy.
+:func:`probe_fit`): from a copy of the network, learn its own output plus fresh N(0, 1) noise on the probe for
+a few Adam steps and report the fraction of the noise learnt (``probe_fit``, independent of the output scale), next
+to the same on the fresh copy. The former quantity, the relative loss drop ``probe_gain`` = 1 - L_after / L_before
+fitting a plain N(0, 1) target, is still measured and shown (not judged): it grows with the scale of a trained
+network's outputs, so it missed trained networks that fit worse than a fresh one (docs/diagnose.md).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "judge",
     "measure_model",
     "measure_rows",
+    "probe_fit",
     "probe_gain",
     "format_diagnosis",
 ]
@@ -75,11 +79,15 @@ class DiagnoseConfig:
     """Weight growth: parameter norm at or above this multiple of the reference's."""
     sharpness_growth: float = 10.0
     """Sharp curvature: top Hessian eigenvalue of the probe loss at or above this multiple of the reference's."""
-    plasticity_ratio: float = 0.5
-    """Low plasticity: probe gain at or below this fraction of a freshly initialised copy's gain."""
-    probe_steps: int = 50
-    """Adam steps of the plasticity probe (fit a fresh random target on the probe batch)."""
-    probe_lr: float = 1e-2
+    plasticity_ratio: float = 0.8
+    """Low plasticity: probe fit (the fraction of a fresh N(0, 1) offset of its own output the network learns in the
+    probe's steps) at or below this fraction of a freshly initialised copy's fit."""
+    probe_min_fit: float = 0.1
+    """The low-plasticity rule is judged only when the fresh copy's probe fit reaches this (else the probe is too short
+    to tell; raise ``probe_steps``)."""
+    probe_steps: int = 200
+    """Adam steps of the plasticity probe (fit its own output plus fresh N(0, 1) noise on the probe batch)."""
+    probe_lr: float = 3e-3
     """Learning rate of the plasticity probe's Adam."""
     hessian: bool = True
     """Measure the top Hessian eigenvalue of the probe loss (only when a loss is given; 20 power iterations)."""
@@ -95,7 +103,7 @@ class DiagnoseConfig:
     def validate(self) -> None:
         """Raise ConfigError for impossible values."""
         for name in ("dead_fraction", "dead_rise", "saturated_fraction", "saturated_rise", "clone_fraction",
-                     "clone_rise", "clone_r2", "rank_ratio", "plasticity_ratio"):
+                     "clone_rise", "clone_r2", "rank_ratio", "plasticity_ratio", "probe_min_fit"):
             value = getattr(self, name)
             require(_is_real(value) and 0.0 <= value <= 1.0, f"DiagnoseConfig.{name} must be in [0, 1], got {value!r}")
         require(_is_real(self.clone_similarity) and -1.0 <= self.clone_similarity < 1.0,
@@ -165,10 +173,11 @@ TRAPS: dict[str, tuple[str, str]] = {
         "Lyle et al. (2023) tie loss of plasticity to curvature. Beyond the paper: it defines the stability of an LoP "
         "manifold by the sign of the curvature normal to it (App. A.5) but measures no Hessian."),
     "low_plasticity": (
-        "low plasticity-probe gain",
-        "A direct test instead of a symptom: from a copy of the network, fit a fresh random target on the probe for a "
-        "few steps. A network trapped on an LoP manifold (frozen or cloned units) moves in fewer directions and fits "
-        "it less than a freshly initialised copy of the same architecture does."),
+        "low plasticity-probe fit",
+        "A direct test instead of a symptom: from a copy of the network, learn a fresh random offset of its own output "
+        "on the probe for a few steps (so the scale the outputs reached in training does not count). A network trapped "
+        "on an LoP manifold (frozen or cloned units) moves in fewer directions and learns it less than a freshly "
+        "initialised copy of the same architecture does."),
 }
 
 _RESET_FROZEN = Cure("reset_frozen", "targeted reset",
@@ -217,13 +226,15 @@ class Evidence:
     reference: float | None = None
     reference_label: str = ""
     trend: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    judged: bool = True
+    """False for a quantity shown beside the judged one for continuity (its ``threshold`` then says why not judged)."""
 
     def describe(self) -> str:
-        """One line: metric, value, reference and threshold."""
+        """One line: metric, value, reference and threshold (or, not judged, why)."""
         text = f"{self.metric} = {format_number(self.value)}"
         if self.reference is not None:
             text += f" (reference {format_number(self.reference)}: {self.reference_label})"
-        return f"{text}; trap when {self.threshold}"
+        return f"{text}; trap when {self.threshold}" if self.judged else f"{text}; not judged: {self.threshold}"
 
 
 @dataclasses.dataclass
@@ -306,7 +317,7 @@ class Diagnosis:
                 {"layer": f.layer, "trap": f.trap, "label": f.label, "severity": json_float(f.severity),
                  "theory": f.theory, "clusters": f.clusters,
                  "evidence": [{"metric": e.metric, "value": json_float(e.value), "reference": json_float(e.reference),
-                               "reference_label": e.reference_label, "threshold": e.threshold,
+                               "reference_label": e.reference_label, "threshold": e.threshold, "judged": e.judged,
                                "trend": [[int(s), json_float(v)] for s, v in e.trend]} for e in f.evidence],
                  "cures": [{"rank": i + 1, "method": c.method, "kind": c.kind, "why": c.why}
                            for i, c in enumerate(f.cures)]}
@@ -370,6 +381,35 @@ def _ratio_rule(measure: LayerMeasure, metric: str, ratio: float, below: bool, r
     return severity, Evidence(metric, float(value), threshold, float(reference), ref_label, measure.trends.get(metric, []))
 
 
+def _plasticity_rule(measure: LayerMeasure, ratio: float, ref_label: str, min_fit: float = 0.1,
+                     ) -> list[tuple[float, Evidence] | None]:
+    """Low plasticity: ``probe_fit`` / its reference at or below ``ratio`` (judged when the reference >= ``min_fit``).
+
+    Evidence: the judged ``probe_fit``, then the former ``probe_gain`` (not judged, for continuity). Severity is
+    ``ratio / quotient`` with the quotient floored at 0.01 (a fit at or below 0, no better than a constant, gives 100
+    times the ratio).
+    """
+    value, reference = measure.values.get("probe_fit"), measure.reference.get("probe_fit")
+    if not (_finite(value) and _finite(reference)) or reference <= 0 or reference < min_fit:
+        return []
+    quotient = value / reference
+    if quotient > ratio:
+        return []
+    threshold = f"value / reference <= {ratio:g} (here {quotient:.3g})"
+    hits: list[tuple[float, Evidence] | None] = [
+        (ratio / max(quotient, 0.01), Evidence("probe_fit", float(value), threshold, float(reference), ref_label,
+                                               measure.trends.get("probe_fit", [])))]
+    gain, gain_reference = measure.values.get("probe_gain"), measure.reference.get("probe_gain")
+    if _finite(gain):
+        here = f" (ratio here {gain / gain_reference:.3g})" if _finite(gain_reference) and gain_reference > 0 else ""
+        former = (f"the former quantity, shown for continuity{here}; 1 - L_after / L_before fitting an N(0, 1) target "
+                  "grows with the scale of a trained network's outputs")
+        hits.append((0.0, Evidence("probe_gain", float(gain), former,
+                                   float(gain_reference) if _finite(gain_reference) else None, ref_label,
+                                   measure.trends.get("probe_gain", []), judged=False)))
+    return hits
+
+
 def judge(measures: Mapping[str, LayerMeasure], config: DiagnoseConfig | None = None, *, source: str = "",
           reference_label: str = "reference", notes: Sequence[str] = ()) -> Diagnosis:
     """Compare every layer's measurements with the thresholds; findings in layer order, traps in :data:`TRAPS` order."""
@@ -401,7 +441,7 @@ def judge(measures: Mapping[str, LayerMeasure], config: DiagnoseConfig | None = 
         add(layer, "rank_collapse", [_ratio_rule(m, "effective_rank", config.rank_ratio, True, ref)])
         add(layer, "weight_growth", [_ratio_rule(m, "weight_norm", config.weight_growth, False, ref)])
         add(layer, "sharp_curvature", [_ratio_rule(m, "hessian_top_eigenvalue", config.sharpness_growth, False, ref)])
-        add(layer, "low_plasticity", [_ratio_rule(m, "probe_gain", config.plasticity_ratio, True, ref)])
+        add(layer, "low_plasticity", _plasticity_rule(m, config.plasticity_ratio, ref, config.probe_min_fit))
     order = {name: i for i, name in enumerate(measures)}
     findings.sort(key=lambda f: (order[f.layer], list(TRAPS).index(f.trap)))
     return Diagnosis(source, reference_label, findings, dict(measures), list(notes))
@@ -420,7 +460,8 @@ def _derived(values: dict[str, float]) -> None:
 
 #: stored metrics the judgement reads (and the model path measures under the same names)
 JUDGED_METRICS = ("dead_fraction", "frozen_fraction", "saturated_fraction", "duplicate_fraction", "live_clone_fraction",
-                  "effective_rank", "weight_norm", "hessian_top_eigenvalue", "probe_gain", "cloning_r2_forward",
+                  "effective_rank", "weight_norm", "hessian_top_eigenvalue", "probe_fit", "probe_gain",
+                  "cloning_r2_forward",
                   "cloning_r2_variance_ratio_forward")
 
 
@@ -496,11 +537,29 @@ def random_target(output: Tensor, seed: int) -> Tensor:
     return torch.randn(output.shape, generator=generator, dtype=torch.float32).to(output.device, output.dtype)
 
 
-def probe_gain(model: nn.Module, probe_x: Tensor, steps: int = 50, lr: float = 1e-2, seed: int = 0) -> float:
-    """Plasticity probe gain, 1 - L_after / L_before fitting a fresh random target for ``steps`` Adam steps.
+def probe_fit(model: nn.Module, probe_x: Tensor, steps: int = 200, lr: float = 3e-3, seed: int = 0,
+              ) -> dict[str, float]:
+    """diagnose's plasticity probe: fit the network's own output plus fresh N(0, 1) noise for ``steps`` Adam steps.
 
-    The one plasticity probe of lopkit (:func:`lopkit.diagnostics.plasticity.plasticity_probe`) on a deep copy in
-    eval mode; ``model`` is untouched.
+    The one plasticity probe of lopkit (:func:`lopkit.diagnostics.plasticity.plasticity_probe` with
+    ``target="residual"``, frozen parameters stay frozen) on a deep copy in eval mode; ``model`` is untouched. Its
+    whole result; the judged quantity is ``fit``, the fraction of the noise the copy has learnt (R^2 around its own
+    start, ~1 - L_after / L_before), which does not depend on the scale of the outputs. Every value is NaN when no
+    parameter trains.
+    """
+    from lopkit.diagnostics.plasticity import plasticity_probe
+
+    if not any(p.requires_grad for p in model.parameters()):
+        names = ("loss_before", "loss_after", "drop", "gain", "loss_constant", "fit", "loss_auc")
+        return {k: float("nan") for k in names}
+    return plasticity_probe(model, probe_x, steps=steps, seed=seed, lr=lr, target="residual")
+
+
+def probe_gain(model: nn.Module, probe_x: Tensor, steps: int = 200, lr: float = 3e-3, seed: int = 0) -> float:
+    """The former judged quantity (shown, not judged): gain 1 - L_after / L_before fitting a fresh N(0, 1) target.
+
+    :func:`lopkit.diagnostics.plasticity.plasticity_probe` with ``target="random"``; it grows with the scale of a
+    trained network's outputs (docs/diagnose.md), so :func:`probe_fit` is judged instead. NaN when nothing trains.
     """
     from lopkit.diagnostics.plasticity import plasticity_probe
 
@@ -608,8 +667,9 @@ def _measure_one(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None, loss
                                if k in ("weight_norm", "loss", "hessian_top_eigenvalue")}
         if name == head:  # the output head's norm is the logits' scale (it grows with any fit), not a hidden trap
             per_layer.pop(name)
-    per_layer.setdefault("model", {})["probe_gain"] = probe_gain(model, probe_x, config.probe_steps, config.probe_lr,
-                                                                 config.seed)
+    fit = probe_fit(model, probe_x, config.probe_steps, config.probe_lr, config.seed)["fit"]
+    gain = probe_gain(model, probe_x, config.probe_steps, config.probe_lr, config.seed)
+    per_layer.setdefault("model", {}).update(probe_fit=fit, probe_gain=gain)
     for values in per_layer.values():
         _derived(values)
     return per_layer, clusters, units
@@ -681,8 +741,11 @@ def diagnose(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None = None,
     measures = measure_model(model, probe_x, probe_y, loss_fn, config)
     notes = ["Reference: the same measurement on a copy of the architecture freshly initialised (reset_parameters, "
              f"seed {config.seed}); value and reference use the same probe batch of {probe_x.shape[0]} samples.",
-             f"Plasticity probe: lopkit.diagnostics.plasticity.plasticity_probe (fit a fresh random target on the "
-             f"probe for {config.probe_steps} Adam steps at lr {config.probe_lr:g}; gain = 1 - L_after / L_before)."]
+             f"Plasticity probe: lopkit.diagnostics.plasticity.plasticity_probe, {config.probe_steps} Adam steps at lr "
+             f"{config.probe_lr:g} on the probe. Judged: probe_fit, the fraction of a fresh N(0, 1) offset of its own "
+             "output the copy learns (target='residual'; R^2 around its start, independent of the output scale), "
+             "against the fresh copy's. Shown, not judged: the former probe_gain = 1 - L_after / L_before fitting "
+             "an N(0, 1) target, which grows with the scale of a trained network's outputs."]
     notes.append("Weight growth is judged on the hidden weight layers; the output head (the last Linear/Conv) is left "
                  "out, its norm is the scale of the logits and grows with any fit.")
     if probe_y is None:

@@ -58,13 +58,17 @@ def _strip_hooks(model: nn.Module) -> None:
                 table.clear()
 
 
-def _training_copy(model: nn.Module) -> nn.Module:
-    """A hook-free deep copy of ``model`` in eval mode (no dropout, frozen norm statistics), every parameter trains."""
+def _training_copy(model: nn.Module, train_all: bool = True) -> nn.Module:
+    """A hook-free deep copy of ``model`` in eval mode (no dropout, frozen norm statistics).
+
+    ``train_all``: every parameter of the copy trains; otherwise each keeps its ``requires_grad`` (frozen stays frozen).
+    """
     clone = copy.deepcopy(model)
     _strip_hooks(clone)
     clone.eval()
-    for p in clone.parameters():
-        p.requires_grad_(True)
+    if train_all:
+        for p in clone.parameters():
+            p.requires_grad_(True)
     return clone
 
 
@@ -115,51 +119,92 @@ def plasticity_probe(
     steps: int = 100,
     seed: int = 0,
     *,
-    target: Literal["random", "head"] = "random",
+    target: Literal["random", "head", "residual"] = "random",
     lr: float = 1e-3,
     optimizer: Literal["adam", "sgd"] = "adam",
     y: Tensor | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    train_all: bool = False,
 ) -> dict[str, float]:
     """How far a deep copy of ``model`` lowers a fresh loss on ``x`` in ``steps`` full-batch steps (model untouched).
 
     ``target="random"``: the copy regresses a fresh target ``y ~ N(0, 1)`` (one value per output entry, drawn from
     ``seed`` through :mod:`lopkit.seeding`) with the mean squared error; ``target="head"``: the same, after its
-    last ``nn.Linear`` is replaced by a freshly drawn one (PyTorch's default law, from the same seed). A given
-    ``y`` (and ``loss_fn``, default MSE) replaces the random target. The copy is in eval mode, without hooks,
-    every parameter trainable; Adam (or SGD) at ``lr``. Returns ``loss_before``, ``loss_after``, ``drop`` =
-    before - after and ``gain`` = 1 - after / before (the fraction of the loss removed; NaN when before is 0).
+    last ``nn.Linear`` is replaced by a freshly drawn one (PyTorch's default law, from the same seed; the new head
+    always trains); ``target="residual"``: the target is the copy's own output plus ``N(0, 1)`` noise, so the loss
+    before fitting is ~1 whatever the scale of the outputs (the question is how far the network can move its
+    function, not how far it must first shrink it). A given ``y`` (and ``loss_fn``, default MSE) replaces the drawn
+    target. The copy is in eval mode, without hooks; by default each parameter keeps its ``requires_grad`` (frozen
+    parameters stay frozen; ``train_all=True`` trains every one); Adam (or SGD) at ``lr``. No Monitor metric calls
+    this probe (it fits a copy); ``lopkit diagnose`` calls it with the defaults (``train_all=False``) through
+    :func:`lopkit.diagnostics.diagnose.probe_fit`. Returns ``loss_before``, ``loss_after``, ``drop`` = before -
+    after, ``gain`` = 1 - after / before (the fraction of the loss removed; NaN when before is 0), ``loss_auc`` (the
+    mean of the ``steps + 1`` losses along the fit, before each step and after the last), ``loss_constant`` (the loss
+    of predicting each output's batch-mean target, the target's variance for MSE; with ``target="residual"`` the loss
+    of the start output shifted by the mean noise, ~ the noise variance; NaN for a non-float target), ``fit``
+    = 1 - after / loss_constant (the fraction of the target's variance the fitted copy explains, R^2: 1 a perfect
+    fit, 0 no better than a constant, negative worse; it does not depend on the scale of the outputs before fitting,
+    so it is what ``diagnose`` compares with a fresh copy's) and ``steps``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if target not in ("random", "head"):
-        raise ValueError(f"target must be 'random' or 'head', got {target!r}")
+    if target not in ("random", "head", "residual"):
+        raise ValueError(f"target must be 'random', 'head' or 'residual', got {target!r}")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    if not isinstance(train_all, bool):
+        raise ValueError(f"train_all must be True or False, got {train_all!r}")
     generator = seeded_generator(seed, _PROBE_KEY)
-    clone = _training_copy(model)
+    clone = _training_copy(model, train_all)
     if target == "head":
         parent, attr, layer = _last_linear(clone)
         setattr(parent, attr, _fresh_linear(layer, generator))
     loss_fn = loss_fn or nn.functional.mse_loss
     with torch.no_grad():
         out = _run(clone, x)
+    start = out.detach() if target == "residual" else None  # the residual target's fit is judged around the start
     if y is None:
-        y = torch.randn(tuple(out.shape), generator=generator, dtype=torch.float64).to(out.device, out.dtype)
-    params = [p for p in clone.parameters()]
-    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+        noise = torch.randn(tuple(out.shape), generator=generator, dtype=torch.float64).to(out.device, out.dtype)
+        y = out.detach() + noise if target == "residual" else noise
+    params = [p for p in clone.parameters() if p.requires_grad]
+    opt = None
+    if params:
+        opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
     with torch.no_grad():
         before = float(loss_fn(_run(clone, x), y))
-    for _ in range(steps):
+    losses = [before]  # the loss before each step (the first is ``before``), then the loss after the last
+    for step in range(steps):
+        if opt is None:  # nothing trains: the loss stays where it is
+            losses.append(before)
+            continue
         opt.zero_grad(set_to_none=True)
-        loss_fn(_run(clone, x), y).backward()
+        loss = loss_fn(_run(clone, x), y)
+        if step > 0:
+            losses.append(float(loss.detach()))
+        loss.backward()
         opt.step()
-    with torch.no_grad():
-        after = float(loss_fn(_run(clone, x), y))
+    if opt is not None and steps > 0:
+        with torch.no_grad():
+            losses.append(float(loss_fn(_run(clone, x), y)))
+    after = losses[-1]
     gain = 1.0 - after / before if before != 0 else float("nan")
-    return {"loss_before": before, "loss_after": after, "drop": before - after, "gain": gain, "steps": float(steps)}
+    constant = _constant_loss(y, out, loss_fn, start)
+    fit = 1.0 - after / constant if constant > 0 else float("nan")
+    return {"loss_before": before, "loss_after": after, "drop": before - after, "gain": gain,
+            "loss_constant": constant, "fit": fit, "loss_auc": sum(losses) / len(losses), "steps": float(steps)}
+
+
+def _constant_loss(y: Tensor, out: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], start: Tensor | None = None,
+                   ) -> float:
+    """The loss of the best constant guess: each output's batch-mean target (the variance of ``y`` for MSE), or with
+    ``start`` the start output shifted by each output's mean residual ``y - start``; NaN without a float ``y``."""
+    if not (y.is_floating_point() and y.shape == out.shape and y.dim() >= 1 and y.shape[0] >= 2):
+        return float("nan")
+    offset = torch.zeros_like(y) if start is None else start
+    with torch.no_grad():
+        return float(loss_fn(offset + (y - offset).mean(dim=0, keepdim=True), y))
 
 
 def upgd_plasticity(loss_before: float | Tensor, loss_after: float | Tensor, eps: float = 1e-12) -> float:
@@ -276,7 +321,8 @@ PLASTICITY_MEASURES: dict[str, tuple[str, str]] = {
     "churn": ("Monitor metric, opt-in (churn_metric())", "mean squared output drift on the probe between measurements"),
     "distance_from_init": ("Monitor metric, opt-in (distance_from_init_metric(model)); function",
                            "||theta - theta(0)|| per layer and in total"),
-    "plasticity_probe": ("function", "loss drop of a copy fitting a fresh random target (or a fresh head) in N steps"),
+    "plasticity_probe": ("function", "loss drop and R^2 of a copy fitting a fresh random target, its own output plus "
+                         "noise, or a fresh head, in N steps"),
     "upgd_plasticity": ("function (one_step_plasticity)", "UPGD's 1 - L_after / L_before on the next batch"),
 }
 
