@@ -469,7 +469,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "diagnose", help="name the plasticity trap of each layer (stored run or saved model) and the cures to try",
         description="Per layer: which trap (frozen/dead units, saturated units, live cloned units, rank collapse, "
-                    "weight growth, sharp curvature, low plasticity-probe gain), the evidence with its threshold and "
+                    "weight growth, sharp curvature, low plasticity-probe fit), the evidence with its threshold and "
                     "the paper's reason, and the cures ranked as --method specs. Thresholds: --set key=value "
                     "(docs/diagnose.md).")
     parser.add_argument("path", nargs="?", default=None,
