@@ -265,18 +265,24 @@ def test_rows_equal_separate_runs(case):
 
 
 @needs_data
-@pytest.mark.parametrize("optimizer", ["adam", pytest.param("sgd", marks=pytest.mark.slow)])
-def test_lr_grid_rows_equal_separate_runs(optimizer):
+@pytest.mark.parametrize("optimizer, model", [
+    ("adam", "mlp"), pytest.param("sgd", "mlp", marks=pytest.mark.slow), pytest.param("adam", "cnn", marks=pytest.mark.slow),
+])  # fmt: skip
+def test_lr_grid_rows_equal_separate_runs(optimizer, model):
     # Adam lr 1e-2 is left out: on this smoke model its trajectory is chaotic (nudging the separate run's initial
     # weights by one float32 ulp moves its rows by 5e-2), so no float32 computation in another order matches it
     lrs = [1e-3, 3e-3, 2e-3] if optimizer == "adam" else [0.01, 0.1, 0.05]
-    members = [(_config(ClassSplitBenchmark, lr=lr, optimizer=optimizer), seed) for lr, seed in zip(lrs, (0, 0, 1))]
+    members = [(_config(ClassSplitBenchmark, lr=lr, optimizer=optimizer, model=model), seed)
+               for lr, seed in zip(lrs, (0, 0, 1))]  # fmt: skip
+    # the CNN at lr 3e-3 is chaotic over the whole smoke run (the separate run computed with oneDNN's convolutions
+    # off differs from itself by 1e-2 at the end): its first task (30 steps, with the task-end rows) is compared
+    steps = 10**6 if model == "mlp" else 30
     group = VectorisedContinual(ClassSplitBenchmark, members)
-    rows = group.run(10**6)
+    rows = group.run(steps)
     finals = set()
     for (config, seed), member_rows in zip(members, rows):
         separate = ClassSplitBenchmark(config, seed)
-        _assert_rows_close(separate.run(separate.total_steps), member_rows)
+        _assert_rows_close(separate.run(steps), member_rows)
         finals.add(round(member_rows[-1]["value"], 6))
     assert len(finals) > 1  # the members really trained differently
 
