@@ -266,7 +266,9 @@ def test_rows_equal_separate_runs(case):
 
 @needs_data
 @pytest.mark.parametrize("optimizer, model", [
-    ("adam", "mlp"), pytest.param("sgd", "mlp", marks=pytest.mark.slow), pytest.param("adam", "cnn", marks=pytest.mark.slow),
+    ("adam", "mlp"),
+    pytest.param("sgd", "mlp", marks=pytest.mark.slow),
+    pytest.param("adam", "cnn", marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_lr_grid_rows_equal_separate_runs(optimizer, model):
     # Adam lr 1e-2 is left out: on this smoke model its trajectory is chaotic (nudging the separate run's initial
