@@ -458,6 +458,8 @@ class VectorisedContinual:
             raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
         target = min(self.step + n_steps, self.total_steps)
         rows: list[list[dict[str, Any]]] = [[] for _ in self.benchmarks]
+        for bench in self.benchmarks:  # train mode, as every separate step sets it (the template's drives the
+            bench.model.train()  # stacked forward; evaluations and the Monitor restore the modes they change)
         while self.step < target:
             if not self.benchmarks[0]._task_started:
                 for bench, out in zip(self.benchmarks, rows):
@@ -491,8 +493,6 @@ class VectorisedContinual:
             targets.append(spec.train_y[indices.to(spec.train_y.device)])
             masks.append(spec.class_mask)
         x, y = torch.stack(inputs), torch.stack(targets)  # (S, B, ...), (S, B)
-        for bench in self.benchmarks:
-            bench.model.train()  # as the separate step does (the template's mode drives the stacked forward)
         noise = None
         if self._dropout:  # each member's masks from its own RNG, as its separate forward draws them
             drawn = []
