@@ -1,4 +1,4 @@
-"""The vectorised continual learner (several seeds / an lr grid as one stacked MLP) against separate runs."""
+"""The vectorised continual learner (several seeds / an lr grid as one stacked MLP or CNN) against separate runs."""
 
 from __future__ import annotations
 
