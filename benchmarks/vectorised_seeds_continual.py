@@ -1,7 +1,9 @@
-"""Seed-steps/s of the continual MLP benchmarks: 1 seed, S seeds one after the other, S seeds vectorised.
+"""Seed-steps/s of the continual MLP/CNN benchmarks: 1 seed, S seeds one after the other, S seeds vectorised.
 
-For each benchmark preset (default: ``random_labels:e1``, ``class_split:e1_5way``, ``permuted:default``, all
-with their Monitor and task-end evaluations on) it times ``--steps`` steps of
+For each benchmark preset (default: ``random_labels:e1``, ``class_split:e1_5way``, ``permuted:default`` and the
+smoke-sized CNN ``class_split:smoke:model=cnn+num_tasks=20``, all with their Monitor and task-end evaluations on;
+``NAME:PRESET[:KEY=VALUE+KEY=VALUE...]`` adds overrides to one entry) it times ``--steps`` steps (at most the
+run's length) of
 
 - ``1 seed``: one :class:`~lopkit.benchmarks.continual.ContinualBenchmark` run;
 - ``S sequential``: S runs one after the other (what ``lopkit run --seeds S --no-vectorise`` does);
@@ -9,11 +11,14 @@ with their Monitor and task-end evaluations on) it times ``--steps`` steps of
   (what ``lopkit run --seeds S`` picks), the same rows within float rounding.
 
 Building the benchmarks (loading and standardising Fashion-MNIST) is outside the timed part. Prints wall and
-CPU seconds (the latter is what to compare on a shared, loaded machine), seed-steps/s and the ratio of the vectorised aggregate rate to one seed's (target: >= 3x for 8 seeds). With
-``--profile`` it also prints the top of a cProfile of the vectorised run.
+CPU seconds (the latter is what to compare on a shared, loaded machine), seed-steps/s and the ratio of the
+vectorised aggregate rate to one seed's (target: >= 3x for 8 seeds), and the load average at the start and the
+end. With ``--profile`` it also prints the top of a cProfile of the vectorised run; ``--record`` writes each
+benchmark's ratios into the table of benchmarks/README.md (via ``benchmarks/_record.py``).
 
 Usage: python benchmarks/vectorised_seeds_continual.py [--seeds 8] [--steps 600] [--threads 1]
-       [--benchmarks random_labels:e1,class_split:e1_5way,permuted:default] [--profile]
+       [--benchmarks random_labels:e1,class_split:e1_5way,permuted:default,class_split:smoke:model=cnn+num_tasks=20]
+       [--set KEY=VALUE ...] [--profile] [--record]
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import time
 import warnings
 
 import torch
+from _record import add_record_argument, load, record
 
 from lopkit.benchmarks.base import get_benchmark
 from lopkit.benchmarks.vectorised_continual import VectorisedContinual
+from lopkit.configs import parse_overrides
 
-DEFAULT_BENCHMARKS = "random_labels:e1,class_split:e1_5way,permuted:default"
+DEFAULT_BENCHMARKS = "random_labels:e1,class_split:e1_5way,permuted:default,class_split:smoke:model=cnn+num_tasks=20"
 
 
 def _clock() -> tuple[float, float]:
@@ -43,6 +50,13 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
     """Wall and CPU seconds since ``start``."""
     now = _clock()
     return now[0] - start[0], now[1] - start[1]
+
+
+def parse_entry(item: str) -> tuple[str, str, list[str]]:
+    """``NAME:PRESET[:KEY=VALUE+KEY=VALUE...]`` -> (name, preset, overrides)."""
+    name, _, rest = item.partition(":")
+    preset, _, extra = rest.partition(":")
+    return name, preset or "default", [part for part in extra.split("+") if part]
 
 
 def _time_runs(cls, config, seeds: list[int], steps: int) -> tuple[float, float]:
@@ -86,40 +100,55 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to every benchmark")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of each vectorised run")
+    add_record_argument(parser)
     args = parser.parse_args()
     if args.seeds < 1 or args.steps < 1 or args.threads < 1:
         parser.error("--seeds, --steps and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # the Monitor's NaN-rank warnings on dead layers are expected
-    from lopkit.configs import parse_overrides
-
+    print(f"{args.seeds} seeds, {args.threads} thread(s), {load()} at the start", flush=True)
     seeds = list(range(args.seeds))
-    lines = []
+    lines, figures = [], []
     for item in args.benchmarks.split(","):
-        name, _, preset = item.partition(":")
+        name, preset, extra = parse_entry(item)
+        label = item if extra else f"{name}:{preset}"
         cls = get_benchmark(name)
-        config = cls.make_config(preset or "default", parse_overrides(args.overrides))
-        cls(config, 99).run(20)  # warm-up: imports, data cache, allocator
-        one = _time_runs(cls, config, seeds[:1], args.steps)
-        sequential = _time_runs(cls, config, seeds, args.steps)
-        vectorised = _time_vectorised(cls, config, seeds, args.steps, args.profile)
+        config = cls.make_config(preset, parse_overrides([*args.overrides, *extra]))
+        steps = min(args.steps, cls(config, 99).total_steps)
+        cls(config, 99).run(min(20, steps))  # warm-up: imports, data cache, allocator
+        one = _time_runs(cls, config, seeds[:1], steps)
+        sequential = _time_runs(cls, config, seeds, steps)
+        vectorised = _time_vectorised(cls, config, seeds, steps, args.profile)
+        ratios = []
         for clock in (0, 1):  # wall, then CPU seconds
-            rate_one = args.steps / one[clock]
-            rate_vec = args.seeds * args.steps / vectorised[clock]
+            rate_one = steps / one[clock]
+            rate_vec = args.seeds * steps / vectorised[clock]
+            ratios.append((rate_one, rate_vec, rate_vec / rate_one, sequential[clock] / vectorised[clock]))
             lines.append(
-                f"{name + ':' + (preset or 'default'):<22} {('wall', 'cpu')[clock]:<4} {one[clock]:8.2f} "
-                f"{rate_one:9.0f}   {sequential[clock]:8.2f} {args.seeds * args.steps / sequential[clock]:9.0f}   "
+                f"{label:<40} {('wall', 'cpu')[clock]:<4} {steps:5d} {one[clock]:8.2f} {rate_one:9.0f}   "
+                f"{sequential[clock]:8.2f} {args.seeds * steps / sequential[clock]:9.0f}   "
                 f"{vectorised[clock]:8.2f} {rate_vec:9.0f}   {rate_vec / rate_one:6.2f}x "
                 f"{sequential[clock] / vectorised[clock]:6.2f}x"
             )
             print(lines[-1], flush=True)
-    header = (f"{'benchmark':<22} {'time':<4} {'1 seed s':>8} {'steps/s':>9}   {f'{args.seeds} seq s':>8} "
-              f"{'seed-st/s':>9}   {f'{args.seeds} vec s':>8} {'seed-st/s':>9}   {'vec/1':>7} {'vec/seq':>7}")
-    print(f"\n{args.steps} steps per run, {args.seeds} seeds, {args.threads} thread(s), load average "
-          f"{os.getloadavg()[0]:.2f} at the end; vec/1 = aggregate seed-steps/s of the vectorised learner over one "
-          "seed's steps/s; wall = elapsed, cpu = this process's CPU time (robust to a shared machine)")
+        figures.append((label, steps, ratios))
+    header = (f"{'benchmark':<40} {'time':<4} {'steps':>5} {'1 seed s':>8} {'steps/s':>9}   "
+              f"{f'{args.seeds} seq s':>8} {'seed-st/s':>9}   {f'{args.seeds} vec s':>8} {'seed-st/s':>9}   "
+              f"{'vec/1':>7} {'vec/seq':>7}")
+    print(f"\n{args.seeds} seeds, {args.threads} thread(s), {load()} at the end; vec/1 = aggregate seed-steps/s of "
+          "the vectorised learner over one seed's steps/s; wall = elapsed, cpu = this process's CPU time (robust to "
+          "a shared machine)")
     print(header)
     print("\n".join(lines))
+    if args.record:
+        for label, steps, ratios in figures:
+            (_, _, wall_ratio, wall_seq), (rate_one, rate_vec, cpu_ratio, cpu_seq) = ratios
+            record(f"vectorised_seeds_continual/{label}/{args.seeds}seeds/{args.threads}t",
+                   "vectorised_seeds_continual.py",
+                   f"vec/1 {cpu_ratio:.2f}x CPU time ({wall_ratio:.2f}x wall), vec/seq {cpu_seq:.2f}x: "
+                   f"{args.seeds} vectorised seeds {rate_vec:.0f} seed-steps/s vs 1 seed {rate_one:.0f} steps/s "
+                   f"(CPU time, {steps} steps per run)",
+                   threads=args.threads)
 
 
 if __name__ == "__main__":

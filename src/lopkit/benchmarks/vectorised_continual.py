@@ -1,25 +1,34 @@
 """Train several runs of a continual benchmark (seeds, or configs that differ only in ``lr``) as one learner.
 
 :class:`VectorisedContinual` holds one ordinary :class:`~lopkit.benchmarks.continual.ContinualBenchmark` per
-member run (its tasks, data stream, probe, Monitor, accumulators: everything a separate run has) and replaces
-only the optimiser step: the members' MLP parameters are stacked along a leading member axis, every member's
-next minibatch is drawn from its *own* stream exactly as its separate run draws it, and one batched forward
-(``torch.baddbmm`` per layer), one backward of the summed member losses and one elementwise optimiser update
-advance all members at once. Each member's ``nn.Module`` parameters are views of its slice of the stacked
-tensors, so the per-member task boundaries (head reset), evaluations and Monitor measurements run unchanged on
-the current weights.
+member run (its tasks, data stream, probe, Monitor, accumulators, RNG: everything a separate run has) and
+replaces only the optimiser step: the members' parameters and BatchNorm running statistics are stacked along a
+leading member axis, every member's next minibatch is drawn from its *own* stream exactly as its separate run
+draws it, and one batched forward (``torch.baddbmm`` per linear layer; for the CNN one grouped convolution over
+the members' channels, pools per channel), one backward of the summed member losses and one elementwise optimiser
+update advance all members at once. Each member's ``nn.Module`` parameters and buffers are views of its slice of
+the stacked tensors, so the per-member task boundaries (head reset), evaluations and Monitor measurements (eval
+mode: BatchNorm on that member's running statistics) run unchanged on the current state.
+
+Normalisation follows ``nn.BatchNorm*d`` / ``nn.LayerNorm`` / ``nn.GroupNorm`` exactly (batch statistics and
+in-place running-statistic updates per member in train mode). Dropout uses the masks the separate run draws:
+before each step, under each member's own RNG, ``F.dropout`` of ones of each dropout layer's input shape, in
+forward order (the draws of the separate forward), so the stacked step multiplies by the same masks.
 
 Rows, and each member's :meth:`state_dict`, are those of the separate run (a checkpoint written here resumes
 as a separate run and the other way round). They agree with the separate runs to float32 rounding, not bit for
-bit: the batched matmul sums in another order. Like any online trajectory, last-bit differences can grow over
-long runs (a ReLU pre-activation within rounding of 0 flips), so expect close agreement over the first
-thousands of steps and statistical agreement after that.
+bit: the batched matmul and the grouped convolution sum in another order. Like any online trajectory, last-bit
+differences can grow over long runs (a ReLU pre-activation within rounding of 0 flips, a max-pool tie), and
+faster with normalisation: a bias just before BatchNorm has an exact gradient of 0, so it holds rounding noise
+(Adam scales it to lr-sized steps) that reaches the eval-mode rows through the running mean. Expect close
+agreement over the first hundreds of steps and statistical agreement after that, as between two machines.
 
-What is vectorised (:func:`continual_refusal` says why anything else is not): the MLP with norm ``none`` or
-``layer``, any activation, no dropout, no mitigation method, Adam or SGD; members whose configs differ only in
-:data:`VARYING_FIELDS` (an lr grid) and that have the same task lengths. The optimiser is an elementwise
-application of PyTorch's Adam (its functional, fused kernel) and SGD formulas, one lr per member, so member
-``s`` of the stacked state equals its separate run's optimizer state. Members that do not fit together raise ValueError.
+What is vectorised (:func:`continual_refusal` says why anything else is not, in one line): the MLP and CNN
+(:data:`VECTORISED_MODELS`) with any norm (affine or not), activation and dropout, no mitigation method, Adam or
+SGD; members whose configs differ only in :data:`VARYING_FIELDS` (an lr grid) and that have the same task lengths.
+The optimiser is an elementwise application of PyTorch's Adam (its functional, fused kernel) and SGD formulas,
+one lr per member, so member ``s`` of the stacked state equals its separate run's optimizer state. Members that
+do not fit together raise ValueError.
 """
 
 from __future__ import annotations
@@ -39,10 +48,21 @@ from lopkit.benchmarks.models import ACTIVATIONS
 from lopkit.configs import config_to_dict
 from lopkit.mitigations.base import Mitigation
 
-__all__ = ["VARYING_FIELDS", "VectorisedContinual", "continual_refusal", "stacked_forward"]
+__all__ = [
+    "VARYING_FIELDS",
+    "VECTORISED_MODELS",
+    "VectorisedContinual",
+    "continual_refusal",
+    "draw_dropout_noise",
+    "dropout_shapes",
+    "stacked_forward",
+]
 
 #: Config fields that may differ between the members of one vectorised learner (they change no shape).
 VARYING_FIELDS: tuple[str, ...] = ("lr",)
+
+#: Continual ``model`` values the stacked forward covers (any norm, affine or not, any activation, dropout).
+VECTORISED_MODELS: tuple[str, ...] = ("mlp", "cnn")
 
 _ACTIVATION_TYPES = tuple(factory for factory in ACTIVATIONS.values() if isinstance(factory, type))
 
@@ -68,12 +88,9 @@ def continual_refusal(
         names = ", ".join(getattr(m, "name", type(m).__name__) for m in present)
         return f"method {names} is not vectorised (it changes the model or the step of each run)"
     first = configs[0]
-    if first.model != "mlp":
-        return f"model={first.model} is not vectorised (only the MLP is)"
-    if first.norm == "batch":
-        return "norm=batch is not vectorised (BatchNorm keeps running statistics per run); norm=none and layer are"
-    if first.dropout > 0:
-        return "dropout is not vectorised (each run draws its own masks from its RNG)"
+    if first.model not in VECTORISED_MODELS:
+        return (f"model={first.model} is not vectorised (its residual blocks have no stacked forward); "
+                f"model={' and '.join(VECTORISED_MODELS)} are")
     base = {k: v for k, v in config_to_dict(first).items() if k not in VARYING_FIELDS}
     for other in configs[1:]:
         if type(other) is not type(first):
@@ -112,24 +129,145 @@ class _StackedLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def stacked_forward(model: nn.Sequential, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
-    """Forward of S stacked copies of an MLP ``model``: ``inputs`` (S, B, ...) -> (S, B, out), params (S, ...)."""
+def _to_grouped(x: Tensor) -> Tensor:
+    """(S, B, C, H, W) member-stacked images -> (B, S*C, H, W): each member's channels side by side."""
+    members, batch = x.shape[:2]
+    return x.transpose(0, 1).reshape(batch, members * x.shape[2], *x.shape[3:])
+
+
+def _from_grouped(x: Tensor, members: int) -> Tensor:
+    """(B, S*C, H, W) -> (S, B, C, H, W): back to one leading member axis."""
+    batch, channels = x.shape[:2]
+    return x.reshape(batch, members, channels // members, *x.shape[2:]).transpose(0, 1)
+
+
+def _flat(tensor: Tensor | None) -> Tensor | None:
+    """A stacked (S, C) per-channel tensor as the (S*C,) one the grouped layout's channels use (None stays None)."""
+    return None if tensor is None else tensor.reshape(-1)
+
+
+def _grouped_conv(x: Tensor, module: nn.Conv2d, weight: Tensor, bias: Tensor | None, members: int) -> Tensor:
+    """S members' ``module`` convolutions as one grouped convolution of the (B, S*C, H, W) layout.
+
+    ``weight`` is the stacked (S, out, in/groups, kh, kw) tensor, used as (S*out, ...): member s's output channels
+    see only its own input channels (``groups`` = S x the module's groups).
+    """
+    if module.padding_mode != "zeros":
+        raise ValueError(f"padding_mode={module.padding_mode!r} has no vectorised convolution (zeros only)")
+    stacked_weight = weight.reshape(members * weight.shape[1], *weight.shape[2:])
+    groups = module.groups * members
+    return F.conv2d(x, stacked_weight, _flat(bias), module.stride, module.padding, module.dilation, groups)
+
+
+def _batch_norm(x: Tensor, module: nn.modules.batchnorm._BatchNorm, name: str, params: dict[str, Tensor],
+                buffers: dict[str, Tensor], grouped: bool) -> Tensor:
+    """S members' BatchNorm exactly as ``nn.BatchNorm*d.forward`` does it, running statistics per member.
+
+    Train mode normalises with each member's batch statistics and updates its running mean/var (and
+    ``num_batches_tracked``) in place in the stacked buffers; eval mode uses the running statistics.
+    """
+    running_mean = buffers.get(f"{name}.running_mean")
+    running_var = buffers.get(f"{name}.running_var")
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats:
+        tracked = buffers[f"{name}.num_batches_tracked"]
+        tracked.add_(1)  # every member took the same number of steps
+        factor = 1.0 / float(tracked[0]) if module.momentum is None else module.momentum
+    use_batch = module.training or (running_mean is None and running_var is None)
+    if not module.training or module.track_running_stats:
+        stats = (_flat(running_mean), _flat(running_var))
+    else:
+        stats = (None, None)
+    weight, bias = (_flat(params[f"{name}.weight"]), _flat(params[f"{name}.bias"])) if module.affine else (None, None)
+    if grouped:  # (B, S*C, H, W): channel c of member s is channel s*C + c
+        return F.batch_norm(x, *stats, weight, bias, use_batch, factor, module.eps)
+    members, batch, features = x.shape  # (S, B, F) -> (B, S*F): one BatchNorm1d of S*F features
+    out = F.batch_norm(x.transpose(0, 1).reshape(batch, members * features), *stats, weight, bias, use_batch,
+                       factor, module.eps)  # fmt: skip
+    return out.reshape(batch, members, features).transpose(0, 1)
+
+
+def stacked_forward(
+    model: nn.Sequential,
+    params: dict[str, Tensor],
+    inputs: Tensor,
+    buffers: dict[str, Tensor] | None = None,
+    noise: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """Forward of S stacked copies of an MLP/CNN ``model`` in its train/eval mode: inputs (S, B, ...) -> (S, B, out).
+
+    ``params`` and ``buffers`` (BatchNorm running statistics, updated in place in train mode) are the stacked
+    (S, ...) tensors by name; ``noise`` holds each train-mode dropout layer's (S, B, F) scaled keep mask
+    (:func:`draw_dropout_noise`). Conv layers run as one grouped convolution over the members' channels.
+    """
+    buffers = {} if buffers is None else buffers
+    members, batch = inputs.shape[:2]
     x = inputs
+    grouped = False  # the conv part's (B, S*C, H, W) layout; otherwise (S, B, ...)
     for name, module in model.named_children():
-        if isinstance(module, nn.Flatten):
-            x = x.reshape(x.shape[0], x.shape[1], -1)
-        elif isinstance(module, nn.Linear):
+        if isinstance(module, nn.Conv2d):
+            if not grouped:
+                x, grouped = _to_grouped(x), True
+            bias = None if module.bias is None else params[f"{name}.bias"]
+            x = _grouped_conv(x, module, params[f"{name}.weight"], bias, members)
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and grouped:
+            x = module(x)  # per channel: each member's channels pool on their own
+        elif isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+            if grouped:
+                x, grouped = _from_grouped(x, members), False
+            x = x.reshape(members, batch, -1)
+        elif isinstance(module, nn.Linear) and not grouped:
             bias = None if module.bias is None else params[f"{name}.bias"]
             x = _StackedLinear.apply(x, params[f"{name}.weight"], bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and (grouped == isinstance(module, nn.BatchNorm2d)):
+            x = _batch_norm(x, module, name, params, buffers, grouped)
+        elif isinstance(module, nn.GroupNorm) and grouped:  # GroupNorm(G, C) per member = GroupNorm(S*G, S*C)
+            weight, bias = (params[f"{name}.weight"], params[f"{name}.bias"]) if module.affine else (None, None)
+            x = F.group_norm(x, members * module.num_groups, _flat(weight), _flat(bias), module.eps)
+        elif isinstance(module, nn.LayerNorm) and not grouped:
             x = F.layer_norm(x, module.normalized_shape, eps=module.eps)
             if module.elementwise_affine:
                 x = x * params[f"{name}.weight"].unsqueeze(1) + params[f"{name}.bias"].unsqueeze(1)
-        elif isinstance(module, _ACTIVATION_TYPES) or (isinstance(module, nn.Dropout) and module.p == 0):
-            x = module(x)  # elementwise: the same on any shape
+        elif isinstance(module, nn.Dropout) and module.training and module.p > 0:
+            if noise is None or name not in noise:
+                raise ValueError(f"layer {name} (train-mode dropout) needs its members' masks: pass noise")
+            x = x * noise[name]  # what F.dropout computes: input * (keep mask / (1 - p))
+        elif isinstance(module, (*_ACTIVATION_TYPES, nn.Dropout)):
+            x = module(x)  # elementwise (dropout: eval mode or p = 0, the identity): the same on any layout
         else:
-            raise ValueError(f"layer {name} ({type(module).__name__}) has no vectorised forward")
+            raise ValueError(f"layer {name} ({type(module).__name__}) has no vectorised forward here")
     return x
+
+
+def dropout_shapes(model: nn.Sequential, batch: int) -> dict[str, tuple[int, int]]:
+    """Input shape (batch, features) of each ``nn.Dropout`` with p > 0 among ``model``'s children, in forward order."""
+    shapes: dict[str, tuple[int, int]] = {}
+    features = None
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            features = module.out_features
+        elif isinstance(module, nn.Conv2d):
+            features = None
+        elif isinstance(module, nn.Dropout) and module.p > 0:
+            if features is None:
+                raise ValueError(f"dropout layer {name} does not follow a Linear layer: it has no vectorised masks")
+            shapes[name] = (batch, features)
+    return shapes
+
+
+def draw_dropout_noise(
+    model: nn.Sequential, shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """One member's dropout masks for one step, drawn as its own forward draws them (call under its RNG).
+
+    ``F.dropout`` of ones is exactly the ``keep / (1 - p)`` noise that ``F.dropout`` of the layer's input (same
+    shape, same generator state) multiplies that input by, so the stacked step uses the separate run's masks.
+    """
+    modules = dict(model.named_children())
+    return {
+        name: F.dropout(torch.ones(shape, device=device, dtype=dtype), modules[name].p, training=True)
+        for name, shape in shapes.items()
+    }
 
 
 class _StackedOptimizer:
@@ -251,7 +389,7 @@ class _StackedOptimizer:
 
 
 class VectorisedContinual:
-    """S runs of one continual benchmark (seeds and/or lr grid) trained as one stacked MLP; rows per member."""
+    """S runs of one continual benchmark (seeds and/or lr grid) trained as one stacked MLP/CNN; rows per member."""
 
     def __init__(
         self,
@@ -282,9 +420,15 @@ class VectorisedContinual:
             name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_(True)
             for name in self.names
         }
+        buffer_names = [name for name, _ in self.template.named_buffers()]
+        # BatchNorm running statistics, (S, C) and num_batches_tracked (S,)
+        self.buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in models]) for name in buffer_names}
         for index, model in enumerate(models):
             for name, parameter in model.named_parameters():
                 parameter.data = self.params[name].detach()[index]  # the member's module sees its slice
+            for name, buffer in model.named_buffers():
+                buffer.data = self.buffers[name][index]  # its own running statistics, updated by the stacked step
+        self._dropout = dropout_shapes(self.template, self.config.batch_size)
         lrs = [config.lr for config, _ in members]
         self.optimizer = _StackedOptimizer(self.config, [self.params[n] for n in self.names], lrs)
 
@@ -314,6 +458,8 @@ class VectorisedContinual:
             raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
         target = min(self.step + n_steps, self.total_steps)
         rows: list[list[dict[str, Any]]] = [[] for _ in self.benchmarks]
+        for bench in self.benchmarks:  # train mode, as every separate step sets it (the template's drives the
+            bench.model.train()  # stacked forward; evaluations and the Monitor restore the modes they change)
         while self.step < target:
             if not self.benchmarks[0]._task_started:
                 for bench, out in zip(self.benchmarks, rows):
@@ -347,7 +493,14 @@ class VectorisedContinual:
             targets.append(spec.train_y[indices.to(spec.train_y.device)])
             masks.append(spec.class_mask)
         x, y = torch.stack(inputs), torch.stack(targets)  # (S, B, ...), (S, B)
-        logits = stacked_forward(self.template, self.params, x)  # (S, B, C)
+        noise = None
+        if self._dropout:  # each member's masks from its own RNG, as its separate forward draws them
+            drawn = []
+            for bench in self.benchmarks:
+                with bench.own_rng():
+                    drawn.append(draw_dropout_noise(self.template, self._dropout, x.device, x.dtype))
+            noise = {name: torch.stack([masks[name] for masks in drawn]) for name in self._dropout}
+        logits = stacked_forward(self.template, self.params, x, self.buffers, noise)  # (S, B, C)
         masked = logits
         if masks[0] is not None:
             active = torch.stack(masks).unsqueeze(1)  # (S, 1, C)
