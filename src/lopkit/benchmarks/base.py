@@ -191,3 +191,32 @@ def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
         raise TypeError(f"benchmark {cls.__name__} lacks presets {missing}")
     BENCHMARKS[cls.name] = cls
     return cls
+
+
+class MemberGroup:
+    """Base of a vectorised group of runs: ``benchmarks`` holds one Benchmark per member, all at the same step.
+
+    Gives the progress part of the group contract of :mod:`lopkit.runner.vectorised` (``step``, ``total_steps``,
+    ``done``, ``progress()``); a subclass adds ``run``, ``state_dicts`` and ``load_state_dicts``.
+    """
+
+    benchmarks: list[Benchmark]
+
+    @property
+    def step(self) -> int:
+        """Steps taken (the same for every member)."""
+        return self.benchmarks[0].step
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of each member's run."""
+        return self.benchmarks[0].total_steps
+
+    @property
+    def done(self) -> bool:
+        """Whether every member has finished."""
+        return self.step >= self.total_steps
+
+    def progress(self) -> dict[str, Any]:
+        """The first member's live status."""
+        return self.benchmarks[0].progress()

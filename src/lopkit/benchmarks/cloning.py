@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, register_benchmark
-from lopkit.benchmarks.base import PrivateRNG, check_finite_loss
+from lopkit.benchmarks.base import MemberGroup, PrivateRNG, check_finite_loss
 from lopkit.benchmarks.architectures import build_resnet, build_vit
 from lopkit.benchmarks.models import build_mlp
 from lopkit.configs import ConfigError, check_device, config_to_dict, require
@@ -755,7 +755,7 @@ def cloning_refusal(configs: list[CloningConfig], methods: Any = None) -> str | 
     return None
 
 
-class CloningSeedGroup:
+class CloningSeedGroup(MemberGroup):
     """S cloning runs (MLP, sgd or adam, seeds and/or an lr grid) trained as one learner; rows and states per member.
 
     One ordinary :class:`CloningBenchmark` per member keeps its data subset, minibatch stream, probes, Monitors,
@@ -786,25 +786,6 @@ class CloningSeedGroup:
         self.clone = None
         if benches[0].clone is not None:
             self.clone = _StackedModels([b.clone for b in benches], cfg.variant, self.lrs, cfg.momentum)
-
-    @property
-    def step(self) -> int:
-        """Steps taken (the same for every member)."""
-        return self.benchmarks[0].step
-
-    @property
-    def total_steps(self) -> int:
-        """Steps of each member's run."""
-        return self.benchmarks[0].total_steps
-
-    @property
-    def done(self) -> bool:
-        """Whether every member has finished."""
-        return self.step >= self.total_steps
-
-    def progress(self) -> dict[str, Any]:
-        """The first member's live status."""
-        return self.benchmarks[0].progress()
 
     def _logs(self) -> list[list[dict[str, Any]]]:
         """Every member's log at this step (under its own RNG); stacks the clones when the log made them."""

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from lopkit.benchmarks.base import (
-    PrivateRNG,
-    check_finite_loss,
     Benchmark,
     BenchmarkConfig,
+    MemberGroup,
+    PrivateRNG,
+    check_finite_loss,
     make_row,
     register_benchmark,
 )
@@ -305,7 +306,7 @@ def toy_refusal(configs: list[ToyConfig], methods: Mitigation | list[Mitigation]
     return None
 
 
-class ToySeedGroup:
+class ToySeedGroup(MemberGroup):
     """S toy runs (seeds and/or an lr grid, no method) trained as one learner; rows and states per member.
 
     One ordinary :class:`ToyBenchmark` per member keeps everything its separate run has (data generator,
@@ -342,25 +343,6 @@ class ToySeedGroup:
             lrs.setdefault(float(config.lr), []).append(index)
         # (lr, members or None for all): one in-place update per distinct lr, the formula of torch.optim.SGD
         self.lr_groups = [(lr, None if len(lrs) == 1 else indices) for lr, indices in lrs.items()]
-
-    @property
-    def step(self) -> int:
-        """Steps taken (the same for every member)."""
-        return self.benchmarks[0].step
-
-    @property
-    def total_steps(self) -> int:
-        """Steps of each member's run."""
-        return self.benchmarks[0].total_steps
-
-    @property
-    def done(self) -> bool:
-        """Whether every member has finished."""
-        return self.step >= self.total_steps
-
-    def progress(self) -> dict[str, Any]:
-        """The first member's live status."""
-        return self.benchmarks[0].progress()
 
     def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
         """Advance every member by up to ``n_steps`` SGD steps; per member, the rows its own ``run`` would return."""

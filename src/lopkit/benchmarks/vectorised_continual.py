@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.adam import adam
 
-from lopkit.benchmarks.base import check_finite_loss
+from lopkit.benchmarks.base import MemberGroup, check_finite_loss
 from lopkit.benchmarks.continual import ContinualBenchmark, ContinualConfig, _gather_inputs
 from lopkit.benchmarks.models import ACTIVATIONS
 from lopkit.configs import config_to_dict
@@ -388,7 +388,7 @@ class _StackedOptimizer:
                 self.state[k] = {"momentum_buffer": torch.stack([s["momentum_buffer"] for s in states]).to(param)}
 
 
-class VectorisedContinual:
+class VectorisedContinual(MemberGroup):
     """S runs of one continual benchmark (seeds and/or lr grid) trained as one stacked MLP/CNN; rows per member."""
 
     def __init__(
@@ -433,25 +433,6 @@ class VectorisedContinual:
         self.optimizer = _StackedOptimizer(self.config, [self.params[n] for n in self.names], lrs)
 
     # ------------------------------------------------------------------ Benchmark-like API
-    @property
-    def step(self) -> int:
-        """Steps taken (the same for every member)."""
-        return self.benchmarks[0].step
-
-    @property
-    def total_steps(self) -> int:
-        """Steps of each member's run."""
-        return self.benchmarks[0].total_steps
-
-    @property
-    def done(self) -> bool:
-        """Whether every member has finished."""
-        return self.step >= self.total_steps
-
-    def progress(self) -> dict[str, Any]:
-        """The first member's live status."""
-        return self.benchmarks[0].progress()
-
     def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
         """Advance every member by at most ``n_steps`` steps; the rows of each member, in member order."""
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:

@@ -67,7 +67,7 @@ from lopkit.benchmarks.bitflip import (
     next_block_length,
     stream_config,
 )
-from lopkit.benchmarks.base import make_row
+from lopkit.benchmarks.base import MemberGroup, make_row
 from lopkit.configs import ConfigError, check_device
 from lopkit.data.bitflip import BitFlipStream, run_inputs_at
 from lopkit.diagnostics.monitor import Monitor
@@ -645,7 +645,7 @@ def bitflip_refusal(configs: Sequence[Any], methods: Sequence[Any] = ()) -> str 
     return group_unsupported_reason(benches)
 
 
-class BitFlipVectorised:
+class BitFlipVectorised(MemberGroup):
     """The bit-flipping learner of :mod:`lopkit.runner.vectorised` (sweeps): a :class:`BitFlipSeedGroup` with its contract.
 
     One :class:`~lopkit.benchmarks.bitflip.BitFlipBenchmark` per member, each with its own copy of the methods
@@ -664,25 +664,6 @@ class BitFlipVectorised:
         if reason is not None:
             raise ValueError(f"cannot vectorise these bitflip runs: {reason}")
         self._group: BitFlipSeedGroup | None = None
-
-    @property
-    def step(self) -> int:
-        """Steps taken (the same for every member)."""
-        return self.benchmarks[0].step
-
-    @property
-    def total_steps(self) -> int:
-        """Steps of each member's run."""
-        return self.benchmarks[0].total_steps
-
-    @property
-    def done(self) -> bool:
-        """Whether every member has finished."""
-        return self.step >= self.total_steps
-
-    def progress(self) -> dict[str, Any]:
-        """The first member's live status."""
-        return self.benchmarks[0].progress()
 
     def run(self, n_steps: int) -> list[list[dict[str, Any]]]:
         """Advance every member by up to ``n_steps``; per member, the rows its own ``run`` would return."""
