@@ -237,9 +237,11 @@ def compare_section(compare_dir: Path) -> list[str]:
     runs = runs[runs.status == "finished"]
     if runs.empty:
         return lines + ["No finished run."]
-    if unfinished:
-        lines += [f"**Partial:** {unfinished} cell(s) of this grid are not finished yet (rerun the command to "
-                  "resume); the `seeds` column counts finished runs.", ""]
+    per_method = runs.groupby("method")["seed"].nunique()
+    if unfinished or per_method.nunique() > 1:
+        lines += [f"**Partial grid:** {per_method.min()}-{per_method.max()} finished seeds per method (the `seeds` "
+                  f"column), {unfinished} started cell(s) unfinished; rerun the command to resume. Methods with "
+                  "fewer seeds have wider intervals.", ""]
     from lopkit.report.ranking import ranking_table
 
     runs = runs.assign(label=runs.method)
