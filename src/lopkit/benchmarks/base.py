@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -220,3 +220,24 @@ class MemberGroup:
     def progress(self) -> dict[str, Any]:
         """The first member's live status."""
         return self.benchmarks[0].progress()
+
+    def _check_member_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """ValueError unless ``states`` has one state per member, all at the same step (a group resumes together)."""
+        if len(states) != len(self.benchmarks):
+            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
+        steps = {int(state["step"]) for state in states}
+        if len(steps) != 1:
+            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+
+
+def differing_fields_refusal(configs: Sequence[Any], varying: Sequence[str]) -> str | None:
+    """Why these member configs cannot share one vectorised learner: the fields outside ``varying`` that differ."""
+    from lopkit.configs import config_to_dict
+
+    shared = {k: v for k, v in config_to_dict(configs[0]).items() if k not in varying}
+    for other in configs[1:]:
+        theirs = {k: v for k, v in config_to_dict(other).items() if k not in varying}
+        differing = sorted(k for k in shared if shared[k] != theirs.get(k))
+        if differing:
+            return f"configs differ in {', '.join(differing)} (only {', '.join(varying)} may differ)"
+    return None

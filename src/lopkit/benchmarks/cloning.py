@@ -69,10 +69,10 @@ import torch
 from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, register_benchmark
-from lopkit.benchmarks.base import MemberGroup, PrivateRNG, check_finite_loss
+from lopkit.benchmarks.base import MemberGroup, PrivateRNG, check_finite_loss, differing_fields_refusal
 from lopkit.benchmarks.architectures import build_resnet, build_vit
 from lopkit.benchmarks.models import build_mlp
-from lopkit.configs import ConfigError, check_device, config_to_dict, require
+from lopkit.configs import ConfigError, check_device, require
 from lopkit.data.digits import load_digits_dataset
 from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.data.tasks import TaskStream
@@ -746,13 +746,7 @@ def cloning_refusal(configs: list[CloningConfig], methods: Any = None) -> str | 
                 "to rounding noise, which Adam turns into full steps, so no batched computation reproduces the runs")
     if first.device != "cpu":
         return f"device={first.device} is not vectorised for cloning yet (the CPU is)"
-    shared = {k: v for k, v in config_to_dict(first).items() if k not in VARYING_FIELDS}
-    for other in configs[1:]:
-        theirs = {k: v for k, v in config_to_dict(other).items() if k not in VARYING_FIELDS}
-        differing = sorted(k for k in shared if shared[k] != theirs.get(k))
-        if differing:
-            return f"configs differ in {', '.join(differing)} (only {', '.join(VARYING_FIELDS)} may differ)"
-    return None
+    return differing_fields_refusal(configs, VARYING_FIELDS)
 
 
 class CloningSeedGroup(MemberGroup):
@@ -854,11 +848,7 @@ class CloningSeedGroup(MemberGroup):
 
     def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
         """Restore every member from a state of its run (written here or by a separate run), all at one step."""
-        if len(states) != len(self.benchmarks):
-            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
-        steps = {int(state["step"]) for state in states}
-        if len(steps) != 1:
-            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+        self._check_member_states(states)
         for bench, state in zip(self.benchmarks, states):
             bench.load_state_dict(state)
         self._stack()

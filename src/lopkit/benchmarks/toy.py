@@ -35,10 +35,11 @@ from lopkit.benchmarks.base import (
     MemberGroup,
     PrivateRNG,
     check_finite_loss,
+    differing_fields_refusal,
     make_row,
     register_benchmark,
 )
-from lopkit.configs import check_device, config_to_dict, require
+from lopkit.configs import check_device, require
 from lopkit.seeding import rng_sandbox, seeded_generator
 from lopkit.mitigations.base import Mitigation, MitigationHooks
 
@@ -295,15 +296,10 @@ def toy_refusal(configs: list[ToyConfig], methods: Mitigation | list[Mitigation]
     first = configs[0]
     if not isinstance(first, ToyConfig):
         return f"configs of another benchmark ({type(first).__name__}), not toy's"
-    shared = {k: v for k, v in config_to_dict(first).items() if k not in VARYING_FIELDS}
     for other in configs[1:]:
         if not isinstance(other, ToyConfig):
             return f"configs of another benchmark ({type(other).__name__}), not toy's"
-        theirs = {k: v for k, v in config_to_dict(other).items() if k not in VARYING_FIELDS}
-        differing = sorted(k for k in shared if shared[k] != theirs.get(k))
-        if differing:
-            return f"configs differ in {', '.join(differing)} (only {', '.join(VARYING_FIELDS)} may differ)"
-    return None
+    return differing_fields_refusal(configs, VARYING_FIELDS)
 
 
 class ToySeedGroup(MemberGroup):
@@ -404,10 +400,6 @@ class ToySeedGroup(MemberGroup):
 
     def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
         """Restore every member from a state of its run (written here or by a separate run), all at one step."""
-        if len(states) != len(self.benchmarks):
-            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
-        steps = {int(state["step"]) for state in states}
-        if len(steps) != 1:
-            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+        self._check_member_states(states)
         for bench, state in zip(self.benchmarks, states):
             bench.load_state_dict(state)  # the model loads in place into its slice of the stacked tensors

@@ -42,10 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.adam import adam
 
-from lopkit.benchmarks.base import MemberGroup, check_finite_loss
+from lopkit.benchmarks.base import MemberGroup, check_finite_loss, differing_fields_refusal
 from lopkit.benchmarks.continual import ContinualBenchmark, ContinualConfig, _gather_inputs
 from lopkit.benchmarks.models import ACTIVATIONS
-from lopkit.configs import config_to_dict
 from lopkit.mitigations.base import Mitigation
 
 __all__ = [
@@ -91,15 +90,10 @@ def continual_refusal(
     if first.model not in VECTORISED_MODELS:
         return (f"model={first.model} is not vectorised (its residual blocks have no stacked forward); "
                 f"model={' and '.join(VECTORISED_MODELS)} are")
-    base = {k: v for k, v in config_to_dict(first).items() if k not in VARYING_FIELDS}
     for other in configs[1:]:
         if type(other) is not type(first):
             return f"configs of different benchmarks ({type(first).__name__}, {type(other).__name__})"
-        theirs = {k: v for k, v in config_to_dict(other).items() if k not in VARYING_FIELDS}
-        differing = sorted(k for k in base if base[k] != theirs.get(k))
-        if differing:
-            return f"configs differ in {', '.join(differing)} (only {', '.join(VARYING_FIELDS)} may differ)"
-    return None
+    return differing_fields_refusal(configs, VARYING_FIELDS)
 
 
 class _StackedLinear(torch.autograd.Function):
@@ -523,11 +517,7 @@ class VectorisedContinual(MemberGroup):
 
     def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
         """Restore every member from a state of its run (written here or by a separate run), all at one step."""
-        if len(states) != len(self.benchmarks):
-            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
-        steps = {int(state["step"]) for state in states}
-        if len(steps) != 1:
-            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+        self._check_member_states(states)
         per_member = []
         for bench, state in zip(self.benchmarks, states):
             bench.load_state_dict(state)  # the model loads in place into its slice of the stacked tensors

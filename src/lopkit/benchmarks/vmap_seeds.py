@@ -677,11 +677,7 @@ class BitFlipVectorised(MemberGroup):
 
     def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
         """Restore every member from a state of its run (written here or by a separate run), all at one step."""
-        if len(states) != len(self.benchmarks):
-            raise ValueError(f"expected {len(self.benchmarks)} states, got {len(states)}")
-        steps = {int(state["step"]) for state in states}
-        if len(steps) != 1:
-            raise ValueError(f"the members' states are at different steps ({sorted(steps)}); resume them separately")
+        self._check_member_states(states)
         for bench, state in zip(self.benchmarks, states):
             bench.load_state_dict(state)
         self._group = None  # rebuilt from the loaded parameters and method states at the next run
