@@ -241,3 +241,25 @@ def differing_fields_refusal(configs: Sequence[Any], varying: Sequence[str]) -> 
         if differing:
             return f"configs differ in {', '.join(differing)} (only {', '.join(varying)} may differ)"
     return None
+
+
+def stacked_sgd_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], lr_groups: Sequence[tuple[float, Any]],
+                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    """torch.optim.SGD's single-tensor step (no dampening, no Nesterov) on a stacked ``(members, ...)`` parameter.
+
+    ``lr_groups``: ``(lr, member indices)`` pairs, indices None for all members; ``state`` holds the momentum buffer.
+    """
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    if momentum:
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = grad.detach().clone()
+        else:
+            state["momentum_buffer"].mul_(momentum).add_(grad)
+        grad = state["momentum_buffer"]
+    for lr, members in lr_groups:
+        if members is None:
+            param.add_(grad, alpha=-lr)
+        else:
+            for member in members:
+                param[member].add_(grad[member], alpha=-lr)

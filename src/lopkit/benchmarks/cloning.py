@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row, register_benchmark
-from lopkit.benchmarks.base import MemberGroup, PrivateRNG, check_finite_loss, differing_fields_refusal
+from lopkit.benchmarks.base import MemberGroup, PrivateRNG, check_finite_loss, differing_fields_refusal, stacked_sgd_
 from lopkit.benchmarks.architectures import build_resnet, build_vit
 from lopkit.benchmarks.models import build_mlp
 from lopkit.configs import ConfigError, check_device, require
@@ -683,18 +683,7 @@ class _StackedModels:
                 state["step"] = step + 1
             return
         for param, grad, state in zip(params, grads, self.state):
-            if self.momentum:
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = grad.detach().clone()
-                else:
-                    state["momentum_buffer"].mul_(self.momentum).add_(grad)
-                grad = state["momentum_buffer"]
-            for lr, members in self.lr_groups:
-                if members is None:
-                    param.add_(grad, alpha=-lr)
-                else:
-                    for member in members:
-                        param[member].add_(grad[member], alpha=-lr)
+            stacked_sgd_(param, grad, state, self.lr_groups, self.momentum)
 
     def member_state(self, index: int) -> dict[int, dict[str, Any]]:
         """Member ``index``'s slice in the ``state`` layout of its own torch optimizer's ``state_dict``."""

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.adam import adam
 
-from lopkit.benchmarks.base import MemberGroup, check_finite_loss, differing_fields_refusal
+from lopkit.benchmarks.base import MemberGroup, check_finite_loss, differing_fields_refusal, stacked_sgd_
 from lopkit.benchmarks.continual import ContinualBenchmark, ContinualConfig, _gather_inputs
 from lopkit.benchmarks.models import ACTIVATIONS
 from lopkit.mitigations.base import Mitigation
@@ -325,20 +325,7 @@ class _StackedOptimizer:
 
     def _sgd(self, param: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
         """PyTorch's single-tensor SGD step (no dampening, no Nesterov)."""
-        if self.weight_decay:
-            grad = grad.add(param, alpha=self.weight_decay)
-        if self.momentum:
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = grad.detach().clone()
-            else:
-                state["momentum_buffer"].mul_(self.momentum).add_(grad)
-            grad = state["momentum_buffer"]
-        for lr, members in self.groups:
-            if members is None:
-                param.add_(grad, alpha=-lr)
-            else:
-                for member in members:
-                    param[member].add_(grad[member], alpha=-lr)
+        stacked_sgd_(param, grad, state, self.groups, self.momentum, self.weight_decay)
 
     def clear(self) -> None:
         """Forget all state (``reset_optimizer``)."""
