@@ -198,11 +198,17 @@ def run_identity(config: Any, config_cls: type | None = None) -> dict[str, Any]:
         values = json.loads(json.dumps(dict(config)))
     else:
         config_cls, values = type(config), config_to_dict(config)
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.default is not dataclasses.MISSING}
-    for name in getattr(config_cls, "run_id_neutral", ()):
-        if name in values and name in defaults and values[name] == json.loads(json.dumps(defaults[name])):
+    for name, default in neutral_defaults(config_cls).items():
+        if name in values and values[name] == default:
             del values[name]
     return values
+
+
+def neutral_defaults(config_cls: type) -> dict[str, Any]:
+    """The defaults of a config class's ``run_id_neutral`` fields, in their stored (JSON) form."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.default is not dataclasses.MISSING}
+    return {name: json.loads(json.dumps(defaults[name]))
+            for name in getattr(config_cls, "run_id_neutral", ()) if name in defaults}
 
 
 def require(condition: bool, message: str) -> None:

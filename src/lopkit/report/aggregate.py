@@ -32,21 +32,17 @@ def _with_neutral_defaults(frame: pd.DataFrame, benchmark: str) -> pd.DataFrame:
     A store may hold runs written before such a field existed next to newer ones; they ran the same configuration,
     so they get the same label (and the same run id, :func:`lopkit.configs.run_identity`).
     """
-    import dataclasses
-
     from lopkit.benchmarks.registry import get_benchmark
-    from lopkit.configs import ConfigError
+    from lopkit.configs import ConfigError, neutral_defaults
 
     try:
         config_cls = get_benchmark(benchmark).Config
     except ConfigError:
         return frame
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.default is not dataclasses.MISSING}
     frame = frame.copy()
-    for name in getattr(config_cls, "run_id_neutral", ()):
-        if name in frame.columns and name in defaults:
-            value = json.loads(json.dumps(defaults[name]))
-            value = json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+    for name, value in neutral_defaults(config_cls).items():
+        if name in frame.columns:
+            value = json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value  # as _config_frame
             frame[name] = frame[name].map(lambda v, d=value: d if v is None or (isinstance(v, float) and math.isnan(v)) else v)
     return frame
 
