@@ -45,6 +45,8 @@ _COIN_CHUNK = 256  # coins drawn ahead at once
 EMA_CHUNK = 32  # steps per closed-form piece of :func:`ema_sequence`
 
 
+_NO_COINS = np.zeros(0, dtype=np.float64)  # an empty coin stream (coins are only ever read, never written)
+_CBP_STACKED = ("utility", "mean_activation", "age")  # the CBP statistics a flush updates for all seeds at once
 _DECAY_CACHE: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -59,15 +61,17 @@ def _decay_matrix(eta: float, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     return _DECAY_CACHE[key]
 
 
-def ema_sequence(values: np.ndarray, start: np.ndarray, eta: float, chunk: int = EMA_CHUNK) -> np.ndarray:
+def ema_sequence(values: np.ndarray, start: np.ndarray, eta: float, chunk: int = EMA_CHUNK,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Running averages ``y_t = eta y_(t-1) + (1 - eta) x_t`` along axis 0 of ``values`` (T, N) from ``start`` (N,).
 
     Each piece of ``chunk`` steps is one product with the decay matrix ``(1 - eta) eta^(t-s)`` plus
     ``eta^(t+1)`` times the previous value: the recursion's values up to float64 rounding, without a Python
-    loop over steps.
+    loop over steps. ``out``: a float64 array of ``values``' shape to write into (not ``values`` itself).
     """
     decay, powers = _decay_matrix(eta, chunk)
-    out = np.empty(values.shape, dtype=np.float64)
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float64)
     previous = np.asarray(start, dtype=np.float64)
     for first in range(0, values.shape[0], chunk):
         n = min(chunk, values.shape[0] - first)
@@ -124,10 +128,12 @@ def lean_cbp_supported(method: Mitigation, model: nn.Module) -> bool:
 class LeanCBP:
     """Continual backprop (``cbp``, ``cbp_aggressive``) for S learners trained by a lean engine (S = 1: one run).
 
-    Per step the engine writes ``h`` into ``rec_h[k, s]``, the post-step ``w2`` into ``rec_w2[k, s]`` and ``|W1|``
-    into ``rec_w1[k, s]`` (``transposed``: ``|W1|^T``), then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods' statistics
-    lag the record; after :meth:`finish` they, the generators and the counters are what the per-step hooks
-    would have left.
+    Per step the engine writes ``h`` into ``rec_h[k, s]``, the post-step ``w2`` into ``rec_w2[k, s]`` and, when
+    :attr:`needs_incoming` (``adaptable_contribution``), each unit's incoming weight magnitude into ``rec_in[k, s]``
+    (:meth:`record_incoming`), then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods'
+    statistics lag the record; after :meth:`finish` they, the generators and the counters are what the per-step
+    hooks would have left. Recording the (S, H) magnitudes rather than |W1| itself keeps the record small and a
+    flush (one per replacement, for all seeds at once) cheap.
     """
 
     def __init__(self, methods: Sequence[Mitigation], models: Sequence[nn.Module],
@@ -154,18 +160,32 @@ class LeanCBP:
             self.bias_scale = 1.0 / math.sqrt(inputs)
         size = len(self.methods)
         if capacity is None:
-            capacity = max(8, min(1024, _RECORD_BYTES // (4 * size * units * (inputs + 2))))
+            capacity = max(8, min(1024, _RECORD_BYTES // (4 * size * units * 3)))
         self.capacity = capacity
         self.rec_h = np.zeros((capacity, size, units), dtype=np.float32)
         self.rec_w2 = np.zeros((capacity, size, units), dtype=np.float32)
-        # rec_w1[k, s] holds |W1| as (H, D), or (D, H) when transposed; bias_row: (D + 1, H) with b1 as last row
+        self.needs_incoming = self.config.utility_type == "adaptable_contribution"
+        self.rec_in = np.zeros((capacity, size, units) if self.needs_incoming else (0,), dtype=np.float32)
+        # the engine's W1 is (H, D), or (S, D (+ 1), H) when transposed (bias_row: b1 as the last row)
         self.transposed = transposed
         rows = inputs + int(bias_row)
-        shape = (rows, units) if transposed else (units, rows)
-        self.rec_w1 = np.zeros((capacity, size, *shape), dtype=np.float32)
         self.in_weights = np.ones(rows, dtype=np.float32)  # |W1| row sums as a product; 0: constant column, bias
         self.in_weights[self.cols :] = 0.0
+        self._magnitude = np.zeros((size, rows, units) if transposed else (units, rows), dtype=np.float32)  # |W1|
+        # float64 work arrays of a flush ((n, S, H) each) and eta^t for t = 1..capacity
+        self._work = np.zeros((3, capacity, size, units), dtype=np.float64)
+        self._eta_steps = np.power(self.config.decay_rate, np.arange(1, capacity + 1, dtype=np.float64))
         self.k = 0
+
+    def record_incoming(self, w1: np.ndarray) -> None:
+        """Write each unit's incoming weight magnitude ``|W1| @ in_weights`` of the current step into ``rec_in[k]``.
+
+        ``w1``: the engine's (H, D) weight of one learner, or (S, D + 1, H) of all seeds when ``transposed``.
+        """
+        if self.transposed:  # (rows,) @ (S, rows, H): one matrix-vector product per seed
+            np.matmul(self.in_weights, np.abs(w1, out=self._magnitude), out=self.rec_in[self.k])
+        else:
+            np.matmul(np.abs(w1, out=self._magnitude), self.in_weights, out=self.rec_in[self.k, 0])
 
     def _native_replacement(self) -> bool:
         """Whether the replacement can run in NumPy here (uniform draws only; else the method's own ``_replace``)."""
@@ -180,20 +200,24 @@ class LeanCBP:
     def begin(self, length: int) -> None:
         """Start a block of ``length`` steps: views of the statistics, maturity thresholds, coins drawn ahead."""
         self.k = 0
-        self.flushed = [0] * len(self.methods)  # per seed, the records already in its statistics
         self.time = 0  # steps since begin
         self.length = length
         self.states = [m.stats[0] for m in self.methods]
-        self.utility = [s["utility"].numpy() for s in self.states]
-        self.mean = [s["mean_activation"].numpy() for s in self.states]
-        self.age = [s["age"].numpy() for s in self.states]
+        # during the block every seed's statistics are rows of one (S, H) tensor per name, so a flush updates
+        # all seeds at once; the methods' state entries are those rows (views) until :meth:`finish`
+        self.stacked = {name: torch.stack([state[name] for state in self.states]) for name in _CBP_STACKED}
+        for index, state in enumerate(self.states):
+            for name in _CBP_STACKED:
+                state[name] = self.stacked[name][index]
+        self.utility_all, self.mean_all, self.age_all = (self.stacked[name].numpy() for name in _CBP_STACKED)
+        self.utility, self.mean, self.age = list(self.utility_all), list(self.mean_all), list(self.age_all)
         self.accumulated = [float(s["accumulated"]) for s in self.states]
         self.params = [_param_views(model) for model in self.models]
         self.native_now = self.native and all(len(o.state) == 0 for o in self.optimizers)
         self.thresholds: list[list[int]] = [[] for _ in self.methods]
         self.pointer = [0] * len(self.methods)
         self.saved: list[torch.Tensor | None] = [None] * len(self.methods)
-        self.coins: list[list[float]] = [[] for _ in self.methods]
+        self.coins: list[np.ndarray] = [_NO_COINS for _ in self.methods]
         self.used = [0] * len(self.methods)
         for s in range(len(self.methods)):
             self._thresholds(s)
@@ -210,7 +234,7 @@ class LeanCBP:
     def _thresholds(self, s: int) -> None:
         """Times (steps since begin) at which seed ``s``'s units become mature: age = time - birth > maturity."""
         maturity = self.config.maturity
-        births = self.time - (self.k - self.flushed[s]) - self.age[s]  # the ages lag the unflushed records
+        births = self.time - self.k - self.age[s]  # the ages lag the unflushed records
         self.thresholds[s] = sorted((births + maturity + 1).tolist())
         pointer, thresholds = 0, self.thresholds[s]
         while pointer < len(thresholds) and thresholds[pointer] <= self.time:
@@ -221,13 +245,14 @@ class LeanCBP:
         """Start seed ``s``'s stream of uniform draws (coins, fresh weights) ahead of use (rewound by :meth:`_rewind`)."""
         generator = self.methods[s].generator
         self.saved[s] = generator.get_state()
-        self.coins[s] = []
+        self.coins[s] = _NO_COINS
         self.used[s] = 0
 
     def _more_coins(self, s: int, needed: int = 1) -> None:
         """Extend seed ``s``'s stream by at least ``needed`` draws (the generator continues where it stopped)."""
         size = max(needed, min(_COIN_CHUNK, self.length - self.time + 1))
-        self.coins[s] += torch.rand(size, generator=self.methods[s].generator, dtype=torch.float64).tolist()
+        more = torch.rand(size, generator=self.methods[s].generator, dtype=torch.float64).numpy()
+        self.coins[s] = np.concatenate([self.coins[s], more])
 
     def _take(self, s: int, count: int) -> np.ndarray:
         """The next ``count`` uniform draws of seed ``s``'s stream."""
@@ -235,7 +260,7 @@ class LeanCBP:
         if used + count > len(self.coins[s]):
             self._more_coins(s, used + count - len(self.coins[s]))
         self.used[s] = used + count
-        return np.array(self.coins[s][used : used + count], dtype=np.float64)
+        return self.coins[s][used : used + count].copy()
 
     def _rewind(self, s: int, used: int) -> None:
         """Put seed ``s``'s generator where the per-step loop would be after ``used`` of the drawn coins."""
@@ -263,7 +288,7 @@ class LeanCBP:
         used = self.used[s]
         if used + horizon > len(self.coins[s]):
             self._more_coins(s, used + horizon - len(self.coins[s]))
-        hits = np.flatnonzero(np.asarray(self.coins[s][used : used + horizon]) <= expected)
+        hits = np.flatnonzero(self.coins[s][used : used + horizon] <= expected)
         self.next_time[s] = min(threshold, time + 1 + int(hits[0])) if len(hits) else threshold
 
     def _step_coin(self) -> None:
@@ -325,7 +350,7 @@ class LeanCBP:
             else:
                 due.append((s, min(int(expected), pointer), self.used[s], 0.0))
         if due:
-            self._flush([d[0] for d in due])
+            self._flush()
             for s, count, used, before in due:
                 if self.native_now:
                     self._replace_native(s, count)
@@ -388,44 +413,47 @@ class LeanCBP:
                 self.used[s] += self.time - self.seen[s]
             self._rewind(s, self.used[s])
             self.states[s]["accumulated"] = self.accumulated[s]
+            for name in _CBP_STACKED:  # the methods' own tensors again (a state_dict must not hold the stack)
+                self.states[s][name] = self.stacked[name][s].clone()
 
     # ------------------------------------------------------------------ the utilities
 
-    def _flush(self, seeds: Sequence[int] | None = None) -> None:
-        """Update ages, running means and utilities of ``seeds`` (default all) from their unprocessed records."""
-        k = self.k
-        for s in range(len(self.methods)) if seeds is None else seeds:
-            first = self.flushed[s]
-            if first < k:
-                self._flush_seed(s, first, k)
-                self.flushed[s] = k
-        if seeds is None or all(f == k for f in self.flushed):
-            self.k = 0
-            self.flushed = [0] * len(self.methods)
+    def _flush(self) -> None:
+        """Bring every seed's ages, running means and utilities up to date with the record, then empty it.
 
-    def _flush_seed(self, s: int, first: int, last: int) -> None:
-        """Records ``first..last-1`` of seed ``s`` into its statistics (as the per-step hooks would)."""
+        The per-step hooks' operations on (n, S, H) float64 arrays, all seeds at once (a replacement needs its
+        seed's utilities; updating the other seeds too costs no more calls and keeps one record position).
+        """
+        n = self.k
+        if n == 0:
+            return
         cfg, eta = self.config, self.config.decay_rate
-        n = last - first
-        h = self.rec_h[first:last, s].astype(np.float64)  # (n, H)
-        means = ema_sequence(h, self.mean[s], eta)
+        h, means, scratch = self._work[:, :n]
+        np.copyto(h, self.rec_h[:n])
+        flat = (n, -1)
+        ema_sequence(h.reshape(flat), self.mean_all.reshape(-1), eta, out=means.reshape(flat))
         if cfg.utility_type == "contribution":
-            deviation = np.abs(h)
+            instant = np.abs(h, out=h)
         else:
-            # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding, n + H pow calls
-            steps = np.power(eta, np.arange(1, n + 1, dtype=np.float64))
-            correction = 1.0 - np.power(eta, self.age[s].astype(np.float64))[None, :] * steps[:, None]
-            deviation = np.abs(h - means / correction)
-        instant = deviation * np.abs(self.rec_w2[first:last, s])
+            # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding
+            correction = np.multiply(self._eta_steps[:n, None, None],
+                                     np.power(eta, self.age_all.astype(np.float64))[None], out=scratch)
+            np.subtract(1.0, correction, out=correction)
+            corrected = np.divide(means, correction, out=scratch)
+            instant = np.abs(np.subtract(h, corrected, out=h), out=h)  # the deviation |h - mean / correction|
+        instant *= np.abs(self.rec_w2[:n])
         if cfg.utility_type == "adaptable_contribution":
-            record = self.rec_w1[first:last, s]
-            incoming = (self.in_weights @ record if self.transposed else record @ self.in_weights).astype(np.float64)
+            incoming = scratch
+            np.copyto(incoming, self.rec_in[:n])
             if cfg.weight_magnitude != "sum":
                 incoming /= self.cols
-            instant /= incoming + self.eps
-        self.utility[s][:] = ema_last(instant, self.utility[s], eta)
-        self.mean[s][:] = means[-1]
-        self.age[s] += n
+            incoming += self.eps
+            instant /= incoming
+        self.utility_all[:] = ema_last(instant.reshape(flat), self.utility_all.reshape(-1), eta).reshape(
+            self.utility_all.shape)
+        self.mean_all[:] = means[-1]
+        self.age_all += n
+        self.k = 0
 
 
 def _param_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -448,7 +476,8 @@ def lean_cbp_block(
     w1, b1, w2, b2 = params
     two_lr = np.float32(2.0 * lr)
     zero = np.float32(0.0)
-    rec_h, rec_w2, rec_w1 = cbp.rec_h[:, 0], cbp.rec_w2[:, 0], cbp.rec_w1[:, 0]
+    rec_h, rec_w2 = cbp.rec_h[:, 0], cbp.rec_w2[:, 0]
+    needs_incoming = cbp.needs_incoming
     cbp.begin(len(inputs))
     with np.errstate(over="ignore", invalid="ignore"):
         for i, (x, t) in enumerate(zip(inputs, targets)):
@@ -468,7 +497,8 @@ def lean_cbp_block(
             w1 -= np.multiply.outer(dz, x)
             b1 -= dz
             rec_w2[k] = w2
-            np.abs(w1, out=rec_w1[k])
+            if needs_incoming:
+                cbp.record_incoming(w1)
             cbp.step()
     cbp.finish()
     return loss_sum

@@ -422,7 +422,7 @@ def _group_block(
                 h = np.maximum(z, zero, out=kernels.record[i])
             else:
                 h = np.maximum(z, zero)
-            error = np.einsum("sh,sh->s", w2, h, out=errors[i])
+            error = np.vecdot(w2, h, out=errors[i])
             error += b2[:, 0]
             error -= targets[:, i]
             scale = two_lr * error
@@ -437,7 +437,8 @@ def _group_block(
             w1b -= outer
             if cbp is not None:
                 cbp.rec_w2[cbp.k] = w2
-                np.abs(w1b, out=cbp.rec_w1[cbp.k])
+                if cbp.needs_incoming:
+                    cbp.record_incoming(w1b)
                 cbp.step()
     if cbp is not None:
         cbp.finish()
