@@ -47,6 +47,34 @@ EMA_CHUNK = 32  # steps per closed-form piece of :func:`ema_sequence`
 
 _NO_COINS = np.zeros(0, dtype=np.float64)  # an empty coin stream (coins are only ever read, never written)
 _CBP_STACKED = ("utility", "mean_activation", "age")  # the CBP statistics a flush updates for all seeds at once
+_LAST_WEIGHTS: dict[tuple[float, int], np.ndarray] = {}  # ema_last's weights per (eta, length)
+_POWER_TABLES: dict[float, tuple[np.ndarray, bool]] = {}
+_POWER_TABLE_MAX = 1 << 17  # entries of a table of eta^k (1 MiB)
+
+
+def eta_powers(eta: float, ages: np.ndarray) -> np.ndarray:
+    """``eta ** ages`` (float64) for integer ages >= 0, read from a table of ``np.power(eta, k)`` (the same values).
+
+    The table runs until eta^k underflows to 0 (k ~ 74,000 for eta = 0.99), so older units read 0 exactly; for
+    eta so close to 1 that the table would exceed ``_POWER_TABLE_MAX`` entries, older ages are computed directly.
+    """
+    table, complete = _POWER_TABLES.get(float(eta), (None, False))
+    if table is None:
+        table = np.power(eta, np.arange(_POWER_TABLE_MAX, dtype=np.float64))
+        zeros = np.flatnonzero(table == 0.0)
+        complete = len(zeros) > 0
+        if complete:
+            table = table[: zeros[0] + 1]
+        _POWER_TABLES[float(eta)] = (table, complete)
+    last = len(table) - 1
+    powers = table[np.minimum(ages, last)]
+    if not complete:
+        beyond = ages > last
+        if beyond.any():
+            powers[beyond] = np.power(eta, ages[beyond].astype(np.float64))
+    return powers
+
+
 _DECAY_CACHE: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -85,7 +113,10 @@ def ema_sequence(values: np.ndarray, start: np.ndarray, eta: float, chunk: int =
 def ema_last(values: np.ndarray, start: np.ndarray, eta: float) -> np.ndarray:
     """The last value of :func:`ema_sequence` (one product with the weights ``(1 - eta) eta^(T-1-t)``)."""
     n = values.shape[0]
-    weights = np.power(eta, np.arange(n - 1, -1, -1, dtype=np.float64)) * (1.0 - eta)
+    key = (float(eta), n)
+    weights = _LAST_WEIGHTS.get(key)
+    if weights is None:
+        weights = _LAST_WEIGHTS[key] = np.power(eta, np.arange(n - 1, -1, -1, dtype=np.float64)) * (1.0 - eta)
     return weights @ values + eta**n * np.asarray(start, dtype=np.float64)
 
 
@@ -128,7 +159,7 @@ def lean_cbp_supported(method: Mitigation, model: nn.Module) -> bool:
 class LeanCBP:
     """Continual backprop (``cbp``, ``cbp_aggressive``) for S learners trained by a lean engine (S = 1: one run).
 
-    Per step the engine writes ``h`` into ``rec_h[k, s]``, the post-step ``w2`` into ``rec_w2[k, s]`` and, when
+    Per step the engine writes ``h`` into ``rec_h[k, s]``, the post-step ``|w2|`` into ``rec_w2[k, s]`` and, when
     :attr:`needs_incoming` (``adaptable_contribution``), each unit's incoming weight magnitude into ``rec_in[k, s]``
     (:meth:`record_incoming`), then calls :meth:`step`. Between :meth:`begin` and :meth:`finish` the methods'
     statistics lag the record; after :meth:`finish` they, the generators and the counters are what the per-step
@@ -163,7 +194,7 @@ class LeanCBP:
             capacity = max(8, min(1024, _RECORD_BYTES // (4 * size * units * 3)))
         self.capacity = capacity
         self.rec_h = np.zeros((capacity, size, units), dtype=np.float32)
-        self.rec_w2 = np.zeros((capacity, size, units), dtype=np.float32)
+        self.rec_w2 = np.zeros((capacity, size, units), dtype=np.float64)  # |w2| after the step
         self.needs_incoming = self.config.utility_type == "adaptable_contribution"
         self.rec_in = np.zeros((capacity, size, units) if self.needs_incoming else (0,), dtype=np.float32)
         # the engine's W1 is (H, D), or (S, D (+ 1), H) when transposed (bias_row: b1 as the last row)
@@ -171,7 +202,10 @@ class LeanCBP:
         rows = inputs + int(bias_row)
         self.in_weights = np.ones(rows, dtype=np.float32)  # |W1| row sums as a product; 0: constant column, bias
         self.in_weights[self.cols :] = 0.0
-        self._magnitude = np.zeros((size, rows, units) if transposed else (units, rows), dtype=np.float32)  # |W1|
+        self._magnitude = np.zeros((size, rows, units), dtype=np.float32)  # |W1| of all seeds (transposed)
+        # one learner (not transposed): |W1| itself per step, summed at the flush (one product over all records)
+        self.rec_w1 = np.zeros((capacity, units, rows) if self.needs_incoming and not transposed else (0,),
+                               dtype=np.float32)
         # float64 work arrays of a flush ((n, S, H) each) and eta^t for t = 1..capacity
         self._work = np.zeros((3, capacity, size, units), dtype=np.float64)
         self._eta_steps = np.power(self.config.decay_rate, np.arange(1, capacity + 1, dtype=np.float64))
@@ -184,8 +218,8 @@ class LeanCBP:
         """
         if self.transposed:  # (rows,) @ (S, rows, H): one matrix-vector product per seed
             np.matmul(self.in_weights, np.abs(w1, out=self._magnitude), out=self.rec_in[self.k])
-        else:
-            np.matmul(np.abs(w1, out=self._magnitude), self.in_weights, out=self.rec_in[self.k, 0])
+        else:  # a copy now, the sums at the flush
+            np.abs(w1, out=self.rec_w1[self.k])
 
     def _native_replacement(self) -> bool:
         """Whether the replacement can run in NumPy here (uniform draws only; else the method's own ``_replace``)."""
@@ -375,7 +409,7 @@ class LeanCBP:
         age, utility, mean = self.age[s], self.utility[s], self.mean[s]
         eta = cfg.decay_rate
         eligible = np.flatnonzero(age > cfg.maturity)
-        correction = 1.0 - np.power(eta, age.astype(np.float64))
+        correction = 1.0 - eta_powers(eta, age)
         corrected = np.where(correction > 0, utility / np.maximum(correction, 1e-300), 0.0)
         chosen = eligible[np.argsort(corrected[eligible], kind="stable")[:count]]
         rows = np.sort(chosen)  # reinit_incoming and the masks go in unit order
@@ -429,6 +463,8 @@ class LeanCBP:
             return
         cfg, eta = self.config, self.config.decay_rate
         h, means, scratch = self._work[:, :n]
+        if self.needs_incoming and not self.transposed:
+            np.matmul(self.rec_w1[:n], self.in_weights, out=self.rec_in[:n, 0])
         np.copyto(h, self.rec_h[:n])
         flat = (n, -1)
         ema_sequence(h.reshape(flat), self.mean_all.reshape(-1), eta, out=means.reshape(flat))
@@ -437,11 +473,11 @@ class LeanCBP:
         else:
             # eta^(age + t) as eta^age * eta^t: the same powers up to float64 rounding
             correction = np.multiply(self._eta_steps[:n, None, None],
-                                     np.power(eta, self.age_all.astype(np.float64))[None], out=scratch)
+                                     eta_powers(eta, self.age_all)[None], out=scratch)
             np.subtract(1.0, correction, out=correction)
             corrected = np.divide(means, correction, out=scratch)
             instant = np.abs(np.subtract(h, corrected, out=h), out=h)  # the deviation |h - mean / correction|
-        instant *= np.abs(self.rec_w2[:n])
+        instant *= self.rec_w2[:n]
         if cfg.utility_type == "adaptable_contribution":
             incoming = scratch
             np.copyto(incoming, self.rec_in[:n])
@@ -496,7 +532,7 @@ def lean_cbp_block(
             b2 -= scale
             w1 -= np.multiply.outer(dz, x)
             b1 -= dz
-            rec_w2[k] = w2
+            np.abs(w2, out=rec_w2[k])
             if needs_incoming:
                 cbp.record_incoming(w1)
             cbp.step()

@@ -436,7 +436,7 @@ def _group_block(
             np.multiply(x[:, :, None], dz[:, None, :], out=outer)
             w1b -= outer
             if cbp is not None:
-                cbp.rec_w2[cbp.k] = w2
+                np.abs(w2, out=cbp.rec_w2[cbp.k])
                 if cbp.needs_incoming:
                     cbp.record_incoming(w1b)
                 cbp.step()
