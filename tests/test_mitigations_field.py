@@ -674,6 +674,7 @@ FIELD_SPECS = [
     "injection:when=step:at=7",
     "fire",
     "regrama:every=5:window_steps=5:tau=0.5",
+    "regrama:every=5:window_steps=3:tau=0.5:gradient=pre_activation",
     "snr:maturity=64:threshold=0.01",
     "reset:every=9+upgd+spectral+infer+cchain",
 ]
