@@ -24,6 +24,7 @@ from lopkit.mitigations.architecture import (
     NormalizeAndProject,
 )
 from lopkit.mitigations.registry import build_methods, get_method
+from lopkit.theory.unit_maps import layer_wiring
 
 MLP_INPUT = (6, 12)
 CNN_INPUT = (6, 3, 8, 8)
@@ -241,7 +242,8 @@ def test_monitor_measures_every_crelu_output_feature_as_a_unit():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LopkitWarning)  # the dead feature is a constant unit
         rows = {r["metric"]: r["value"] for r in monitor.measure(x, step=0) if r["layer"] == "1"}
-    assert rows["dead_fraction"] == 0.25 and rows["frozen_fraction"] == 0.25
+    assert rows["dead_fraction"] == 0.25 and rows["frozen_fraction"] == 0.25  # 1 unit of 4: the 2H features
+    assert layer_wiring(model)["2"] == ("2", "1")  # the same 4 units are the columns of the next layer
     # (z0, relu(z1), relu(-z1), 0): 4 units of rank 3 (an H-unit view would have at most rank 2)
     assert rows["numerical_rank"] == 3
 
