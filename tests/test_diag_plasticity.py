@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from lopkit.diagnostics.plasticity import (
     distance_from_init_metric,
     feature_norm,
     grama_dormant_fraction,
+    pre_activation_grad,
     one_step_plasticity,
     parameter_snapshot,
     plasticity_probe,
@@ -193,6 +195,23 @@ def test_grama_flags_a_unit_with_zero_gradient():
     assert grama_dormant_fraction(g, tau=0.0) == pytest.approx(1 / 3)
     # scores: E|g| = (1, 0, 2), mean 1 -> (1, 0, 2); tau = 1 also flags the first unit
     assert grama_dormant_fraction(g, tau=1.0) == pytest.approx(2 / 3)
+
+
+def test_monitor_grama_flags_a_dead_relu_unit_whose_dl_dh_is_not_zero():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        net[0].bias.copy_(torch.tensor([1.0, 1.0, -100.0]))  # unit 2 never fires
+        net[2].weight.copy_(torch.tensor([[1.0, 0.5, 2.0]]))
+    x = torch.tensor([[0.5, 2.0], [1.0, 3.0]])
+    monitor = Monitor(net, extra_metrics=PLASTICITY_METRICS, metrics=["grama_dormant_fraction"])
+    rows = monitor.measure(x, torch.zeros(2, 1), lambda out, y: out.sum())
+    # dL/dh = (1, 0.5, 2) on every sample (unit 2 included); dL/dz = dL/dh * ReLU'(z) = (1, 0.5, 0): 1 unit of 3
+    assert [r["value"] for r in rows if r["layer"] == "1"] == [pytest.approx(1 / 3)]
+    assert grama_dormant_fraction(torch.tensor([[1.0, 0.5, 2.0]] * 2), tau=0.0) == 0.0  # what dL/dh alone would say
+    np.testing.assert_allclose(
+        pre_activation_grad(torch.ones(2, 3), torch.tensor([[1.0, -1.0, 0.0]] * 2), nn.ReLU()).numpy(),
+        [[1.0, 0.0, 0.0]] * 2)
 
 
 def test_distance_from_init_zero_at_init_and_exact_after_a_known_step():

@@ -36,6 +36,24 @@ def test_is_activation_knows_torch_extra_and_hugging_face_classes():
     assert lt.is_activation(hf_gelu())
 
 
+def test_an_activation_that_declares_its_unit_map_is_an_activation_with_one_unit_per_output_feature():
+    class Split(nn.Module):
+        def forward(self, z):
+            return torch.cat((z.relu(), (-z).relu()), dim=-1)
+
+        def unit_pre_activation(self, z):
+            return torch.cat((z, -z), dim=-1)
+
+        unit_activation = staticmethod(torch.relu)
+
+    module, z = Split(), torch.tensor([[1.0, -2.0]])
+    assert lt.splits_units(module) and lt.is_activation(module) and not lt.splits_units(nn.ReLU())
+    assert lt.unit_pre_activation(module, z).tolist() == [[1.0, -2.0, -1.0, 2.0]]
+    assert lt.unit_activation(module)(lt.unit_pre_activation(module, z)).tolist() == module(z).tolist()
+    relu = nn.ReLU()
+    assert lt.unit_pre_activation(relu, z) is z and lt.unit_activation(relu) is relu
+
+
 def test_is_weight_layer_recognises_hugging_face_conv1d_by_name():
     fake = type("Conv1D", (nn.Module,), {"__module__": "transformers.pytorch_utils"})
     other = type("Conv1D", (nn.Module,), {"__module__": "mypackage.layers"})
@@ -57,7 +75,7 @@ def test_every_walker_reads_the_one_definition():
     from lopkit.mitigations import layers, perturbation
     from lopkit.theory import cloning, invariance, manifolds
 
-    assert monitor.ACTIVATION_TYPES is lt.ACTIVATION_TYPES and continual.ACTIVATION_TYPES is lt.ACTIVATION_TYPES
+    assert monitor.ACTIVATION_TYPES is lt.ACTIVATION_TYPES and continual.is_activation is lt.is_activation
     assert monitor.PARAMETRIC_TYPES is lt.WEIGHT_LAYERS and monitor.is_activation_module is lt.is_activation
     assert manifolds.WEIGHT_LAYERS is lt.WEIGHT_LAYERS and invariance.WEIGHT_LAYERS is lt.WEIGHT_LAYERS
     assert manifolds.ELEMENTWISE_ACTIVATIONS is lt.ELEMENTWISE_ACTIVATIONS

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from lopkit.benchmarks.base import get_benchmark
 from lopkit.benchmarks.models import build_cnn, build_mlp
 from lopkit.configs import ConfigError, build_config
 from lopkit.diagnostics.errors import LopkitWarning
+from lopkit.diagnostics.monitor import Monitor, MonitorConfig
 from lopkit.mitigations.architecture import (
     BatchNormInsertion,
     CReLU,
@@ -22,6 +24,7 @@ from lopkit.mitigations.architecture import (
     NormalizeAndProject,
 )
 from lopkit.mitigations.registry import build_methods, get_method
+from lopkit.theory.unit_maps import layer_wiring
 
 MLP_INPUT = (6, 12)
 CNN_INPUT = (6, 3, 8, 8)
@@ -223,6 +226,49 @@ def test_crelu_warns_when_replacing_a_non_relu_activation():
     with pytest.warns(LopkitWarning, match="Tanh"):
         prepared = CReLUActivation().prepare_model(mlp(activation="tanh"))
     assert isinstance(prepared.act1, CReLU)
+
+
+def test_monitor_measures_every_crelu_output_feature_as_a_unit():
+    model = nn.Sequential(nn.Linear(2, 2), CReLU(dim=-1), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.copy_(torch.tensor([5.0, 0.0]))
+    t = torch.linspace(-1.0, 1.0, 64)
+    x = torch.stack([t, t.flip(0)], dim=1)  # z0 = x0 + 5 > 0 on every sample, z1 = x1 takes both signs
+    # units [relu(z0), relu(z1), relu(-z0), relu(-z1)]: relu(-z0) is 0 everywhere (dead, and frozen: ReLU'(-z0) = 0)
+    assert CReLU(dim=-1).unit_activation(CReLU(dim=-1).unit_pre_activation(x)).tolist() == CReLU(dim=-1)(x).tolist()
+    monitor = Monitor(model, config=MonitorConfig(seed=0))
+    assert "1" in [layer.name for layer in monitor.layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LopkitWarning)  # the dead feature is a constant unit
+        rows = {r["metric"]: r["value"] for r in monitor.measure(x, step=0) if r["layer"] == "1"}
+    assert rows["dead_fraction"] == 0.25 and rows["frozen_fraction"] == 0.25  # 1 unit of 4: the 2H features
+    assert layer_wiring(model)["2"] == ("2", "1")  # the same 4 units are the columns of the next layer
+    # (z0, relu(z1), relu(-z1), 0): 4 units of rank 3 (an H-unit view would have at most rank 2)
+    assert rows["numerical_rank"] == 3
+
+
+def test_crelu_runs_on_the_e1_preset_with_monitor_rows_for_its_layers():
+    cls = get_benchmark("random_labels")
+    config = cls.make_config("e1", {"num_tasks": 2, "steps_per_task": 5})
+    assert config.monitor_layers == "activations"
+    bench = cls(config, 0, build_methods("crelu"))
+    rows = bench.run(bench.total_steps)
+    crelu_layers = {name for name, m in bench.model.named_modules() if isinstance(m, CReLU)}
+    assert len(crelu_layers) == 5
+    fractions = [r for r in rows if r["layer"] in crelu_layers and r["metric"].endswith("_fraction")]
+    assert {r["layer"] for r in fractions} == crelu_layers
+    assert {"dead_fraction", "dormant_fraction", "frozen_fraction", "duplicate_fraction"} <= {r["metric"] for r in fractions}
+    assert all(0.0 <= r["value"] <= 1.0 for r in fractions)
+    ranks = [r["value"] for r in rows if r["layer"] in crelu_layers and r["metric"] == "numerical_rank"]
+    assert ranks and max(ranks) <= 2 * config.width and max(ranks) > config.width  # 2H units, more than H of rank
+
+
+def test_unit_resets_refuse_crelu_layers_with_a_clear_message():
+    model = CReLUActivation(CReLUActivation.Config(seed=0)).prepare_model(mlp())
+    method = build_methods("redo")
+    with pytest.raises(ValueError, match="CReLU-like"):
+        method.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 # ---------------------------------------------------------------------------------------------- NaP

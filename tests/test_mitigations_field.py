@@ -25,6 +25,8 @@ from lopkit.mitigations.field import (
     ReGraMa,
     SelfNormalizedResets,
     Spectral,
+    grama_scores,
+    grama_weight_magnitude,
     newton_schulz,
     snr_reset_mask,
     upgd_gate,
@@ -529,28 +531,96 @@ def test_fire_orthogonalises_hidden_layers_at_task_starts_and_clears_their_optim
 # ---------------------------------------------------------------------------------------------- ReGraMa
 
 
-def test_regrama_scores_units_by_gradient_magnitude_by_hand_and_resets_them():
+@pytest.mark.parametrize("gradient", ["weights", "pre_activation", "post_activation"])
+def test_regrama_scores_units_by_gradient_magnitude_by_hand_and_resets_them(gradient):
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(2))
         model[0].bias.copy_(torch.tensor([1.0, 1.0]))  # both units active (h > 0) on the inputs below
         model[2].weight.copy_(torch.tensor([[1.0, 0.01]]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    method = ReGraMa(ReGraMa.Config(every=1, window_steps=1, tau=0.025))
+    method = ReGraMa(ReGraMa.Config(every=1, window_steps=1, tau=0.025, gradient=gradient))
     method.attach(model, optimizer)
     x = torch.tensor([[0.5, 2.0], [1.0, 3.0]])
     optimizer.zero_grad()
     model(x).sum().backward()
-    # dL/dh = W2 for every sample: |g| = (1, 0.01); scores = |g| / mean|g| = (1.98, 0.0198): unit 1 is <= 0.025
-    assert method.dormant_mask(0).tolist() == [False, True]
+    optimizer.step()
+    if gradient != "weights":  # the hooks saw this step's gradients; weights are read in after_step
+        # dL/dz = dL/dh = W2 for every sample (both units active): |g| = (1, 0.01), mean 0.505
+        np.testing.assert_allclose(method.scores(0).numpy(), [1 / 0.505, 0.01 / 0.505])
+    # dL/dW1 row i = w2_i * sum_x x = w2_i * (1.5, 5): mean |.| = (3.25, 0.0325); scores (1.98, 0.0198) again
+    assert method.dormant_mask(0).tolist() == ([False, False] if gradient == "weights" else [False, True])
     # ReDo, on activations (h = x + 1: large for unit 1), would keep it
     mean_h = (x + 1).mean(0)
     assert float(mean_h[1] / mean_h.mean()) > 0.025
-    optimizer.step()
     method.after_step(model, optimizer, 0)
     assert method.total_replaced == 1
     assert model[2].weight[0, 1].item() == 0.0 and model[2].weight[0, 0].item() == 1.0  # outgoing zeroed
     assert model[0].weight[1].tolist() != [0.0, 1.0] and model[0].weight[0].tolist() == [1.0, 0.0]
+
+
+def dead_unit_net() -> nn.Sequential:
+    """2-3-1 ReLU net: units 0 and 1 fire on every input below, unit 2 (bias -100) never does."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        model[0].bias.copy_(torch.tensor([1.0, 1.0, -100.0]))
+        model[2].weight.copy_(torch.tensor([[1.0, 0.5, 2.0]]))
+    return model
+
+
+def test_regrama_weight_gradient_score_by_hand_after_one_step():
+    model = dead_unit_net()
+    x = torch.tensor([[0.5, 2.0], [1.0, 3.0]])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = ReGraMa(ReGraMa.Config(every=2, window_steps=2))  # the paper's tau = 0.01, incoming-weight gradients
+    method.attach(model, optimizer)
+    optimizer.zero_grad()
+    model(x).sum().backward()
+    # L = sum of outputs: dL/dW1[i, j] = w2_i * 1[z_i > 0] * sum_x x_j = w2_i * 1[z_i > 0] * (1.5, 5.0)
+    # per-unit mean |dL/dW1[i, :]| = (3.25, 1.625, 0); layer mean 1.625; GraMa scores (2, 1, 0)
+    np.testing.assert_allclose(grama_weight_magnitude(model[0].weight.grad).numpy(), [3.25, 1.625, 0.0])
+    optimizer.step()
+    method.after_step(model, optimizer, 0)  # step 0 of a 2-step window: collected, not checked yet
+    np.testing.assert_allclose(method.scores(0).numpy(), [2.0, 1.0, 0.0])
+    assert method.total_replaced == 0
+    np.testing.assert_allclose(grama_scores(torch.tensor([3.0, 0.0, 0.0])).numpy(), [3.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("gradient", ["weights", "pre_activation"])
+def test_regrama_resets_a_unit_with_zero_gradient_and_keeps_the_live_ones(gradient):
+    model = dead_unit_net()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    method = ReGraMa(ReGraMa.Config(every=1, tau=0.01, gradient=gradient))
+    method.seed_from_run(3)
+    method.attach(model, optimizer)
+    optimizer.zero_grad()
+    model(torch.tensor([[0.5, 2.0], [1.0, 3.0]])).sum().backward()
+    optimizer.step()
+    method.after_step(model, optimizer, 0)
+    assert method.total_replaced == 1 and method.replaced_per_group == [1]
+    w1, b1, w2, _ = [p.detach() for p in model.parameters()]
+    assert torch.equal(w1[:2], before[0][:2]) and torch.equal(b1[:2], before[1][:2])  # live units untouched
+    assert not torch.equal(w1[2], before[0][2]) and b1[2].item() == 0.0  # the dead unit: fresh weights, zero bias
+    assert w2[0].tolist() == [1.0, 0.5, 0.0]  # its outgoing weight zeroed, the others kept
+    assert float(optimizer.state[model[0].weight]["exp_avg_sq"][2].abs().sum()) == 0.0
+
+
+def test_regrama_reading_dl_dh_misses_a_dead_relu_unit():
+    """GraMa's Eq. 2 read literally (post-activation dL/dh) cannot see a dead ReLU unit: dL/dh = w2 regardless."""
+    model = dead_unit_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    method = ReGraMa(ReGraMa.Config(every=1, tau=0.01, gradient="post_activation"))
+    method.attach(model, optimizer)
+    optimizer.zero_grad()
+    model(torch.tensor([[0.5, 2.0], [1.0, 3.0]])).sum().backward()
+    optimizer.step()
+    np.testing.assert_allclose(method.scores(0).numpy(), np.array([1.0, 0.5, 2.0]) / (3.5 / 3))
+    method.after_step(model, optimizer, 0)
+    assert method.total_replaced == 0
+    with pytest.raises(ConfigError, match="gradient must be one of"):
+        get_method("regrama", {"gradient": "inputs"})
 
 
 # ---------------------------------------------------------------------------------------------- SNR
@@ -604,6 +674,7 @@ FIELD_SPECS = [
     "injection:when=step:at=7",
     "fire",
     "regrama:every=5:window_steps=5:tau=0.5",
+    "regrama:every=5:window_steps=3:tau=0.5:gradient=pre_activation",
     "snr:maturity=64:threshold=0.01",
     "reset:every=9+upgd+spectral+infer+cchain",
 ]

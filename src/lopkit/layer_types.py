@@ -6,7 +6,9 @@ lists and predicates, so a new activation or weight layer is added in one place.
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+
+from torch import Tensor, nn
 
 __all__ = [
     "ACTIVATION_MODULE_PATHS",
@@ -19,6 +21,9 @@ __all__ = [
     "is_activation",
     "is_hf_conv1d",
     "is_weight_layer",
+    "splits_units",
+    "unit_activation",
+    "unit_pre_activation",
 ]
 
 #: Parameter-free, deterministic elementwise activations: each unit's output is the same fixed function of that
@@ -53,9 +58,31 @@ HF_CONV1D_MODULE_PREFIX = "transformers."
 
 
 def is_activation(module: nn.Module, extra_types: tuple[type[nn.Module], ...] = ()) -> bool:
-    """Whether a module is an elementwise activation: a torch one, an extra type, or one of a known package's."""
+    """Whether a module is an activation: an elementwise one (torch's, an extra type, a known package's) or one
+    that declares its unit map (:func:`splits_units`, e.g. lopkit's CReLU)."""
     return isinstance(module, ACTIVATION_TYPES + tuple(extra_types)) or (
-        type(module).__module__ in ACTIVATION_MODULE_PATHS)
+        type(module).__module__ in ACTIVATION_MODULE_PATHS) or splits_units(module)
+
+
+def splits_units(module: nn.Module) -> bool:
+    """Whether an activation module declares how its output units come from its input (``unit_pre_activation``).
+
+    Such a module (lopkit's CReLU: ``concat(relu(z), relu(-z))``) has more output units than input features; its
+    output is ``unit_activation(unit_pre_activation(z))``, an elementwise activation of a per-unit pre-activation
+    with the output's shape. Every output feature is a unit, as the next weight layer sees it.
+    """
+    return callable(getattr(module, "unit_pre_activation", None)) and callable(getattr(module, "unit_activation", None))
+
+
+def unit_pre_activation(module: nn.Module, z: Tensor) -> Tensor:
+    """The per-output-unit pre-activation of an activation module's input ``z`` (``z`` itself when elementwise)."""
+    return module.unit_pre_activation(z) if splits_units(module) else z
+
+
+def unit_activation(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The elementwise function each output unit applies to its :func:`unit_pre_activation` (the module itself
+    when it is elementwise)."""
+    return module.unit_activation if splits_units(module) else module
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:

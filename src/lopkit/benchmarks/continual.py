@@ -72,7 +72,7 @@ from lopkit.data.fashion_mnist import load_fashion_mnist
 from lopkit.seeding import RNGSandbox, derive_seed, rng_sandbox, seeded_generator
 from lopkit.data.tasks import TaskStream, class_split_tasks, pixel_permutations, random_label_tasks
 from lopkit.diagnostics.monitor import METRIC_NAMES, PARAMETRIC_TYPES, Monitor, MonitorConfig
-from lopkit.layer_types import ACTIVATION_TYPES
+from lopkit.layer_types import is_activation
 
 __all__ = [
     "ClassSplitBenchmark",
@@ -456,12 +456,12 @@ class ContinualBenchmark(Benchmark):
         layers = None
         blocks = _block_names(self.model)  # ResNet/ViT: the residual-block outputs the paper monitors
         if self.config.monitor_layers == "activations":
-            layers = [name for name, m in self.model.named_modules() if isinstance(m, ACTIVATION_TYPES) or name in blocks]
+            layers = [name for name, m in self.model.named_modules() if is_activation(m) or name in blocks]
             if not layers:
                 raise ConfigError("monitor_layers=activations, but the model has no activation module to monitor")
         elif blocks:
             layers = [name for name, m in self.model.named_modules()
-                      if isinstance(m, (*ACTIVATION_TYPES, *PARAMETRIC_TYPES)) or name in blocks]
+                      if is_activation(m) or isinstance(m, PARAMETRIC_TYPES) or name in blocks]
         monitor_config = MonitorConfig(seed=self.seed, warn_constant_units=False)  # dead_fraction counts dead units
         return Monitor(self.model, layers, metrics=metrics, config=monitor_config, max_rows=0)  # rows leave via run()
 

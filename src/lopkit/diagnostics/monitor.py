@@ -34,7 +34,7 @@ from lopkit.diagnostics.rank import RANK_METRIC_NAMES
 from lopkit.diagnostics.units import all_finite, as_unit_matrix
 from lopkit.layer_types import ACTIVATION_MODULE_PATHS, ACTIVATION_TYPES, WEIGHT_LAYERS
 from lopkit.layer_types import is_activation as is_activation_module
-from lopkit.layer_types import is_hf_conv1d, is_weight_layer
+from lopkit.layer_types import is_hf_conv1d, is_weight_layer, unit_activation, unit_pre_activation
 
 __all__ = [
     "ACTIVATION_MODULE_PATHS",
@@ -277,7 +277,7 @@ def looks_like_activation(module: nn.Module) -> bool:
     name = type(module).__name__
     if next(module.children(), None) is not None or isinstance(module, PARAMETRIC_TYPES):
         return False
-    if type(module).__module__.startswith("lopkit."):  # lopkit's own modules (CReLU doubles its units)
+    if type(module).__module__.startswith("lopkit."):  # lopkit's own activations declare it (is_activation_module)
         return False
     return bool(_ACTIVATION_NAME.search(name)) and not _GATED_NAME.search(name)
 
@@ -444,7 +444,10 @@ class Monitor:
       ``GELUActivation`` & co., see :data:`ACTIVATION_MODULE_PATHS`): with ``h`` the module output
       and ``z`` its input (the pre-activation): ``dead_fraction``, ``dormant_fraction``, ``frozen_fraction``
       (derivative of the module itself at ``z``), ``duplicate_fraction``, the four rank metrics, and
-      ``saturated_fraction`` (needs ``dL/dh``, so only when a probe loss is given).
+      ``saturated_fraction`` (needs ``dL/dh``, so only when a probe loss is given). An activation that declares
+      its unit map (:func:`lopkit.layer_types.splits_units`: lopkit's CReLU, ``2H`` output features from ``H``
+      inputs) is measured with every output feature as a unit and ``z`` its per-unit pre-activation
+      (CReLU: ``concat(z, -z)``, each unit a ReLU of it).
     - Linear and Conv1d/2d/3d modules: ``duplicate_fraction`` and the rank metrics on their outputs,
       ``weight_norm`` of their parameters and ``gradient_norm`` of the probe-loss gradient w.r.t. them.
     - Any other module named in ``layers`` (e.g. a residual block): the output metrics, plus the norms when it
@@ -929,6 +932,7 @@ class Monitor:
             z = args[0] if args and isinstance(args[0], Tensor) else None
             if z is not None:
                 z = z.detach().clone() if inplace else z.detach()
+                z = unit_pre_activation(module, z)  # CReLU: concat(z, -z), one pre-activation per output unit
             pending[layer.name] = z
 
         return hook
@@ -1068,7 +1072,7 @@ class Monitor:
         output = capture.output.detach()
         h = self._unit_matrix(layer, output)
         ctx = MetricContext(label, layer.name, layer.module, layer.kind, self.config, h, block_ids=layer.block_ids,
-                            activation=layer.module if layer.kind == "activation" else None)
+                            activation=unit_activation(layer.module) if layer.kind == "activation" else None)
         if not all_finite(h):
             self._warn_once(
                 f"non-finite:{label}",

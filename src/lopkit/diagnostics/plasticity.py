@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lopkit.diagnostics.activations import dormant_fraction
 from lopkit.diagnostics.metric_registry import MetricContext, MetricSpec, register_metric
-from lopkit.diagnostics.units import to_float_unit_matrix
+from lopkit.diagnostics.units import activation_derivative, to_float_unit_matrix
 from lopkit.seeding import seeded_generator, stable_key
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "feature_norm",
     "active_fraction",
     "grama_dormant_fraction",
+    "pre_activation_grad",
     "parameter_snapshot",
     "distance_from_init",
     "churn_metric",
@@ -251,9 +252,15 @@ def active_fraction(h: Tensor) -> float:
     return float((m > 0).double().mean())
 
 
-def grama_dormant_fraction(output_grad: Tensor, tau: float = 0.0) -> float:
-    """GraMa (Liu et al. 2025): fraction of units with ``E|dL/dh_i| / mean_k E|dL/dh_k| <= tau`` (gradient dormancy)."""
-    return dormant_fraction(output_grad, tau=tau)
+def grama_dormant_fraction(grad: Tensor, tau: float = 0.0) -> float:
+    """GraMa (Liu et al. 2025): fraction of units with ``E|g_i| / mean_k E|g_k| <= tau`` for a ``(samples, units)``
+    gradient matrix ``g``; the Monitor metric passes ``g = dL/dz``, the gradient at each unit's pre-activation."""
+    return dormant_fraction(grad, tau=tau)
+
+
+def pre_activation_grad(output_grad: Tensor, z: Tensor, activation: Any) -> Tensor:
+    """``dL/dz = dL/dh * f'(z)`` per sample and unit, from ``dL/dh`` and the pre-activation ``z`` of ``h = f(z)``."""
+    return output_grad * activation_derivative(z, activation).to(output_grad)
 
 
 def _squared_distance(p: Tensor, start: Tensor) -> Tensor:
@@ -297,9 +304,10 @@ def _active_fraction(ctx: MetricContext) -> float:
 
 
 def _grama(ctx: MetricContext) -> float:
-    if ctx.output_grad is None:
+    if ctx.output_grad is None or ctx.pre_activation is None or ctx.activation is None:
         return float("nan")
-    return grama_dormant_fraction(ctx.output_grad, tau=ctx.config.dormant_tau)
+    grad = pre_activation_grad(ctx.output_grad, ctx.pre_activation, ctx.activation)
+    return grama_dormant_fraction(grad, tau=ctx.config.dormant_tau)
 
 
 def _output_layers(info: Any) -> bool:
@@ -309,8 +317,8 @@ def _output_layers(info: Any) -> bool:
 PLASTICITY_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("feature_norm", _feature_norm, _output_layers, description="mean L2 norm of a sample's features"),
     MetricSpec("active_fraction", _active_fraction, ("activation",), description="fraction of entries with h > 0"),
-    MetricSpec("grama_dormant_fraction", _grama, ("activation",), ("output", "output_grad"),
-               description="GraMa gradient-dormant units (score of |dL/dh| <= dormant_tau)"),
+    MetricSpec("grama_dormant_fraction", _grama, ("activation",), ("output", "pre_activation", "output_grad"),
+               description="GraMa gradient-dormant units (score of |dL/dz|, z the pre-activation, <= dormant_tau)"),
 )
 """The cheap stateless plasticity metrics (opt-in: :func:`register_plasticity_metrics` or ``extra_metrics=``)."""
 

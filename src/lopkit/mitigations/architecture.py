@@ -74,6 +74,18 @@ class CReLU(nn.Module):
         """Twice as many features as the input along ``dim``."""
         return torch.cat((F.relu(x), F.relu(-x)), dim=self.dim)
 
+    def unit_pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-activation of each of the ``2H`` output units, ``concat(x, -x)``: the output is its ReLU.
+
+        Unit ``j < H`` is ``relu(x_j)``, unit ``H + j`` is ``relu(-x_j)``; the Monitor measures every output
+        feature as a unit (:func:`lopkit.layer_types.splits_units`)."""
+        return torch.cat((x, -x), dim=self.dim)
+
+    @staticmethod
+    def unit_activation(u: torch.Tensor) -> torch.Tensor:
+        """The elementwise function of each output unit: ReLU of :meth:`unit_pre_activation`."""
+        return torch.relu(u)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lopkit.configs import ConfigError, require
-from lopkit.diagnostics.activations import dormant_unit_mask
+from lopkit.diagnostics.activations import dormant_scores
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.layers import INIT_SCHEMES, UnitGroup, find_unit_groups, reinit_incoming
 from lopkit.mitigations.perturbation import MethodGenerator, weight_layers
@@ -41,6 +41,10 @@ __all__ = [
     "PlasticityInjection",
     "FIRE",
     "ReGraMa",
+    "ReGraMaConfig",
+    "GRAMA_GRADIENTS",
+    "grama_scores",
+    "grama_weight_magnitude",
     "SelfNormalizedResets",
     "snr_reset_mask",
     "newton_schulz",
@@ -1080,32 +1084,80 @@ class FIRE(Mitigation):
 
 # ---------------------------------------------------------------------------------------------- ReGraMa
 
+#: What GraMa's gradient magnitude is taken of (``ReGraMaConfig.gradient``).
+GRAMA_GRADIENTS: tuple[str, ...] = ("weights", "pre_activation", "post_activation")
+
+
+def grama_weight_magnitude(weight_grad: torch.Tensor) -> torch.Tensor:
+    """Per unit, the mean of ``|dL/dW|`` over its incoming weights (Linear row / conv filter ``i``), in float64.
+
+    The numerator of GraMa's score as the authors' code computes it (Liu et al. 2025, ``GradientReDo``:
+    ``weight.grad.abs().mean(dim=1)``, conv filters over ``(in, *kernel)``).
+    """
+    g = weight_grad.detach().abs().double()
+    return g.reshape(g.shape[0], -1).mean(dim=1)
+
+
+def grama_scores(magnitudes: torch.Tensor) -> torch.Tensor:
+    """GraMa scores ``G_i = m_i / mean_k m_k`` of one layer's per-unit gradient magnitudes (0 everywhere if all are 0)."""
+    return dormant_scores(magnitudes.reshape(1, -1))
+
+
+@dataclasses.dataclass
+class ReGraMaConfig(ReDoConfig):
+    """ReGraMa hyper-parameters: the paper's tau (0.01) and period (1000 steps), scored on the current batch."""
+
+    tau: float = 0.01
+    """GraMa threshold: a unit with score <= tau is reset (the paper's recommended 0.01; its MLP-SAC runs used 0)."""
+    window_steps: int = 1
+    """Steps before each check whose gradients are scored (1: the batch of the check step, as the paper)."""
+    gradient: str = "weights"
+    """What the gradient magnitude is taken of: ``weights`` (the unit's incoming weights, the authors' code),
+    ``pre_activation`` (the unit's input to its activation, dL/dz) or ``post_activation`` (its output, dL/dh,
+    the paper's Eq. 2 read literally; a dead ReLU unit still gets a non-zero dL/dh)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible values."""
+        super().validate()
+        require(self.gradient in GRAMA_GRADIENTS,
+                f"gradient must be one of {', '.join(GRAMA_GRADIENTS)}, got {self.gradient!r}")  # fmt: skip
+
 
 @register_method
 class ReGraMa(ReDo):
     """ReGraMa (Liu et al. 2025): ReDo's periodic recycling, with dormancy measured on gradients (GraMa).
 
-    Score ``s_i = E|dL/dh_i| / mean_k E|dL/dh_k|`` over the samples of the last ``window_steps`` training steps
-    (``h`` the unit's post-activation output); units with ``s_i <= tau`` are reset as in ``redo`` (fresh
-    incoming weights, zero outgoing weights, zeroed optimizer state). The gradients are read by tensor hooks
-    registered on the activations of training forwards.
+    Every ``every`` steps, each hidden unit gets the score ``G_i = m_i / mean_k m_k`` (:func:`grama_scores`) of its
+    gradient magnitude ``m_i`` over the last ``window_steps`` training steps, and units with ``G_i <= tau`` are reset
+    as in ``redo`` (fresh incoming weights, zero outgoing weights, zeroed optimizer state). ``m_i`` follows
+    ``config.gradient``: ``weights`` (default, the authors' code): the mean ``|dL/dW_ij|`` over the unit's incoming
+    weights (:func:`grama_weight_magnitude`), read from ``weight.grad`` after each step in the window and averaged
+    over those steps; ``pre_activation`` / ``post_activation``: the mean over samples of ``|dL/dz_i|`` / ``|dL/dh_i|``,
+    read by tensor hooks on the training forwards. A dead ReLU unit has zero weight and pre-activation gradients,
+    but not a zero ``dL/dh``, so only the first two find the dead units ReDo finds (the paper's Sec. 4.2 claim).
     """
 
     needs_autograd_step = True  # reads the training step's graph or trains parameters outside the model
 
     name = "regrama"
-    Config = ReDoConfig
+    Config = ReGraMaConfig
 
     def _new_group_state(self, group: UnitGroup) -> dict:
         state = super()._new_group_state(group)
         state["sum_abs_grad"] = torch.zeros_like(state["sum_abs"])
-        state["grad_count"] = 0
+        state["grad_count"] = 0  # steps (weights) or samples (pre/post_activation) summed into sum_abs_grad
         return state
 
     def _after_attach(self) -> None:
         super()._after_attach()
-        self._grad_handles = [group.output_module.register_forward_hook(self._make_grad_hook(index))
-                              for index, group in enumerate(self.groups)]  # fmt: skip
+        self._grad_handles = []
+        if self.config.gradient != "weights":
+            pre = self.config.gradient == "pre_activation"
+            self._grad_handles = [
+                (group.pre_activation_module if pre else group.output_module).register_forward_hook(
+                    self._make_grad_hook(index))
+                for index, group in enumerate(self.groups)
+            ]  # fmt: skip
 
     def detach(self) -> None:
         """Remove the forward hooks and the gradient hooks."""
@@ -1129,13 +1181,29 @@ class ReGraMa(ReDo):
         state["sum_abs_grad"] += g.double().abs().sum(dim=0).to(state["sum_abs_grad"].device)
         state["grad_count"] += g.shape[0]
 
-    def dormant_mask(self, index: int) -> torch.Tensor:
-        """Gradient-dormant (GraMa) units of group ``index`` on the gradients collected so far (none without data)."""
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """In the window, add each unit's incoming-weight gradient magnitude (``gradient=weights``); then as ``redo``."""
+        self._require_attached()
+        if self.config.gradient == "weights" and self._in_window(step):
+            for index, group in enumerate(self.groups):
+                grad = group.incoming.weight.grad
+                if grad is None:  # the layer took no part in this step's loss: no evidence either way
+                    continue
+                state = self.stats[index]
+                state["sum_abs_grad"] += grama_weight_magnitude(grad).to(state["sum_abs_grad"].device)
+                state["grad_count"] += 1
+        super().after_step(model, optimizer, step)
+
+    def scores(self, index: int) -> torch.Tensor:
+        """GraMa scores of group ``index`` on the gradients collected so far (NaN without data)."""
         state = self.stats[index]
         if state["grad_count"] == 0:
-            return torch.zeros(self.groups[index].num_units, dtype=torch.bool)
-        mean_abs = (state["sum_abs_grad"] / state["grad_count"]).unsqueeze(0)
-        return dormant_unit_mask(mean_abs, self.config.tau).cpu()
+            return torch.full((self.groups[index].num_units,), float("nan"), dtype=torch.float64)
+        return grama_scores(state["sum_abs_grad"] / state["grad_count"]).cpu()
+
+    def dormant_mask(self, index: int) -> torch.Tensor:
+        """Gradient-dormant (GraMa) units of group ``index``: score <= tau (none without data)."""
+        return self.scores(index) <= self.config.tau  # NaN compares False
 
 
 # ---------------------------------------------------------------------------------------------- SNR

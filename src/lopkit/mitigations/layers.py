@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lopkit.diagnostics.units import as_unit_matrix
-from lopkit.layer_types import WEIGHT_LAYERS
+from lopkit.layer_types import WEIGHT_LAYERS, splits_units
 from lopkit.theory.unit_maps import sequential_leaves, unit_sites
 
 __all__ = [
@@ -313,6 +313,12 @@ def resolve_unit_groups(
         found = list(groups(model))
     else:
         found = list(groups)
+    if not found and any(splits_units(m) for m in model.modules()):
+        raise ValueError(
+            f"no unit groups found in {type(model).__name__}: its hidden activations are CReLU-like modules whose "
+            "2H output features come from H incoming units, which unit resets do not handle; use such a method "
+            "without crelu (e.g. with leaky_relu), or pass groups=[UnitGroup(...)] for elementwise layers"
+        )
     if not found:
         raise ValueError(
             f"no unit groups found in {type(model).__name__}: resets need hidden Linear/Conv layers followed by "
