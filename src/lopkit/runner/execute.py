@@ -35,7 +35,13 @@ from lopkit.configs import ConfigError, config_to_dict, parse_overrides
 from lopkit.data.errors import DatasetNotFoundError
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.registry import split_method_specs
-from lopkit.runner.store import ResultStore, deserialize_state, load_kept_state, serialize_state
+from lopkit.runner.store import (
+    ResultStore,
+    deserialize_state,
+    load_kept_state,
+    run_id_candidates,
+    serialize_state,
+)
 
 __all__ = [
     "BASELINE_METHOD",
@@ -264,6 +270,7 @@ def execute_run(
     handle_sigint: bool = True,
     keep_checkpoint: bool = False,
     initial_state: Any = None,
+    run_id: str | None = None,
 ) -> RunResult:
     """Run (or resume, or skip if finished) one benchmark run into ``store``; returns what happened.
 
@@ -275,6 +282,8 @@ def execute_run(
     the store after the run finishes (a later stage, e.g. fine-tuning or evaluation, loads the trained weights).
     ``initial_state``: for a benchmark that continues another run (``cls.continues_from(config)`` is not None), the
     kept state it starts from; when omitted it is read from the store and run that ``continues_from`` names.
+    ``run_id``: the id the caller already resolved with ``store.resolve_run_id`` for this run (default: resolved
+    here); ValueError if it is not an id of this (benchmark, label, config, seed).
     ``stop_after_steps``: commit and return with status
     ``paused`` after exactly that many new steps (a later call resumes from there). With ``raise_on_error`` an
     exception from the benchmark is recorded in the store and re-raised; otherwise a ``failed`` result is returned.
@@ -290,7 +299,10 @@ def execute_run(
     check_accepts_methods(cls, methods)  # a benchmark that cannot apply methods refuses them
     label = label or method_label(method_names)
     config_dict = config_to_dict(config)
-    run_id = store.resolve_run_id(cls.name, label, config, seed)
+    if run_id is None:
+        run_id = store.resolve_run_id(cls.name, label, config, seed)
+    elif run_id not in run_id_candidates(cls.name, label, config, seed):
+        raise ValueError(f"run id {run_id!r} is not an id of this {cls.name} {label} run (seed {seed})")
     started = time.monotonic()
 
     existing = store.get_run(run_id)
