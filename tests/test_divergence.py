@@ -132,3 +132,26 @@ def test_a_diverged_run_keeps_every_row_up_to_the_divergence_and_resumes_cleanly
         got = _row_keys(dict(zip(frame.columns, values)) for values in frame.itertuples(index=False))
     full = ToyBenchmark(config, 0)
     assert got == _row_keys(full.run(full.total_steps))
+
+
+def test_lopkit_run_with_a_too_large_lr_stores_every_row_before_the_divergence(tmp_path, capsys):
+    torch.set_num_threads(1)
+    overrides = ["--set", "lr=0.5", "--set", "log_every=1"]  # diverges after a few logged steps
+    code = main(["run", "toy", "--preset", "smoke", "--seeds", "1", *overrides, "--out", str(tmp_path),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    line = next(line for line in err.splitlines() if line.startswith("error:"))
+    diverged_at = int(line.split("diverged at step ")[1].split(" ")[0].rstrip(":"))
+    reference = ToyBenchmark(ToyBenchmark.make_config("smoke", {"lr": 0.5, "log_every": 1}), 0)
+    with pytest.raises(DivergedError) as info:
+        reference.run(reference.total_steps)
+    assert info.value.step == diverged_at  # the same trajectory
+    reference = ToyBenchmark(ToyBenchmark.make_config("smoke", {"lr": 0.5, "log_every": 1}), 0)
+    expected = _row_keys(reference.run(diverged_at))
+    assert len({r[0] for r in expected}) == diverged_at >= 2  # log_every=1: a logged step per finite step
+    with ResultStore(tmp_path) as store:
+        runs = store.runs()
+        assert list(runs["status"]) == ["failed"] and f"diverged at step {diverged_at}" in runs["error"].iloc[0]
+        frame = store.metrics()
+    assert _row_keys(dict(zip(frame.columns, values)) for values in frame.itertuples(index=False)) == expected
