@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from lopkit.report.aggregate import config_labels, interval95
-from lopkit.report.ranking import ranking_table
+from lopkit.report.ranking import partial_grid_note, ranking_table
 from lopkit.runner.store import ResultStore
 
 #: How the methods are named in the markdown (the store's label -> what it is).
@@ -343,11 +343,7 @@ def compare_markdown(runs: pd.DataFrame, metrics: pd.DataFrame, out: Path | None
              f"Command: `{compare_command(runs, out)}`. Every method runs the same config, seeds and steps; `sgd` is "
              "the plain network (no method; the optimiser is Adam for every row, except `proper_adam`, which sets "
              "beta1 = beta2). Cells: mean [95 % t-interval] over seeds; the `seeds` column counts finished runs.", ""]
-    per_method = runs.groupby("method")["seed"].nunique() if not runs.empty else pd.Series(dtype=int)
-    if unfinished or per_method.nunique() > 1:
-        lines += [f"**Partial grid:** {per_method.min()}-{per_method.max()} finished seeds per method (the `seeds` "
-                  f"column), {unfinished} started cell(s) unfinished; rerun the command to resume. Methods with "
-                  "fewer seeds have wider intervals.", ""]
+    lines += partial_grid_note(runs, unfinished)
     if runs.empty:
         return lines + ["No finished run yet.", ""]
     for primary, words in (("task_online_accuracy:higher", "online training accuracy of the last task (the paper's "

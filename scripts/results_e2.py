@@ -12,12 +12,12 @@ import argparse
 import datetime as dt
 import json
 import math
-import sqlite3
 import sys
 from pathlib import Path
 
 from lopkit.benchmarks.cloning import module_kind, r2_metric_name
 from lopkit.diagnostics.cloning import R2_DEFINITIONS
+from lopkit.runner.store import ResultStore
 
 FOLDERS = {"noisy_sgd": "noisy_sgd", "noisy_sgd_20k": "noisy_sgd", "sgd": "sgd", "adam": "adam"}
 """Store folder -> variant (noisy_sgd_20k holds extra seeds of shorter noisy runs)."""
@@ -40,18 +40,18 @@ PAPER = {
 
 def read_store(path: Path) -> list[dict]:
     """Every run of a store with its config and metric rows (read-only)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    store = ResultStore(path, read_only=True)  # creates no -wal/-shm file next to the store
     runs = []
-    for run_id, seed, status, config, version, created, updated, step, total in conn.execute(
+    for run_id, seed, status, config, version, created, updated, step, total in store.query(
         "SELECT run_id, seed, status, config_json, code_version, created_at, updated_at, step, total_steps "
         "FROM runs ORDER BY seed"
     ):
-        rows = conn.execute("SELECT step, layer, metric, value FROM metrics WHERE run_id = ?", (run_id,)).fetchall()
+        rows = store.query("SELECT step, layer, metric, value FROM metrics WHERE run_id = ?", (run_id,))
         runs.append({
             "folder": path.parent.name, "seed": seed, "status": status, "config": json.loads(config), "code_version": version,
             "created": created, "updated": updated, "step": step, "total": total, "rows": rows,
         })  # fmt: skip
-    conn.close()
+    store.close()
     return runs
 
 

@@ -237,12 +237,9 @@ def compare_section(compare_dir: Path) -> list[str]:
     runs = runs[runs.status == "finished"]
     if runs.empty:
         return lines + ["No finished run."]
-    per_method = runs.groupby("method")["seed"].nunique()
-    if unfinished or per_method.nunique() > 1:
-        lines += [f"**Partial grid:** {per_method.min()}-{per_method.max()} finished seeds per method (the `seeds` "
-                  f"column), {unfinished} started cell(s) unfinished; rerun the command to resume. Methods with "
-                  "fewer seeds have wider intervals.", ""]
-    from lopkit.report.ranking import ranking_table
+    from lopkit.report.ranking import partial_grid_note, ranking_table
+
+    lines += partial_grid_note(runs, unfinished)
 
     runs = runs.assign(label=runs.method)
     ranking = ranking_table(runs, metrics, None, 0.1, benchmark="bitflip")

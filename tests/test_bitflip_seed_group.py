@@ -208,3 +208,29 @@ def test_the_runner_registry_group_stores_separate_runs_rows_and_resumes(tmp_pat
     for seed, result in zip(SEEDS, results):
         assert result.run_id == expected[seed].run_id
         assert_rows_close(_store_rows(reference, result.run_id), _store_rows(store, result.run_id))
+
+
+def test_a_member_diverging_in_the_cli_group_loses_no_row_of_any_seed(capsys, tmp_path, monkeypatch):
+    from lopkit.benchmarks.base import DivergedError
+
+    real_run = BitFlipSeedGroup.run
+
+    def diverging_run(self, n_steps):  # a member's loss becomes inf once the group has passed step 500
+        if self.step >= 500:
+            raise DivergedError("bitflip", self.step + 3, float("inf"), 0.01, "member 1")
+        return real_run(self, n_steps)
+
+    monkeypatch.setattr(BitFlipSeedGroup, "run", diverging_run)
+    overrides = ["--set", "width=12", "num_steps=1200", "flip_period=400", "bin_size=300", "monitor_every=600"]
+    code, out = _cli(capsys, "--seeds", "0-1", "--checkpoint-every", "100", *overrides, "--out", str(tmp_path))
+    assert "2 runs trained as one vectorised learner" in out
+    assert "continuing each run separately from its last checkpoint" in out
+    assert code == 0  # the group stopped; each seed went on alone (they do not diverge alone) and finished
+    config = BitFlipBenchmark.make_config("smoke", {"width": 12, "num_steps": 1200, "flip_period": 400,
+                                                    "bin_size": 300, "monitor_every": 600})
+    with ResultStore(tmp_path) as store:
+        runs = store.runs()
+        assert list(runs["status"]) == ["finished", "finished"]
+        for seed, run_id in zip(runs["seed"], runs["run_id"]):
+            bench = BitFlipBenchmark(config, int(seed))
+            assert_rows_close(bench.run(config.num_steps), _store_rows(store, run_id))

@@ -331,3 +331,17 @@ def test_a_method_the_benchmark_refuses_is_skipped_and_the_grid_goes_on(tmp_path
     assert sorted(runs["method"].unique()) == ["sgd"] and set(runs["status"]) == {"finished"} and len(runs) == 2
     ranking = pd.read_csv(out / "ranking.csv")
     assert list(ranking.iloc[:, 0]) == ["sgd"]  # the methods that ran are still ranked
+
+
+def test_partial_grid_note_says_how_partial_a_grid_is():
+    from lopkit.report.ranking import partial_grid_note
+
+    def grid(seeds_per_method):
+        return pd.DataFrame([{"method": m, "seed": s} for m, n in seeds_per_method.items() for s in range(n)])
+
+    assert partial_grid_note(grid({"sgd": 3, "cbp": 3})) == []  # complete: nothing to say
+    lines = partial_grid_note(grid({"sgd": 3, "cbp": 2, "l2": 3}))
+    assert lines[-1] == "" and len(lines) == 2
+    assert lines[0].startswith("**Partial grid:** 2-3 finished seeds per method") and "0 started cell(s)" in lines[0]
+    lines = partial_grid_note(grid({"sgd": 4, "cbp": 4}), unfinished=2)  # same seeds, but cells unfinished
+    assert lines[0].startswith("**Partial grid:** 4-4 finished") and "2 started cell(s) unfinished" in lines[0]

@@ -63,14 +63,24 @@ def test_overall_accuracy_is_the_item_weighted_mean_of_the_predictions(smoke):
         assert stored == pytest.approx(float(np.mean(predictions == answers)))
 
 
-def test_rerunning_the_pipeline_skips_everything_and_keeps_the_rows(smoke):
+def test_rerunning_the_pipeline_skips_everything_and_keeps_the_rows(smoke, monkeypatch):
     result, _ = smoke
     with ResultStore(result.out_dir) as store:
         before = len(store.metrics())
+    resolved = []
+    real_resolve = ResultStore.resolve_run_id
+
+    def counting_resolve(self, benchmark, method, config, seed):
+        resolved.append((benchmark, method, seed))
+        return real_resolve(self, benchmark, method, config, seed)
+
+    monkeypatch.setattr(ResultStore, "resolve_run_id", counting_resolve)
     again = P.run_pipeline(result.out_dir, "smoke", [0], {}, progress=False, log=None, stages=("pretrain", "finetune",
                                                                                                 "evaluate"))
     assert set(again.statuses.values()) == {"skipped"}
     assert again.run_ids == result.run_ids
+    # every run's id is resolved once, by the pipeline, and passed on (not again by execute / execute_run)
+    assert len(resolved) == len(set(resolved)) == len(again.run_ids) + len(again.eval_run_ids)
     with ResultStore(result.out_dir) as store:
         assert len(store.metrics()) == before
 

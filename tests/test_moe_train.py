@@ -215,3 +215,27 @@ def test_pretrain_mix_fields_reach_the_corpus(monkeypatch):
     assert seen["mixture"] == mix
     with pytest.raises(ConfigError, match="mix_kv"):
         T.MoEPretrain.make_config("smoke", {"mix_kv": -0.1})
+
+
+def test_mc_item_rule_has_one_definition_shared_by_finetune_and_eval():
+    import typing
+
+    from lopkit.configs import run_identity
+    from lopkit.moe.data import items
+    from lopkit.moe.evaluate import MoEEval, MoEEvalConfig
+    from lopkit.moe.finetune import MoEFinetuneConfig
+
+    choices = typing.get_args(items.MCItemRule)
+    assert items.MC_ITEM_RULE in choices
+    configs = {MoEFinetuneConfig: (T.MoEFinetune, {"init_run_id": "r", "init_store": "/s"}),
+               MoEEvalConfig: (MoEEval, {"source_run_id": "r", "source_store": "/s"})}
+    errors = set()
+    for config_cls, (bench, needed) in configs.items():
+        assert typing.get_type_hints(config_cls)["mc_item_rule"] == items.MCItemRule
+        config = bench.make_config("smoke", needed)
+        assert config.mc_item_rule == items.MC_ITEM_RULE
+        assert run_identity(config)["mc_item_rule"] == items.MC_ITEM_RULE  # part of the run id on purpose
+        with pytest.raises(ConfigError) as info:
+            bench.make_config("smoke", {**needed, "mc_item_rule": "answer_shortest"})
+        errors.add(str(info.value))
+    assert len(errors) == 1 and all(c in errors.pop() for c in choices)  # the same choices, the same message

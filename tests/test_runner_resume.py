@@ -329,3 +329,17 @@ def test_method_specs_split_on_plus_and_comma_but_not_inside_exponents(spec, exp
     from lopkit.runner.execute import split_method_names
 
     assert split_method_names(spec) == expected
+
+
+def test_execute_run_takes_an_already_resolved_run_id_and_refuses_a_foreign_one(tmp_path):
+    torch.set_num_threads(1)
+    config = ToyBenchmark.make_config("smoke")
+    with ResultStore(tmp_path) as store:
+        run_id = store.resolve_run_id("toy", "sgd", config, 0)
+        other = store.resolve_run_id("toy", "sgd", config, 1)
+        with pytest.raises(ValueError, match="is not an id of this toy sgd run"):
+            execute_run(store, ToyBenchmark, config, 0, progress=False, run_id=other)
+        assert store.runs().empty  # refused before anything is written
+        result = execute_run(store, ToyBenchmark, config, 0, progress=False, run_id=run_id)
+        assert result.status == "finished" and result.run_id == run_id
+        assert list(store.runs()["run_id"]) == [run_id]

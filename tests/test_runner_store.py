@@ -348,7 +348,7 @@ def test_reading_with_mode_ro_works_and_writing_gives_the_read_only_error(tmp_pa
     with ResultStore(tmp_path) as store:
         expected_rows = store.metrics()
     with ResultStore(tmp_path, read_only=True) as store:
-        assert store.read_only and not store.immutable
+        assert store.read_only
         assert store.metrics().equals(expected_rows) and len(store.runs()) == 2
         run_id = store.runs()["run_id"].iloc[0]
         for write in (lambda: store.start_run("toy", "sgd", {"width": 9}, 0),
@@ -362,6 +362,52 @@ def test_reading_with_mode_ro_works_and_writing_gives_the_read_only_error(tmp_pa
     with pytest.raises(FileNotFoundError, match="no results store"):
         ResultStore(tmp_path / "nothing", read_only=True)
     assert not (tmp_path / "nothing").exists()  # reading never creates a folder
+
+
+def test_readers_create_no_file_next_to_a_closed_store(tmp_path, capsys):
+    import shutil
+
+    assert cli(["run", "toy", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "exp"), "--no-progress"],
+               capsys)[0] == 0
+    with ResultStore(tmp_path / "exp") as store:
+        expected_runs, expected_rows = store.runs(), store.metrics()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy2(tmp_path / "exp" / "results.sqlite", copy / "results.sqlite")
+    before = (copy / "results.sqlite").read_bytes()
+    with ResultStore(copy, read_only=True) as store:
+        assert store.metrics().equals(expected_rows) and len(expected_rows) > 0
+        assert list(store.runs()["run_id"]) == list(expected_runs["run_id"])
+        assert store.query("SELECT count(*) FROM metrics WHERE run_id = ?", [expected_runs["run_id"].iloc[0]]) == [
+            ((expected_rows["run_id"] == expected_runs["run_id"].iloc[0]).sum(),)]
+        assert sorted(p.name for p in copy.iterdir()) == ["results.sqlite"]  # no -wal/-shm while reading
+    for argv in (["report", str(copy), "-o", str(tmp_path / "report.html")], ["list", str(copy)]):
+        assert cli(argv, capsys)[0] == 0, argv
+    assert sorted(p.name for p in copy.iterdir()) == ["results.sqlite"]  # nor after
+    assert (copy / "results.sqlite").read_bytes() == before
+
+
+def test_a_reader_opened_before_a_writer_sees_the_writers_rows(tmp_path):
+    small_store(tmp_path)
+    reader = ResultStore(tmp_path, read_only=True)
+    try:
+        assert len(reader.metrics()) == 6
+        writer = ResultStore(tmp_path)  # a run starts while a report is open
+        run_id = writer.start_run("toy", "sgd", {"width": 5}, 0, total_steps=9).run_id
+        writer.commit_chunk(run_id, chunk_rows(7, 0, 4), b"state", 1)
+        assert len(reader.metrics(run_id=run_id)) == 4 and len(reader.runs()) == 3  # rows still in the -wal
+        writer.commit_chunk(run_id, chunk_rows(7, 1, 2), b"state", 2)
+        writer.close()
+        assert len(reader.metrics(run_id=run_id)) == 6 and reader.get_run(run_id)["step"] == 2
+    finally:
+        reader.close()
+    reader = ResultStore(tmp_path, read_only=True)  # opened on a closed store, written and closed in between
+    try:
+        with ResultStore(tmp_path) as writer:
+            writer.commit_chunk(run_id, chunk_rows(7, 2, 3), b"state", 3)
+        assert len(reader.metrics(run_id=run_id)) == 9 and reader.get_run(run_id)["step"] == 3
+    finally:
+        reader.close()
 
 
 def test_a_read_only_folder_is_opened_immutable(tmp_path, monkeypatch):

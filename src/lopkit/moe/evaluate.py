@@ -35,6 +35,7 @@ import torch
 from lopkit.benchmarks.base import Benchmark, BenchmarkConfig, make_row
 from lopkit.configs import ConfigError, check_device, require
 from lopkit.mitigations.base import Mitigation
+from lopkit.moe.data.items import MC_ITEM_RULE, MCItemRule
 
 __all__ = [
     "MoEEval",
@@ -165,10 +166,8 @@ class MoEEvalConfig(BenchmarkConfig):
     """Sequences of the expert-diagnostics probe batch (0 = skip diagnostics)."""
     data_seed: int = 0
     """Seed of the item sets and held-out text."""
-    mc_item_rule: Literal["length_rank_uniform"] = "length_rank_uniform"
-    """How the multiple-choice items are built: ``length_rank_uniform`` (since 2026-12-07) draws distractors so the
-    answer's byte-length rank among the choices is uniform. Part of the run id on purpose: stored runs made with the
-    older items (whose answer was rarely the shortest choice) are not reused."""
+    mc_item_rule: MCItemRule = MC_ITEM_RULE
+    """How the multiple-choice items are built (part of the run id): :data:`lopkit.moe.data.items.MCItemRule`."""
 
     device: str = "cpu"
     """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""

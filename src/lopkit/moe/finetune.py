@@ -19,6 +19,7 @@ from lopkit.benchmarks.base import (
 from lopkit.configs import ConfigError, check_device, require
 from lopkit.data.seeding import seeded_generator, stable_key
 from lopkit.mitigations.base import Mitigation
+from lopkit.moe.data.items import MC_ITEM_RULE, MCItemRule
 from lopkit.moe.training import (
     mc_scores,
     resolve_domains,
@@ -108,10 +109,8 @@ class MoEFinetuneConfig(BenchmarkConfig):
     """Steps per ``train_loss`` row."""
     data_seed: int = 0
     """Seed of the item sets (same items for every variant and seed)."""
-    mc_item_rule: Literal["length_rank_uniform"] = "length_rank_uniform"
-    """How the multiple-choice items are built: ``length_rank_uniform`` (since 2026-12-07) draws distractors so the
-    answer's byte-length rank among the choices is uniform. Part of the run id on purpose: stored runs made with the
-    older items (whose answer was rarely the shortest choice) are not reused."""
+    mc_item_rule: MCItemRule = MC_ITEM_RULE
+    """How the multiple-choice items are built (part of the run id): :data:`lopkit.moe.data.items.MCItemRule`."""
     device: str = "cpu"
     """Only ``cpu``: this benchmark has no CUDA path yet (``device=cuda`` is one clear error)."""
 

@@ -200,17 +200,17 @@ def run_pipeline(
     store = ResultStore(out)
     started = time.monotonic()
 
-    def execute(cls: Any, config: Any, seed: int, label: str, keep: bool, key: str, source: str | None = None) -> str:
+    def execute(cls: Any, config: Any, seed: int, label: str, keep: bool, key: str, run_id: str,
+                source: str | None = None) -> str:
         # fine-tune states hold two copies of the weights plus AdamW moments: checkpoint 5 times per run
         # (and at least every 30 s), not 20
         every = max(1, config.steps // 5) if cls is MoEFinetune else None
         # a stage that continues the run ``source`` gets its kept state from the pipeline's store (read here, not
-        # by the benchmark); a finished run is skipped without reading it
-        run_id = store.resolve_run_id(cls.name, label, config, seed)
+        # by the benchmark); a finished run is skipped without reading it. ``run_id``: resolved once by the caller
         done = (store.get_run(run_id) or {}).get("status") == "finished"
         initial = store.kept_state(source) if source is not None and not done else None
         result = execute_run(store, cls, config, seed, checkpoint_every=every, progress=progress, preset=preset,
-                             label=label, keep_checkpoint=keep, initial_state=initial)
+                             label=label, keep_checkpoint=keep, initial_state=initial, run_id=run_id)
         statuses[(key, seed)] = result.status
         if result.status != "skipped":
             timings.add(f"{key}/seed{seed}", result.seconds)
@@ -223,7 +223,7 @@ def run_pipeline(
             pre_id = store.resolve_run_id(MoEPretrain.name, PRETRAIN_LABEL, pre_config, seed)
             run_ids[(PRETRAIN_LABEL, seed)] = pre_id
             if "pretrain" in stages:
-                if execute(MoEPretrain, pre_config, seed, PRETRAIN_LABEL, True, "pretrain") == "interrupted":
+                if execute(MoEPretrain, pre_config, seed, PRETRAIN_LABEL, True, "pretrain", pre_id) == "interrupted":
                     return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
             elif "finetune" in stages:
                 _require_finished(store, pre_id, f"the pretrain run of seed {seed} (preset {preset})",
@@ -232,9 +232,9 @@ def run_pipeline(
                 values = {**routed["finetune"], **every_variant[label], "variant": label, "init_store": store_dir,
                           "init_run_id": pre_id}
                 ft_config = MoEFinetune.make_config(preset, values)
-                run_ids[(label, seed)] = store.resolve_run_id(MoEFinetune.name, label, ft_config, seed)
+                ft_id = run_ids[(label, seed)] = store.resolve_run_id(MoEFinetune.name, label, ft_config, seed)
                 if "finetune" in stages:
-                    if execute(MoEFinetune, ft_config, seed, label, True, label, pre_id) == "interrupted":
+                    if execute(MoEFinetune, ft_config, seed, label, True, label, ft_id, pre_id) == "interrupted":
                         return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
         if "evaluate" in stages:
             for seed in seeds:
@@ -245,8 +245,9 @@ def run_pipeline(
                                       f"lopkit moe finetune --preset {preset} --out {out}")
                     eval_config = MoEEval.make_config(preset, {**routed["eval"], "source_store": store_dir,
                                                                "source_run_id": source})
-                    eval_ids[(label, seed)] = store.resolve_run_id(MoEEval.name, label, eval_config, seed)
-                    if execute(MoEEval, eval_config, seed, label, False, f"eval_{label}", source) == "interrupted":
+                    eval_id = eval_ids[(label, seed)] = store.resolve_run_id(MoEEval.name, label, eval_config, seed)
+                    if execute(MoEEval, eval_config, seed, label, False, f"eval_{label}", eval_id,
+                               source) == "interrupted":
                         return PipelineResult(out, run_ids, eval_ids, statuses, None, True)
     finally:
         store.close()

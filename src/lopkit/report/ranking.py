@@ -207,6 +207,19 @@ def ranking_table(runs: pd.DataFrame, metrics: pd.DataFrame, primary: PrimaryMet
     return Ranking(table, per_run, primary, final_fraction, representation_layers(metrics))
 
 
+def partial_grid_note(runs: pd.DataFrame, unfinished: int = 0) -> list[str]:
+    """Markdown lines saying how partial a compare grid is ([] when every method has the same finished seeds).
+
+    ``runs``: the finished runs (columns ``method``, ``seed``); ``unfinished``: started runs not finished.
+    """
+    per_method = runs.groupby("method")["seed"].nunique() if not runs.empty else pd.Series(dtype=int)
+    if not unfinished and per_method.nunique() <= 1:
+        return []
+    return [f"**Partial grid:** {per_method.min()}-{per_method.max()} finished seeds per method (the `seeds` "
+            f"column), {unfinished} started cell(s) unfinished; rerun the command to resume. Methods with "
+            "fewer seeds have wider intervals.", ""]
+
+
 def format_ranking(table: pd.DataFrame, primary: PrimaryMetric, digits: int = 4) -> pd.DataFrame:
     """String cells ``mean [low, high]`` with headers saying the direction of the primary metric.
 

@@ -36,6 +36,9 @@ def execute_seed_group(
     Each seed keeps its own run (id, rows, checkpoints), so a later command resumes or reports it as usual.
     Returns ``{seed: RunResult}`` for every seed, or None, after logging why, when the runs cannot be
     vectorised (:func:`group_unsupported_reason`; nothing is written then): the caller runs them one by one.
+    When a member diverges (FloatingPointError) the seeds still training are left out of the result, after logging
+    it: the caller continues each one alone from its last commit with ``execute_run``, which keeps every row before
+    the divergence of the seed that diverged and finishes the others (the group's unsaved rows would be lost).
     """
     label = method_label(method_names)
     config_dict = config_to_dict(config)
@@ -91,6 +94,10 @@ def execute_seed_group(
     except KeyboardInterrupt:
         commit()  # the rows of whole blocks are consistent with the saved states
         status = "interrupted"
+    except FloatingPointError as err:  # a member diverged: each run goes on alone from its last commit
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        log(f"vectorised learner stopped ({first}); continuing each run separately from its last checkpoint")
+        return results
     except Exception:  # noqa: BLE001  (recorded in every run, as execute_run records its run's failure)
         text = traceback.format_exc()
         for seed, run_id in pending:

@@ -12,7 +12,9 @@ the rows of an uninterrupted run.
 Ctrl-C (SIGINT) is handled gracefully: the piece in progress finishes, what is complete is committed, and the
 run returns with status ``interrupted`` (a second Ctrl-C aborts at once; the store stays consistent). An
 exception marks the run ``failed`` with its traceback (rows already committed are kept) and is re-raised, or
-returned as a failed :class:`RunResult` with ``raise_on_error=False``.
+returned as a failed :class:`RunResult` with ``raise_on_error=False``. A divergence (a non-finite loss) first
+commits every row produced before it, with a checkpoint at the last finite step, by replaying from the last commit
+(the buffered rows and those of the piece that raised are not lost).
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from lopkit.configs import ConfigError, config_to_dict, parse_overrides
 from lopkit.data.errors import DatasetNotFoundError
 from lopkit.mitigations.base import Mitigation
 from lopkit.mitigations.registry import split_method_specs
-from lopkit.runner.store import ResultStore, deserialize_state, load_kept_state, serialize_state
+from lopkit.runner.store import (
+    ResultStore,
+    deserialize_state,
+    load_kept_state,
+    run_id_candidates,
+    serialize_state,
+)
 
 __all__ = [
     "BASELINE_METHOD",
@@ -262,6 +270,7 @@ def execute_run(
     handle_sigint: bool = True,
     keep_checkpoint: bool = False,
     initial_state: Any = None,
+    run_id: str | None = None,
 ) -> RunResult:
     """Run (or resume, or skip if finished) one benchmark run into ``store``; returns what happened.
 
@@ -273,6 +282,8 @@ def execute_run(
     the store after the run finishes (a later stage, e.g. fine-tuning or evaluation, loads the trained weights).
     ``initial_state``: for a benchmark that continues another run (``cls.continues_from(config)`` is not None), the
     kept state it starts from; when omitted it is read from the store and run that ``continues_from`` names.
+    ``run_id``: the id the caller already resolved with ``store.resolve_run_id`` for this run (default: resolved
+    here); ValueError if it is not an id of this (benchmark, label, config, seed).
     ``stop_after_steps``: commit and return with status
     ``paused`` after exactly that many new steps (a later call resumes from there). With ``raise_on_error`` an
     exception from the benchmark is recorded in the store and re-raised; otherwise a ``failed`` result is returned.
@@ -288,7 +299,10 @@ def execute_run(
     check_accepts_methods(cls, methods)  # a benchmark that cannot apply methods refuses them
     label = label or method_label(method_names)
     config_dict = config_to_dict(config)
-    run_id = store.resolve_run_id(cls.name, label, config, seed)
+    if run_id is None:
+        run_id = store.resolve_run_id(cls.name, label, config, seed)
+    elif run_id not in run_id_candidates(cls.name, label, config, seed):
+        raise ValueError(f"run id {run_id!r} is not an id of this {cls.name} {label} run (seed {seed})")
     started = time.monotonic()
 
     existing = store.get_run(run_id)
@@ -324,21 +338,20 @@ def execute_run(
             raise build_error or RuntimeError(f"{cls.name} could not be built")
         total = int(benchmark.total_steps)
         store.set_total_steps(run_id, total)
-        checkpoint = store.load_checkpoint_bytes(run_id)
-        if checkpoint is not None:
-            saved_step, state_bytes = checkpoint
-            benchmark.load_state_dict(deserialize_state(state_bytes))
-            if benchmark.step != saved_step:
-                raise RuntimeError(
-                    f"checkpoint of run {run_id} is at step {saved_step} but {cls.name}.load_state_dict restored "
-                    f"step {benchmark.step}; the benchmark's state_dict must include its step"
-                )
-            resumed_from = saved_step
+        resumed_from = _restore_checkpoint(store, run_id, benchmark)
         chunk = int(checkpoint_every) if checkpoint_every is not None else default_checkpoint_every(total)
         bar = _ProgressBar(progress_enabled(progress), total, benchmark.step,
                            getattr(benchmark, "progress_label", None) or f"{cls.name} {label} seed={seed}")
+
+        def rebuild() -> Benchmark:
+            """A fresh benchmark at the run's last commit (what a resume builds): replays a diverged run's rows."""
+            fresh = cls(config, seed, resolve_methods(method_names), **build_kwargs)
+            _restore_checkpoint(store, run_id, fresh)
+            return fresh
+
         with _graceful_sigint(handle_sigint) as interrupt:
-            status = _advance(store, run_id, benchmark, chunk, commit_seconds, stop_after_steps, interrupt, bar)
+            status = _advance(store, run_id, benchmark, chunk, commit_seconds, stop_after_steps, interrupt, bar,
+                              rebuild)
         if status == "finished":
             store.finish_run(run_id, keep_checkpoint=keep_checkpoint)
         bar.close()
@@ -364,6 +377,50 @@ def execute_run(
                          time.monotonic() - started, text, resumed_from)
 
 
+def _restore_checkpoint(store: ResultStore, run_id: str, benchmark: Benchmark) -> int | None:
+    """Load the store's checkpoint of ``run_id`` into ``benchmark``; its step, or None when there is none."""
+    checkpoint = store.load_checkpoint_bytes(run_id)
+    if checkpoint is None:
+        return None
+    saved_step, state_bytes = checkpoint
+    benchmark.load_state_dict(deserialize_state(state_bytes))
+    if benchmark.step != saved_step:
+        raise RuntimeError(
+            f"checkpoint of run {run_id} is at step {saved_step} but {benchmark.name}.load_state_dict restored "
+            f"step {benchmark.step}; the benchmark's state_dict must include its step"
+        )
+    return saved_step
+
+
+def _keep_rows_before_divergence(
+    store: ResultStore, run_id: str, rebuild: Any, completed_step: int, error: FloatingPointError
+) -> None:
+    """Commit the rows a diverged run produced after its last commit, with a checkpoint, before the failure is stored.
+
+    The rows buffered in memory and those of the piece that raised are gone with the diverged benchmark, so a
+    fresh one is restored from the last commit (``rebuild``, exactly what a resume does) and replayed: first to
+    ``completed_step`` (the end of the last piece that returned; those steps ran without error), then, for a
+    :class:`DivergedError`, up to the step it names (every step before it had a finite loss). Each leg commits its
+    rows together with the state after it, so the store stays resumable; a leg that fails is dropped (the
+    committed ones are kept) and the original error is recorded by the caller whatever happens here.
+    """
+    stored = store.get_run(run_id) or {}
+    targets = [int(completed_step)]
+    if isinstance(error, DivergedError):
+        targets.append(int(error.step))
+    if max(targets) <= int(stored.get("step") or 0):
+        return
+    try:
+        replay = rebuild()
+        for target in targets:
+            if target <= replay.step:
+                continue
+            rows = replay.run(target - replay.step)
+            store.commit_chunk(run_id, rows, serialize_state(replay.state_dict()), replay.step)
+    except Exception:  # noqa: BLE001  (best effort: the divergence itself is what the caller records)
+        return
+
+
 def _advance(
     store: ResultStore,
     run_id: str,
@@ -373,8 +430,13 @@ def _advance(
     stop_after_steps: int | None,
     interrupt: _InterruptFlag,
     bar: _ProgressBar,
+    rebuild: Any = None,
 ) -> str:
-    """The chunk loop of :func:`execute_run`; returns ``finished``, ``interrupted`` or ``paused``."""
+    """The chunk loop of :func:`execute_run`; returns ``finished``, ``interrupted`` or ``paused``.
+
+    A divergence (FloatingPointError) first commits the rows before it (:func:`_keep_rows_before_divergence`,
+    with ``rebuild``), then propagates.
+    """
     total = int(benchmark.total_steps)
     start_step = benchmark.step
     pending: list[dict[str, Any]] = []
@@ -397,7 +459,12 @@ def _advance(
         if stop_after_steps is not None:
             piece = min(piece, stop_after_steps - (benchmark.step - start_step))
         before, tick = benchmark.step, time.monotonic()
-        pending.extend(benchmark.run(piece))
+        try:
+            pending.extend(benchmark.run(piece))
+        except FloatingPointError as err:
+            if rebuild is not None:
+                _keep_rows_before_divergence(store, run_id, rebuild, before, err)
+            raise
         advanced = benchmark.step - before
         if advanced <= 0 and not benchmark.done:
             raise RuntimeError(f"{benchmark.name}.run({piece}) made no progress at step {before} of {total}")

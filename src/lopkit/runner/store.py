@@ -17,9 +17,11 @@ DataFrames returned here show it as NaN again.
 
 Failing safely: before anything is written, an existing file is checked (SQLite header, size against the
 header's page count, lopkit's tables and columns); a damaged file, a 0-byte file or another program's database
-raises :class:`StoreError` with one line and is left byte-identical. ``ResultStore(path, read_only=True)`` opens
-with SQLite's ``mode=ro`` (and ``immutable=1`` when the folder is read-only so not even the ``-shm`` file can be
-created), so read-only storage can be reported on; writing into a read-only store raises :class:`StoreError`.
+raises :class:`StoreError` with one line and is left byte-identical. ``ResultStore(path, read_only=True)`` never
+creates or changes a file: a store no process has open is read ``immutable=1`` (guarded: reopened if a writer
+starts), one being written with SQLite's ``mode=ro`` through the writer's ``-wal``/``-shm`` files
+(:meth:`ResultStore._connect_read_only`), so read-only storage can be reported on; writing into a read-only store
+raises :class:`StoreError`.
 
 Every run records the process id and host that last started it; :meth:`ResultStore.runs` shows a ``running``
 run whose process is gone from this host as ``interrupted`` (killed, or stopped with Ctrl-C).
@@ -348,6 +350,7 @@ class ResultStore:
         self.retries = int(retries)
         self.read_only = bool(read_only)
         self.immutable = False
+        self._snapshot: tuple[int, ...] | None = None  # see _connect_read_only
         self._read_only_reason = "opened read-only"
         self._has_owner_columns = True
         self._conn: sqlite3.Connection | None = None
@@ -415,9 +418,37 @@ class ResultStore:
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
 
-    def _connect_read_only(self) -> sqlite3.Connection:
-        """A ``mode=ro`` connection; ``immutable=1`` when the WAL index cannot be opened (read-only folder)."""
+    def _files_state(self) -> tuple[int, ...]:
+        """What tells whether another process touched the store: a ``-wal`` file, and the main file's inode, size, mtime."""
+        st = os.stat(self.path)
+        return (int(self.path.with_name(self.path.name + "-wal").exists()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _connect_read_only(self, allow_snapshot: bool = True) -> sqlite3.Connection:
+        """A connection that reads the store without creating or changing any file next to it.
+
+        SQLite opens a WAL database read-only (``mode=ro``) only if its ``-wal`` and ``-shm`` files exist or can be
+        created, or if it is opened ``immutable=1`` (https://www.sqlite.org/wal.html, "Read-Only Databases"); a
+        ``mode=ro`` reader of a closed store therefore creates both files and leaves them behind. So:
+
+        - no ``-wal`` file: no process has the store open (every open connection keeps it; the last one to close
+          checkpoints every row into the main file and deletes it), so the main file holds every row. It is read
+          ``immutable=1`` (creates nothing; works in a read-only folder) as a guarded snapshot: a writer that opens
+          the store later creates the ``-wal`` file and checkpoints into the main file, and ``_retry`` compares
+          :meth:`_files_state` before and after every read, reopening (now with ``mode=ro``, the writer having
+          created the files) and reading again when it moved, so a report during a run never reads a stale or torn
+          file;
+        - a ``-wal`` file (a writer is running, or one was killed): ``mode=ro`` through the existing files, so rows
+          not yet checkpointed are read; only where the ``-shm`` file is missing and cannot be created (read-only
+          folder) is the file read ``immutable=1`` as it is, with a warning when the ``-wal`` holds rows.
+        """
         uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        wal = self.path.with_name(self.path.name + "-wal")
+        self.immutable, self._snapshot = False, None
+        if allow_snapshot and not wal.exists():
+            state = self._files_state()
+            conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=self.timeout, isolation_level=None)
+            self.immutable, self._snapshot = True, state
+            return conn
         conn = None
         if os.access(self.path.parent, os.W_OK) or self.path.with_name(self.path.name + "-shm").exists():
             conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=self.timeout, isolation_level=None)
@@ -433,7 +464,6 @@ class ResultStore:
                 raise self._translate(err) from None
         if conn is None:  # not even the -shm file can be created: read the file as it is
             self.immutable = True
-            wal = self.path.with_name(self.path.name + "-wal")
             if wal.exists() and wal.stat().st_size > 0:
                 import warnings
 
@@ -443,6 +473,11 @@ class ResultStore:
                                    isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         return conn
+
+    def _reopen_read_only(self, allow_snapshot: bool = True) -> None:
+        """Replace the read-only connection by a fresh one (another process touched the store)."""
+        self.close()
+        self._conn = self._connect_read_only(allow_snapshot)
 
     def _check_schema(self, creating: bool) -> None:
         """StoreError unless the file holds lopkit's tables (an empty SQLite file is fine when ``creating``)."""
@@ -499,8 +534,30 @@ class ResultStore:
     def _retry(self, action: Callable[[], T]) -> T:
         """Run ``action``, retrying with jittered back-off while another process holds the write lock.
 
-        A damaged file or a write into read-only storage raises StoreError instead of sqlite3's error.
+        A damaged file or a write into read-only storage raises StoreError instead of sqlite3's error. On a
+        guarded ``immutable=1`` snapshot (see :meth:`_connect_read_only`) the read is redone on a fresh connection
+        whenever another process touched the store before or during it.
         """
+        for _ in range(max(self.retries, 3)):
+            if self._snapshot is None:
+                break
+            if self._files_state() != self._snapshot:
+                self._reopen_read_only()
+                continue
+            try:
+                result = self._retry_busy(action)
+            except (sqlite3.Error, StoreError):
+                if self._snapshot is not None and self._files_state() != self._snapshot:
+                    continue  # a writer checkpointed into the file while it was read: read again
+                raise
+            if self._snapshot is None or self._files_state() == self._snapshot:
+                return result
+        if self._snapshot is not None:  # the store keeps changing: read through SQLite's locks (mode=ro)
+            self._reopen_read_only(allow_snapshot=False)
+        return self._retry_busy(action)
+
+    def _retry_busy(self, action: Callable[[], T]) -> T:
+        """:meth:`_retry` without the snapshot guard: the busy retry loop and the StoreError translation."""
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
@@ -580,6 +637,10 @@ class ResultStore:
         return f"ResultStore({str(self.path)!r})"
 
     # ------------------------------------------------------------------------------------------------ runs
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only SQL query (for scripts; read through the same guards as every read here)."""
+        return self._retry(lambda: self.conn.execute(sql, tuple(params)).fetchall())
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The ``runs`` row of ``run_id`` as a dict, or None if the run is unknown."""

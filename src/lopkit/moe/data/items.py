@@ -8,7 +8,7 @@ import os
 import random
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 from lopkit.moe.data.text import (
     ARITHMETIC_OFFSETS,
@@ -29,6 +29,14 @@ from lopkit.moe.data.generated import _arithmetic_key, _arithmetic_keys, _split_
 
 # ----------------------------------------------------------------------------------------------------------------
 # multiple-choice items
+
+#: The choices of the ``mc_item_rule`` config field (moe_finetune and moe_eval): how the items are built.
+#: ``length_rank_uniform`` (since 2026-12-07) draws distractors so that the answer's byte-length rank among the
+#: choices is uniform (:func:`_similar_pick`). The field is part of the run id on purpose: stored runs made with the
+#: older items (whose answer was rarely the shortest choice) are not reused.
+MCItemRule = Literal["length_rank_uniform"]
+#: The rule the builders here implement: the default of every ``mc_item_rule`` field.
+MC_ITEM_RULE: MCItemRule = "length_rank_uniform"
 
 
 @dataclass(frozen=True)
