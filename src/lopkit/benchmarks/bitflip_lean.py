@@ -411,7 +411,10 @@ class LeanCBP:
         eligible = np.flatnonzero(age > cfg.maturity)
         correction = 1.0 - eta_powers(eta, age)
         corrected = np.where(correction > 0, utility / np.maximum(correction, 1e-300), 0.0)
-        chosen = eligible[np.argsort(corrected[eligible], kind="stable")[:count]]
+        if count == 1:  # the first lowest (a stable sort's first), without sorting
+            chosen = eligible[np.argmin(corrected[eligible])][None]
+        else:
+            chosen = eligible[np.argsort(corrected[eligible], kind="stable")[:count]]
         rows = np.sort(chosen)  # reinit_incoming and the masks go in unit order
         redraw = cfg.redraw_incoming if self.aggressive else True
         if redraw:
