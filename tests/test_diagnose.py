@@ -444,3 +444,23 @@ def test_fix_on_an_unfinished_run_continues_from_its_checkpoint(tmp_path, capsys
     with ResultStore(tmp_path / "fix" / "results.sqlite", read_only=True) as out_store:
         runs = out_store.runs()
     assert list(runs["step"]) == [750] and runs["method"].iloc[0].startswith("diagnose-fix ")
+
+
+def test_fix_on_a_crelu_model_skips_the_unit_resets_that_refuse_it(tmp_path, capsys):
+    """Unit resets (reset_frozen, redo, cbp) refuse CReLU layers; --fix must pick the first cure that attaches."""
+    from lopkit.mitigations.architecture import CReLUActivation
+    from lopkit.runner.diagnose_cli import cure_applies
+
+    model = CReLUActivation(CReLUActivation.Config(seed=0)).prepare_model(_mlp(width=16))
+    with torch.no_grad():
+        model[0].bias[:8] = -1e3  # units 0..7: relu(z) is 0 on every input (their relu(-z) twin is always on)
+    assert not cure_applies("reset_frozen", model) and not cure_applies("redo", model)
+    assert cure_applies("reset_frozen", _mlp(width=16)) and cure_applies("shrink_perturb", model)
+    x, y = _probe()
+    torch.save(model, tmp_path / "m.pt")
+    torch.save({"x": x, "y": y}, tmp_path / "p.pt")
+    code, out, err = _run_cli(capsys, "--model", tmp_path / "m.pt", "--probe", tmp_path / "p.pt", "--fix",
+                              "--fix-steps", "20", "--set", "probe_steps=10", "hessian=false")
+    assert code == 0, err
+    chosen = next(line for line in out.splitlines() if "cure --method" in line)
+    assert not any(f"--method {name}" in chosen for name in ("reset_frozen", "redo", "cbp")), chosen

@@ -146,6 +146,20 @@ def continuable(spec: str) -> bool:
     return all(type(m).prepare_model is Mitigation.prepare_model for m in parts)
 
 
+def cure_applies(spec: str, model: Any) -> bool:
+    """Whether the cure's method attaches to (a copy of) ``model``; unit resets, e.g., refuse CReLU layers."""
+    import torch
+
+    from lopkit.mitigations.registry import build_methods
+
+    twin = copy.deepcopy(model)
+    try:
+        build_methods(spec).attach(twin, torch.optim.SGD(twin.parameters(), lr=0.0))
+    except (ValueError, ConfigError):
+        return False
+    return True
+
+
 def adapted_spec(name: str, steps: int) -> str:
     """The method spec for a continuation of ``steps`` steps: periodic methods check 4 times within it."""
     from lopkit.mitigations.registry import get_method
@@ -218,9 +232,10 @@ def fix_model(model: Any, probe_x: Any, probe_y: Any, diagnosis: Any, config: An
     from lopkit.diagnostics.diagnose import default_loss, random_target, measure_model
     from lopkit.mitigations.registry import build_methods
 
-    top = diagnosis.top_cure(continuable)
+    top = diagnosis.top_cure(lambda spec: continuable(spec) and cure_applies(spec, model))
     if top is None:
-        raise ConfigError("no trap with a cure that can join a running training was found; nothing to fix")
+        raise ConfigError("no trap with a cure that can join a running training (and attach to this model) was "
+                          "found; nothing to fix")
     finding, cure = top
     spec = adapted_spec(cure.method, steps)
     if probe_y is None:
@@ -296,10 +311,6 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
     from lopkit.runner.execute import execute_run, resolve_methods
     from lopkit.runner.store import ResultStore, make_run_id, serialize_state
 
-    top = diagnosis.top_cure(continuable)
-    if top is None:
-        raise ConfigError("no trap with a cure that can join a running training was found; nothing to fix")
-    finding, cure = top
     source = ResultStore(store_file, read_only=True)
     try:
         run = source.get_run(run_id)
@@ -313,7 +324,13 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
     config_dict = json.loads(run["config_json"])
     bench_config = build_config(cls.Config, config_dict)
     seed, method = int(run["seed"]), str(run["method"])
-    total = int(cls(bench_config, seed, resolve_methods(method)).total_steps)
+    stored_bench = cls(bench_config, seed, resolve_methods(method))
+    total = int(stored_bench.total_steps)
+    top = diagnosis.top_cure(lambda spec: continuable(spec) and cure_applies(spec, stored_bench.model))
+    if top is None:
+        raise ConfigError("no trap with a cure that can join a running training (and attach to this model) was "
+                          "found; nothing to fix")
+    finding, cure = top
     if not 0 < fix_steps < total:
         raise ConfigError(f"--fix-steps must be between 1 and the run's {total} steps, got {fix_steps}")
     from_checkpoint = checkpoint is not None and int(checkpoint[0]) < total
