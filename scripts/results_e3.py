@@ -233,13 +233,14 @@ def compare_section(compare_dir: Path) -> list[str]:
     if loaded is None:
         return lines + ["Not run."]
     runs, metrics = loaded
-    unfinished = int((runs.status != "finished").sum())
+    unfinished = int((~runs.status.isin(["finished", "failed"])).sum())
+    failed = runs[runs.status == "failed"]
     runs = runs[runs.status == "finished"]
     if runs.empty:
         return lines + ["No finished run."]
     from lopkit.report.ranking import partial_grid_note, ranking_table
 
-    lines += partial_grid_note(runs, unfinished)
+    lines += partial_grid_note(runs, unfinished, failed)
 
     runs = runs.assign(label=runs.method)
     ranking = ranking_table(runs, metrics, None, 0.1, benchmark="bitflip")

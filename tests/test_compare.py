@@ -343,5 +343,10 @@ def test_partial_grid_note_says_how_partial_a_grid_is():
     lines = partial_grid_note(grid({"sgd": 3, "cbp": 2, "l2": 3}))
     assert lines[-1] == "" and len(lines) == 2
     assert lines[0].startswith("**Partial grid:** 2-3 finished seeds per method") and "0 started cell(s)" in lines[0]
+    failed = pd.DataFrame([{"method": "batchnorm", "seed": 0,
+                            "error": "Traceback (most recent call last):\n  ...\nValueError: Expected more than 1 value\n"}])
+    lines = partial_grid_note(grid({"sgd": 3, "cbp": 3}), failed=failed)  # complete grid plus a method that failed
+    assert lines == ["**Failed cells (not in the table):** batchnorm seed 0 (ValueError: Expected more than 1 value).",
+                     ""]
     lines = partial_grid_note(grid({"sgd": 4, "cbp": 4}), unfinished=2)  # same seeds, but cells unfinished
     assert lines[0].startswith("**Partial grid:** 4-4 finished") and "2 started cell(s) unfinished" in lines[0]

@@ -207,17 +207,29 @@ def ranking_table(runs: pd.DataFrame, metrics: pd.DataFrame, primary: PrimaryMet
     return Ranking(table, per_run, primary, final_fraction, representation_layers(metrics))
 
 
-def partial_grid_note(runs: pd.DataFrame, unfinished: int = 0) -> list[str]:
+def partial_grid_note(runs: pd.DataFrame, unfinished: int = 0, failed: pd.DataFrame | None = None) -> list[str]:
     """Markdown lines saying how partial a compare grid is ([] when every method has the same finished seeds).
 
-    ``runs``: the finished runs (columns ``method``, ``seed``); ``unfinished``: started runs not finished.
+    ``runs``: the finished runs (columns ``method``, ``seed``); ``unfinished``: started runs neither finished nor
+    failed; ``failed``: the failed runs (``method``, ``seed``, ``error``), each named with its error's last line.
     """
+    lines: list[str] = []
     per_method = runs.groupby("method")["seed"].nunique() if not runs.empty else pd.Series(dtype=int)
-    if not unfinished and per_method.nunique() <= 1:
-        return []
-    return [f"**Partial grid:** {per_method.min()}-{per_method.max()} finished seeds per method (the `seeds` "
-            f"column), {unfinished} started cell(s) unfinished; rerun the command to resume. Methods with "
-            "fewer seeds have wider intervals.", ""]
+    if unfinished or per_method.nunique() > 1:
+        lines += [f"**Partial grid:** {per_method.min()}-{per_method.max()} finished seeds per method (the `seeds` "
+                  f"column), {unfinished} started cell(s) unfinished; rerun the command to resume. Methods with "
+                  "fewer seeds have wider intervals.", ""]
+    if failed is not None and not failed.empty:
+        cells = "; ".join(f"{row.method} seed {int(row.seed)} ({last_error_line(row.error)})"
+                          for row in failed.sort_values(["method", "seed"]).itertuples())
+        lines += [f"**Failed cells (not in the table):** {cells}.", ""]
+    return lines
+
+
+def last_error_line(error: object) -> str:
+    """The last non-empty line of a stored traceback (the exception and its message), or 'no error stored'."""
+    text = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    return text[-1] if text else "no error stored"
 
 
 def format_ranking(table: pd.DataFrame, primary: PrimaryMetric, digits: int = 4) -> pd.DataFrame:
