@@ -16,9 +16,17 @@ vectorised aggregate rate to one seed's (target: >= 3x for 8 seeds), and the loa
 end. With ``--profile`` it also prints the top of a cProfile of the vectorised run; ``--record`` writes each
 benchmark's ratios into the table of benchmarks/README.md (via ``benchmarks/_record.py``).
 
+``--workers W`` measures the command line instead, end to end by wall clock (Python start-up, data loading and
+spawning the workers included), each time into a fresh temporary OUT: ``lopkit run NAME --preset PRESET --seeds S
+--workers W --threads THREADS`` (S seeds in W processes) against ``lopkit run NAME --preset PRESET --seed-list 0
+--threads W*THREADS`` (one seed given the same cores), and prints the aggregate seed-steps/s of each (steps read
+from the store) and their ratio against the 3x target. Its default entries cut each run to ~1-2 minutes
+(fewer tasks); ``--steps`` and ``--profile`` do not apply.
+
 Usage: python benchmarks/vectorised_seeds_continual.py [--seeds 8] [--steps 600] [--threads 1]
        [--benchmarks random_labels:e1,class_split:e1_5way,permuted:default,class_split:smoke:model=cnn+num_tasks=20]
        [--set KEY=VALUE ...] [--profile] [--record]
+       python benchmarks/vectorised_seeds_continual.py --workers 2 [--seeds 8] [--threads 1] [--benchmarks ...]
 """
 
 from __future__ import annotations
@@ -26,9 +34,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from _record import add_record_argument, load, record
@@ -38,6 +52,9 @@ from lopkit.benchmarks.vectorised_continual import VectorisedContinual
 from lopkit.configs import parse_overrides
 
 DEFAULT_BENCHMARKS = "random_labels:e1,class_split:e1_5way,permuted:default,class_split:smoke:model=cnn+num_tasks=20"
+#: ``--workers`` mode: the continual MLPs, cut to a few thousand steps per run (~1-2 minutes per measurement).
+WORKERS_BENCHMARKS = ("random_labels:e1:num_tasks=4,class_split:e1_5way:num_tasks=1+steps_per_task=1200,"
+                      "permuted:default:num_tasks=2+steps_per_task=600")
 
 
 def _clock() -> tuple[float, float]:
@@ -89,26 +106,97 @@ def _time_vectorised(cls, config, seeds: list[int], steps: int, profile: bool) -
     return seconds
 
 
+def _lopkit_run(arguments: list[str]) -> tuple[float, float, int, int]:
+    """Run ``lopkit run ARGUMENTS --out TMP`` in a fresh process: (wall s, CPU s of it and its workers, runs, seed-steps).
+
+    The seed-steps are the ``total_steps`` of the finished runs in the store it wrote (a failed run stops the script).
+    """
+    import lopkit
+    from lopkit.runner.store import ResultStore
+
+    env = dict(os.environ, LOPKIT_PROGRESS="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(lopkit.__file__).resolve().parents[1]),
+                                                    env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="lopkit-workers-") as out:
+        command = [sys.executable, "-m", "lopkit.cli", "run", *arguments, "--out", out, "--no-progress"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+        with ResultStore(out) as store:
+            runs = store.runs()
+        if set(runs["status"]) != {"finished"}:
+            raise SystemExit(f"not every run finished: {runs[['seed', 'status']].values.tolist()}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, len(runs), int(runs["total_steps"].sum())
+
+
+def main_workers(args: argparse.Namespace) -> None:
+    """``--workers W``: ``lopkit run --seeds S --workers W`` against one seed on the same cores, end to end by wall clock."""
+    one_threads = args.workers * args.threads
+    print(f"{args.seeds} seeds as {args.workers} workers x {args.threads} thread(s) vs 1 seed at {one_threads} "
+          f"thread(s), end to end by wall clock; {load()} at the start", flush=True)
+    lines, figures = [], []
+    for item in (args.benchmarks or WORKERS_BENCHMARKS).split(","):
+        name, preset, extra = parse_entry(item)
+        overrides = [*args.overrides, *extra]
+        sets = ["--set", *overrides] if overrides else []
+        common = [name, "--preset", preset, *sets]
+        one = _lopkit_run([*common, "--seed-list", "0", "--threads", str(one_threads)])
+        many = _lopkit_run([*common, "--seeds", str(args.seeds), "--workers", str(args.workers),
+                            "--threads", str(args.threads)])
+        rate_one, rate_many = one[3] / one[0], many[3] / many[0]
+        ratio = rate_many / rate_one
+        lines.append(f"{item:<62} {one[3]:6d} {one[0]:7.1f} {one[1]:7.1f} {rate_one:8.0f}   {many[2]:3d} "
+                     f"{many[0]:7.1f} {many[1]:7.1f} {rate_many:8.0f}   {ratio:5.2f}x {'met' if ratio >= 3 else 'missed'}")
+        print(lines[-1], flush=True)
+        figures.append((item, one[3], rate_one, rate_many, ratio))
+    print(f"\n{load()} at the end; steps = one run's steps (from the store); wall/cpu = seconds of the whole "
+          f"command (start-up included; cpu counts its workers); ratio = {args.seeds}-seed seed-steps/s over "
+          "1 seed's steps/s (target >= 3x)")
+    print(f"{'benchmark':<62} {'steps':>6} {'1 wall':>7} {'1 cpu':>7} {'steps/s':>8}   {'N':>3} "
+          f"{'N wall':>7} {'N cpu':>7} {'seed-st/s':>8}   {'ratio':>6}")
+    print("\n".join(lines))
+    if args.record:
+        for item, steps, rate_one, rate_many, ratio in figures:
+            record(f"run_workers/{item}/{args.seeds}seeds/{args.workers}x{args.threads}t",
+                   "vectorised_seeds_continual.py",
+                   f"{ratio:.2f}x wall, end to end: lopkit run --seeds {args.seeds} --workers {args.workers} "
+                   f"--threads {args.threads} {rate_many:.0f} seed-steps/s vs --seed-list 0 --threads "
+                   f"{args.workers * args.threads} {rate_one:.0f} steps/s ({steps} steps per run)",
+                   threads=args.threads)
+
+
 def main() -> None:
     """Time the three variants for every benchmark and print one table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=600, help="steps timed per run (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, help="NAME:PRESET,... (default: %(default)s)")
+    parser.add_argument("--benchmarks", default=None,
+                        help=f"NAME:PRESET[:KEY=VALUE+...],... (default: {DEFAULT_BENCHMARKS}; with --workers: "
+                             f"{WORKERS_BENCHMARKS})")
+    parser.add_argument("--workers", type=int, default=0, metavar="W",
+                        help="time 'lopkit run --seeds S --workers W' against one seed end to end instead (0: off)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to every benchmark")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of each vectorised run")
     add_record_argument(parser)
     args = parser.parse_args()
-    if args.seeds < 1 or args.steps < 1 or args.threads < 1:
-        parser.error("--seeds, --steps and --threads must be >= 1")
+    if args.seeds < 1 or args.steps < 1 or args.threads < 1 or args.workers < 0:
+        parser.error("--seeds, --steps and --threads must be >= 1, --workers >= 0")
+    if args.workers:
+        main_workers(args)
+        return
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # the Monitor's NaN-rank warnings on dead layers are expected
     print(f"{args.seeds} seeds, {args.threads} thread(s), {load()} at the start", flush=True)
     seeds = list(range(args.seeds))
     lines, figures = [], []
-    for item in args.benchmarks.split(","):
+    for item in (args.benchmarks or DEFAULT_BENCHMARKS).split(","):
         name, preset, extra = parse_entry(item)
         label = item if extra else f"{name}:{preset}"
         cls = get_benchmark(name)
