@@ -75,6 +75,13 @@ def test_parse_workers_and_the_plan_line():
     assert workers_plan_line([[0], [1]], None, 1) == "workers: 2 seeds as 2 workers x 1 seed, 1 thread each"
 
 
+def test_help_explains_workers_with_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert "--workers N" in text and "--seeds 8 --workers 2 --threads 1" in text
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5"])
 def test_bad_workers_gives_one_error_line_and_exit_2(capsys, tmp_path, value):
     out = tmp_path / "exp"

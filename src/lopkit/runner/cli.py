@@ -256,8 +256,8 @@ def register(subparsers: Any) -> None:
                "  lopkit run toy --preset smoke --seeds 2\n"
                "  lopkit run bitflip --set width=50 --method cbp --out runs/e3\n"
                "  lopkit run class_split --seed-list 40,41,42 --set norm=layer\n"
-               "  lopkit run random_labels --preset e1 --seeds 8 --workers 2 --threads 1   (2 cores: 2 processes x "
-               "4-seed vectorised groups)\n"
+               "  lopkit run random_labels --preset e1 --seeds 8 --workers 2 --threads 1\n"
+               "      (on 2 cores: 2 processes, each training 4 seeds as one vectorised learner on 1 thread)\n"
                "exit codes: 0 ok, 1 a run failed (traceback kept in the store), 2 bad input, 130 interrupted\n"
                "see the config fields with 'lopkit list BENCHMARK'; plot with 'lopkit report OUT'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -284,7 +284,7 @@ def register(subparsers: Any) -> None:
                      help="processes to share the seeds: N contiguous parts, each trained in its own process as "
                           "one vectorised learner when allowed (else seed by seed), --threads shared out between "
                           "them (1 each when not given); all write OUT/results.sqlite. On a 2-core machine "
-                          "--workers 2 --threads 1 beats one process (default: 1, every seed in this process)")
+                          "use --workers 2 --threads 1 (default: 1, every seed in this process)")
     add_threads_flag(run)
     add_progress_flags(run)
     run.set_defaults(func=_run)

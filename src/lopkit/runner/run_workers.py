@@ -85,6 +85,7 @@ def run_with_workers(
     collect = Collector(Sweep(Path(out), specs, checkpoint_every), store, False, None)
     interrupted = False
     if todo:
+        store.ensure_writable()  # read-only storage: one StoreError before any worker starts
         per_worker = threads_per_worker(threads, len(todo))
         refusal = seeds_refusal(cls, config, max(len(part) for part in todo), resolve_methods(method_names), vectorise)
         skipped = sum(len(part) for part in parts if part not in todo)
@@ -93,7 +94,6 @@ def run_with_workers(
         imports = plugin_modules(specs)
         tasks = [Task([index_of[s] for s in part], [specs[index_of[s]] for s in part], str(out), checkpoint_every,
                       SEEDS_ENGINE, per_worker, imports, vectorise) for part in todo]
-        store.ensure_writable()
         try:
             interrupted = run_local(tasks, collect, len(tasks))
         except KeyboardInterrupt:  # a second Ctrl-C: the workers were stopped at once; the store holds their commits
