@@ -6,7 +6,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import importlib
 import json
 import shlex
 import sys
@@ -29,6 +28,7 @@ from lopkit.runner.cli_common import (
     parse_seeds,
     progress_mode,
 )
+from lopkit.runner.seed_runs import describe_result, parse_workers, run_seeds
 
 DEFAULT_SEEDS = 5  # spec section 8, item 12
 
@@ -74,7 +74,34 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
         parts += ["--checkpoint-every", str(args.checkpoint_every)]
     if getattr(args, "no_vectorise", False):
         parts.append("--no-vectorise")
+    workers = getattr(args, "workers", "1")
+    if str(workers).strip() != "1":
+        parts += ["--workers", str(workers).strip()]
+    if getattr(args, "threads", None) is not None:
+        parts += ["--threads", str(args.threads)]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _run_in_workers(args: argparse.Namespace, store: Any, cls: Any, config: Any, seeds: list[int],
+                    method_names: list[str], out: Path, workers: int) -> int:
+    """``--workers N`` (N >= 2): the seeds in N spawned processes (:mod:`lopkit.runner.run_workers`)."""
+    from lopkit.configs import parse_overrides
+    from lopkit.runner.run_workers import run_with_workers
+    from lopkit.runner.store import StoreError
+
+    try:
+        code = run_with_workers(store, cls, config, seeds, method_names, out=out, preset=args.preset,
+                                overrides=parse_overrides(args.overrides), workers=workers, threads=args.threads,
+                                checkpoint_every=args.checkpoint_every, vectorise=not args.no_vectorise,
+                                resume=resume_command(args, out))
+    except StoreError as err:  # e.g. a read-only store: one line before any worker starts
+        return _error(str(err))
+    finally:
+        store.close()
+    if code != EXIT_INTERRUPTED:
+        print(f"results: {store.path}")
+        print(f"next: lopkit report {shlex.quote(str(out))}")
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,6 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.checkpoint_every is not None and args.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
         apply_threads(args)
+        workers = parse_workers(args.workers)
     except ConfigError as err:
         return _error(str(err))
 
@@ -102,15 +130,22 @@ def _run(args: argparse.Namespace) -> int:
     progress = progress_mode(args)
     print(f"experiment {out}: {cls.name} preset={args.preset} method={label} seeds={','.join(map(str, seeds))}")
     print(f"config: {json.dumps(config_to_dict(config), sort_keys=True)}")
+    if workers > len(seeds):
+        print(f"note: --workers {workers} is more than the {len(seeds)} seed{'s' if len(seeds) != 1 else ''}; "
+              f"using {len(seeds)} worker{'s' if len(seeds) != 1 else ''} (one per seed)")
+        workers = len(seeds)
     try:
         store = ResultStore(out)
     except StoreError as err:  # damaged, not a lopkit store, or read-only: one line, the file untouched
         return _error(str(err))
     except OSError as err:
         return _error(f"cannot open the results store in {out}: {err}")
+    if workers > 1:
+        return _run_in_workers(args, store, cls, config, seeds, method_names, out, workers)
     failures = 0
     try:
-        for seed, result in _seed_results(args, store, cls, config, seeds, method_names, progress):
+        for seed, result in run_seeds(store, cls, config, seeds, method_names, args.checkpoint_every, progress,
+                                      preset=args.preset, vectorise=not args.no_vectorise):
             if isinstance(result, Exception):  # a benchmark's constructor (bad combination of values,
                 # missing dataset) or a store that cannot be written
                 return _error(str(result))
@@ -119,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"seed {seed}: interrupted{where}; completed chunks are saved in {store.path}", file=sys.stderr)
                 print(f"to resume, run the same command again: {resume_command(args, out)}", file=sys.stderr)
                 return EXIT_INTERRUPTED
-            print(_describe(seed, result))
+            print(describe_result(seed, result))
             if result.status == "failed":
                 failures += 1
                 print(f"error: seed {seed} failed: {result.error_line} (full traceback in the store, runs.error)",
@@ -129,70 +164,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"results: {store.path}")
     print(f"next: lopkit report {shlex.quote(str(out))}")
     return EXIT_FAILED if failures else EXIT_OK
-
-
-def _seed_results(args: argparse.Namespace, store: Any, cls: Any, config: Any, seeds: list[int],
-                  method_names: list[str], progress: Any) -> Any:
-    """Yield ``(seed, RunResult | None (interrupted) | set-up error)``: one vectorised learner when it can, else each seed."""
-    from lopkit.runner.execute import SETUP_ERRORS, execute_run, resolve_methods
-    from lopkit.runner.store import StoreError
-    from lopkit.runner.vectorised import execute_group, vectorisation_refusal
-
-    runner_name = getattr(cls, "seed_group_runner", None)  # bitflip: its own seed group (lean engine, CBP)
-    if runner_name is not None and len(seeds) > 1 and not args.no_vectorise:
-        module_name, _, function_name = runner_name.partition(":")
-        run_seed_group = getattr(importlib.import_module(module_name), function_name)
-        try:
-            grouped = run_seed_group(store, config, seeds, method_names, args.checkpoint_every,
-                                     preset=args.preset) or {}
-        except (*SETUP_ERRORS, StoreError) as err:
-            yield seeds[0], err
-            return
-        for seed in seeds:
-            try:
-                yield seed, grouped.get(seed) or execute_run(store, cls, config, seed, method_names,
-                                                             args.checkpoint_every, progress, preset=args.preset,
-                                                             raise_on_error=False)
-            except (*SETUP_ERRORS, StoreError) as err:
-                yield seed, err
-                return
-            except KeyboardInterrupt:
-                yield seed, None
-        return
-    reason = "--no-vectorise" if args.no_vectorise else vectorisation_refusal(
-        cls, [config] * len(seeds), resolve_methods(method_names))
-    if len(seeds) > 1:
-        print(f"vectorised: {len(seeds)} seeds trained as one learner in this process" if reason is None
-              else f"separate runs: {reason}")
-    if reason is None:
-        try:
-            results = execute_group(store, cls, [(config, seed) for seed in seeds], method_names,
-                                    args.checkpoint_every, progress, preset=args.preset)
-        except (*SETUP_ERRORS, StoreError) as err:
-            yield seeds[0], err
-            return
-        except KeyboardInterrupt:
-            results = [None] * len(seeds)
-        yield from zip(seeds, results)
-        return
-    for seed in seeds:
-        try:
-            yield seed, execute_run(store, cls, config, seed, method_names, args.checkpoint_every, progress,
-                                    preset=args.preset, raise_on_error=False)
-        except (*SETUP_ERRORS, StoreError) as err:
-            yield seed, err
-            return
-        except KeyboardInterrupt:
-            yield seed, None
-
-
-def _describe(seed: int, result: Any) -> str:
-    """One line about a finished, skipped or failed run."""
-    if result.status == "skipped":
-        return f"seed {seed}: already finished (run {result.run_id}), skipped"
-    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
-    return (f"seed {seed}: {result.status} at step {result.step}/{result.total_steps} in {result.seconds:.1f}s"
-            f"{resumed} (run {result.run_id})")
 
 
 # -------------------------------------------------------------------------------------------------- list
@@ -277,12 +248,16 @@ def register(subparsers: Any) -> None:
         description=textwrap.fill(
             "Run BENCHMARK for each seed, storing tidy metric rows and checkpoints in OUT/results.sqlite. Seeds "
             "run one after the other, or as one vectorised learner in this process when the benchmark and methods "
-            "allow it (same rows within float rounding; the first line says which). Rerunning the same command skips finished seeds and resumes an interrupted one "
-            "from its last checkpoint, giving exactly the rows of an uninterrupted run.", width=78),
+            "allow it (same rows within float rounding; the first line says which). With --workers N the seeds are cut "
+            "into N contiguous parts, each run that way in its own process with --threads shared out. Rerunning the "
+            "same command skips finished seeds and resumes an interrupted one from its last checkpoint, giving "
+            "exactly the rows of an uninterrupted run.", width=78),
         epilog="examples:\n"
                "  lopkit run toy --preset smoke --seeds 2\n"
                "  lopkit run bitflip --set width=50 --method cbp --out runs/e3\n"
                "  lopkit run class_split --seed-list 40,41,42 --set norm=layer\n"
+               "  lopkit run random_labels --preset e1 --seeds 8 --workers 2 --threads 1\n"
+               "      (on 2 cores: 2 processes, each training 4 seeds as one vectorised learner on 1 thread)\n"
                "exit codes: 0 ok, 1 a run failed (traceback kept in the store), 2 bad input, 130 interrupted\n"
                "see the config fields with 'lopkit list BENCHMARK'; plot with 'lopkit report OUT'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -305,6 +280,11 @@ def register(subparsers: Any) -> None:
     run.add_argument("--no-vectorise", action="store_true",
                      help="run the seeds one after the other even when they could be trained as one vectorised "
                           "learner (by default they are when the benchmark and methods allow it)")
+    run.add_argument("--workers", default="1", metavar="N",
+                     help="processes to share the seeds: N contiguous parts, each trained in its own process as "
+                          "one vectorised learner when allowed (else seed by seed), --threads shared out between "
+                          "them (1 each when not given); all write OUT/results.sqlite. On a 2-core machine "
+                          "use --workers 2 --threads 1 (default: 1, every seed in this process)")
     add_threads_flag(run)
     add_progress_flags(run)
     run.set_defaults(func=_run)

@@ -10,7 +10,7 @@ from lopkit.mitigations.registry import METHODS, parse_method_spec
 from lopkit.runner.sweep.schema import RunSpec, Sweep
 from lopkit.runner.sweep.tasks import Task
 
-__all__ = ["plan_tasks"]
+__all__ = ["plan_tasks", "plugin_modules"]
 
 
 def plan_tasks(
@@ -19,7 +19,7 @@ def plan_tasks(
     """Tasks for the runs still to do: one per run, except seed groups of bitflip runs (fast path)."""
     from lopkit.runner.vectorised import GROUP_ENGINE, split_refused_groups, vectorised_group_key
 
-    imports = _plugin_modules(sweep.runs[i] for i in pending)
+    imports = plugin_modules(sweep.runs[i] for i in pending)
     groups: dict[str, list[int]] = {}
     singles: list[int] = []
     for index in pending:
@@ -48,7 +48,7 @@ def plan_tasks(
     return sorted(tasks, key=lambda t: t.indices[0])
 
 
-def _plugin_modules(specs: Iterable[RunSpec]) -> tuple[str, ...]:
+def plugin_modules(specs: Iterable[RunSpec]) -> tuple[str, ...]:
     """Modules outside lopkit that registered a benchmark or a method these runs use (workers import them)."""
     classes = []
     for spec in specs:

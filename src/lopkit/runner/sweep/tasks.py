@@ -1,4 +1,5 @@
-"""Tasks: what one worker of any backend executes (one run, or several bitflip seeds trained together).
+"""Tasks: what one worker of any backend executes (one run, several runs trained as one vectorised learner, or
+one part of the seeds of ``lopkit run --workers N``).
 
 Tasks and their results are plain picklable objects, so the same functions serve every backend."""
 
@@ -22,7 +23,11 @@ from lopkit.runner.execute import execute_run
 from lopkit.runner.store import ResultStore
 from lopkit.runner.sweep.schema import RunSpec
 
-__all__ = ["Task", "TaskResult", "run_task", "sigint_raises", "worker_init"]
+__all__ = ["SEEDS_ENGINE", "Task", "TaskResult", "run_task", "sigint_raises", "worker_init"]
+
+#: ``Task.vectorize_engine`` of one part of ``lopkit run --workers N``: its seeds (one config) run the way
+#: ``lopkit run`` runs seeds in one process (:func:`lopkit.runner.seed_runs.run_seeds`).
+SEEDS_ENGINE = "seeds"
 
 # ------------------------------------------------------------------------------------------------ tasks
 #
@@ -41,6 +46,7 @@ class Task:
     vectorize_engine: str | None = None  # set for a seed-vectorised group
     threads: int | None = 1
     imports: tuple[str, ...] = ()  # modules outside lopkit that register the sweep's benchmarks or methods
+    vectorise: bool = True  # SEEDS_ENGINE only: False runs the seeds one after the other (--no-vectorise)
 
 
 @dataclasses.dataclass
@@ -197,6 +203,60 @@ def _execute_group(store: Any, task: Task) -> list[TaskResult]:
             for index, r in zip(task.indices, results)]
 
 
+def _flat(text: str) -> str:
+    """A multi-line message on one line (``; ``-joined), so that it is its own last line."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _execute_seeds(store: Any, task: Task) -> list[TaskResult]:
+    """One part of ``lopkit run --workers N``: its seeds run as ``lopkit run --seed-list PART`` runs them.
+
+    Stops after a run reports ``interrupted`` (the driver forwarded Ctrl-C) or when the driver's stop event is set;
+    the seeds not reached are then ``interrupted`` too (they resume from their last commit on the next command).
+    """
+    from lopkit.benchmarks.base import get_benchmark
+    from lopkit.runner.seed_runs import run_seeds
+
+    spec = task.specs[0]
+    index_of = {s.seed: index for index, s in zip(task.indices, task.specs)}
+    seeds = [s.seed for s in task.specs]
+    name = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
+    results: dict[int, TaskResult] = {}
+    rest = "interrupted"
+
+    def log(line: str) -> None:
+        print(f"worker ({name}): {line}", file=sys.stderr, flush=True)
+
+    try:
+        with sigint_raises():
+            cls = get_benchmark(spec.benchmark)
+            for seed, result in run_seeds(store, cls, spec.make_config(), seeds, spec.methods, task.checkpoint_every,
+                                          "never", preset=spec.preset, vectorise=task.vectorise, log=log,
+                                          announce=False):  # the driver said how the seeds run
+                index = index_of[seed]
+                if isinstance(result, BaseException):  # a set-up error (missing dataset, ...) or a store error
+                    rest = "failed"
+                    results[index] = TaskResult(index, "failed", _flat(f"{type(result).__name__}: {result}"))
+                    break
+                if result is None or result.status == "interrupted":
+                    results[index] = TaskResult(index, "interrupted", step=result.step if result is not None else 0)
+                    break
+                rows = _rows_of(store, result.run_id) if task.store is None else None
+                results[index] = TaskResult(index, result.status, result.error, result.seconds, result.step, rows)
+                if _STOP_EVENT is not None and _STOP_EVENT.is_set():
+                    break
+    except KeyboardInterrupt:  # a Ctrl-C between runs: every run keeps its last commit
+        pass
+    except Exception:  # noqa: BLE001  (e.g. a config that no longer validates: recorded for the seeds not run)
+        rest = "failed"
+        error = traceback.format_exc()
+        for index in task.indices:
+            results.setdefault(index, TaskResult(index, "failed", error))
+    failed = [r.error for r in results.values() if r.status == "failed"]
+    return [results.get(index) or TaskResult(index, rest, failed[0] if rest == "failed" and failed else "")
+            for index in task.indices]
+
+
 def run_task(task: Task) -> list[TaskResult]:
     """Execute one task in this process (any backend's worker entry point); never raises for a run's error."""
     import tempfile
@@ -214,6 +274,8 @@ def run_task(task: Task) -> list[TaskResult]:
         folder = task.store or stack.enter_context(tempfile.TemporaryDirectory(prefix="lopkit-sweep-"))
         store = stack.enter_context(ResultStore(folder))
         stack.enter_context(_task_environment(task.threads))
+        if task.vectorize_engine == SEEDS_ENGINE:
+            return _execute_seeds(store, task)
         if task.vectorize_engine == "group":  # lopkit.runner.vectorised.GROUP_ENGINE
             return _execute_group(store, task)
         if task.vectorize_engine is not None:
