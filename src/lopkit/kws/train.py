@@ -444,9 +444,12 @@ class KWSTrainBenchmark(Benchmark):
 
     def _loss(self, feats: Tensor, index: Tensor, train: bool) -> tuple[Tensor, float, float]:
         """(total loss, classification part, offset part) of a batch."""
+        return self._loss_of_output(self.model(feats), index, train)
+
+    def _loss_of_output(self, output: Any, index: Tensor, train: bool) -> tuple[Tensor, float, float]:
+        """(total loss, classification part, offset part) of a batch from the model's ``output`` on it."""
         from lopkit.kws.losses import heimdal_loss, phone_frame_loss, utterance_loss
 
-        output = self.model(feats)
         kind = self.config.model_kind
         if self.is_hmm:
             targets = (self.train_targets if train else self.val_targets)[index]
@@ -528,9 +531,9 @@ class KWSTrainBenchmark(Benchmark):
             rows += self._validate()
         return rows
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _validate(self) -> list[dict[str, Any]]:
-        """Validation loss and accuracy on (up to ``val_max_clips``) val clips, eval mode."""
+        """Validation loss and accuracy on (up to ``val_max_clips``) val clips, eval mode (one forward per batch)."""
         n = min(len(self.val_data), self.config.val_max_clips)
         if n == 0:
             return []
@@ -539,9 +542,9 @@ class KWSTrainBenchmark(Benchmark):
         for begin in range(0, n, 256):
             index = torch.arange(begin, min(n, begin + 256))
             feats = self.val_data.feats[index].float()
-            loss, _, _ = self._loss(feats, index, train=False)
+            output = self.model(feats)  # eval mode: deterministic, so the loss and the metrics share it
+            loss, _, _ = self._loss_of_output(output, index, train=False)
             losses.append(float(loss) * index.numel())
-            output = self.model(feats)
             if self.is_hmm:
                 targets = self.val_targets[index]
                 keep = targets >= 0
