@@ -277,3 +277,40 @@ def test_validation_with_one_forward_equals_the_two_forward_reference(corpus, ki
     other.run(3)
     for key, value in bench.model.state_dict().items():
         assert torch.equal(value, other.model.state_dict()[key]), key
+
+
+_TRAIN_WITH_HEAP_REUSE = """
+import sys, torch
+from lopkit.kws.train import KWSTrainBenchmark, keep_freed_memory_for_reuse
+torch.set_num_threads(1)
+assert keep_freed_memory_for_reuse(), "mallopt refused"
+config = KWSTrainBenchmark.make_config("smoke", {"corpus_dir": sys.argv[1], "model_kind": sys.argv[2], "max_steps": 3,
+                                                 "batch_size": 8, "log_every": 2, "val_max_clips": 8, "augment": True})
+bench = KWSTrainBenchmark(config, 5)
+bench.run(3)
+torch.save(bench.model.state_dict(), sys.argv[3])
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_heap_reuse_leaves_the_trained_weights_unchanged(corpus, tmp_path):
+    """A run after keep_freed_memory_for_reuse (another process) ends with exactly the weights of one without it."""
+    import os
+    import subprocess
+    import sys
+
+    from lopkit.kws.train import KWSTrainBenchmark
+
+    torch.set_num_threads(1)
+    out = tmp_path / "state.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    subprocess.run([sys.executable, "-c", _TRAIN_WITH_HEAP_REUSE, str(corpus), "heimdal", str(out)], check=True,
+                   env=env)
+    config = KWSTrainBenchmark.make_config("smoke", {"corpus_dir": str(corpus), "model_kind": "heimdal", "max_steps": 3,
+                                                     "batch_size": 8, "log_every": 2, "val_max_clips": 8,
+                                                     "augment": True})
+    bench = KWSTrainBenchmark(config, 5)
+    bench.run(3)
+    reused = torch.load(out)
+    for key, value in bench.model.state_dict().items():
+        assert torch.equal(value, reused[key]), key
