@@ -283,7 +283,8 @@ _TRAIN_WITH_HEAP_REUSE = """
 import sys, torch
 from lopkit.kws.train import KWSTrainBenchmark, keep_freed_memory_for_reuse
 torch.set_num_threads(1)
-assert keep_freed_memory_for_reuse(), "mallopt refused"
+if not keep_freed_memory_for_reuse():
+    sys.exit(3)  # this libc refused the setting: nothing to compare
 config = KWSTrainBenchmark.make_config("smoke", {"corpus_dir": sys.argv[1], "model_kind": sys.argv[2], "max_steps": 3,
                                                  "batch_size": 8, "log_every": 2, "val_max_clips": 8, "augment": True})
 bench = KWSTrainBenchmark(config, 5)
@@ -304,8 +305,10 @@ def test_heap_reuse_leaves_the_trained_weights_unchanged(corpus, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "state.pt"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    subprocess.run([sys.executable, "-c", _TRAIN_WITH_HEAP_REUSE, str(corpus), "heimdal", str(out)], check=True,
-                   env=env)
+    done = subprocess.run([sys.executable, "-c", _TRAIN_WITH_HEAP_REUSE, str(corpus), "heimdal", str(out)], env=env)
+    if done.returncode == 3:
+        pytest.skip("this libc's mallopt refuses the heap-reuse setting")
+    assert done.returncode == 0
     config = KWSTrainBenchmark.make_config("smoke", {"corpus_dir": str(corpus), "model_kind": "heimdal", "max_steps": 3,
                                                      "batch_size": 8, "log_every": 2, "val_max_clips": 8,
                                                      "augment": True})
