@@ -223,3 +223,97 @@ def test_learning_rate_follows_the_warmup_cosine_schedule_across_a_resume(corpus
     second.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
     second.run(5)
     assert seen == [reference(step) for step in range(8)]
+
+
+def _validate_reference(bench) -> dict[str, float]:
+    """The validation as it was computed before issue 19's speed-up: the loss forward, then a second forward."""
+    from lopkit.kws.metrics import clip_auc
+
+    config, data = bench.config, bench.val_data
+    n = min(len(data), config.val_max_clips)
+    bench.model.eval()
+    losses, correct, total, clip_scores = [], 0, 0, []
+    with torch.no_grad():
+        for begin in range(0, n, 256):
+            index = torch.arange(begin, min(n, begin + 256))
+            feats = data.feats[index].float()
+            loss, _, _ = bench._loss(feats, index, train=False)
+            losses.append(float(loss) * index.numel())
+            output = bench.model(feats)
+            if bench.is_hmm:
+                targets = bench.val_targets[index]
+                keep = targets >= 0
+                correct += int((output.argmax(1)[keep] == targets[keep]).sum())
+                total += int(keep.sum())
+            else:
+                score = torch.sigmoid(output["detect"]).max(dim=1).values
+                clip_scores.append(score)
+                correct += int(((score > 0.5).long() == data.label[index]).sum())
+                total += index.numel()
+    bench.model.train()
+    metric = "val_frame_accuracy" if bench.is_hmm else "val_clip_accuracy"
+    out = {"val_loss": sum(losses) / n, metric: correct / max(1, total)}
+    if clip_scores:
+        scores, labels = torch.cat(clip_scores), data.label[:n].bool()
+        out["val_clip_auc"] = clip_auc(scores[labels], scores[~labels])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["heimdal", "dnn_hmm"])
+def test_validation_with_one_forward_equals_the_two_forward_reference(corpus, kind):
+    """The epoch-end validation (one forward per batch, inference mode) gives exactly the old two-forward figures
+    and leaves the weights and the next training steps unchanged."""
+    from lopkit.kws.train import KWSTrainBenchmark
+
+    config = _config(corpus, model_kind=kind, max_steps=6, val_max_clips=300, augment=True)
+    bench = KWSTrainBenchmark(config, 1)
+    other = KWSTrainBenchmark(config, 1)
+    bench.run(3)
+    other.run(3)
+    expected = _validate_reference(other)
+    rows = {row["metric"]: row["value"] for row in bench._validate()}
+    assert rows == expected
+    bench.run(3)
+    other.run(3)
+    for key, value in bench.model.state_dict().items():
+        assert torch.equal(value, other.model.state_dict()[key]), key
+
+
+_TRAIN_WITH_HEAP_REUSE = """
+import sys, torch
+from lopkit.kws.train import KWSTrainBenchmark, keep_freed_memory_for_reuse
+torch.set_num_threads(1)
+if not keep_freed_memory_for_reuse():
+    sys.exit(3)  # this libc refused the setting: nothing to compare
+config = KWSTrainBenchmark.make_config("smoke", {"corpus_dir": sys.argv[1], "model_kind": sys.argv[2], "max_steps": 3,
+                                                 "batch_size": 8, "log_every": 2, "val_max_clips": 8, "augment": True})
+bench = KWSTrainBenchmark(config, 5)
+bench.run(3)
+torch.save(bench.model.state_dict(), sys.argv[3])
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_heap_reuse_leaves_the_trained_weights_unchanged(corpus, tmp_path):
+    """A run after keep_freed_memory_for_reuse (another process) ends with exactly the weights of one without it."""
+    import os
+    import subprocess
+    import sys
+
+    from lopkit.kws.train import KWSTrainBenchmark
+
+    torch.set_num_threads(1)
+    out = tmp_path / "state.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", _TRAIN_WITH_HEAP_REUSE, str(corpus), "heimdal", str(out)], env=env)
+    if done.returncode == 3:
+        pytest.skip("this libc's mallopt refuses the heap-reuse setting")
+    assert done.returncode == 0
+    config = KWSTrainBenchmark.make_config("smoke", {"corpus_dir": str(corpus), "model_kind": "heimdal", "max_steps": 3,
+                                                     "batch_size": 8, "log_every": 2, "val_max_clips": 8,
+                                                     "augment": True})
+    bench = KWSTrainBenchmark(config, 5)
+    bench.run(3)
+    reused = torch.load(out)
+    for key, value in bench.model.state_dict().items():
+        assert torch.equal(value, reused[key]), key

@@ -78,6 +78,7 @@ def _train(args: argparse.Namespace) -> int:
         config = KWSTrainBenchmark.make_config(args.preset, overrides)
         keyword_of(args.corpus)  # a missing corpus fails here, before a run is registered
         apply_threads(args)
+        _reuse_freed_memory()
     except (ConfigError, FileNotFoundError) as err:
         return _error(str(err))
     out = Path(args.out)
@@ -97,6 +98,13 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reuse_freed_memory() -> None:
+    """Training commands: keep freed activation buffers for reuse (faster steps, same values; issue 19)."""
+    from lopkit.kws.train import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()
+
+
 def _run_stages(args: argparse.Namespace, stages: tuple[str, ...] | None) -> int:
     from lopkit.kws.pipeline import pipeline_config, run_pipeline
 
@@ -107,6 +115,7 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...] | None) -> int
             for method in config.continual_methods:  # unknown names / bad hyper-parameters fail before any stage
                 build_methods(method)
         apply_threads(args)
+        _reuse_freed_memory()
     except ConfigError as err:
         return _error(str(err))
     try:
@@ -274,6 +283,7 @@ def _train_wakeword(args: argparse.Namespace) -> int:
         config = pipeline_config(args.preset, overrides)
         config.validate()
         apply_threads(args)
+        _reuse_freed_memory()
         confusables = generate_confusables(phrase)
     except (ConfigError, ValueError) as err:
         return _error(str(err))
