@@ -1,13 +1,14 @@
 """Print the HEiMDaL (lopkit kws) figures of pipeline output folders as Markdown (for docs/kws.md; nothing by hand).
 
-Usage: python scripts/kws_results_md.py RUN_DIR [RUN_DIR ...] [--write docs/kws.md]
+Usage: python scripts/kws_results_md.py RUN_DIR [RUN_DIR ...] [--write docs/kws.md] [--marker NAME]
 
 Each RUN_DIR is a ``lopkit kws run`` / ``lopkit kws evaluate`` output folder; the script reads only
 ``pipeline.json``, ``eval/summary.json``, ``eval/<kind>__stream_neg_top.csv`` (when the evaluation wrote them) and
 ``corpus/index.json``. Every section is labelled with the folder, seed,
 corpus (keyword, negative-stream minutes, whether confusables were checked by phones), training budget and the
 UTC date the evaluation was written. ``--write FILE`` replaces the text between the markers
-``<!-- kws-results:begin -->`` and ``<!-- kws-results:end -->`` in FILE instead of printing.
+``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in FILE instead of printing (``--marker NAME``, default
+``kws-results``). With several folders (one per seed) a table over the seeds and the target verdicts come first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import math
 import sys
 from pathlib import Path
 
-BEGIN, END = "<!-- kws-results:begin -->", "<!-- kws-results:end -->"
 SPLITS = (("test_seen", "held-out espeak voices"), ("test_cross", "flite + festival voices"),
           ("stream_pos", "positives inside continuous speech"))
 KINDS = ("confusable", "sentence", "noise")
@@ -151,9 +151,88 @@ def run_section(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+START_TARGET_MS = 20.0  # issue 19: start error within 20 ms
+
+
+def _seed_figures(folder: Path) -> tuple[int, float, list[float], dict]:
+    """(seed, target FA/h, FA/h levels, models of eval/summary.json) of one run folder."""
+    state = _read(folder / "pipeline.json")
+    summary = _read(folder / "eval" / "summary.json")
+    config = state["config"]
+    target = float(summary.get("target_fa_per_hour", config["target_fa_per_hour"]))
+    levels = sorted({target, *map(float, config.get("extra_fa_levels", ()))})
+    return int(config["seed"]), target, levels, summary["models"]
+
+
+def seeds_section(folders: list[Path]) -> str:
+    """The targets over seeds: each seed's FRR per model, split and FA/h level, their mean, and the verdicts.
+
+    Verdicts are counts over seeds (how many seeds have the CNN's FRR below the DNN-HMM's at equal footprint; how
+    many have the CNN's median start error within 20 ms), computed from the figures in the table.
+    """
+    runs = [_seed_figures(folder) for folder in folders]
+    levels = sorted({level for _, _, found, _ in runs for level in found})
+    seeds = [seed for seed, _, _, _ in runs]
+    models = list(runs[0][3])
+    lines = [f"### Over seeds {', '.join(map(str, seeds))} (one folder per seed, listed below)", "",
+             "FRR at each FA/h level on each seed's own negative stream; cells: the seeds' values in seed order, then "
+             "their mean. Each seed has its own corpus (voices, texts, noise and stream drawn from its seed) and its "
+             "own training.", "",
+             "| model | split | " + " | ".join(f"FRR @ {level:g} FA/h" for level in levels)
+             + " | median start error at the trigger |", "|" + "---|" * (3 + len(levels))]
+
+    def values(model: str, split: str, level: float) -> list[float]:
+        out = []
+        for _, target, _, found in runs:
+            info = found.get(model, {}).get("splits", {}).get(split)
+            out.append(_frr_at(info, level, target) if info is not None else math.nan)
+        return out
+
+    def starts(model: str, split: str) -> list[float]:
+        return [found.get(model, {}).get("splits", {}).get(split, {}).get("start", {}).get("median_abs_ms", math.nan)
+                for _, _, _, found in runs]
+
+    def cell(found: list[float], fmt) -> str:
+        finite = [v for v in found if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        mean = sum(finite) / len(finite) if finite else math.nan
+        return " / ".join(fmt(v) for v in found) + f"; mean {fmt(mean)}"
+
+    for model in models:
+        params = runs[0][3][model].get("params")
+        for split, label in SPLITS:
+            lines.append(f"| {model} ({params:,} params) | {split} ({label}) | "
+                         + " | ".join(cell(values(model, split, level), _pct) for level in levels)
+                         + f" | {cell(starts(model, split), _ms)} |")
+    lines.append("")
+    cnn, baseline = "heimdal", "dnn_hmm"
+    if cnn in models and baseline in models:
+        for split, label in SPLITS:
+            parts = []
+            for level in levels:
+                ours, theirs = values(cnn, split, level), values(baseline, split, level)
+                wins = sum(1 for a, b in zip(ours, theirs) if a < b)
+                parts.append(f"{wins} of {len(seeds)} seeds at {level:g} FA/h")
+            lines.append(f"- CNN FRR below the DNN-HMM's, {split} ({label}): " + ", ".join(parts) + ".")
+        for split, label in SPLITS:
+            found = starts(cnn, split)
+            within = sum(1 for v in found if not math.isnan(v) and v <= START_TARGET_MS)
+            lines.append(f"- CNN median start error within {START_TARGET_MS:g} ms, {split}: {within} of "
+                         f"{len(seeds)} seeds.")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     """Print (or write into a marked block) the sections of every folder given."""
-    write = None
+    write, marker = None, "kws-results"
+    if "--marker" in argv:
+        at = argv.index("--marker")
+        if at + 1 >= len(argv):
+            print("error: --marker needs a name, e.g. --marker kws-results-e16", file=sys.stderr)
+            return 2
+        marker = argv[at + 1]
+        argv = argv[:at] + argv[at + 2:]
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     if "--write" in argv:
         at = argv.index("--write")
         if at + 1 >= len(argv):
@@ -165,16 +244,20 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
     text = "\n".join(run_section(Path(a)) for a in argv)
+    if len(argv) > 1:
+        text = seeds_section([Path(a) for a in argv]) + "\n" + text
     if write is None:
         print(text)
         return 0
     document = write.read_text()
-    if BEGIN not in document or END not in document:
-        print(f"error: {write} has no '{BEGIN}' ... '{END}' block to replace; add the two markers", file=sys.stderr)
+    if begin not in document or end not in document:
+        print(f"error: {write} has no '{begin}' ... '{end}' block to replace; add the two markers", file=sys.stderr)
         return 2
-    head, rest = document.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    generated = f"{BEGIN}\n<!-- generated by scripts/kws_results_md.py {' '.join(argv)}; do not edit -->\n\n{text}\n{END}"
+    head, rest = document.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    flags = f" --marker {marker}" if marker != "kws-results" else ""
+    generated = (f"{begin}\n<!-- generated by scripts/kws_results_md.py {' '.join(argv)}{flags}; do not edit -->\n\n"
+                 f"{text}\n{end}")
     write.write_text(head + generated + tail)
     return 0
 
