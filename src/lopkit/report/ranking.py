@@ -30,6 +30,7 @@ import pandas as pd
 
 from lopkit.diagnostics.errors import LopkitWarning
 from lopkit.report import aggregate
+from lopkit.runner.store import last_error_line
 
 #: Whether a higher value of a metric is better (used to sort the ranking).
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -220,16 +221,10 @@ def partial_grid_note(runs: pd.DataFrame, unfinished: int = 0, failed: pd.DataFr
                   f"column), {unfinished} started cell(s) unfinished; rerun the command to resume. Methods with "
                   "fewer seeds have wider intervals.", ""]
     if failed is not None and not failed.empty:
-        cells = "; ".join(f"{row.method} seed {int(row.seed)} ({last_error_line(row.error)})"
+        cells = "; ".join(f"{row.method} seed {int(row.seed)} ({last_error_line(row.error) or 'no error stored'})"
                           for row in failed.sort_values(["method", "seed"]).itertuples())
         lines += [f"**Failed cells (not in the table):** {cells}.", ""]
     return lines
-
-
-def last_error_line(error: object) -> str:
-    """The last non-empty line of a stored traceback (the exception and its message), or 'no error stored'."""
-    text = [line.strip() for line in str(error or "").splitlines() if line.strip()]
-    return text[-1] if text else "no error stored"
 
 
 def format_ranking(table: pd.DataFrame, primary: PrimaryMetric, digits: int = 4) -> pd.DataFrame:

@@ -38,6 +38,7 @@ from lopkit.mitigations.registry import split_method_specs
 from lopkit.runner.store import (
     ResultStore,
     deserialize_state,
+    last_error_line,
     load_kept_state,
     run_id_candidates,
     serialize_state,
@@ -85,8 +86,7 @@ class RunResult:
     @property
     def error_line(self) -> str:
         """The last non-empty line of the error (for a traceback: the exception type and message)."""
-        lines = [line.strip() for line in self.error.strip().splitlines() if line.strip()]
-        return lines[-1] if lines else ""
+        return last_error_line(self.error)
 
 
 # ------------------------------------------------------------------------------------------------ methods

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lopkit.runner.cli_common import EXIT_OK, error_exit
-from lopkit.runner.store import SHOWN_STATUSES, ResultStore, StoreError, resolve_store_file
+from lopkit.runner.store import SHOWN_STATUSES, ResultStore, StoreError, last_error_line, resolve_store_file
 
 __all__ = ["format_runs", "is_experiment_path", "list_runs"]
 
@@ -29,8 +29,7 @@ def format_runs(runs: Any) -> str:
     rows = []
     for run in runs.itertuples(index=False):
         total = "?" if run.total_steps is None or run.total_steps != run.total_steps else int(run.total_steps)
-        error = [line.strip() for line in str(run.error or "").splitlines() if line.strip()]
-        note = error[-1] if error else ""
+        note = last_error_line(run.error)
         if run.status == "interrupted":
             note = f"process {int(run.pid)} on {run.host} is gone; rerun its command to resume"
         rows.append((run.status, f"{int(run.step)}/{total}", run.benchmark, run.method, str(int(run.seed)),

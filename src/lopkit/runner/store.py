@@ -60,6 +60,7 @@ __all__ = [
     "canonical_config_json",
     "code_version",
     "deserialize_state",
+    "last_error_line",
     "load_kept_state",
     "make_run_id",
     "resolve_store_file",
@@ -165,6 +166,12 @@ def canonical_config_json(config: Any) -> str:
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a dataclass instance or a mapping, got {type(config).__name__}")
     return json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def last_error_line(error: object) -> str:
+    """The last non-empty line of a stored error (for a traceback: the exception and its message), or ""."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def make_run_id(benchmark: str, method: str, config: Any, seed: int) -> str:

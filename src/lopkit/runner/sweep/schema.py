@@ -14,7 +14,7 @@ from lopkit.benchmarks.base import check_accepts_methods, get_benchmark
 from lopkit.configs import ConfigError, coerce_value, config_field_types, resolve_key
 from lopkit.runner.cli_common import parse_seeds
 from lopkit.runner.execute import method_label, resolve_methods, split_method_names
-from lopkit.runner.store import make_run_id
+from lopkit.runner.store import last_error_line, make_run_id
 
 __all__ = ["BACKENDS", "RAY_INSTALL_HINT", "VECTORIZE_ENGINES", "RunOutcome", "RunSpec", "Sweep", "SweepError",
            "load_sweep", "parse_sweep"]
@@ -122,8 +122,7 @@ class RunOutcome:
     @property
     def error_line(self) -> str:
         """The last non-empty line of the error (for a traceback: the exception and its message)."""
-        lines = [line for line in self.error.strip().splitlines() if line.strip()]
-        return lines[-1].strip() if lines else ""
+        return last_error_line(self.error)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
