@@ -202,7 +202,9 @@ class LeanCBP:
         rows = inputs + int(bias_row)
         self.in_weights = np.ones(rows, dtype=np.float32)  # |W1| row sums as a product; 0: constant column, bias
         self.in_weights[self.cols :] = 0.0
-        self._magnitude = np.zeros((size, rows, units), dtype=np.float32)  # |W1| of all seeds (transposed)
+        # |W1| of all seeds at one step (transposed engine only)
+        self._magnitude = np.zeros((size, rows, units) if self.needs_incoming and transposed else (0,),
+                                   dtype=np.float32)
         # one learner (not transposed): |W1| itself per step, summed at the flush (one product over all records)
         self.rec_w1 = np.zeros((capacity, units, rows) if self.needs_incoming and not transposed else (0,),
                                dtype=np.float32)
