@@ -317,3 +317,68 @@ def test_heap_reuse_leaves_the_trained_weights_unchanged(corpus, tmp_path):
     reused = torch.load(out)
     for key, value in bench.model.state_dict().items():
         assert torch.equal(value, reused[key]), key
+
+
+def test_training_pool_repeats_only_the_confusables():
+    from lopkit.kws.train import training_pool
+
+    kinds = ["positive", "confusable", "sentence", "confusable"]
+    assert training_pool(kinds, 1).tolist() == [0, 1, 2, 3]
+    assert training_pool(kinds, 3).tolist() == [0, 1, 1, 1, 2, 3, 3, 3]
+
+
+def _with_kinds(corpus: Path, tmp_path: Path) -> Path:
+    """A copy of the stand-in corpus whose train negatives alternate between confusable and sentence kinds."""
+    import shutil
+
+    copy = tmp_path / "kinds"
+    shutil.copytree(corpus, copy, ignore=shutil.ignore_patterns("features"))
+    rel = json.loads((copy / "index.json").read_text())["splits"]["train"]["files"][0]
+    with np.load(copy / rel) as data:
+        arrays = {key: data[key] for key in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    negatives = 0
+    for record in meta["records"]:
+        if record["label"] == 1:
+            record["kind"] = "positive"
+        else:
+            record["kind"] = "confusable" if negatives % 2 == 0 else "sentence"
+            negatives += 1
+    arrays["meta"] = json.dumps(meta)
+    np.savez(copy / rel, **arrays)
+    return copy
+
+
+def test_confusable_repeats_oversample_confusables_at_the_same_step_budget(corpus, tmp_path):
+    from lopkit.configs import ConfigError
+    from lopkit.kws.train import KWSTrainBenchmark, clip_kinds
+
+    from lopkit.configs import run_identity
+    from lopkit.seeding import seeded_generator
+
+    kinds_corpus = _with_kinds(corpus, tmp_path)
+    base = KWSTrainBenchmark(_config(kinds_corpus, epochs=2.0, max_steps=0), 0)
+    over = KWSTrainBenchmark(_config(kinds_corpus, epochs=2.0, max_steps=0, confusable_repeats=3), 0)
+    assert over.total_steps == base.total_steps  # same compute: the budget counts passes over the original clips
+    kinds = clip_kinds(str(kinds_corpus), "train", len(base.train_data))
+    n_confusable = kinds.count("confusable")
+    assert 0 < n_confusable < len(kinds)
+
+    def confusable_share(bench) -> float:
+        drawn = torch.cat([bench._batch_indices(s) for s in range(bench._batches_per_epoch)]).tolist()
+        return sum(kinds[i] == "confusable" for i in drawn) / len(drawn)
+
+    expected_base = n_confusable / len(kinds)
+    expected_over = 3 * n_confusable / (len(kinds) + 2 * n_confusable)
+    assert abs(confusable_share(base) - expected_base) < 0.1
+    assert abs(confusable_share(over) - expected_over) < 0.1 and expected_over > expected_base + 0.15
+    # without oversampling the batches are the seeded permutation drawn before the field existed
+    order = torch.randperm(len(kinds), generator=seeded_generator(0, 11, 0))
+    assert torch.equal(base._batch_indices(0), order[:8])
+    # the default leaves the run id as it was; a non-default value is part of it
+    assert "confusable_repeats" not in run_identity(base.config)
+    assert run_identity(over.config)["confusable_repeats"] == 3
+    with pytest.raises(ConfigError, match="confusable_repeats"):
+        _config(kinds_corpus, confusable_repeats=0)
+    with pytest.raises(ValueError, match="feature cache"):
+        clip_kinds(str(kinds_corpus), "train", len(kinds) + 1)

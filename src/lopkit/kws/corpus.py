@@ -977,6 +977,14 @@ class CorpusIndex:
                     start, end = float(record["kw_start_s"]), float(record["kw_end_s"])
                     yield Clip(row, int(record["label"]), start, end, record)
 
+    def records(self, split: str) -> list[dict[str, Any]]:
+        """The per-clip metadata records of a clip split in index order, without reading any audio."""
+        out: list[dict[str, Any]] = []
+        for path in self.files(split):
+            with np.load(path) as data:
+                out.extend(json.loads(str(data["meta"]))["records"])
+        return out
+
     def shards(self, split: str, dtype: Any = np.float32) -> Iterator[dict[str, Any]]:
         """Per-shard arrays (audio [n, S], label, kw_start_s, kw_end_s, meta): bounded memory for big splits."""
         for path in self.files(split):

@@ -106,6 +106,23 @@ def _corpus_fingerprint(corpus_dir: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def clip_kinds(corpus_dir: str, split: str, expected: int) -> list[str]:
+    """The negative kind of every clip of a split (``confusable``, ``sentence``, ...; positives ``positive``)."""
+    from lopkit.kws.corpus import load_corpus
+
+    records = load_corpus(corpus_dir).records(split)
+    if len(records) != expected:
+        raise ValueError(f"split {split!r} of {corpus_dir} has {len(records)} clip records but {expected} cached "
+                         "feature rows; delete the feature cache (CORPUS_DIR/features) and run again")
+    return [str(r.get("kind", "")) for r in records]
+
+
+def training_pool(kinds: list[str], confusable_repeats: int) -> Tensor:
+    """Clip indices of one pass over the train split: every clip once, each confusable ``confusable_repeats`` times."""
+    counts = torch.tensor([confusable_repeats if kind == "confusable" else 1 for kind in kinds])
+    return torch.repeat_interleave(torch.arange(len(kinds)), counts)
+
+
 def default_feature_dir(corpus_dir: str) -> str:
     """Where features of a corpus are cached when no feature_dir is given."""
     return str(Path(corpus_dir) / "features")
@@ -218,6 +235,8 @@ def keep_freed_memory_for_reuse(limit_bytes: int = HEAP_REUSE_BYTES) -> bool:
 class KWSTrainConfig(BenchmarkConfig):
     """Settings of one keyword-spotter training run."""
 
+    run_id_neutral: ClassVar[tuple[str, ...]] = ("device", "confusable_repeats")
+
     corpus_dir: str = ""
     """Folder of a finished corpus (``lopkit kws build``)."""
     feature_dir: str = ""
@@ -259,6 +278,9 @@ class KWSTrainConfig(BenchmarkConfig):
     """With augment: this many time masks (up to 10 frames each) per clip and step."""
     augment_noise_snr_db: tuple[float, ...] = ()
     """With augment: (low, high) SNR in dB of mel-domain additive noise per clip and step; () = off."""
+    confusable_repeats: int = 1
+    """Confusable negatives appear this many times per pass over the train pool (oversampling); the step budget
+    stays ``epochs`` passes over the original clips, so compute is unchanged."""
     log_every: int = 20
     """Steps per online_loss bin."""
     val_max_clips: int = 2000
@@ -295,6 +317,8 @@ class KWSTrainConfig(BenchmarkConfig):
                 f"augment_noise_snr_db must be () or (low, high) with low <= high; got {self.augment_noise_snr_db}")
         require(self.offset_weight >= 0, f"offset_weight must be >= 0, got {self.offset_weight}")
         require(self.offset_scale > 0, f"offset_scale must be > 0, got {self.offset_scale}")
+        require(self.confusable_repeats >= 1, f"confusable_repeats must be >= 1 (1: no oversampling), got "
+                f"{self.confusable_repeats}")
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         require(self.val_max_clips >= 1, f"val_max_clips must be >= 1, got {self.val_max_clips}")
 
@@ -443,7 +467,10 @@ class KWSTrainBenchmark(Benchmark):
         self.meta["params"] = count_parameters(self.model)
         batches_per_epoch = len(self.train_data) // config.batch_size
         self._total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * batches_per_epoch))
-        self._batches_per_epoch = batches_per_epoch
+        self._pool = training_pool(clip_kinds(config.corpus_dir, "train", len(self.train_data))
+                                   if config.confusable_repeats > 1 else [""] * len(self.train_data),
+                                   config.confusable_repeats)
+        self._batches_per_epoch = len(self._pool) // config.batch_size
         self._bin = _empty_bin()
         self._last: dict[str, float] = {}
         self._scheduler: BaseLambdaLR | None = None
@@ -468,7 +495,7 @@ class KWSTrainBenchmark(Benchmark):
     def _batch_indices(self, step: int) -> Tensor:
         """Clip indices of the batch at ``step``: a seeded permutation per epoch, full batches only."""
         epoch, position = divmod(step, self._batches_per_epoch)
-        order = torch.randperm(len(self.train_data), generator=seeded_generator(self.seed, 11, epoch))
+        order = self._pool[torch.randperm(len(self._pool), generator=seeded_generator(self.seed, 11, epoch))]
         size = self.config.batch_size
         return order[position * size:(position + 1) * size]
 
