@@ -13,6 +13,7 @@ UTC date the evaluation was written. ``--write FILE`` replaces the text between 
 
 from __future__ import annotations
 
+import collections
 import csv
 import datetime
 import json
@@ -222,6 +223,26 @@ def seeds_section(folders: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peak_phrases_section(folders: list[Path], top: int = TOP_EVENTS) -> str:
+    """Which negatives the models confuse: the phrases behind each seed's ``top`` highest negative-stream events,
+    counted over seeds per model (read from ``eval/<model>__stream_neg_top.csv``)."""
+    counts: dict[str, collections.Counter] = {}
+    for folder in folders:
+        for path in sorted((folder / "eval").glob("*__stream_neg_top.csv")):
+            model = path.name.split("__")[0]
+            rows = list(csv.DictReader(path.open()))[:top]
+            counts.setdefault(model, collections.Counter()).update(
+                f"{row['kind']}: {row['text']}" if row["text"] else row["kind"] for row in rows)
+    if not counts:
+        return ""
+    lines = [f"Phrases behind each seed's {top} highest-scoring negative-stream events, counted over the "
+             f"{len(folders)} seeds ({top * len(folders)} events per model):", "",
+             "| model | phrase (events) |", "|---|---|"]
+    for model, counter in counts.items():
+        lines.append(f"| {model} | " + ", ".join(f"{phrase} ({n})" for phrase, n in counter.most_common()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     """Print (or write into a marked block) the sections of every folder given."""
     write, marker = None, "kws-results"
@@ -245,7 +266,8 @@ def main(argv: list[str]) -> int:
         return 2
     text = "\n".join(run_section(Path(a)) for a in argv)
     if len(argv) > 1:
-        text = seeds_section([Path(a) for a in argv]) + "\n" + text
+        folders = [Path(a) for a in argv]
+        text = seeds_section(folders) + "\n" + peak_phrases_section(folders) + "\n" + text
     if write is None:
         print(text)
         return 0
