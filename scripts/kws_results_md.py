@@ -243,6 +243,35 @@ def peak_phrases_section(folders: list[Path], top: int = TOP_EVENTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+OCCLUSION_PARTS = (("intact", "intact"), ("first_word", "first word occluded"), ("first_phone", "first phone occluded"),
+                   ("last_phone", "last phone occluded"), ("control", "control span occluded"))
+
+
+def occlusion_section(folders: list[Path]) -> str:
+    """Which part of the keyword each model uses: the occlusion tests of ``scripts/kws_occlusion.py`` (read from
+    each folder's ``eval/occlusion.json``), per model and seed."""
+    found = [(folder, _read(folder / "eval" / "occlusion.json")) for folder in folders]
+    found = [(folder, data) for folder, data in found if data]
+    if not found:
+        return ""
+    lines = ["Occlusion test (`scripts/kws_occlusion.py`; `lopkit.kws.analysis.occlusion_test`): held-out espeak "
+             "positives scored intact and with one part of the keyword replaced by the clip's noise floor (per mel "
+             "bin, the 10th percentile over time); the control span has the first word's length and ends 5 frames "
+             "before the keyword. Cells: detected at the model's 1 FA/h threshold / above the intact clips' median "
+             "window peak (0.50 intact by construction), per seed.", "",
+             "| model | seed | positives | " + " | ".join(label for _, label in OCCLUSION_PARTS) + " |",
+             "|" + "---|" * (3 + len(OCCLUSION_PARTS))]
+    for folder, data in found:
+        seed = _read(folder / "pipeline.json").get("config", {}).get("seed", "?")
+        for key, result in sorted(data.items()):
+            if not all(part in result for part, _ in OCCLUSION_PARTS):
+                continue
+            lines.append(f"| {key.split(':')[0]} | {seed} | {result['n']} | " + " | ".join(
+                f"{100 * result[part]['rate']:.0f} % / {100 * result[part]['rate_at_median']:.0f} %"
+                for part, _ in OCCLUSION_PARTS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     """Print (or write into a marked block) the sections of every folder given."""
     write, marker = None, "kws-results"
@@ -267,7 +296,8 @@ def main(argv: list[str]) -> int:
     text = "\n".join(run_section(Path(a)) for a in argv)
     if len(argv) > 1:
         folders = [Path(a) for a in argv]
-        text = seeds_section(folders) + "\n" + peak_phrases_section(folders) + "\n" + text
+        text = "\n".join(part for part in (seeds_section(folders), peak_phrases_section(folders),
+                                            occlusion_section(folders)) if part) + "\n" + text
     if write is None:
         print(text)
         return 0

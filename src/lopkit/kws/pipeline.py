@@ -370,6 +370,17 @@ def export_model(path: Path, state: dict[str, Any], threshold: float, config: Pi
     return path
 
 
+def exported_hmm_settings(export: dict[str, Any]) -> dict[str, Any] | None:
+    """The keyword Viterbi settings of an exported model (``models/<kind>.pt``); None for a CNN."""
+    if export["config"]["model_kind"] != "dnn_hmm":
+        return None
+    meta, settings = export["meta"], export["hmm"]
+    return {"keyword_phone_ids": meta["keyword_phone_ids"], "n_classes": meta["n_classes"],
+            "states_per_phone": settings["states_per_phone"], "normalize": settings["normalize"],
+            "log_priors": np.asarray(meta["log_priors"]) if settings["prior_scale"] > 0 else None,
+            "prior_scale": settings["prior_scale"]}
+
+
 def load_detector(path: str | Path, threshold: float | None = None) -> StreamingDetector:
     """A StreamingDetector from an exported model file (its stored operating threshold unless one is given).
 
@@ -379,14 +390,7 @@ def load_detector(path: str | Path, threshold: float | None = None) -> Streaming
     from lopkit.kws.continual import load_exported_model
 
     model, export = load_exported_model(path)
-    kind = export["config"]["model_kind"]
-    hmm = None
-    if kind == "dnn_hmm":
-        meta, settings = export["meta"], export["hmm"]
-        hmm = {"keyword_phone_ids": meta["keyword_phone_ids"], "n_classes": meta["n_classes"],
-               "states_per_phone": settings["states_per_phone"], "normalize": settings["normalize"],
-               "log_priors": np.asarray(meta["log_priors"]) if settings["prior_scale"] > 0 else None,
-               "prior_scale": settings["prior_scale"]}
+    kind, hmm = export["config"]["model_kind"], exported_hmm_settings(export)
     if threshold is not None:
         threshold = check_threshold(threshold, kind)  # ValueError naming the valid range of this model's score
     chosen = export["threshold"] if threshold is None else threshold
