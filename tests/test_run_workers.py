@@ -198,3 +198,28 @@ def test_ctrl_c_stops_the_workers_and_the_same_command_resumes_to_the_clean_rows
     code, _, stderr = run_cli(capsys, *args, "--set", *TINY_TOY, "num_tasks=10", "--out", str(clean))
     assert code == 0, stderr
     assert_rows_close(rows_by_seed(out), rows_by_seed(clean))
+
+
+@pytest.fixture
+def kill_benchmark():
+    """Register the test-only ``toy_kill`` benchmark (tests/sweep_faults.py) for one test."""
+    from lopkit.benchmarks.base import BENCHMARKS
+
+    sys.modules.pop("sweep_faults", None)
+    import sweep_faults  # noqa: F401  (registers toy_kill; the workers import it by module name)
+
+    yield "toy_kill"
+    BENCHMARKS.pop("toy_kill", None)
+    sys.modules.pop("sweep_faults", None)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_says_to_rerun_the_same_command(kill_benchmark, capsys, tmp_path):
+    out = tmp_path / "exp"
+    code, _, stderr = run_cli(capsys, "run", kill_benchmark, "--preset", "smoke", "--seeds", "2", "--set", *TINY_TOY,
+                              "kill_at_step=5", "--workers", "2", "--out", str(out), "--no-progress")
+    assert code == 1
+    for seed in (0, 1):
+        line = next(line for line in stderr.splitlines() if line.startswith(f"error: seed {seed} failed:"))
+        assert "worker process died" in line and "run the same command again" in line, line
+        assert "sweep" not in line, line

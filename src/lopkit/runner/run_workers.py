@@ -95,7 +95,7 @@ def run_with_workers(
         tasks = [Task([index_of[s] for s in part], [specs[index_of[s]] for s in part], str(out), checkpoint_every,
                       SEEDS_ENGINE, per_worker, imports, vectorise) for part in todo]
         try:
-            interrupted = run_local(tasks, collect, len(tasks))
+            interrupted = run_local(tasks, collect, len(tasks), resume_hint="run the same command again")
         except KeyboardInterrupt:  # a second Ctrl-C: the workers were stopped at once; the store holds their commits
             interrupted = True
     failures, stopped = 0, []

@@ -38,11 +38,15 @@ def describe_worker_death(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-def worker_death_error(cause: str, attempts: int) -> str:
-    """The error recorded for the runs of a task whose worker died ``attempts`` times."""
+SWEEP_RESUME_HINT = "rerun the sweep"
+
+
+def worker_death_error(cause: str, attempts: int, resume_hint: str = SWEEP_RESUME_HINT) -> str:
+    """The error recorded for the runs of a task whose worker died ``attempts`` times; ``resume_hint`` says what
+    to run again (the sweep, or the same ``lopkit run --workers`` command)."""
     tries = f" (on each of its {attempts} attempts)" if attempts > 1 else ""
     return (f"worker process died ({cause}) while running this run{tries}; the other runs went on; "
-            "rerun the sweep to resume it from its last checkpoint")
+            f"{resume_hint} to resume it from its last checkpoint")
 
 
 def _worker_loop(conn: Any, stop_event: Any) -> None:
@@ -100,7 +104,7 @@ class _LocalWorker:
         self.conn.close()
 
 
-def run_local(tasks: list[Task], collect: Collector, max_workers: int) -> bool:
+def run_local(tasks: list[Task], collect: Collector, max_workers: int, resume_hint: str = SWEEP_RESUME_HINT) -> bool:
     """Tasks on up to ``max_workers`` spawned worker processes; returns True if interrupted (Ctrl-C).
 
     A worker that dies (crash, SIGKILL, out-of-memory kill) costs only the task it was running: that task is
@@ -130,7 +134,8 @@ def run_local(tasks: list[Task], collect: Collector, max_workers: int) -> bool:
                     [w.conn for w in busy] + [w.process.sentinel for w in busy]))
                 for worker in busy:
                     if worker.conn in ready or worker.process.sentinel in ready:
-                        _settle(worker, workers, queue, deaths, collect, retry=not interrupted)
+                        _settle(worker, workers, queue, deaths, collect, retry=not interrupted,
+                                resume_hint=resume_hint)
             except KeyboardInterrupt:
                 if interrupted:
                     raise
@@ -153,7 +158,7 @@ def run_local(tasks: list[Task], collect: Collector, max_workers: int) -> bool:
 
 
 def _settle(worker: _LocalWorker, workers: list[_LocalWorker], queue: Any, deaths: dict[int, int],
-            collect: Collector, retry: bool) -> None:
+            collect: Collector, retry: bool, resume_hint: str = SWEEP_RESUME_HINT) -> None:
     """Collect a worker's answer, or handle its death: retry its task on a fresh worker, or fail its runs."""
     task = worker.task
     assert task is not None
@@ -183,4 +188,4 @@ def _settle(worker: _LocalWorker, workers: list[_LocalWorker], queue: Any, death
         return
     print(f"warning: a sweep worker died ({cause}) while running {labels}; recorded as failed, the sweep goes on",
           file=sys.stderr, flush=True)
-    collect.fail(task, worker_death_error(cause, attempts))
+    collect.fail(task, worker_death_error(cause, attempts, resume_hint))
