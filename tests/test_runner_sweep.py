@@ -294,8 +294,10 @@ def test_driver_store_mode_ships_rows_back(reference, tmp_path):
 
 def test_ctrl_c_then_restart_resumes_to_the_clean_rows(reference, tmp_path):
     experiment = tmp_path / "interrupted"
-    # step_sleep makes each run last ~2 s; it does not change the rows (only the run ids)
-    data = toy_sweep(experiment, extra={"step_sleep": 0.1})
+    # step_sleep makes each run last ~4 s; it does not change the rows (only the run ids). A run seen mid-way
+    # (its commit at step 4 of 12) then has ~1.2 s before its last block starts, so the forwarded Ctrl-C still
+    # finds it running on a loaded machine (with 0.1 s per step it sometimes finished first under load)
+    data = toy_sweep(experiment, extra={"step_sleep": 0.3})
     data["checkpoint_every"] = 4
     sweep_file = tmp_path / "sweep.yaml"
     import yaml
