@@ -292,12 +292,15 @@ def test_driver_store_mode_ships_rows_back(reference, tmp_path):
         "skipped"] * 4 + ["failed"]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_then_restart_resumes_to_the_clean_rows(reference, tmp_path):
     experiment = tmp_path / "interrupted"
-    # step_sleep makes each run last ~4 s; it does not change the rows (only the run ids). A run seen mid-way
-    # (its commit at step 4 of 12) then has ~1.2 s before its last block starts, so the forwarded Ctrl-C still
-    # finds it running on a loaded machine (with 0.1 s per step it sometimes finished first under load)
-    data = toy_sweep(experiment, extra={"step_sleep": 0.3})
+    # step_sleep makes each run last ~2 s; it does not change the rows (only the run ids)
+    data = toy_sweep(experiment, extra={"step_sleep": 0.1})
     data["checkpoint_every"] = 4
     sweep_file = tmp_path / "sweep.yaml"
     import yaml
@@ -305,7 +308,10 @@ def test_ctrl_c_then_restart_resumes_to_the_clean_rows(reference, tmp_path):
     sweep_file.write_text(yaml.safe_dump(data))
     command = [sys.executable, "-m", "lopkit.runner.sweep_cli", str(sweep_file), "--backend", "local",
                "--max-workers", "2", "--no-progress"]
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # SIGINT as in a terminal: a pytest started in the background by a non-interactive shell ignores SIGINT, and
+    # a child inherits that, so without the reset its Python would never raise KeyboardInterrupt
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:  # until one run finished and one is mid-way
         if (experiment / "results.sqlite").exists():
