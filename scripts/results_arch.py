@@ -178,7 +178,7 @@ def section(runs: pd.DataFrame, metrics: pd.DataFrame) -> str:
             lines.append(f"- **T4** at {sched} (the LayerNorm ViT does not): {len(flags) - sum(flags)} of "
                          f"{len(flags)} seeds do not collapse{so_far}{': met' if not any(flags) else ': not met'}.")
     t3 = t3_all
-    unfinished = any(u for found in verdicts.values() for _, u in found)
+    unfinished = any(u for (preset, _), found in verdicts.items() if preset == "vit_t3" for _, u in found)
     if t3 and not all(t3) and unfinished:
         lines.append("- T3 is judged on the tasks done so far; the paper's ViT collapses after ~55-60 % of a 40-task x "
                      "~10k-step run at lr 1e-4, so an unfinished run's verdict can still change. Without a T3 "
