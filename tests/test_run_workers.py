@@ -200,19 +200,6 @@ def test_ctrl_c_stops_the_workers_and_the_same_command_resumes_to_the_clean_rows
     assert_rows_close(rows_by_seed(out), rows_by_seed(clean))
 
 
-@pytest.fixture
-def kill_benchmark():
-    """Register the test-only ``toy_kill`` benchmark (tests/sweep_faults.py) for one test."""
-    from lopkit.benchmarks.base import BENCHMARKS
-
-    sys.modules.pop("sweep_faults", None)
-    import sweep_faults  # noqa: F401  (registers toy_kill; the workers import it by module name)
-
-    yield "toy_kill"
-    BENCHMARKS.pop("toy_kill", None)
-    sys.modules.pop("sweep_faults", None)
-
-
 @pytest.mark.slow
 def test_a_killed_worker_says_to_rerun_the_same_command(kill_benchmark, capsys, tmp_path):
     out = tmp_path / "exp"

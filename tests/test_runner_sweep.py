@@ -223,19 +223,6 @@ def test_local_backend_matches_sequential_and_isolates_a_crash(reference, tmp_pa
     assert "5 runs: 4 finished, 1 failed" in summary and "diverged" in summary
 
 
-@pytest.fixture
-def kill_benchmark():
-    """Register the test-only ``toy_kill`` benchmark (tests/sweep_faults.py) for one test, then unregister it."""
-    from lopkit.benchmarks.base import BENCHMARKS
-
-    sys.modules.pop("sweep_faults", None)
-    import sweep_faults  # noqa: F401  (registers toy_kill; sweep workers import it by module name)
-
-    yield "toy_kill"
-    BENCHMARKS.pop("toy_kill", None)
-    sys.modules.pop("sweep_faults", None)
-
-
 def kill_sweep(experiment: Path) -> dict:
     """2 methods x 2 seeds of toy_kill that finish, and one run (l2init seed 0) whose process kills itself at step 10."""
     return {
