@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import registered_test_benchmark
 
 from lopkit.cli import main
 from lopkit.runner.run_workers import workers_plan_line
@@ -132,14 +133,7 @@ def test_two_workers_give_the_rows_of_one_process_and_a_finished_store_is_not_re
 @pytest.fixture
 def fail_seed_benchmark():
     """Register the test-only ``toy_fail_seed`` benchmark (tests/run_worker_faults.py) for one test."""
-    from lopkit.benchmarks.base import BENCHMARKS
-
-    sys.modules.pop("run_worker_faults", None)
-    import run_worker_faults  # noqa: F401  (registers toy_fail_seed; the workers import it by module name)
-
-    yield "toy_fail_seed"
-    BENCHMARKS.pop("toy_fail_seed", None)
-    sys.modules.pop("run_worker_faults", None)
+    yield from registered_test_benchmark("run_worker_faults", "toy_fail_seed")
 
 
 def test_a_failing_worker_is_reported_and_the_other_results_kept(fail_seed_benchmark, capsys, tmp_path):
