@@ -2,7 +2,7 @@
 
 A streaming detector that decides at the keyword's end must remember its start to tell "hey computer" from
 "fey computer". :func:`occlusion_test` measures whether it does: it replaces the frames of one part of each positive
-clip (the keyword's first word, its last phone, or a control span of the same length before the keyword) with the
+clip (the keyword's first word, its first or last phone, or a control span as long as the first word before it) with the
 clip's noise floor, scores the clips again with the model's own scorer, and counts how many positives still reach
 a threshold inside their acceptance window. A model that uses the keyword's start loses most detections when the
 first word is occluded; one that hears only the end keeps them.
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lopkit.kws.stream import FRAMES_PER_SECOND
+
 PARTS = ("first_word", "first_phone", "last_phone", "control")
 CONTROL_GAP_FRAMES = 5
 
@@ -46,7 +48,7 @@ def keyword_parts(phones: Sequence[Sequence[Any]]) -> dict[str, tuple[int, int]]
 
 def _frame(seconds: float) -> int:
     """The evaluation's frame of a time: ``round(100 x seconds)``."""
-    return int(round(100 * float(seconds)))
+    return int(round(FRAMES_PER_SECOND * float(seconds)))
 
 
 def control_span(first_word: tuple[int, int], keyword_start: int) -> tuple[int, int] | None:
@@ -65,16 +67,6 @@ def occlude(feats: Tensor, span: tuple[int, int], quantile: float = 0.1) -> Tens
     return out
 
 
-def detected(smoothed: np.ndarray, windows: np.ndarray, threshold: float) -> np.ndarray:
-    """Per clip: whether ``smoothed [N, T]`` exceeds ``threshold`` inside its window ``windows [N, 2]``."""
-    return np.array([bool(np.any(row[lo:hi] > threshold)) for row, (lo, hi) in zip(smoothed, windows)])
-
-
-def window_peaks(smoothed: np.ndarray, windows: np.ndarray) -> np.ndarray:
-    """Per clip: the highest smoothed score inside its window (-inf for an empty one)."""
-    return np.array([float(np.max(row[lo:hi])) if hi > lo else -math.inf for row, (lo, hi) in zip(smoothed, windows)])
-
-
 def occlusion_test(model: torch.nn.Module, kind: str, feats: Tensor, start_s: Tensor, end_s: Tensor,
                    phones: Sequence, hmm: dict[str, Any] | None, threshold: float, smooth_frames: int = 3,
                    accept_frames: int = 100) -> dict[str, Any]:
@@ -84,40 +76,41 @@ def occlusion_test(model: torch.nn.Module, kind: str, feats: Tensor, start_s: Te
     detection rate at ``threshold`` and at the intact clips' median window peak (``rate_at_median``: 0.5 for the
     intact clips by construction, so a drop reads directly as lost evidence).
     """
-    from lopkit.kws.pipeline import clip_scores
+    from lopkit.kws.metrics import window_max
+    from lopkit.kws.pipeline import _positive_windows, clip_scores
     from lopkit.kws.stream import causal_moving_average
 
+    lows, highs = _positive_windows(np.asarray(start_s, dtype=np.float64), np.asarray(end_s, dtype=np.float64),
+                                    accept_frames)  # the evaluation's FRR windows
     spans: dict[str, list] = {name: [] for name in PARTS}
-    chosen, windows = [], []
+    chosen = []
     for i in range(feats.shape[0]):
         if math.isnan(float(start_s[i])):
             continue
         parts = keyword_parts(phones[i])
-        start = _frame(start_s[i])
-        control = control_span(parts["first_word"], start) if parts else None
+        control = control_span(parts["first_word"], int(lows[i])) if parts else None
         if parts is None or control is None:
             continue
         chosen.append(i)
-        windows.append((start, _frame(end_s[i]) + accept_frames))
         for name in ("first_word", "first_phone", "last_phone"):
             spans[name].append(parts[name])
         spans["control"].append(control)
     if not chosen:
         raise ValueError("no positive clip has keyword phone events and room for a control span before the keyword")
-    windows_arr = np.asarray(windows)
     base = feats[chosen].float()
 
-    def smoothed_of(batch: Tensor) -> np.ndarray:
+    def window_peaks(batch: Tensor) -> np.ndarray:
+        """Per chosen clip: the highest smoothed score of ``batch`` inside its acceptance window."""
         scores, _ = clip_scores(model, kind, batch, hmm)
-        return np.stack([causal_moving_average(row, smooth_frames) for row in scores])
+        return np.array([window_max(causal_moving_average(row, smooth_frames), lows[i], highs[i])
+                         for row, i in zip(scores, chosen)])
 
-    intact = smoothed_of(base)
-    median_peak = float(np.median(window_peaks(intact, windows_arr)))
+    intact = window_peaks(base)
+    median_peak = float(np.median(intact))
     result: dict[str, Any] = {"n": len(chosen), "threshold": float(threshold), "median_peak": median_peak}
     for name in ("intact", *PARTS):
-        smoothed = intact if name == "intact" else smoothed_of(
+        peaks = intact if name == "intact" else window_peaks(
             torch.stack([occlude(clip, span) for clip, span in zip(base, spans[name])]))
-        peaks = window_peaks(smoothed, windows_arr)
-        result[name] = {"rate": float(detected(smoothed, windows_arr, threshold).mean()),
+        result[name] = {"rate": float((peaks > threshold).mean()),
                         "rate_at_median": float((peaks > median_peak).mean() + 0.5 * (peaks == median_peak).mean())}
     return result
