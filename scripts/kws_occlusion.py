@@ -56,31 +56,24 @@ def occlusion_of_folder(folder: Path, split: str) -> dict:
 
 def main(argv: list[str]) -> int:
     """Run (or reuse) the occlusion test of every folder and print one table."""
+    import argparse
+
     import torch
 
     from lopkit.kws.analysis import PARTS
 
-    split, threads = "test_seen", 1
-    for flag in ("--split", "--threads"):
-        if flag in argv:
-            at = argv.index(flag)
-            if at + 1 >= len(argv):
-                print(f"error: {flag} needs a value", file=sys.stderr)
-                return 2
-            value = argv[at + 1]
-            argv = argv[:at] + argv[at + 2:]
-            split, threads = (value, threads) if flag == "--split" else (split, int(value))
-    if not argv:
-        print(__doc__.strip().splitlines()[2], file=sys.stderr)
-        return 2
-    torch.set_num_threads(threads)
-    for name in argv:
-        folder = Path(name)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="kws pipeline folders (lopkit kws run --out)")
+    parser.add_argument("--split", default="test_seen", help="clip split whose positives are scored")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for folder in args.folders:
         if not (folder / "models").is_dir() or not (folder / "pipeline.json").exists():
             print(f"error: {folder} is not a kws pipeline folder with trained models (models/*.pt); run "
                   "'lopkit kws run' first", file=sys.stderr)
             return 2
-        for kind, result in occlusion_of_folder(folder, split).items():
+        for kind, result in occlusion_of_folder(folder, args.split).items():
             rates = " ".join(f"{c} {result[c]['rate']:.2f}/{result[c]['rate_at_median']:.2f}"
                              for c in ("intact", *PARTS))
             print(f"{folder} {kind} n={result['n']}: detected at threshold / at median peak: {rates}")

@@ -165,19 +165,18 @@ def section(runs: pd.DataFrame, metrics: pd.DataFrame) -> str:
     rule = (f"collapse = block-output duplicate fraction (mean over blocks) at the last task >= {T3_DUPLICATES} "
             f"and online accuracy of the last "
             f"{EDGE_TASKS} tasks at least {T3_ACCURACY_DROP} below the first {EDGE_TASKS}'s")
-    t3_all = []
+    t3: list[bool] = []
     for (preset, sched), found in sorted(verdicts.items()):
         flags = [c for c, _ in found]
         so_far = " so far (unfinished runs, judged on the tasks done)" if any(u for _, u in found) else ""
         if preset == "vit_t3":
-            t3_all += flags
+            t3 += flags
             verdict = "met" if all(flags) else "not met (a miss)" if not any(flags) else "partly met"
             lines.append(f"- **T3** at {sched} (ViT without normalisation collapses; {rule}): {sum(flags)} of "
                          f"{len(flags)} seeds collapse{so_far}: {verdict}.")
         else:
             lines.append(f"- **T4** at {sched} (the LayerNorm ViT does not): {len(flags) - sum(flags)} of "
                          f"{len(flags)} seeds do not collapse{so_far}{': met' if not any(flags) else ': not met'}.")
-    t3 = t3_all
     unfinished = any(u for (preset, _), found in verdicts.items() if preset == "vit_t3" for _, u in found)
     if t3 and not all(t3) and unfinished:
         lines.append("- T3 is judged on the tasks done so far; the paper's ViT collapses after ~55-60 % of a 40-task x "
