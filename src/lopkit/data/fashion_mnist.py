@@ -154,7 +154,8 @@ def clear_cache() -> None:
 def _pixel_stats(directory: str, split: str = "train") -> tuple[float, float]:
     """Mean and std of all pixels of a split, on the [0, 1] scale (exact, from a 256-bin histogram); cached."""
     images, _ = _decoded_split(directory, split)
-    counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
+    # torch's bincount counts uint8 directly (0.07 s for 47M pixels); NumPy's first widens to intp (3 s)
+    counts = torch.bincount(torch.from_numpy(images).reshape(-1), minlength=256).numpy().astype(np.float64)
     levels = np.arange(256, dtype=np.float64) / 255.0
     mean = float((counts * levels).sum() / counts.sum())
     var = float((counts * (levels - mean) ** 2).sum() / counts.sum())
