@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lopkit.kws.stream import FRAMES_PER_SECOND
+from lopkit.kws.features import FRAMES_PER_SECOND
 
 PARTS = ("first_word", "first_phone", "last_phone", "control")
 CONTROL_GAP_FRAMES = 5

@@ -29,13 +29,20 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-from lopkit.kws.features import HOP_SAMPLES, SAMPLE_RATE, WIN_SAMPLES, log_mel_frames, mel_filterbank, padded_window
+from lopkit.kws.features import (
+    FRAMES_PER_SECOND,
+    HOP_SAMPLES,
+    SAMPLE_RATE,
+    WIN_SAMPLES,
+    log_mel_frames,
+    mel_filterbank,
+    padded_window,
+)
 from lopkit.kws.model import BCResNetKWS
 
 __all__ = ["StreamingSpotter", "export_torchscript", "export_onnx", "probability_to_logit", "model_macs_per_second",
            "conv_macs"]
 
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SAMPLES
 
 
 def probability_to_logit(probability: float) -> float:

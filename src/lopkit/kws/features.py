@@ -40,12 +40,15 @@ __all__ = [
     "log_mel",
     "log_mel_frames",
     "StreamingLogMel",
+    "FRAMES_PER_SECOND",
     "FeatureStats",
 ]
 
 SAMPLE_RATE = 16000
 WIN_SAMPLES = 400
 HOP_SAMPLES = 160
+#: Feature frames per second of audio (10 ms hop): the one definition the metrics, losses and streaming use.
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SAMPLES
 N_FFT = 512
 N_MELS = 40
 LOG_FLOOR = 1e-6

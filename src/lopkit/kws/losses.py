@@ -32,6 +32,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.nn import functional as F
 
+from lopkit.kws.features import FRAMES_PER_SECOND
+
 __all__ = [
     "FRAMES_PER_SECOND",
     "IGNORE_INDEX",
@@ -50,7 +52,6 @@ __all__ = [
     "phone_frame_loss",
 ]
 
-FRAMES_PER_SECOND = 100
 IGNORE_INDEX = -100
 
 

@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
+from lopkit.kws.features import FRAMES_PER_SECOND
+
 __all__ = [
     "DET_COLUMNS",
     "NegativeBlocks",
@@ -57,7 +59,6 @@ __all__ = [
 ]
 
 DET_COLUMNS = ("threshold", "frr", "fa_per_hour", "false_accepts", "misses")
-FRAMES_PER_SECOND = 100
 FA_RTOL = 1e-9
 """Relative tolerance of the FA/h target test: a stream's hours summed from chunks or blocks carry rounding
 (six 10 min chunks sum to 0.9999999999999999 h, so 1 false accept read 1.0000000000000002 FA/h and missed 1 FA/h)."""

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lopkit.kws.features import FRAMES_PER_SECOND, HOP_SAMPLES, SAMPLE_RATE, WIN_SAMPLES
+
 __all__ = [
     "SAMPLE_RATE",
     "CNNScorer",
@@ -48,10 +50,6 @@ __all__ = [
     "score_features",
 ]
 
-SAMPLE_RATE = 16000
-HOP = 160
-WINDOW = 400
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +63,7 @@ class Detection:
 
 def frame_end_seconds(frame: int | np.ndarray) -> Any:
     """End time (s) of the analysis window of frame ``frame``."""
-    return (np.asarray(frame) * HOP + WINDOW) / SAMPLE_RATE
+    return (np.asarray(frame) * HOP_SAMPLES + WIN_SAMPLES) / SAMPLE_RATE
 
 
 def causal_moving_average(scores: np.ndarray, width: int) -> np.ndarray:
