@@ -99,6 +99,8 @@ from lopkit.benchmarks.bitflip_lean import (  # noqa: F401  (learner_layers re-e
     has_lean_kernel,
     has_lean_kernel_type,
     lean_kernel,
+    lean_method_block,
+    lean_param_views,
     learner_layers,
 )
 from lopkit.configs import ConfigError, check_device, require
@@ -438,43 +440,10 @@ def lean_sgd_block(
 ) -> float:
     """Online SGD (batch 1, MSE) of a 2-layer ReLU net over ``inputs`` in place; returns the updated loss sum.
 
-    ``params`` are float32 NumPy views ``(W1 (H, D), b1 (H,), w2 (H,), b2 (1,))`` of the model's parameters.
-    Per step: ``z = W1 x + b1``, ``h = relu(z)``, ``y = w2.h + b2``, ``e = y - t``; the gradient of ``e^2`` is
-    ``2e`` times (``h`` for w2, ``1`` for b2, ``w2 * 1[z > 0]`` times (``x`` for W1, ``1`` for b1)), exactly
-    what autograd computes for ``mse_loss`` with ReLU'(0) = 0. The squared errors are added one by one in
-    float64 to ``loss_sum``, so the sum does not depend on how the steps are split into blocks. A non-finite
-    loss raises :class:`~lopkit.benchmarks.base.DivergedError` naming the step (``first_step`` + offset).
+    The plain lean step: :func:`~lopkit.benchmarks.bitflip_lean.lean_method_block` (whose docstring gives the
+    maths) with no method effect. ``params`` are float32 NumPy views ``(W1 (H, D), b1 (H,), w2 (H,), b2 (1,))``.
     """
-    w1, b1, w2, b2 = params
-    two_lr = np.float32(2.0 * lr)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below as a divergence
-        for i, (x, t) in enumerate(zip(inputs, targets)):
-            z = w1 @ x
-            z += b1
-            h = np.maximum(z, np.float32(0.0))
-            error = (w2 @ h + b2[0]) - t
-            loss_sum += float(error * error)
-            if not math.isfinite(loss_sum):
-                check_finite_loss("bitflip", float(error * error), first_step + i, lr)
-            scale = two_lr * error
-            dz = w2 * (z > 0)
-            dz *= scale
-            w2 -= scale * h
-            b2 -= scale
-            w1 -= np.multiply.outer(dz, x)
-            b1 -= dz
-    return loss_sum
-
-
-def _numpy_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """NumPy views sharing memory with the learner's parameters (W1, b1, w2, b2); checks float32 CPU."""
-    hidden, _activation, output = learner_layers(model)
-    tensors = (hidden.weight, hidden.bias, output.weight, output.bias)
-    for tensor in tensors:
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
-            raise ValueError("the lean engine needs contiguous float32 CPU parameters; use engine='autograd'")
-    w1, b1, w2, b2 = (t.detach().numpy() for t in tensors)
-    return w1, b1, w2.reshape(-1), b2
+    return lean_method_block(params, inputs, targets, lr, loss_sum, first_step)
 
 
 def resolve_constant_column(method: Mitigation, config: BitFlipBenchmarkConfig) -> None:
@@ -657,7 +626,7 @@ class BitFlipBenchmark(Benchmark):
         rows: list[dict[str, Any]] = []
         cfg = self.config
         noop = method_is_noop(self.method)
-        views = _numpy_views(self.model) if self.engine == "lean" else None
+        views = lean_param_views(self.model) if self.engine == "lean" else None
         kernel = self.lean_kernel() if views is not None and not noop else None
         periods = kernel.periods() if kernel is not None else ()
         with self.rng.active():

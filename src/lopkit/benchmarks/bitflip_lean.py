@@ -38,7 +38,7 @@ from lopkit.benchmarks.base import check_finite_loss
 from lopkit.mitigations.base import Compose, Mitigation
 
 __all__ = ["LeanCBP", "LeanKernel", "ema_last", "ema_sequence", "has_lean_kernel", "has_lean_kernel_type", "lean_cbp_block", "lean_cbp_supported", "lean_kernel",
-           "lean_method_block"]
+           "lean_method_block", "lean_param_views"]
 
 _RECORD_BYTES = 1 << 24  # memory of the CBP weight record (the record is flushed when full)
 _COIN_CHUNK = 256  # coins drawn ahead at once
@@ -248,7 +248,7 @@ class LeanCBP:
         self.utility_all, self.mean_all, self.age_all = (self.stacked[name].numpy() for name in _CBP_STACKED)
         self.utility, self.mean, self.age = list(self.utility_all), list(self.mean_all), list(self.age_all)
         self.accumulated = [float(s["accumulated"]) for s in self.states]
-        self.params = [_param_views(model) for model in self.models]
+        self.params = [lean_param_views(model) for model in self.models]
         self.native_now = self.native and all(len(o.state) == 0 for o in self.optimizers)
         self.thresholds: list[list[int]] = [[] for _ in self.methods]
         self.pointer = [0] * len(self.methods)
@@ -497,10 +497,17 @@ class LeanCBP:
         self.k = 0
 
 
-def _param_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """NumPy views (W1, b1, w2, b2) of the learner's parameters (w2 flattened)."""
+def lean_param_views(model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy views sharing memory with the learner's parameters (W1, b1, w2 flattened, b2); checks float32 CPU.
+
+    Strided views are fine (a seed group's members see W1 as a transposed slice of its stacked ``[W1^T; b1]``).
+    """
     hidden, _activation, output = learner_layers(model)
-    w1, b1, w2, b2 = (t.detach().numpy() for t in (hidden.weight, hidden.bias, output.weight, output.bias))
+    tensors = (hidden.weight, hidden.bias, output.weight, output.bias)
+    for tensor in tensors:
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError("the lean engine needs float32 CPU parameters; use engine='autograd'")
+    w1, b1, w2, b2 = (t.detach().numpy() for t in tensors)
     return w1, b1, w2.reshape(-1), b2
 
 
@@ -558,7 +565,17 @@ def lean_method_block(
     perturb: Any = None,
     record: np.ndarray | None = None,
 ) -> float:
-    """The lean SGD step (as :func:`~lopkit.benchmarks.bitflip.lean_sgd_block`) with one method's per-step effect.
+    """Online SGD (batch 1, MSE) of the 2-layer ReLU learner over ``inputs`` in place, with one method's per-step effect.
+
+    ``params`` are float32 NumPy views ``(W1 (H, D), b1 (H,), w2 (H,), b2 (1,))`` of the model's parameters
+    (:func:`lean_param_views`). Per step: ``z = W1 x + b1``, ``h = relu(z)``, ``y = w2.h + b2``, ``e = y - t``; the
+    gradient of ``e^2`` is ``2e`` times (``h`` for w2, ``1`` for b2, ``w2 * 1[z > 0]`` times (``x`` for W1, ``1``
+    for b1)), exactly what autograd computes for ``mse_loss`` with ReLU'(0) = 0. The squared errors are added one
+    by one in float64 to ``loss_sum`` (returned), so the sum does not depend on how the steps are split into
+    blocks. A non-finite loss raises :class:`~lopkit.benchmarks.base.DivergedError` naming the step
+    (``first_step`` + offset). With no method argument this is the plain lean engine
+    (:func:`~lopkit.benchmarks.bitflip.lean_sgd_block`); continual backprop has its own loop
+    (:func:`lean_cbp_block`), since its bookkeeping after every step is the method.
 
     ``penalty``: ``(2 lr strength, [(parameter index, anchor or None)])``, the loss term's gradient in the update;
     ``noise``: a :class:`_GradientNoise` (``noisy_sgd``) adding relative noise to each gradient before the update;
@@ -782,7 +799,7 @@ class _MethodKernel(LeanKernel):
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The learner's (W1, b1, W2, b2) parameters in the order of :func:`_param_views`."""
+    """The learner's (W1, b1, W2, b2) parameters in the order of :func:`lean_param_views`."""
     hidden, _activation, output = learner_layers(model)
     return [hidden.weight, hidden.bias, output.weight, output.bias]
 
