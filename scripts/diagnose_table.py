@@ -1,7 +1,8 @@
 """Print a markdown table of ``lopkit diagnose``'s verdict on every stored benchmark run under ``--runs``.
 
 One row per configuration (seeds pooled) of every ``results.sqlite`` below the folder, read-only: the layers where
-each trap was found, and the top-ranked cure that can join a running training. The table in docs/diagnose.md is
+each trap was found, and the top-ranked cure that can join a running training. A configuration whose runs are not
+finished says so (step reached of total): its verdict is about the rows so far. The table in docs/diagnose.md is
 this script's output.
 
 Usage: ``PYTHONPATH=src python scripts/diagnose_table.py --runs /work/runs [--set key=value ...]``
@@ -23,6 +24,15 @@ def _layers(diagnosis, trap: str) -> str:
     return ", ".join(layers) if layers else "–"
 
 
+def _unfinished(store_file: Path) -> dict[str, tuple[int, int]]:
+    """Run id -> (step, total steps) of the store's runs that are not finished (read-only)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{store_file}?mode=ro", uri=True, timeout=30) as conn:
+        rows = conn.execute("SELECT run_id, step, total_steps FROM runs WHERE status != 'finished'").fetchall()
+    return {run_id: (int(step or 0), int(total or 0)) for run_id, step, total in rows}
+
+
 def table(runs: Path, overrides: list[str]) -> list[str]:
     """The markdown lines of the table."""
     from lopkit.configs import build_config, parse_overrides
@@ -39,8 +49,12 @@ def table(runs: Path, overrides: list[str]) -> list[str]:
         except Exception as err:  # noqa: BLE001  (one damaged store must not hide the others)
             lines.append(f"| {store} | not diagnosed: {err} |" + " |" * (len(header) - 2))
             continue
+        progress = _unfinished(store_file)
         for diagnosis, ids in results:
             label = diagnosis.source.split(": ", 1)[1].rsplit(" (", 1)[0]
+            steps = [progress[i] for i in ids if i in progress]
+            if steps:  # a verdict on a run still going (or failed) is about its rows so far: say so
+                label += " (unfinished: " + ", ".join(f"step {step:,} of {total:,}" for step, total in steps) + ")"
             top = diagnosis.top_cure(continuable)
             cure = f"`--method {top[1].method}` ({top[0].label}, {top[0].layer})" if top else "none needed"
             cells = [str(store), label, str(len(ids)), *(_layers(diagnosis, c) for c in COLUMNS), cure]
