@@ -57,6 +57,8 @@ def table(runs: Path, overrides: list[str]) -> list[str]:
                 label += " (unfinished: " + ", ".join(f"step {step:,} of {total:,}" for step, total in steps) + ")"
             top = diagnosis.top_cure(continuable)
             cure = f"`--method {top[1].method}` ({top[0].label}, {top[0].layer})" if top else "none needed"
+            if not diagnosis.judged:
+                cure = "not judged (no per-layer unit metrics stored)"
             cells = [str(store), label, str(len(ids)), *(_layers(diagnosis, c) for c in COLUMNS), cure]
             lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -199,6 +199,26 @@ def test_stored_rows_rising_curvature_and_a_flat_metric():
     assert result.traps() == {"sharp_curvature"}  # the dead fraction is high but was so from the start
 
 
+def test_rows_without_unit_metrics_are_not_judged_rather_than_healthy():
+    import pandas as pd
+
+    from lopkit.diagnostics.diagnose import format_diagnosis, judge, measure_rows
+
+    losses = [{"run_id": "a", "step": s, "layer": "model", "metric": "train_loss", "value": 1.0 / (1 + s)}
+              for s in range(0, 400, 100)]
+    unjudged = judge(measure_rows(pd.DataFrame(losses)), source="losses only")
+    assert not unjudged.findings and not unjudged.judged and unjudged.to_dict()["judged"] is False
+    text = format_diagnosis(unjudged)
+    assert "nothing judged" in text and "no trap found" not in text
+    dead = [{"run_id": "a", "step": s, "layer": "act1", "metric": "dead_fraction", "value": 0.0} for s in range(0, 400, 100)]
+    judged = judge(measure_rows(pd.DataFrame(losses + dead)), source="one unit metric")
+    assert judged.judged and judged.healthy and "no trap found" in format_diagnosis(judged)
+    from lopkit.report.diagnose_section import diagnosis_frame
+
+    assert diagnosis_frame(unjudged)["trap"].tolist() == ["not judged"]
+    assert diagnosis_frame(judged)["trap"].tolist() == ["none"]
+
+
 @pytest.mark.slow
 def test_plain_mlp_continual_run_flags_the_layers_whose_metrics_cross_the_thresholds(tmp_path):
     from lopkit.data.fashion_mnist import fashion_mnist_dir

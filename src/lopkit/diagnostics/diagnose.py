@@ -282,8 +282,13 @@ class Diagnosis:
 
     @property
     def healthy(self) -> bool:
-        """True when no layer is in any trap."""
+        """True when no layer is in any trap (also when nothing was measured: see :attr:`judged`)."""
         return not self.findings
+
+    @property
+    def judged(self) -> bool:
+        """True when at least one layer had a metric the traps are judged on (:data:`JUDGED_METRICS`)."""
+        return any(m.values for m in self.measures.values())
 
     def traps(self, layer: str | None = None) -> set[str]:
         """Trap ids found (in ``layer`` only, if given)."""
@@ -313,6 +318,7 @@ class Diagnosis:
             "source": self.source,
             "reference": self.reference_label,
             "healthy": self.healthy,
+            "judged": self.judged,
             "findings": [
                 {"layer": f.layer, "trap": f.trap, "label": f.label, "severity": json_float(f.severity),
                  "theory": f.theory, "clusters": f.clusters,
@@ -758,7 +764,11 @@ def diagnose(model: nn.Module, probe_x: Tensor, probe_y: Tensor | None = None,
 def format_diagnosis(diagnosis: Diagnosis) -> str:
     """Terminal text: one block per finding (trap, evidence, theory, cures), or a line saying no trap was found."""
     lines = [f"diagnosis of {diagnosis.source}"]
-    if diagnosis.healthy:
+    if not diagnosis.judged:
+        lines.append("  nothing judged: the rows hold none of the per-layer unit metrics the traps are judged on "
+                     f"({', '.join(JUDGED_METRICS[:6])}, ...); record them with the Monitor (monitor_every > 0) "
+                     "and diagnose again")
+    elif diagnosis.healthy:
         lines.append("  no trap found: every layer is within the thresholds (see --json for the measured values)")
     explained: dict[str, str] = {}
     for finding in diagnosis.findings:

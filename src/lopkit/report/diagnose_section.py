@@ -8,9 +8,13 @@ import pandas as pd
 
 
 def diagnosis_frame(diagnosis) -> pd.DataFrame:
-    """One row per finding of a :class:`~lopkit.diagnostics.diagnose.Diagnosis` (a single row when it is healthy)."""
+    """One row per finding of a :class:`~lopkit.diagnostics.diagnose.Diagnosis` (a single row when it is healthy or nothing was judged)."""
     from lopkit.diagnostics.diagnose import format_number
 
+    if not diagnosis.judged:
+        return pd.DataFrame([{"layer": "all", "trap": "not judged",
+                              "evidence": "no per-layer unit metrics stored (record them with the Monitor)",
+                              "trend": "", "cures to try": ""}])
     if diagnosis.healthy:
         return pd.DataFrame([{"layer": "all", "trap": "none", "evidence": "every layer within the thresholds",
                               "trend": "", "cures to try": ""}])
