@@ -13,6 +13,7 @@ UTC date the evaluation was written. ``--write FILE`` replaces the text between 
 
 from __future__ import annotations
 
+import argparse
 import collections
 import csv
 import datetime
@@ -274,24 +275,22 @@ def occlusion_section(folders: list[Path]) -> str:
 
 def main(argv: list[str]) -> int:
     """Print (or write into a marked block) the sections of every folder given."""
-    write, marker = None, "kws-results"
-    if "--marker" in argv:
-        at = argv.index("--marker")
-        if at + 1 >= len(argv):
-            print("error: --marker needs a name, e.g. --marker kws-results-e16", file=sys.stderr)
-            return 2
-        marker = argv[at + 1]
-        argv = argv[:at] + argv[at + 2:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", metavar="RUN_DIR", help="lopkit kws run/evaluate output folders")
+    parser.add_argument("--write", type=Path, default=None, metavar="FILE",
+                        help="replace the marked block in FILE (e.g. docs/kws.md) instead of printing")
+    parser.add_argument("--marker", default="kws-results", metavar="NAME",
+                        help="block markers <!-- NAME:begin --> ... <!-- NAME:end --> (default: %(default)s)")
+    args = parser.parse_args(argv)
+    write, marker, argv = args.write, args.marker, args.folders
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    if "--write" in argv:
-        at = argv.index("--write")
-        if at + 1 >= len(argv):
-            print("error: --write needs a file, e.g. --write docs/kws.md", file=sys.stderr)
-            return 2
-        write = Path(argv[at + 1])
-        argv = argv[:at] + argv[at + 2:]
-    if not argv:
-        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+    missing = [a for a in argv if not (Path(a) / "pipeline.json").is_file()]
+    if missing:
+        print(f"error: {missing[0]} is not a lopkit kws output folder (no pipeline.json); pass the --out folder of "
+              "'lopkit kws run'", file=sys.stderr)
+        return 2
+    if write is not None and not write.is_file():
+        print(f"error: --write {write}: no such file (it must exist and hold the {marker} markers)", file=sys.stderr)
         return 2
     text = "\n".join(run_section(Path(a)) for a in argv)
     if len(argv) > 1:
