@@ -354,6 +354,18 @@ def test_permuted_and_random_label_tasks_differ_per_task():
     assert labels.tasks[0].train_x.shape[0] == 128
 
 
+@needs_data
+def test_runs_in_one_process_share_one_read_only_copy_of_the_split():
+    overrides = {"monitor": False, "max_train_per_class": None, "max_test_per_class": None}
+    first, second = _make(PermutedBenchmark, overrides, seed=0), _make(PermutedBenchmark, overrides, seed=1)
+    assert first.tasks[0].train_x is second.tasks[0].train_x and first.tasks[0].test_x is second.tasks[0].test_x
+    x, y = load_fashion_mnist("train", standardize=first.config.standardize)  # a private copy: the same values
+    assert torch.equal(first.tasks[0].train_x, x) and torch.equal(first.tasks[0].train_y, y)
+    first.run(5)
+    second.run(5)  # training reads the shared tensors and writes nothing into them
+    assert torch.equal(first.tasks[0].train_x, x)
+
+
 class NaNLoss(Mitigation):
     """A broken regulariser whose loss term turns non-finite after a few steps."""
 

@@ -134,6 +134,19 @@ def test_returned_tensors_do_not_alias_the_cache(tmp_path):
     assert x2.sum() > 0 and (y2 >= 0).all()
 
 
+def test_shared_tensors_are_one_copy_per_process_and_equal_a_private_load(tmp_path):
+    _write_fake_dataset(tmp_path)
+    x, y = fm.shared_fashion_mnist("train", standardize=True, data_dir=tmp_path)
+    again = fm.shared_fashion_mnist("train", standardize=True, data_dir=tmp_path)
+    assert again[0] is x and again[1] is y  # the same tensors: S runs in one process hold one copy
+    private = fm.load_fashion_mnist("train", standardize=True, data_dir=tmp_path)
+    assert torch.equal(private[0], x) and torch.equal(private[1], y) and private[0] is not x
+    images = fm.shared_fashion_mnist("train", flatten=False, data_dir=tmp_path)[0]
+    assert images.shape == (12, 1, 6, 5) and images is not x  # each layout and scaling is its own entry
+    fm.clear_cache()
+    assert fm.shared_fashion_mnist("train", standardize=True, data_dir=tmp_path)[0] is not x
+
+
 def test_bad_arguments(tmp_path):
     _write_fake_dataset(tmp_path)
     with pytest.raises(ValueError, match="split"):

@@ -68,7 +68,7 @@ from lopkit.benchmarks.base import (
 from lopkit.benchmarks.architectures import RESNET_NORMS, VIT_NORMS, SmallResNet, SmallViT, build_resnet, build_vit
 from lopkit.benchmarks.models import ACTIVATIONS, INITS, NORMS, build_cnn, build_mlp, zero_head_
 from lopkit.configs import ConfigError, check_device, config_to_dict, require
-from lopkit.data.fashion_mnist import load_fashion_mnist
+from lopkit.data.fashion_mnist import shared_fashion_mnist
 from lopkit.seeding import RNGSandbox, derive_seed, rng_sandbox, seeded_generator
 from lopkit.data.tasks import TaskStream, class_split_tasks, pixel_permutations, random_label_tasks
 from lopkit.diagnostics.monitor import METRIC_NAMES, PARAMETRIC_TYPES, Monitor, MonitorConfig
@@ -398,8 +398,8 @@ def _build_optimizer(config: ContinualConfig, model: nn.Module) -> torch.optim.O
 
 
 def _load_split(config: ContinualConfig, split: str) -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST split as (X, y): flat for the MLP, (N, 1, 28, 28) for the CNN."""
-    return load_fashion_mnist(
+    """Fashion-MNIST split as (X, y): flat for the MLP, (N, 1, 28, 28) for the CNN; the process's shared read-only copy."""
+    return shared_fashion_mnist(
         split, flatten=config.model == "mlp", standardize=config.standardize, data_dir=config.data_dir
     )
 

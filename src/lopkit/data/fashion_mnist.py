@@ -31,6 +31,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_idx_image_dataset",
     "load_mnist",
+    "shared_fashion_mnist",
 ]
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -145,9 +146,10 @@ def _decoded_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def clear_cache() -> None:
-    """Drop the in-process cache of decoded IDX arrays (e.g. after the files changed)."""
+    """Drop the in-process caches of decoded IDX arrays and shared tensors (e.g. after the files changed)."""
     _decoded_split.cache_clear()
     _pixel_stats.cache_clear()
+    _shared_split.cache_clear()
 
 
 @functools.lru_cache(maxsize=8)
@@ -233,6 +235,31 @@ def load_fashion_mnist(
     return load_idx_image_dataset(
         directory, split, flatten=flatten, dtype=dtype, normalize=normalize, standardize=standardize
     )
+
+
+def shared_fashion_mnist(
+    split: str = "train",
+    flatten: bool = True,
+    *,
+    standardize: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`load_fashion_mnist` (float32, [0, 1] or standardised), loaded once per process and shared: read-only.
+
+    Every caller gets the same tensors, so S runs of a benchmark in one process (a vectorised seed group, or seeds
+    run one after the other) hold one copy of the split instead of S (8 seeds: ~0.2 GB instead of ~1.8 GB) and
+    skip S - 1 conversions. Never modify them in place; use :func:`load_fashion_mnist` for a private copy.
+    :func:`clear_cache` drops them.
+    """
+    _check_split(split)
+    directory = Path(data_dir) if data_dir is not None else fashion_mnist_dir()
+    return _shared_split(str(directory), split, bool(flatten), bool(standardize))
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_split(directory: str, split: str, flatten: bool, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached tensors of :func:`shared_fashion_mnist` (one entry per folder, split and layout)."""
+    return load_fashion_mnist(split, flatten=flatten, standardize=standardize, data_dir=directory)
 
 
 def fashion_mnist_stats(data_dir: str | os.PathLike[str] | None = None) -> tuple[float, float]:
