@@ -233,10 +233,21 @@ def test_learning_curves_have_a_row_per_domain(smoke):
     with ResultStore(result.out_dir) as store:
         metrics = store.metrics()
     curves = R.learning_curves(metrics)
-    assert set(curves.columns) == set(D.MC_DOMAINS)
+    assert set(curves.columns) == {*D.MC_DOMAINS, "seeds"}
+    assert (curves["seeds"] == 1).all()  # one seed: every row's mean is over that one run
     assert set(curves.index.get_level_values("stage")) == {"pretrain", "finetune"}
     pretrain = curves.loc["pretrain"]
     assert len(pretrain) >= 2 and pretrain.notna().all().all()
+
+
+def test_learning_curves_count_the_seeds_behind_each_mean():
+    rows = [{"run_id": run, "benchmark": "moe_pretrain", "method": "pretrain", "step": step, "layer": domain,
+             "metric": "val_acc", "value": value}
+            for run, steps, value in (("a", (100, 200, 300), 0.4), ("b", (100, 200), 0.6))  # b is still running
+            for step in steps for domain in ("arithmetic", "reversal")]
+    curves = R.learning_curves(pd.DataFrame(rows)).loc["pretrain"].loc["pretrain"]
+    assert curves["seeds"].tolist() == [2, 2, 1]
+    assert curves["arithmetic"].tolist() == pytest.approx([0.5, 0.5, 0.4])
 
 
 def test_chance_level_domain_is_reported_and_excluded_from_the_targets():

@@ -467,13 +467,15 @@ def _pairs_table(matrices: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFra
 
 def learning_curves(metrics: pd.DataFrame) -> pd.DataFrame:
     """(stage, model, step) x domain table of the seed-mean validation accuracy at k_pre (pretraining) or at the
-    selection k (fine-tuning): every domain's learning curve."""
+    selection k (fine-tuning): every domain's learning curve; column ``seeds`` counts the runs in each mean."""
     rows = metrics[metrics["benchmark"].isin(["moe_pretrain", "moe_finetune"]) & (metrics["metric"] == "val_acc")
                    & (metrics["layer"] != "model")]
     if rows.empty:
         return pd.DataFrame()
     rows = rows.assign(stage=rows["benchmark"].str.replace("moe_", "", regex=False))
     table = rows.groupby(["stage", "method", "step", "layer"])["value"].mean().unstack("layer")
+    # how many runs (seeds) each row averages: while seeds are still running, later steps hold fewer of them
+    table["seeds"] = rows.groupby(["stage", "method", "step"])["run_id"].nunique()
     table.index = table.index.set_names(["stage", "model", "step"])
     return table.round(4)
 
