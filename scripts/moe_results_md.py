@@ -1,14 +1,18 @@
 """Print the MoE-PHDS figures of one or more experiment folders as Markdown (for docs/moe.md; nothing typed by hand).
 
-Usage: python scripts/moe_results_md.py OUT_DIR [OUT_DIR ...]
+Usage: python scripts/moe_results_md.py OUT_DIR [OUT_DIR ...] [--write docs/moe.md] [--marker NAME]
 
 Each OUT_DIR holds a results.sqlite written by ``lopkit moe run`` (several folders, e.g. one per seed run as
 parallel processes, are merged: their runs and rows are concatenated). Works on unfinished experiments too: it
 prints what the stores hold (e.g. only the pretraining learning curves while fine-tuning is still running).
+``--write FILE`` replaces the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in FILE instead of
+printing (``--marker NAME``, default ``moe-results``).
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -18,6 +22,8 @@ import pandas as pd
 from lopkit.moe.common import TIMINGS_FILE
 from lopkit.moe.report import report_tables
 from lopkit.runner.store import ResultStore, store_path
+
+from _blocks import check_target, replace_block
 
 
 def _markdown(table: pd.DataFrame, index: bool = True) -> str:
@@ -51,24 +57,49 @@ def load(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, flo
     return pd.concat(runs, ignore_index=True), pd.concat(metrics, ignore_index=True), timings
 
 
-def main(argv: list[str]) -> int:
-    """Print every table of the report that has data, as Markdown sections."""
-    if not argv:
-        print(__doc__.strip().splitlines()[2], file=sys.stderr)
-        return 2
-    folders = [Path(a) for a in argv]
+def markdown(folders: list[Path]) -> str:
+    """Every table of the report that has data, as Markdown sections (the runs' status first)."""
     runs, metrics, timings = load(folders)
     status = runs[["benchmark", "method", "seed", "status", "step", "total_steps"]] if "total_steps" in runs else \
         runs[["benchmark", "method", "seed", "status", "step"]]
-    print(f"Stores: {', '.join(str(f) for f in folders)}\n")
-    print("#### Runs\n")
-    print(_markdown(status.sort_values(["seed", "benchmark", "method"]), index=False) + "\n")
+    parts = [f"Stores: {', '.join(str(f) for f in folders)}\n"]
+    unfinished = int((runs["status"] != "finished").sum())
+    if unfinished:  # partial figures: say when they were read and how much is missing
+        read_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        parts.append(f"Read on {read_at}: {len(runs) - unfinished} of {len(runs)} runs started so far are finished; "
+                     "the tables below are partial.\n")
+    parts += ["#### Runs\n",
+             _markdown(status.sort_values(["seed", "benchmark", "method"]), index=False) + "\n"]
     computed = report_tables(runs, metrics, timings)
     for name, caption, table in computed.named:
         if table is None or table.empty:
             continue
-        print(f"#### {caption} (`{name}`)\n")
-        print(_markdown(table, index=name not in ("targets", "agreement", "stage_seconds", "learned_domains")) + "\n")
+        parts.append(f"#### {caption} (`{name}`)\n")
+        parts.append(_markdown(table, index=name not in ("targets", "agreement", "stage_seconds", "learned_domains"))
+                     + "\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str]) -> int:
+    """Print (or write into a marked block of a document) every table of the report that has data."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, metavar="OUT_DIR", help="lopkit moe run output folders")
+    parser.add_argument("--write", type=Path, default=None, metavar="FILE",
+                        help="replace the marked block in FILE (e.g. docs/moe.md) instead of printing")
+    parser.add_argument("--marker", default="moe-results", metavar="NAME",
+                        help="block markers <!-- NAME:begin --> ... <!-- NAME:end --> (default: %(default)s)")
+    args = parser.parse_args(argv)
+    problem = None if args.write is None else check_target(args.write, args.marker)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    text = markdown(args.folders)
+    if args.write is None:
+        print(text)
+        return 0
+    flags = f" --marker {args.marker}" if args.marker != "moe-results" else ""
+    replace_block(args.write, args.marker, text,
+                  f"scripts/moe_results_md.py {' '.join(str(f) for f in args.folders)}{flags}")
     return 0
 
 

@@ -18,7 +18,8 @@ with the spec's k_pre = 4 that is K_train = {2, 3, 4}, anchor 3, naive at k = 2)
 
 Overrides: ``pretrain.KEY=V``, ``finetune.KEY=V`` and ``eval.KEY=V`` go to one stage; a bare ``KEY=V`` goes to
 every stage whose config has that field (ConfigError if none has it). The wall time of each stage (summed over
-resumes) is kept in ``OUT/moe_timings.json``.
+resumes; a process killed mid-stage adds nothing, since the time is added when the run returns) is kept in
+``OUT/moe_timings.json``.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def split_overrides(overrides: Mapping[str, Any] | None) -> dict[str, dict[str, 
 
 
 class _Timings:
-    """Seconds per stage run, summed over resumes, kept in ``OUT/moe_timings.json``."""
+    """Seconds per stage run, summed over the resumes that returned (finished or Ctrl-C), in ``OUT/moe_timings.json``."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / TIMINGS_FILE
