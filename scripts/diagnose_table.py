@@ -5,7 +5,8 @@ each trap was found, and the top-ranked cure that can join a running training. A
 finished says so (step reached of total): its verdict is about the rows so far. The table in docs/diagnose.md is
 this script's output.
 
-Usage: ``PYTHONPATH=src python scripts/diagnose_table.py --runs /work/runs [--set key=value ...]``
+Usage: ``PYTHONPATH=src python scripts/diagnose_table.py --runs /work/runs [--set key=value ...] [--write docs/diagnose.md]``
+(``--write FILE`` replaces the block between ``<!-- diagnose-table:begin -->`` and ``<!-- diagnose-table:end -->``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from _blocks import check_target, replace_block
 
 COLUMNS = ("dead_units", "saturated_units", "cloned_units", "rank_collapse", "weight_growth", "sharp_curvature",
            "low_plasticity")
@@ -69,12 +72,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="/work/runs", help="folder holding experiment folders (read-only)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DiagnoseConfig thresholds")
+    parser.add_argument("--write", type=Path, default=None, metavar="FILE",
+                        help="replace the marked block in FILE (e.g. docs/diagnose.md) instead of printing")
+    parser.add_argument("--marker", default="diagnose-table", metavar="NAME",
+                        help="block markers <!-- NAME:begin --> ... <!-- NAME:end --> (default: %(default)s)")
     args = parser.parse_args(argv)
     runs = Path(args.runs)
     if not runs.is_dir():
         print(f"error: --runs {runs} is not a folder", file=sys.stderr)
         return 2
-    print("\n".join(table(runs, args.set)))
+    problem = None if args.write is None else check_target(args.write, args.marker)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    text = "\n".join(table(runs, args.set))
+    if args.write is None:
+        print(text)
+        return 0
+    flags = "".join(f" --set {item}" for item in args.set)
+    flags += f" --marker {args.marker}" if args.marker != "diagnose-table" else ""
+    replace_block(args.write, args.marker, text, f"scripts/diagnose_table.py --runs {runs}{flags}")
     return 0
 
 
