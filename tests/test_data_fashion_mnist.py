@@ -143,6 +143,10 @@ def test_shared_tensors_are_one_copy_per_process_and_equal_a_private_load(tmp_pa
     assert torch.equal(private[0], x) and torch.equal(private[1], y) and private[0] is not x
     images = fm.shared_fashion_mnist("train", flatten=False, data_dir=tmp_path)[0]
     assert images.shape == (12, 1, 6, 5) and images is not x  # each layout and scaling is its own entry
+    assert fm.shared_fashion_mnist("train", standardize=True, data_dir=tmp_path, device="cpu")[0] is x
+    on_meta = fm.shared_fashion_mnist("train", standardize=True, data_dir=tmp_path, device="meta")
+    assert on_meta[0].device.type == "meta" and on_meta[0].shape == x.shape  # one copy per device, from the CPU one
+    assert fm.shared_fashion_mnist("train", standardize=True, data_dir=tmp_path, device="meta")[0] is on_meta[0]
     fm.clear_cache()
     assert fm.shared_fashion_mnist("train", standardize=True, data_dir=tmp_path)[0] is not x
 

@@ -397,10 +397,11 @@ def _build_optimizer(config: ContinualConfig, model: nn.Module) -> torch.optim.O
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def _load_split(config: ContinualConfig, split: str) -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST split as (X, y): flat for the MLP, (N, 1, 28, 28) for the CNN; the process's shared read-only copy."""
+def _load_split(config: ContinualConfig, split: str, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST split as (X, y): flat for the MLP, (N, 1, 28, 28) for the CNN; the process's shared read-only
+    copy on ``device``."""
     return shared_fashion_mnist(
-        split, flatten=config.model == "mlp", standardize=config.standardize, data_dir=config.data_dir
+        split, flatten=config.model == "mlp", standardize=config.standardize, data_dir=config.data_dir, device=device
     )
 
 
@@ -699,19 +700,19 @@ class ContinualBenchmark(Benchmark):
 
     def _subset_train(self) -> tuple[Tensor, Tensor]:
         """Training split, restricted to ``max_train_per_class`` images per class when set, on the device."""
+        if self.config.max_train_per_class is None:
+            return _load_split(self.config, "train", self.device)  # the shared copy, on the device
         x, y = _load_split(self.config, "train")
-        if self.config.max_train_per_class is not None:
-            keep = balanced_subset(y, self.config.max_train_per_class, seeded_generator(self.seed, _SUBSET_STREAM, 0))
-            x, y = x[keep], y[keep]
-        return x.to(self.device), y.to(self.device)
+        keep = balanced_subset(y, self.config.max_train_per_class, seeded_generator(self.seed, _SUBSET_STREAM, 0))
+        return x[keep].to(self.device), y[keep].to(self.device)
 
     def _subset_test(self) -> tuple[Tensor, Tensor]:
         """Test split, restricted to ``max_test_per_class`` images per class when set, on the device."""
+        if self.config.max_test_per_class is None:
+            return _load_split(self.config, "test", self.device)  # the shared copy, on the device
         x, y = _load_split(self.config, "test")
-        if self.config.max_test_per_class is not None:
-            keep = balanced_subset(y, self.config.max_test_per_class, seeded_generator(self.seed, _SUBSET_STREAM, 1))
-            x, y = x[keep], y[keep]
-        return x.to(self.device), y.to(self.device)
+        keep = balanced_subset(y, self.config.max_test_per_class, seeded_generator(self.seed, _SUBSET_STREAM, 1))
+        return x[keep].to(self.device), y[keep].to(self.device)
 
 
 # ----------------------------------------------------------------------------- the three benchmarks
