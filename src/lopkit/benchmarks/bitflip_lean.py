@@ -565,7 +565,7 @@ def lean_method_block(
     perturb: Any = None,
     record: np.ndarray | None = None,
 ) -> float:
-    """Online SGD (batch 1, MSE) of the 2-layer ReLU learner over ``inputs`` in place, with one method's per-step effect.
+    """Online SGD (batch 1, MSE) of the 2-layer ReLU learner over ``inputs`` in place, plus one method's effect.
 
     ``params`` are float32 NumPy views ``(W1 (H, D), b1 (H,), w2 (H,), b2 (1,))`` of the model's parameters
     (:func:`lean_param_views`). Per step: ``z = W1 x + b1``, ``h = relu(z)``, ``y = w2.h + b2``, ``e = y - t``; the

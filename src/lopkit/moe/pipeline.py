@@ -119,7 +119,7 @@ def split_overrides(overrides: Mapping[str, Any] | None) -> dict[str, dict[str, 
 
 
 class _Timings:
-    """Seconds per stage run, summed over the resumes that returned (finished or Ctrl-C), in ``OUT/moe_timings.json``."""
+    """Seconds per stage run, summed over the resumes that returned (finished or Ctrl-C); ``OUT/moe_timings.json``."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / TIMINGS_FILE

@@ -542,7 +542,8 @@ def report_tables(runs: pd.DataFrame, metrics: pd.DataFrame, timings: Mapping[st
                             "fine-tune: at the selection k)",
          learning_curves(metrics) if not metrics.empty else pd.DataFrame()),
         ("tokens_per_s", "Tokens/s (measured) by model and k", _pivot(summary, "tokens_per_s")),
-        ("stage_seconds", "Stage wall time (s, summed over the runs' processes that returned; a killed process adds nothing)",
+        ("stage_seconds",
+         "Stage wall time (s, summed over the runs' processes that returned; a killed process adds nothing)",
          pd.DataFrame(sorted(timings.items()), columns=["stage", "seconds"]).round(1)),
     ]
     return MoETables(summary, matrices, k_pre, preset, learned, targets, named)

@@ -8,7 +8,7 @@ import pandas as pd
 
 
 def diagnosis_frame(diagnosis) -> pd.DataFrame:
-    """One row per finding of a :class:`~lopkit.diagnostics.diagnose.Diagnosis` (a single row when it is healthy or nothing was judged)."""
+    """One row per finding of a :class:`~lopkit.diagnostics.diagnose.Diagnosis` (one row when healthy or not judged)."""
     from lopkit.diagnostics.diagnose import format_number
 
     if not diagnosis.judged:
