@@ -185,18 +185,20 @@ def main_workers(args: argparse.Namespace) -> None:
             if label == "ratio":
                 rate_many, end_to_end = rate, (ratios, worst)
         ratios, worst = end_to_end
-        figures.append((item, timed[-1][2] // args.seeds, rate_many, ratios, worst))  # end to end
+        singles = [(what, seed_steps / wall) for what, wall, seed_steps in timed[:-1]]  # the one-seed rates
+        figures.append((item, timed[-1][2] // args.seeds, rate_many, ratios, worst, singles))  # end to end
     print(f"\n{load()} at the end; wall/cpu = seconds of the whole command (Python start-up, data loading and the "
           "workers' start-up included; cpu counts the workers); steps per run read from the store; ratio = "
           f"aggregate seed-steps/s of the {args.seeds} seeds over one seed's steps/s\n")
     print("\n".join(lines))
     if args.record:
-        for item, steps, rate_many, ratios, worst in figures:
+        for item, steps, rate_many, ratios, worst, singles in figures:
             record(f"run_workers/{item}/{args.seeds}seeds/{args.workers}x{args.threads}t",
                    "vectorised_seeds_continual.py",
                    f"{worst:.2f}x wall end to end ({', '.join(f'{r:.2f}x vs {w}' for w, r in ratios)}): "
                    f"lopkit run --seeds {args.seeds} --workers {args.workers} --threads {args.threads} "
-                   f"{rate_many:.0f} seed-steps/s ({steps} steps per run)",
+                   f"{rate_many:.0f} seed-steps/s ({steps} steps per run); "
+                   + ", ".join(f"{what} {rate:.1f} steps/s" for what, rate in singles),
                    threads=args.threads)
 
 

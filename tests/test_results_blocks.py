@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_blocks():
-    """Import scripts/_blocks.py (the scripts folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("_blocks", ROOT / "scripts" / "_blocks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_blocks() -> SimpleNamespace:
+    """scripts/_blocks.py's functions (the scripts folder is not a package)."""
+    return SimpleNamespace(**runpy.run_path(str(ROOT / "scripts" / "_blocks.py")))
 
 
 def test_replace_block_rewrites_only_the_marked_text_and_names_the_command(tmp_path):
