@@ -435,6 +435,18 @@ def test_fix_on_a_stored_run_replays_it_exactly_and_leaves_the_store_untouched(t
         methods = set(out_store.runs()["method"])
     assert any(m.startswith("diagnose-fix ") for m in methods) and "sgd" in methods
     assert result.status == "finished"
+    # a run written by other code that the replay does not reproduce: the description says so and why
+    import sqlite3
+
+    metric, layer = first["quantity"].split(" @ ")
+    with sqlite3.connect(stored / "results.sqlite") as conn:
+        conn.execute("UPDATE runs SET code_version = '0.0-older'")
+        conn.execute("UPDATE metrics SET value = value + 0.25 WHERE metric = ? AND layer = ?", (metric, layer))
+    code, out, err = _run_cli(capsys, stored, "--fix", "--fix-steps", "300", "--out", tmp_path / "fix2", "--json",
+                              "--set", "probe_steps=10", "--threads", "1")
+    assert code == 0, err
+    description = json.loads(out)["fix"]["description"]
+    assert "does NOT reproduce" in description and "stored by lopkit 0.0-older" in description
 
 
 @pytest.mark.slow

@@ -309,7 +309,7 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
     from lopkit.configs import build_config, config_to_dict
     from lopkit.diagnostics.diagnose import probe_gain
     from lopkit.runner.execute import execute_run, resolve_methods
-    from lopkit.runner.store import ResultStore, make_run_id, serialize_state
+    from lopkit.runner.store import ResultStore, code_version, make_run_id, serialize_state
 
     source = ResultStore(store_file, read_only=True)
     try:
@@ -388,6 +388,12 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
             if math.isfinite(stored_last) and not from_checkpoint else None)
     check = ("" if same is None else f"; the control {'reproduces' if same else 'does NOT reproduce'} the stored run's "
              f"final {first_metric} ({stored_last:.4g})")
+    if same is False:  # say why when the code that wrote the run is not the code replaying it
+        now, then = code_version(), str(run.get("code_version") or "unknown")
+        if now != then:
+            check += (f" (stored by lopkit {then}, replayed by {now}: a change in the order of float operations, "
+                      "e.g. the fused Adam of 7 Dec 2026, alters the last bits, and a long run amplifies them; "
+                      "the control and the cure still share one state, so their comparison holds)")
     how = (f"continued from its checkpoint at step {branch}" if from_checkpoint else
            f"replayed into {out_dir} up to step {branch}")
     header = (f"--fix: top finding {finding.label} in layer {finding.layer} (run {run_id}, seed {seed}); the run was "
