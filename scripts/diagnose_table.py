@@ -28,12 +28,13 @@ def _layers(diagnosis, trap: str) -> str:
 
 
 def _unfinished(store_file: Path) -> dict[str, tuple[int, int]]:
-    """Run id -> (step, total steps) of the store's runs that are not finished (read-only)."""
-    import sqlite3
+    """Run id -> (step, total steps) of the store's runs that are not finished (through the read-only store)."""
+    from lopkit.runner.store import ResultStore
 
-    with sqlite3.connect(f"file:{store_file}?mode=ro", uri=True, timeout=30) as conn:
-        rows = conn.execute("SELECT run_id, step, total_steps FROM runs WHERE status != 'finished'").fetchall()
-    return {run_id: (int(step or 0), int(total or 0)) for run_id, step, total in rows}
+    with ResultStore(store_file, read_only=True) as store:
+        runs = store.runs()
+    runs = runs[runs["status"] != "finished"]
+    return {str(r.run_id): (int(r.step or 0), int(r.total_steps or 0)) for r in runs.itertuples()}
 
 
 def table(runs: Path, overrides: list[str]) -> list[str]:

@@ -44,7 +44,6 @@ __all__ = ["StreamingSpotter", "export_torchscript", "export_onnx", "probability
            "conv_macs"]
 
 
-
 def probability_to_logit(probability: float) -> float:
     """The detect-logit threshold equal to a probability threshold in (0, 1)."""
     if not 0.0 < probability < 1.0:

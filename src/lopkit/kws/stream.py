@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Detection:
     """One trigger: when it fired (s from stream start), the estimated keyword start (s) and the smoothed score."""
