@@ -52,4 +52,38 @@ def test_import_lopkit_imports_nothing_else():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(SRC)})
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["lopkit"]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["lopkit", "lopkit._lazy"]
+
+
+def _modules_loaded_by(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code`` with the source tree on the path."""
+    script = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("code", [
+    "import lopkit.moe, lopkit.kws",
+    "import contextlib, io\nfrom lopkit.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n    main([])",
+])
+def test_packages_and_cli_help_load_no_torch_or_pandas(code):
+    heavy = {"torch", "pandas", "numpy"} & _modules_loaded_by(code)
+    assert not heavy, f"{code!r} loaded {sorted(heavy)}"
+
+
+def test_seed_system_names_and_submodules_load_on_first_use():
+    import lopkit.kws as kws
+    import lopkit.moe as moe
+    from lopkit.kws.metrics import det_curve
+    from lopkit.moe.model import MoETransformer
+
+    assert moe.MoETransformer is MoETransformer and kws.det_curve is det_curve
+    for package in (moe, kws):
+        assert set(package.__all__) <= set(dir(package)) and "TYPE_CHECKING" not in dir(package)
+        for name in package.__all__:
+            assert getattr(package, name) is not None
+    assert moe.scoring.__name__ == "lopkit.moe.scoring" and lk.theory.__name__ == "lopkit.theory"
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        moe.nosuch  # noqa: B018

@@ -15,6 +15,8 @@ are built on the core; the core never imports them (their benchmarks are registe
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing would double the time of ``import lopkit``
 
+from lopkit._lazy import lazy_attributes
+
 __version__ = "0.1.0"
 
 #: Public name -> the module defining it (imported lazily by ``__getattr__``, PEP 562).
@@ -119,19 +121,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
     from lopkit.theory.partition import Partition
 
 
-def __getattr__(name: str) -> object:
-    """Import the module defining a public name on first access and cache the name here (PEP 562)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lopkit' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public names (loaded or not), the sub-packages imported so far and the module's dunder attributes."""
-    return sorted(set(__all__) | {name for name in globals() if not name.startswith("_") or name.startswith("__")}
-                  - {"TYPE_CHECKING"})
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -18,23 +18,34 @@ Modules, in the order data flows:
 See docs/kws.md.
 """
 
-from lopkit.kws.features import FeatureStats, StreamingLogMel, log_mel
-from lopkit.kws.metrics import det_curve, frr_at_fa, relative_reduction, start_error_summary
-from lopkit.kws.model import BCResNetKWS, FramePhoneClassifier, count_parameters
-from lopkit.kws.stream import Detection, StreamingDetector, listen
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing the package stays free of torch
 
-__all__ = [
-    "BCResNetKWS",
-    "Detection",
-    "FeatureStats",
-    "FramePhoneClassifier",
-    "StreamingDetector",
-    "StreamingLogMel",
-    "count_parameters",
-    "det_curve",
-    "frr_at_fa",
-    "listen",
-    "log_mel",
-    "relative_reduction",
-    "start_error_summary",
-]
+from lopkit._lazy import lazy_attributes
+
+#: Public name -> the module defining it (imported on first access, PEP 562).
+_EXPORTS: dict[str, str] = {
+    "BCResNetKWS": "lopkit.kws.model",
+    "Detection": "lopkit.kws.stream",
+    "FeatureStats": "lopkit.kws.features",
+    "FramePhoneClassifier": "lopkit.kws.model",
+    "StreamingDetector": "lopkit.kws.stream",
+    "StreamingLogMel": "lopkit.kws.features",
+    "count_parameters": "lopkit.kws.model",
+    "det_curve": "lopkit.kws.metrics",
+    "frr_at_fa": "lopkit.kws.metrics",
+    "listen": "lopkit.kws.stream",
+    "log_mel": "lopkit.kws.features",
+    "relative_reduction": "lopkit.kws.metrics",
+    "start_error_summary": "lopkit.kws.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come from __getattr__
+    from lopkit.kws.features import FeatureStats, StreamingLogMel, log_mel
+    from lopkit.kws.metrics import det_curve, frr_at_fa, relative_reduction, start_error_summary
+    from lopkit.kws.model import BCResNetKWS, FramePhoneClassifier, count_parameters
+    from lopkit.kws.stream import Detection, StreamingDetector, listen
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from lopkit.configs import ConfigError, parse_overrides
-from lopkit.mitigations.registry import build_methods
 
 from lopkit.runner.cli_common import (
     EXIT_FAILED,
@@ -107,6 +106,7 @@ def _reuse_freed_memory() -> None:
 
 def _run_stages(args: argparse.Namespace, stages: tuple[str, ...] | None) -> int:
     from lopkit.kws.pipeline import pipeline_config, run_pipeline
+    from lopkit.mitigations.registry import build_methods
 
     try:
         config = pipeline_config(args.preset, _pipeline_overrides(args.overrides))

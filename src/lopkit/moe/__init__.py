@@ -19,35 +19,46 @@ Modules, in the order data flows:
 See docs/moe.md.
 """
 
-from lopkit.moe.experts import (
-    clone_experts,
-    dormant_expert_fraction,
-    duplicate_expert_fraction,
-    expert_diagnostic_rows,
-    expert_load,
-    expert_output_similarity,
-    expert_weight_similarity,
-    load_entropy,
-)
-from lopkit.moe.model import LayerRouting, MoEModelConfig, MoEOutput, MoETransformer, load_moe_state
-from lopkit.moe.scoring import agreement, choice_logprobs, mc_accuracy, perplexity
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing the package stays free of torch
 
-__all__ = [
-    "LayerRouting",
-    "MoEModelConfig",
-    "MoEOutput",
-    "MoETransformer",
-    "agreement",
-    "choice_logprobs",
-    "clone_experts",
-    "dormant_expert_fraction",
-    "duplicate_expert_fraction",
-    "expert_diagnostic_rows",
-    "expert_load",
-    "expert_output_similarity",
-    "expert_weight_similarity",
-    "load_entropy",
-    "load_moe_state",
-    "mc_accuracy",
-    "perplexity",
-]
+from lopkit._lazy import lazy_attributes
+
+#: Public name -> the module defining it (imported on first access, PEP 562).
+_EXPORTS: dict[str, str] = {
+    "LayerRouting": "lopkit.moe.model",
+    "MoEModelConfig": "lopkit.moe.model",
+    "MoEOutput": "lopkit.moe.model",
+    "MoETransformer": "lopkit.moe.model",
+    "agreement": "lopkit.moe.scoring",
+    "choice_logprobs": "lopkit.moe.scoring",
+    "clone_experts": "lopkit.moe.experts",
+    "dormant_expert_fraction": "lopkit.moe.experts",
+    "duplicate_expert_fraction": "lopkit.moe.experts",
+    "expert_diagnostic_rows": "lopkit.moe.experts",
+    "expert_load": "lopkit.moe.experts",
+    "expert_output_similarity": "lopkit.moe.experts",
+    "expert_weight_similarity": "lopkit.moe.experts",
+    "load_entropy": "lopkit.moe.experts",
+    "load_moe_state": "lopkit.moe.model",
+    "mc_accuracy": "lopkit.moe.scoring",
+    "perplexity": "lopkit.moe.scoring",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come from __getattr__
+    from lopkit.moe.experts import (
+        clone_experts,
+        dormant_expert_fraction,
+        duplicate_expert_fraction,
+        expert_diagnostic_rows,
+        expert_load,
+        expert_output_similarity,
+        expert_weight_similarity,
+        load_entropy,
+    )
+    from lopkit.moe.model import LayerRouting, MoEModelConfig, MoEOutput, MoETransformer, load_moe_state
+    from lopkit.moe.scoring import agreement, choice_logprobs, mc_accuracy, perplexity
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
