@@ -88,7 +88,7 @@ def test_layer_types_is_a_leaf_module():
     code = "import sys, lopkit.layer_types; print(sorted(m for m in sys.modules if m.startswith('lopkit.')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['lopkit.layer_types']"
+    assert done.stdout.strip() == "['lopkit._lazy', 'lopkit.layer_types']"  # the package's lazy-export helper only
 
 
 def test_monitor_measures_a_gpt2_by_default_including_its_conv1d_layers():

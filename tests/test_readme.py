@@ -58,3 +58,13 @@ def test_readme_snippet_uses_the_public_api(index):
         if found:
             names = {n.strip().split(" as ")[0] for n in found.group(1).strip("()").split(",")}
             assert not names & set(lk.__all__), f"use lk.{sorted(names & set(lk.__all__))[0]}: {line.strip()}"
+
+
+def test_readme_lists_every_registered_method():
+    from lopkit.mitigations.registry import METHODS, available_methods
+
+    available_methods()  # imports every method module
+    section = README.read_text().split("\nMethods: ", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`([a-z_0-9]+)`", section))
+    missing = sorted(name for name, cls in METHODS.items() if name == cls.name and name not in listed)
+    assert not missing, f"README's method list lacks {missing}"

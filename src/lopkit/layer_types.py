@@ -24,6 +24,8 @@ __all__ = [
     "splits_units",
     "unit_activation",
     "unit_pre_activation",
+    "unwrap_model",
+    "wrapper_chain",
 ]
 
 #: Parameter-free, deterministic elementwise activations: each unit's output is the same fixed function of that
@@ -97,3 +99,29 @@ def is_weight_layer(module: nn.Module, hf_conv1d: bool = True) -> bool:
     Only the torch layers have their weight laid out ``(out, in, *kernel)``; ``Conv1D`` stores ``(in, out)``.
     """
     return isinstance(module, WEIGHT_LAYERS) or (hf_conv1d and is_hf_conv1d(module))
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every module it wraps, outermost first, through ``DistributedDataParallel``, ``DataParallel`` and
+    ``torch.compile`` wrappers (in any nesting); a plain model gives ``[model]``."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    chain = [model]
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's wrapper (torch._dynamo.eval_frame.OptimizedModule)
+        else:
+            return chain
+        chain.append(model)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's own module inside any ``DistributedDataParallel``, ``DataParallel`` or ``torch.compile`` wrappers.
+
+    Model walkers (unit groups, the Monitor) read it, so layer names carry no ``module.`` or ``_orig_mod.`` prefix
+    and a probe forward never enters DDP (whose backward would wait for the other ranks). The parameters are
+    shared with the wrapper, so what a method changes on the inner module is what the wrapper trains.
+    """
+    return wrapper_chain(model)[-1]

@@ -34,7 +34,7 @@ from lopkit.diagnostics.rank import RANK_METRIC_NAMES
 from lopkit.diagnostics.units import all_finite, as_unit_matrix
 from lopkit.layer_types import ACTIVATION_MODULE_PATHS, ACTIVATION_TYPES, WEIGHT_LAYERS
 from lopkit.layer_types import is_activation as is_activation_module
-from lopkit.layer_types import is_hf_conv1d, is_weight_layer, unit_activation, unit_pre_activation
+from lopkit.layer_types import is_hf_conv1d, is_weight_layer, unit_activation, unit_pre_activation, unwrap_model
 
 __all__ = [
     "ACTIVATION_MODULE_PATHS",
@@ -467,6 +467,10 @@ class Monitor:
     ``config.rank_max_samples`` rows (a seeded random subset). A module called several times in one forward
     pass gives one layer per call, named ``"name#0"``, ``"name#1"``, ...
 
+    A model wrapped in ``DistributedDataParallel``, ``DataParallel`` or ``torch.compile`` is measured through the
+    module it wraps (:func:`lopkit.layer_types.unwrap_model`): layer names have no ``module.`` prefix, and the probe's
+    backward never enters DDP, so measuring on rank 0 alone cannot hang the other ranks.
+
     Metrics that need a gradient are skipped when ``measure`` gets no ``probe_targets``/``loss_fn``. A layer
     whose output holds NaN/inf gets NaN for all its metrics (except ``weight_norm``) and one
     :class:`~lopkit.diagnostics.errors.LopkitWarning` naming it. Extra elementwise activation classes can be
@@ -530,7 +534,7 @@ class Monitor:
             raise ValueError(f"max_rows must be None (keep every row) or an integer >= 0, got {max_rows!r}")
         if sink is not None and not callable(sink):
             raise ValueError(f"sink must be a callable taking a list of rows, got {type(sink).__name__}")
-        self.model = model
+        self.model = unwrap_model(model)  # DDP / DataParallel / torch.compile: measure the user's own module
         self.config = config
         self.sink = sink
         self.max_rows = max_rows

@@ -22,6 +22,7 @@ from torch import nn
 from lopkit.configs import ConfigError, require
 from lopkit.diagnostics.activations import dormant_scores
 from lopkit.mitigations.base import Mitigation
+from lopkit.mitigations.distributed import gather_over_ranks
 from lopkit.mitigations.layers import INIT_SCHEMES, UnitGroup, find_unit_groups, reinit_incoming
 from lopkit.mitigations.perturbation import MethodGenerator, weight_layers
 from lopkit.mitigations.perturbation import randn_like as _randn_like
@@ -1249,6 +1250,21 @@ class SNRConfig:
         _check_seed(self.seed)
 
 
+def combine_snr_steps(state: dict, parts: torch.Tensor) -> dict:
+    """SNR's record after one step whose batches, one per rank, are read as one batch in rank order.
+
+    ``state`` holds the record before the step (``fires``, ``samples``, ``silent`` per unit); ``parts[r]`` stacks
+    rank ``r``'s record of the step alone (its fires, samples and trailing silent run, which equals its samples when
+    the unit never fired). The silent run ends at the last rank where the unit fired.
+    """
+    fires = state["fires"] + parts[:, 0].sum(dim=0)
+    samples = state["samples"] + parts[:, 1].sum(dim=0)
+    silent = state["silent"].clone()
+    for rank_fires, rank_samples, rank_silent in parts:
+        silent = torch.where(rank_fires > 0, rank_silent, silent + rank_samples)
+    return {**state, "fires": fires, "samples": samples, "silent": silent}
+
+
 @register_method
 class SelfNormalizedResets(UnitMethod):
     """Self-normalised resets (Farias & Jozefiak 2025): reset a unit whose silence is implausible given its own rate.
@@ -1256,7 +1272,8 @@ class SelfNormalizedResets(UnitMethod):
     Per unit, since its last reset: samples seen, samples on which it fired (``h > 0``) and the length ``a`` of
     its current run of silent samples. After every step, a mature unit is reset when ``(1 - p)^a < threshold``
     (:func:`snr_reset_mask`), as in ``redo`` (fresh incoming weights, zero outgoing weights, zeroed optimizer state),
-    and its statistics restart.
+    and its statistics restart. Under DDP the ranks' batches of a step are read as one global batch in rank order
+    (:func:`combine_snr_steps`), so every rank takes the same decision.
     """
 
     name = "snr"
@@ -1269,7 +1286,12 @@ class SelfNormalizedResets(UnitMethod):
 
     @torch.no_grad()
     def _on_activation(self, index: int, kind: str, m: torch.Tensor) -> None:
-        state = self.stats[index]
+        if self._rank_group is not None:  # DDP: this step's record, combined over the ranks in after_step
+            if self._step_record[index] is None:
+                self._step_record[index] = self._new_group_state(self.groups[index])
+            state = self._step_record[index]
+        else:
+            state = self.stats[index]
         fired = m > 0
         batch = m.shape[0]
         positions = torch.arange(1, batch + 1, device=m.device, dtype=torch.float64).unsqueeze(1)
@@ -1286,10 +1308,20 @@ class SelfNormalizedResets(UnitMethod):
                               self.config.maturity)  # fmt: skip
         return mask.cpu()
 
+    def _after_attach(self) -> None:
+        self._step_record: list[dict | None] = [None] * len(self.groups)
+
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Test every unit and reset those that fail; their statistics restart from zero."""
         self._require_attached()
         for index in range(len(self.groups)):
+            if self._rank_group is not None:
+                record, self._step_record[index] = self._step_record[index], None
+                if record is None:
+                    record = self._new_group_state(self.groups[index])  # every rank must join the gather
+                parts = gather_over_ranks(torch.stack([record["fires"], record["samples"], record["silent"]]),
+                                          self._rank_group)
+                self.stats[index] = combine_snr_steps(self.stats[index], parts)
             mask = self.reset_mask(index)
             if not bool(mask.any()):
                 continue

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lopkit.diagnostics.units import as_unit_matrix
-from lopkit.layer_types import WEIGHT_LAYERS, splits_units
+from lopkit.layer_types import WEIGHT_LAYERS, splits_units, unwrap_model
 from lopkit.theory.unit_maps import sequential_leaves, unit_sites
 
 __all__ = [
@@ -200,7 +200,8 @@ def _walk(module: nn.Module) -> Iterator[object]:
 def architecture_unit_groups(model: nn.Module) -> list[UnitGroup] | None:
     """UnitGroups of the resettable unit sites of a SmallResNet / SmallViT (:func:`lopkit.theory.unit_maps.unit_sites`:
     a ResNet block's ``conv1 -> norm1 -> act1 -> conv2``, a ViT block's ``v -> o`` and ``fc1 -> GELU -> fc2``);
-    None for other models."""
+    None for other models (wrappers looked through)."""
+    model = unwrap_model(model)
     sites = unit_sites(model)
     if sites is None:
         return None
@@ -224,7 +225,9 @@ def find_unit_groups(model: nn.Module) -> list[UnitGroup]:
     activation, a norm after the activation) ends the chain, and the layer before it is not a group.
     Groups are named after the activation module (e.g. ``act1``), else the incoming module. A module used
     at two places in the model (shared activation or tied weights) is an error: pass groups explicitly.
+    A DDP, DataParallel or ``torch.compile`` wrapper is looked through (:func:`lopkit.layer_types.unwrap_model`).
     """
+    model = unwrap_model(model)
     if not isinstance(model, nn.Sequential):
         raise ValueError(
             f"find_unit_groups walks nn.Sequential models; {type(model).__name__} is not one. Build the groups "
@@ -303,8 +306,10 @@ def resolve_unit_groups(
     """Groups for ``model``: ``groups`` as given, or called on the model if callable, else the ResNet/ViT unit sites
     (:func:`architecture_unit_groups`) or :func:`find_unit_groups`.
 
-    Raises ValueError if no group is found, so a method never silently does nothing.
+    Raises ValueError if no group is found, so a method never silently does nothing. A DDP, DataParallel or
+    ``torch.compile`` wrapper is looked through, so the groups are the user's own modules.
     """
+    model = unwrap_model(model)
     if groups is None:
         found = architecture_unit_groups(model)
         if found is None:

@@ -39,6 +39,7 @@ from lopkit.diagnostics.activations import dormant_unit_mask
 from lopkit.diagnostics.errors import LopkitWarning
 from lopkit.diagnostics.units import activation_derivative
 from lopkit.mitigations.base import Mitigation
+from lopkit.mitigations.distributed import ddp_process_group, mean_over_ranks, sum_over_ranks
 from lopkit.mitigations.layers import (
     BIAS_SCHEMES,
     INIT_SCHEMES,
@@ -98,6 +99,10 @@ class UnitMethod(Mitigation):
     ``groups`` (constructor keyword) overrides automatic discovery: a list of :class:`UnitGroup` or a
     callable ``model -> list[UnitGroup]`` (use the callable when another mitigation's ``prepare_model`` may
     rebuild the model). Subclasses implement ``_new_group_state``, ``_on_activation`` and ``after_step``.
+
+    Under ``DistributedDataParallel`` (the model given to ``attach`` is one, over more than one rank) the
+    statistics a decision reads are combined over the ranks first (:mod:`lopkit.mitigations.distributed`), so
+    every rank resets the same units, as one process would on the global batch, and the replicas stay identical.
     """
 
     name = "unit_method"
@@ -116,12 +121,14 @@ class UnitMethod(Mitigation):
         self.total_replaced = 0
         self.events = 0
         self._pending_state: dict | None = None
+        self._rank_group: Any = None
 
     # ----------------------------------------------------------------- hooks of the protocol
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Find the unit groups, seed the generator, build statistics and install forward hooks."""
         self.detach()
+        self._rank_group = ddp_process_group(model)  # None unless DDP over several ranks
         self.groups = resolve_unit_groups(model, self._groups_spec)
         self.generator = torch.Generator()
         self.generator.manual_seed(self.method_seed(self.config.seed))
@@ -369,6 +376,8 @@ class ContinualBackprop(UnitMethod):
             if batch is None:
                 self._warn_missing(group)
                 continue
+            if self._rank_group is not None:  # DDP: the global batch's means (equal per-rank batch sizes)
+                batch = {key: mean_over_ranks(value, self._rank_group) for key, value in batch.items()}
             self._update_utility(index, group, batch)
             self._replace(index, group, optimizer)
 
@@ -567,7 +576,8 @@ class PeriodicUnitMethod(UnitMethod):
 
     Checks happen after the steps with 0-based index ``every - 1, 2 * every - 1, ...``. Statistics are
     gathered only during steps whose index ``s`` satisfies ``s % every >= every - window_steps``
-    (``window_steps=0``: all steps since the previous check) and are cleared after each check.
+    (``window_steps=0``: all steps since the previous check) and are cleared after each check. Every statistic
+    is a sum over samples, so under DDP the ranks' sums are added before a check (the global batch's statistic).
     """
 
     def _after_attach(self) -> None:
@@ -587,6 +597,7 @@ class PeriodicUnitMethod(UnitMethod):
         self._require_attached()
         if (step + 1) % self.config.every == 0:
             for index, group in enumerate(self.groups):
+                self.stats[index] = sum_over_ranks(self.stats[index], self._rank_group)  # DDP: the global batch's
                 self._check(index, group, optimizer)
                 self.stats[index] = self._new_group_state(group)
         self._set_capture_for(step + 1)
@@ -596,6 +607,7 @@ class PeriodicUnitMethod(UnitMethod):
         self._require_attached()
         before = self.total_replaced
         for index, group in enumerate(self.groups):
+            self.stats[index] = sum_over_ranks(self.stats[index], self._rank_group)  # every rank must call this
             self._check(index, group, optimizer)
             self.stats[index] = self._new_group_state(group)
         return self.total_replaced - before

@@ -1,0 +1,76 @@
+"""One rank of a CPU DistributedDataParallel run (gloo) for tests/test_distributed.py.
+
+``python ddp_worker.py RANK WORLD INIT_FILE OUT_FILE SPEC [SPEC ...]``: for each method spec, train the same MLP
+with the method on this rank's slice of a fixed global batch stream, then save (rank 0 only) the final parameters,
+the number of units the method replaced and the largest parameter difference between the ranks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lopkit as lk
+
+STEPS, BATCH, SEED = 60, 16, 0  # BATCH rows per rank
+
+
+def mlp() -> nn.Sequential:
+    """The test model (seeded, so every rank and the one-process reference start equal)."""
+    torch.manual_seed(SEED)
+    return nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
+
+
+def global_batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The global batches (rank r's rows are r*BATCH:(r+1)*BATCH); shifted inputs make some units die."""
+    generator = torch.Generator().manual_seed(123)
+    return [(torch.randn(world * BATCH, 6, generator=generator) - 1.5 * (step // 20),
+             torch.randint(0, 3, (world * BATCH,), generator=generator)) for step in range(STEPS)]
+
+
+def train(model: nn.Module, method, batches, rows: slice) -> nn.Module:
+    """Adam training with ``method`` hooked in; ``model`` may be a DDP wrapper."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    method.seed_from_run(SEED)
+    method.attach(model, optimizer)
+    for step, (x, y) in enumerate(batches):
+        loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        method.before_step(model, optimizer, step)
+        optimizer.step()
+        method.after_step(model, optimizer, step)
+    return model
+
+
+def replaced(method) -> int:
+    """Units the (composed) method replaced."""
+    parts = getattr(method, "methods", [method])
+    return sum(int(getattr(part, "total_replaced", 0)) for part in parts)
+
+
+def main(rank: int, world: int, init_file: str, out_file: str, specs: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    batches = global_batches(world)
+    for spec in specs:
+        method = lk.build_methods(spec)
+        inner = mlp()
+        ddp = nn.parallel.DistributedDataParallel(inner)
+        train(ddp, method, batches, slice(rank * BATCH, (rank + 1) * BATCH))
+        flat = torch.cat([p.detach().flatten() for p in inner.parameters()])
+        everyone = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(everyone, flat)
+        results[spec] = {"params": [p.detach().clone() for p in inner.parameters()], "replaced": replaced(method),
+                         "rank_gap": max(float((other - flat).abs().max()) for other in everyone)}
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:])
