@@ -46,6 +46,32 @@ def test_torch_compile_wrapper_is_looked_through_without_compiling():
     assert [g.incoming for g in find_unit_groups(compiled)] == [model[0], model[2]]
 
 
+def test_cbp_trains_a_torch_compiled_model_as_the_plain_one():
+    """Forward hooks on the inner modules fire inside the compiled forward (backend "eager": no C++ compiler)."""
+
+    def run(wrap) -> tuple[int, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        trained = wrap(model)
+        method = lk.build_methods("cbp:replacement_rate=0.1:maturity=2")
+        optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(1)
+        with method.hook(trained, optimizer):
+            for _ in range(15):
+                loss = nn.functional.cross_entropy(trained(torch.randn(32, 6, generator=generator)),
+                                                   torch.randint(0, 3, (32,), generator=generator))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return method.total_replaced, [p.detach() for p in model.parameters()]
+
+    plain_replaced, plain = run(lambda m: m)
+    compiled_replaced, compiled = run(lambda m: torch.compile(m, backend="eager"))
+    assert plain_replaced > 0 and compiled_replaced == plain_replaced
+    for a, b in zip(compiled, plain):
+        torch.testing.assert_close(a, b)
+
+
 def test_combine_snr_steps_reads_the_ranks_as_one_batch_in_rank_order():
     state = {"fires": torch.tensor([5.0, 5.0, 5.0]), "samples": torch.tensor([10.0, 10.0, 10.0]),
              "silent": torch.tensor([2.0, 2.0, 2.0])}
