@@ -2,11 +2,13 @@
 
 ``python ddp_worker.py RANK WORLD INIT_FILE OUT_FILE SPEC [SPEC ...]``: for each method spec, train the same MLP
 with the method on this rank's slice of a fixed global batch stream, then save (rank 0 only) the final parameters,
-the number of units the method replaced and the largest parameter difference between the ranks.
+the number of units the method replaced and the largest parameter difference between the ranks. Rank 0 alone also
+measures a Monitor probe (with a loss) on the DDP model before the ranks compare their weights.
 """
 
 from __future__ import annotations
 
+import datetime
 import sys
 
 import torch
@@ -46,6 +48,11 @@ def train(model: nn.Module, method, batches, rows: slice) -> nn.Module:
     return model
 
 
+def ddp_worker_steps() -> int:
+    """The step a probe after training is labelled with."""
+    return STEPS
+
+
 def replaced(method) -> int:
     """Units the (composed) method replaced."""
     parts = getattr(method, "methods", [method])
@@ -54,7 +61,8 @@ def replaced(method) -> int:
 
 def main(rank: int, world: int, init_file: str, out_file: str, specs: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     results = {}
     batches = global_batches(world)
     for spec in specs:
@@ -62,6 +70,10 @@ def main(rank: int, world: int, init_file: str, out_file: str, specs: list[str])
         inner = mlp()
         ddp = nn.parallel.DistributedDataParallel(inner)
         train(ddp, method, batches, slice(rank * BATCH, (rank + 1) * BATCH))
+        if rank == 0:  # a probe measured on one rank only must not enter DDP (its backward would wait for the others)
+            x, y = batches[0]
+            rows = lk.Monitor(ddp).measure(x, y, nn.functional.cross_entropy, step=ddp_worker_steps())
+            assert not any(row["layer"].startswith("module.") for row in rows)
         flat = torch.cat([p.detach().flatten() for p in inner.parameters()])
         everyone = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(everyone, flat)
