@@ -279,6 +279,35 @@ def test_reset_optimizer_state_zeroes_exactly_the_unit_entries(opt_name):
         assert float(optimizer.state[model.fc1.weight]["step"]) == 3.0
 
 
+def test_reset_units_is_the_public_one_call_reset_and_matches_its_parts():
+    import lopkit as lk
+
+    def trained():
+        torch.manual_seed(5)
+        model = build_mlp(5, (6, 4), 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        _train_a_bit(model, optimizer)
+        return model, optimizer
+
+    model, optimizer = trained()
+    group = lk.find_unit_groups(model)[0]
+    means = torch.arange(6, dtype=torch.float32)
+    assert lk.reset_units(group, [1, 4], optimizer, generator=torch.Generator().manual_seed(3), unit_means=means) == 2
+    assert lk.reset_units(group, [], optimizer) == 0
+    by_hand, hand_optimizer = trained()
+    hand_group = find_unit_groups(by_hand)[0]
+    absorb_into_outgoing_bias(hand_group, [1, 4], means)
+    reinit_incoming(hand_group, [1, 4], torch.Generator().manual_seed(3))
+    zero_outgoing(hand_group, [1, 4])
+    reset_optimizer_state(hand_optimizer, hand_group, [1, 4])
+    for (name, mine), hand in zip(model.named_parameters(), by_hand.parameters()):
+        assert torch.equal(mine, hand), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[mine][key], hand_optimizer.state[hand][key]), (name, key)
+    assert torch.all(model.fc2.weight[:, [1, 4]] == 0) and torch.all(model.fc1.bias[[1, 4]] == 0)
+    assert torch.all(optimizer.state[model.fc1.weight]["exp_avg"][[1, 4]] == 0)
+
+
 # --------------------------------------------------------------------------- noise and capture
 
 

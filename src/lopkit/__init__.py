@@ -38,6 +38,9 @@ _EXPORTS: dict[str, str] = {
     "build_methods": "lopkit.mitigations.registry",
     "get_method": "lopkit.mitigations.registry",
     "available_methods": "lopkit.mitigations.registry",
+    "UnitGroup": "lopkit.mitigations.layers",
+    "find_unit_groups": "lopkit.mitigations.layers",
+    "reset_units": "lopkit.mitigations.layers",
     "L2": "lopkit.mitigations.regularizers",
     "L2Init": "lopkit.mitigations.regularizers",
     "NoisySGD": "lopkit.mitigations.perturbation",
@@ -97,6 +100,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names come
         NormalizeAndProject,
     )
     from lopkit.mitigations.base import Mitigation
+    from lopkit.mitigations.layers import UnitGroup, find_unit_groups, reset_units
     from lopkit.mitigations.field import (
         FIRE,
         UPGD,

@@ -591,6 +591,44 @@ def reset_optimizer_state(
                 value.masked_fill_(entries.to(value.device), 0)
 
 
+@torch.no_grad()
+def reset_units(
+    group: UnitGroup,
+    units: torch.Tensor | Sequence[int],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    init: str = "default",
+    bias: str = "zero",
+    unit_means: torch.Tensor | None = None,
+    reset_optimizer: bool = True,
+) -> int:
+    """Give the selected units of ``group`` a fresh start, as ReDo, SNR and the unit resets do; returns their count.
+
+    In order: with ``unit_means`` (one mean activation per unit) their mean contribution goes into the outgoing
+    bias (:func:`absorb_into_outgoing_bias`); incoming rows and biases are re-drawn (:func:`reinit_incoming`),
+    outgoing weights zeroed (:func:`zero_outgoing`), per-unit norm entries reset (:func:`reset_norm_units`) and,
+    with ``reset_optimizer``, the optimizer state of all those entries zeroed (:func:`reset_optimizer_state`).
+    ``units`` is a bool mask over the group's units or a list of unit indices. Use it to reset units of any
+    model from your own rule::
+
+        group = lk.find_unit_groups(model)[0]          # or UnitGroup(incoming=..., outgoing=..., activation=...)
+        lk.reset_units(group, [3, 7], optimizer, generator=torch.Generator().manual_seed(0))
+    """
+    mask = unit_mask_tensor(group, units)
+    count = int(mask.sum())
+    if count == 0:
+        return 0
+    if unit_means is not None:
+        absorb_into_outgoing_bias(group, mask, unit_means)
+    reinit_incoming(group, mask, generator, init=init, bias=bias)
+    zero_outgoing(group, mask)
+    reset_norm_units(group, mask)
+    if reset_optimizer:
+        reset_optimizer_state(optimizer, group, mask)
+    return count
+
+
 # --------------------------------------------------------------------------- perturbation
 
 

@@ -49,8 +49,8 @@ from lopkit.mitigations.layers import (
     add_incoming_noise,
     outgoing_weight_magnitude,
     reinit_incoming,
-    reset_norm_units,
     reset_optimizer_state,
+    reset_units,
     resolve_unit_groups,
     zero_outgoing,
 )
@@ -174,17 +174,11 @@ class UnitMethod(Mitigation):
         unit_means: torch.Tensor | None = None,
     ) -> int:
         """Re-initialise the masked units of group ``index`` (incoming, outgoing, norm, optimizer state)."""
-        count = int(mask.sum())
+        count = reset_units(self.groups[index], mask, optimizer, generator=self.generator, init=self.config.init,
+                            bias=self.config.bias_init, unit_means=unit_means,
+                            reset_optimizer=self.config.reset_optimizer)
         if count == 0:
             return 0
-        group = self.groups[index]
-        if unit_means is not None:
-            absorb_into_outgoing_bias(group, mask, unit_means)
-        reinit_incoming(group, mask, self.generator, init=self.config.init, bias=self.config.bias_init)
-        zero_outgoing(group, mask)
-        reset_norm_units(group, mask)
-        if self.config.reset_optimizer:
-            reset_optimizer_state(optimizer, group, mask)
         self.replaced_per_group[index] += count
         self.total_replaced += count
         return count
