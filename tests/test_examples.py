@@ -24,7 +24,7 @@ def test_ddp_cpu_example_keeps_two_ranks_identical(tmp_path):
                               env=_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=300, cwd=tmp_path)
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
-    assert "task 1: train accuracy" in text
+    assert "task 1: train accuracy" in text, text[-3000:]
     assert "cbp: largest weight difference between the 2 ranks: 0.0" in text, text[-3000:]
 
 
