@@ -20,6 +20,37 @@ import lopkit as lk
 STEPS, BATCH, SEED = 60, 16, 0  # BATCH rows per rank
 
 
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def run_ranks(make_argvs, logs: list, env: dict, cwd=None, timeout: float = 300) -> list[int]:
+    """Start one process per argv of ``make_argvs(attempt)`` (output to its log file), wait for all; their codes.
+
+    Launched again, once, when a process aborted with gloo's ``std::terminate`` line and nothing else went wrong:
+    about one launch in 20 on the loaded 2-core test machine died that way before its first warning, in code this
+    test does not exercise (the cause is not found). The retry's results are checked as strictly as the first's.
+    """
+    import subprocess
+    import warnings
+
+    for attempt in (1, 2):
+        processes = []
+        for argv, log in zip(make_argvs(attempt), logs):  # a fresh rendezvous per attempt
+            with open(log, "w") as handle:  # a file, not a pipe: a full pipe would stall one rank and so all
+                processes.append(subprocess.Popen(argv, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT))
+        try:
+            codes = [process.wait(timeout=timeout) for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
+        texts = [open(log).read() for log in logs]
+        if attempt == 1 and any(code != 0 for code in codes) and any(GLOO_ABORT in text for text in texts):
+            warnings.warn(f"a rank aborted in gloo ({GLOO_ABORT!r}); launching the ranks again once")
+            continue
+        return codes
+    return codes
+
+
 def mlp() -> nn.Sequential:
     """The test model (seeded, so every rank and the one-process reference start equal)."""
     torch.manual_seed(SEED)
@@ -81,6 +112,14 @@ def main(rank: int, world: int, init_file: str, out_file: str, specs: list[str])
                          "rank_gap": max(float((other - flat).abs().max()) for other in everyone)}
     if rank == 0:
         torch.save(results, out_file)
+    leave_together()
+
+
+def leave_together() -> None:
+    """A barrier, then shut the group down: a rank that exits while another still works (here rank 0 saving)
+    closes its sockets under that rank's gloo threads, which then abort it ("terminate called without an active
+    exception")."""
+    dist.barrier()
     dist.destroy_process_group()
 
 

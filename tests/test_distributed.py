@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -83,23 +82,39 @@ def test_combine_snr_steps_reads_the_ranks_as_one_batch_in_rank_order():
     assert combined["silent"].tolist() == [0.0, 4.0, 10.0]  # unit 1: rank 0's run of 0 then rank 1's 4 samples
 
 
+def test_run_ranks_launches_again_only_after_a_gloo_abort(tmp_path):
+    abort = "import os, sys; sys.stderr.write(%r + '\\n'); sys.stderr.flush(); os.abort()" % ddp_worker.GLOO_ABORT
+    attempts = []
+
+    def argvs(attempt: int) -> list[list[str]]:
+        attempts.append(attempt)
+        return [[sys.executable, "-c", abort if attempt == 1 else "print('fine')"]]
+
+    with pytest.warns(UserWarning, match="launching the ranks again once"):
+        assert ddp_worker.run_ranks(argvs, [tmp_path / "a.log"], dict(os.environ)) == [0]
+    assert attempts == [1, 2]
+    attempts.clear()
+    failing = [[sys.executable, "-c", "raise SystemExit(3)"]]
+    other = ddp_worker.run_ranks(lambda attempt: attempts.append(attempt) or failing, [tmp_path / "b.log"],
+                                 dict(os.environ))
+    assert other == [3] and attempts == [1]  # any other failure is reported at once
+
+
 def _run_ranks(tmp_path: Path, specs: list[str], world: int = 2) -> dict:
     """Launch ``world`` gloo ranks of tests/ddp_worker.py on ``specs``; rank 0's results."""
     out = tmp_path / "ranks.pt"
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     script = Path(__file__).parent / "ddp_worker.py"
     logs = [tmp_path / f"rank{rank}.log" for rank in range(world)]
-    ranks = []
-    for rank, log in enumerate(logs):  # output to files: a full pipe would stall one rank and so both
-        with open(log, "w") as handle:
-            ranks.append(subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(tmp_path / "init"),
-                                           str(out), *specs], env=env, stdout=handle, stderr=subprocess.STDOUT))
-    try:
-        for rank, log in zip(ranks, logs):
-            assert rank.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        for rank in ranks:
-            rank.kill()
+
+    def argvs(attempt: int) -> list[list[str]]:
+        init = tmp_path / f"init{attempt}"
+        return [[sys.executable, str(script), str(rank), str(world), str(init), str(out), *specs]
+                for rank in range(world)]
+
+    codes = ddp_worker.run_ranks(argvs, logs, env)
+    for code, log in zip(codes, logs):
+        assert code == 0, log.read_text()[-3000:]
     return torch.load(out)
 
 

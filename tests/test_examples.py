@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+import ddp_worker  # noqa: E402  (run_ranks: the launcher shared with tests/test_distributed.py)
 
 
 def _env() -> dict[str, str]:
@@ -17,13 +19,12 @@ def _env() -> dict[str, str]:
 
 def test_ddp_cpu_example_keeps_two_ranks_identical(tmp_path):
     log = tmp_path / "out.txt"
-    with open(log, "w") as handle:  # a file, not a pipe: a full pipe would stall a rank
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(ROOT / "examples" / "ddp_cpu.py"), "--tasks", "2", "--steps-per-task", "40",
-                               "--method", "cbp:replacement_rate=0.05:maturity=5"],
-                              env=_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=300, cwd=tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "examples" / "ddp_cpu.py"), "--tasks", "2", "--steps-per-task", "40",
+               "--method", "cbp:replacement_rate=0.05:maturity=5"]
+    [code] = ddp_worker.run_ranks(lambda attempt: [command], [log], _env(), cwd=tmp_path)
     text = log.read_text()
-    assert done.returncode == 0, text[-3000:]
+    assert code == 0, text[-3000:]
     assert "task 1: train accuracy" in text, text[-3000:]
     assert "cbp: largest weight difference between the 2 ranks: 0.0" in text, text[-3000:]
 

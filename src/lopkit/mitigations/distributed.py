@@ -89,4 +89,6 @@ def _group_device(group: Any) -> torch.device:
     """The device a collective of ``group`` needs its tensors on: CUDA for NCCL, else the CPU."""
     import torch.distributed as dist
 
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
