@@ -75,6 +75,10 @@ def markdown(folders: list[Path]) -> str:
         if table is None or table.empty:
             continue
         parts.append(f"#### {caption} (`{name}`)\n")
+        if name == "targets" and unfinished:  # never let a partial PASS read as a verdict
+            parts.append(f"Not judged yet: {unfinished} started run(s) are unfinished, and runs not started are "
+                         "missing (see the Runs table). The status column says what the rows written so far give.\n")
+            table = table.rename(columns={"status": "status (partial)"})
         parts.append(_markdown(table, index=name not in ("targets", "agreement", "stage_seconds", "learned_domains"))
                      + "\n")
     return "\n".join(parts)

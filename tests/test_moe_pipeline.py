@@ -294,3 +294,24 @@ def test_dial_cli_on_a_lopkit_experiment_folder(smoke, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(lopkit), k_pre=2" in out and out.count("\n| 1 |") == 1 and out.count("\n| 2 |") == 1
     assert "| 2 | " in out and out.strip().splitlines()[-1].split("|")[3].strip() == "1"  # k_pre agrees with itself
+
+
+def test_results_block_of_an_unfinished_experiment_judges_no_target(smoke, tmp_path):
+    """scripts/moe_results_md.py on a store with one run not finished: targets are shown as partial, not judged."""
+    import shutil
+    import sqlite3
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import moe_results_md
+
+    result, _ = smoke
+    finished = moe_results_md.markdown([Path(result.out_dir)])
+    assert "Not judged yet" not in finished and "| status |" in finished
+    copy = tmp_path / "partial"
+    shutil.copytree(result.out_dir, copy)
+    with sqlite3.connect(copy / "results.sqlite") as conn:
+        conn.execute("UPDATE runs SET status = 'running' WHERE run_id = (SELECT run_id FROM runs LIMIT 1)")
+    partial = moe_results_md.markdown([copy])
+    assert "Not judged yet: 1 started run(s) are unfinished" in partial and "| status (partial) |" in partial
