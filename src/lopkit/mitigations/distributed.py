@@ -41,22 +41,13 @@ def sum_over_ranks(state: dict[str, Any], group: Any | None) -> dict[str, Any]:
     """
     if group is None:
         return state
-    import torch.distributed as dist
-
-    keys = [k for k, v in state.items() if isinstance(v, torch.Tensor) or (isinstance(v, (int, float))
-                                                                         and not isinstance(v, bool))]
     result = dict(state)
-    for key in keys:
-        value = state[key]
+    for key, value in state.items():
         if isinstance(value, torch.Tensor):
-            total = value.clone()
-            dist.all_reduce(total, group=group)
-        else:
-            device = _group_device(group)
-            total_t = torch.tensor(float(value), dtype=torch.float64, device=device)
-            dist.all_reduce(total_t, group=group)
-            total = type(value)(total_t.item())
-        result[key] = total
+            result[key] = _summed(value, group)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total = _summed(torch.tensor(float(value), dtype=torch.float64, device=_group_device(group)), group)
+            result[key] = type(value)(total.item())
     return result
 
 
@@ -69,9 +60,7 @@ def mean_over_ranks(tensor: torch.Tensor, group: Any | None) -> torch.Tensor:
         return tensor
     import torch.distributed as dist
 
-    total = tensor.clone()
-    dist.all_reduce(total, group=group)
-    return total / dist.get_world_size(group)
+    return _summed(tensor, group) / dist.get_world_size(group)
 
 
 def gather_over_ranks(tensor: torch.Tensor, group: Any | None) -> torch.Tensor:
@@ -83,6 +72,15 @@ def gather_over_ranks(tensor: torch.Tensor, group: Any | None) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.stack(parts)
+
+
+def _summed(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """A copy of ``tensor`` summed over the ranks of ``group`` (one all-reduce)."""
+    import torch.distributed as dist
+
+    total = tensor.clone()
+    dist.all_reduce(total, group=group)
+    return total
 
 
 def _group_device(group: Any) -> torch.device:

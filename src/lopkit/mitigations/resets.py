@@ -590,18 +590,18 @@ class PeriodicUnitMethod(UnitMethod):
         """Every ``every`` steps, act on the collected statistics and clear them."""
         self._require_attached()
         if (step + 1) % self.config.every == 0:
-            for index, group in enumerate(self.groups):
-                self.stats[index] = sum_over_ranks(self.stats[index], self._rank_group)  # DDP: the global batch's
-                self._check(index, group, optimizer)
-                self.stats[index] = self._new_group_state(group)
+            self.check_now(optimizer)
         self._set_capture_for(step + 1)
 
     def check_now(self, optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Act immediately on the statistics collected so far (then clear them); returns the units touched."""
+        """Act immediately on the statistics collected so far (then clear them); returns the units touched.
+
+        Under DDP every rank must call it at the same step: the ranks' sums are added first.
+        """
         self._require_attached()
         before = self.total_replaced
         for index, group in enumerate(self.groups):
-            self.stats[index] = sum_over_ranks(self.stats[index], self._rank_group)  # every rank must call this
+            self.stats[index] = sum_over_ranks(self.stats[index], self._rank_group)  # DDP: the global batch's
             self._check(index, group, optimizer)
             self.stats[index] = self._new_group_state(group)
         return self.total_replaced - before

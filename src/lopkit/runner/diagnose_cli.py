@@ -392,8 +392,8 @@ def fix_stored(store_file: Path, run_id: str, diagnosis: Any, config: Any, fix_s
         now, then = code_version(), str(run.get("code_version") or "unknown")
         if now != then:
             check += (f" (stored by lopkit {then}, replayed by {now}: a change in the order of float operations, "
-                      "e.g. single runs moving to PyTorch's fused Adam, alters the last bits, and a long run amplifies them; "
-                      "the control and the cure still share one state, so their comparison holds)")
+                      "e.g. single runs moving to PyTorch's fused Adam, alters the last bits, and a long run "
+                      "amplifies them; the control and the cure still share one state, so their comparison holds)")
     how = (f"continued from its checkpoint at step {branch}" if from_checkpoint else
            f"replayed into {out_dir} up to step {branch}")
     header = (f"--fix: top finding {finding.label} in layer {finding.layer} (run {run_id}, seed {seed}); the run was "
