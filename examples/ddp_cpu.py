@@ -75,7 +75,7 @@ def main() -> None:
     gap = max(float((other - flat).abs().max()) for other in everyone)
     if rank == 0:
         print(f"{method.name}: largest weight difference between the {world} ranks: {gap}")
-    dist.barrier()  # leave together: a rank exiting while another still works would abort that one's gloo threads
+    dist.barrier()  # leave together: no rank exits while another still works
     dist.destroy_process_group()
 
 
