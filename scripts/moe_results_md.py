@@ -1,12 +1,13 @@
 """Print the MoE-PHDS figures of one or more experiment folders as Markdown (for docs/moe.md; nothing typed by hand).
 
-Usage: python scripts/moe_results_md.py OUT_DIR [OUT_DIR ...] [--write docs/moe.md] [--marker NAME]
+Usage: python scripts/moe_results_md.py OUT_DIR [OUT_DIR ...] [--write docs/moe.md] [--marker NAME] [--figure PNG]
 
 Each OUT_DIR holds a results.sqlite written by ``lopkit moe run`` (several folders, e.g. one per seed run as
 parallel processes, are merged: their runs and rows are concatenated). Works on unfinished experiments too: it
 prints what the stores hold (e.g. only the pretraining learning curves while fine-tuning is still running).
 ``--write FILE`` replaces the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in FILE instead of
-printing (``--marker NAME``, default ``moe-results``).
+printing (``--marker NAME``, default ``moe-results``). ``--figure PNG`` also writes the merged stores' accuracy-vs-k
+plot (test accuracy over the learned domains, mean over seeds; e.g. docs/images/moe_accuracy_vs_k.png).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from lopkit.moe.common import TIMINGS_FILE
-from lopkit.moe.report import report_tables
+from lopkit.moe.report import accuracy_vs_k_figure, report_tables
 from lopkit.runner.store import ResultStore, store_path
 
 from _blocks import check_target, replace_block
@@ -55,6 +56,13 @@ def load(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, flo
         if path.exists():
             timings.update({f"{folder.name}/{k}": float(v) for k, v in json.loads(path.read_text()).items()})
     return pd.concat(runs, ignore_index=True), pd.concat(metrics, ignore_index=True), timings
+
+
+def write_figure(folders: list[Path], path: Path) -> Path | None:
+    """The merged stores' accuracy-vs-k PNG at ``path`` (None when no evaluation is stored yet)."""
+    runs, metrics, timings = load(folders)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return accuracy_vs_k_figure(report_tables(runs, metrics, timings), path)
 
 
 def markdown(folders: list[Path]) -> str:
@@ -92,12 +100,17 @@ def main(argv: list[str]) -> int:
                         help="replace the marked block in FILE (e.g. docs/moe.md) instead of printing")
     parser.add_argument("--marker", default="moe-results", metavar="NAME",
                         help="block markers <!-- NAME:begin --> ... <!-- NAME:end --> (default: %(default)s)")
+    parser.add_argument("--figure", type=Path, default=None, metavar="PNG",
+                        help="also write the accuracy-vs-k plot of the merged stores to PNG")
     args = parser.parse_args(argv)
     problem = None if args.write is None else check_target(args.write, args.marker)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     text = markdown(args.folders)
+    if args.figure is not None:
+        written = write_figure(args.folders, args.figure)
+        print(f"figure: {written}" if written else "figure: not written (no evaluation stored yet)", file=sys.stderr)
     if args.write is None:
         print(text)
         return 0

@@ -309,6 +309,8 @@ def test_results_block_of_an_unfinished_experiment_judges_no_target(smoke, tmp_p
     result, _ = smoke
     finished = moe_results_md.markdown([Path(result.out_dir)])
     assert "Not judged yet" not in finished and "| status |" in finished
+    figure = moe_results_md.write_figure([Path(result.out_dir)], tmp_path / "figs" / "acc.png")
+    assert figure is not None and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     copy = tmp_path / "partial"
     shutil.copytree(result.out_dir, copy)
     with sqlite3.connect(copy / "results.sqlite") as conn:
