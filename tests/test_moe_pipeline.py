@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -317,3 +318,35 @@ def test_results_block_of_an_unfinished_experiment_judges_no_target(smoke, tmp_p
         conn.execute("UPDATE runs SET status = 'running' WHERE run_id = (SELECT run_id FROM runs LIMIT 1)")
     partial = moe_results_md.markdown([copy])
     assert "Not judged yet: 1 started run(s) are unfinished" in partial and "| status (partial) |" in partial
+
+
+def _add_timings(out_dir: str, key: str, times: int) -> None:
+    """Worker for the parallel-timings test: ``times`` one-second additions to ``key``."""
+    from lopkit.moe.pipeline import _Timings
+
+    timings = _Timings(Path(out_dir))
+    for _ in range(times):
+        timings.add(key, 1.0)
+
+
+def test_stage_timings_of_parallel_processes_keep_each_others_entries(tmp_path):
+    """Two processes timing stages of one experiment (e.g. fine-tunes split over two workers) lose no entry."""
+    import json
+    import multiprocessing
+
+    from lopkit.moe.common import TIMINGS_FILE
+    from lopkit.moe.pipeline import _Timings
+
+    first, second = _Timings(tmp_path), _Timings(tmp_path)  # both read the file before either writes
+    first.add("oracle1/seed2", 10.0)
+    second.add("phds/seed2", 20.0)
+    assert json.loads((tmp_path / TIMINGS_FILE).read_text()) == {"oracle1/seed2": 10.0, "phds/seed2": 20.0}
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_add_timings, args=(str(tmp_path), key, 40)) for key in ("a", "a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    saved = json.loads((tmp_path / TIMINGS_FILE).read_text())
+    assert saved == {"oracle1/seed2": 10.0, "phds/seed2": 20.0, "a": 80.0, "b": 40.0}

@@ -119,23 +119,45 @@ def split_overrides(overrides: Mapping[str, Any] | None) -> dict[str, dict[str, 
 
 
 class _Timings:
-    """Seconds per stage run, summed over the resumes that returned (finished or Ctrl-C); ``OUT/moe_timings.json``."""
+    """Seconds per stage run, summed over resumes, kept in ``OUT/moe_timings.json`` (shared by parallel processes)."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / TIMINGS_FILE
-        self.values: dict[str, float] = {}
-        if self.path.exists():
-            try:
-                self.values = {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
-            except (ValueError, OSError):
-                self.values = {}
+        self.values = self._read()
+
+    def _read(self) -> dict[str, float]:
+        """The file's entries ({} when it is missing or unreadable)."""
+        if not self.path.exists():
+            return {}
+        try:
+            return {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
+        except (ValueError, OSError, AttributeError):
+            return {}
 
     def add(self, key: str, seconds: float) -> None:
-        """Add ``seconds`` to ``key`` and save (atomic replace)."""
-        self.values[key] = self.values.get(key, 0.0) + float(seconds)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        """Add ``seconds`` to ``key`` and save: re-read and replaced under an exclusive lock, so that processes
+        running stages of one experiment in parallel keep each other's entries."""
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            _lock_exclusive(lock)
+            self.values = self._read()
+            self.values[key] = self.values.get(key, 0.0) + float(seconds)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+
+def _lock_exclusive(handle: Any) -> None:
+    """Block until this process holds an exclusive lock on the open file (released when it is closed); POSIX
+    ``flock``, Windows ``msvcrt.locking``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
 
 
 def _require_finished(store: Any, run_id: str, what: str, command: str) -> None:
