@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from lopkit.moe.common import TIMINGS_FILE
-from lopkit.moe.report import accuracy_vs_k_figure, report_tables
+from lopkit.moe.report import UNINDEXED_TABLES, accuracy_vs_k_figure, report_tables
 from lopkit.runner.store import ResultStore, store_path
 
 from _blocks import check_target, replace_block
@@ -87,7 +87,7 @@ def markdown(folders: list[Path]) -> str:
             parts.append(f"Not judged yet: {unfinished} started run(s) are unfinished, and runs not started are "
                          "missing (see the Runs table). The status column says what the rows written so far give.\n")
             table = table.rename(columns={"status": "status (partial)"})
-        parts.append(_markdown(table, index=name not in ("targets", "agreement", "stage_seconds", "learned_domains"))
+        parts.append(_markdown(table, index=name not in UNINDEXED_TABLES)
                      + "\n")
     return "\n".join(parts)
 

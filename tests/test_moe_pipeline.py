@@ -350,3 +350,70 @@ def test_stage_timings_of_parallel_processes_keep_each_others_entries(tmp_path):
     assert [w.exitcode for w in workers] == [0, 0, 0]
     saved = json.loads((tmp_path / TIMINGS_FILE).read_text())
     assert saved == {"oracle1/seed2": 10.0, "phds/seed2": 20.0, "a": 80.0, "b": 40.0}
+
+
+def test_paired_difference_matches_a_brute_force_count():
+    """diff and its two standard errors, checked against plain loops over seeds, domains and items."""
+    rng = np.random.default_rng(3)
+    sizes = {"arith": 40, "cloze": 25}
+    correct = {(model, seed, 2): {d: rng.integers(0, 2, size=n).astype(float) for d, n in sizes.items()}
+               for model in ("phds_anchor", "oracle2") for seed in (0, 1, 2)}
+    found = R.paired_difference(correct, ("phds_anchor", 2), ("oracle2", 2), ["arith", "cloze"])
+    per_seed = []
+    for seed in (0, 1, 2):
+        accs = [sum(correct[("phds_anchor", seed, 2)][d]) / n - sum(correct[("oracle2", seed, 2)][d]) / n
+                for d, n in sizes.items()]
+        per_seed.append(sum(accs) / 2)
+    assert found["diff"] == pytest.approx(sum(per_seed) / 3)
+    mean = sum(per_seed) / 3
+    assert found["se_seeds"] == pytest.approx((sum((x - mean) ** 2 for x in per_seed) / 2 / 3) ** 0.5)
+    item_var = 0.0
+    for d, n in sizes.items():
+        per_item = [sum(correct[("phds_anchor", s, 2)][d][i] - correct[("oracle2", s, 2)][d][i] for s in (0, 1, 2)) / 3
+                    for i in range(n)]
+        centre = sum(per_item) / n
+        item_var += sum((x - centre) ** 2 for x in per_item) / (n - 1) / n
+    assert found["se_items"] == pytest.approx((item_var / 4) ** 0.5)
+    assert found["seeds"] == 3 and found["z"] == pytest.approx(found["diff"] / found["se"])
+
+
+def test_paired_table_separates_a_clear_gap_and_not_a_tie():
+    """A model right on every item where the other is wrong on half is 'better'; a copy is not separated."""
+    truth = np.ones(200)
+    half = np.tile([1.0, 0.0], 100)
+    correct = {}
+    for seed in (0, 1):
+        correct[("phds_anchor", seed, 2)] = {"arith": truth}
+        correct[("oracle2", seed, 2)] = {"arith": half}
+        correct[("phds", seed, 2)] = {"arith": truth}
+    table = R.paired_difference_table(correct, ["arith"], 2).set_index("B")
+    assert table.loc["oracle2@2", "verdict"] == "phds_anchor@2 better"
+    assert table.loc["oracle2@2", "diff_points"] == pytest.approx(50.0)
+    assert table.loc["phds@2", "verdict"] == "not separated" and table.loc["phds@2", "diff_points"] == 0
+    assert "naive@2" not in table.index  # models that were not evaluated are left out
+
+
+def test_rebuilt_test_answers_reproduce_the_stored_accuracy(smoke, tmp_path):
+    """The report rebuilds each test item's answer from the eval config; a changed prediction is caught."""
+    import shutil
+    import sqlite3
+
+    result, _ = smoke
+    with ResultStore(result.out_dir) as store:
+        runs, metrics = store.runs(), store.metrics(benchmark="moe_eval")
+    answers, note = E.rebuild_test_answers(runs)
+    assert answers is not None and "data_seed=0" in note
+    correct = E.item_correctness(metrics, answers)
+    assert ("phds_anchor", 0, 1) in correct and set(correct[("phds_anchor", 0, 1)]) == set(answers)
+    copy = tmp_path / "changed"
+    shutil.copytree(result.out_dir, copy)
+    with sqlite3.connect(copy / "results.sqlite") as conn:  # one prediction flipped between right and wrong
+        rowid, domain, index, value = conn.execute(
+            "SELECT rowid, layer, step, value FROM metrics WHERE metric = 'pred' LIMIT 1").fetchone()
+        answer = int(answers[domain][int(index)])
+        conn.execute("UPDATE metrics SET value = ? WHERE rowid = ?",
+                     (float(answer if int(value) != answer else (answer + 1) % 2), rowid))
+    with ResultStore(copy) as store:
+        changed = store.metrics(benchmark="moe_eval")
+    with pytest.raises(ValueError, match="do not reproduce the stored"):
+        E.item_correctness(changed, answers)

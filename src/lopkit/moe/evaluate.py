@@ -46,7 +46,9 @@ __all__ = [
     "evaluate_model",
     "measure_tokens_per_second",
     "oracle_predictions",
+    "item_correctness",
     "prediction_vectors",
+    "rebuild_test_answers",
     "seed_agreement",
     "summary_table",
 ]
@@ -334,6 +336,55 @@ def seed_agreement(metrics: pd.DataFrame, metric: str = "pred",
                 rows.append({"model": label, "k": k, "seed_a": a, "seed_b": b,
                              "A": agreement(vectors[(label, a, k)], vectors[(label, b, k)])})
     return pd.DataFrame(rows, columns=["model", "k", "seed_a", "seed_b", "A"])
+
+
+def rebuild_test_answers(runs: pd.DataFrame) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The correct choice of every test item per domain, rebuilt from the stored eval runs' configs (the items are a
+    pure function of ``domains, test_items, data_seed, mc_item_rule`` and the pretrain run's ``context``), with a
+    note; ``(None, reason)`` when they cannot be rebuilt exactly (configs differ, or items of another rule)."""
+    import json
+
+    from lopkit.moe.training import cached_items, resolve_domains
+
+    evals = runs[runs["benchmark"] == "moe_eval"]
+    pretrains = runs[runs["benchmark"] == "moe_pretrain"]
+    if evals.empty or pretrains.empty:
+        return None, "no evaluation or pretrain run stored"
+    keys = ("domains", "test_items", "data_seed", "mc_item_rule")
+    settings = {json.dumps({k: json.loads(c).get(k) for k in keys}, sort_keys=True) for c in evals["config_json"]}
+    contexts = {int(json.loads(c)["context"]) for c in pretrains["config_json"]}
+    if len(settings) != 1 or len(contexts) != 1:
+        return None, "the eval runs differ in their test items (domains, test_items, data_seed or context)"
+    setting = json.loads(settings.pop())
+    if setting["mc_item_rule"] != MC_ITEM_RULE:
+        return None, f"the runs' items follow the rule {setting['mc_item_rule']!r}, this code builds {MC_ITEM_RULE!r}"
+    context = contexts.pop()
+    answers = {domain: np.array([item.answer for item in cached_items(domain, int(setting["test_items"]),
+                                                                      int(setting["data_seed"]), "test", context)])
+               for domain in resolve_domains(setting["domains"] or ())}
+    return answers, (f"answers rebuilt from the eval config (test_items={setting['test_items']}, "
+                     f"data_seed={setting['data_seed']}, context={context}, rule {setting['mc_item_rule']})")
+
+
+def item_correctness(metrics: pd.DataFrame, answers: Mapping[str, np.ndarray]
+                     ) -> dict[tuple[str, int, int], dict[str, np.ndarray]]:
+    """``{(model, seed, k): {domain: 1.0/0.0 per test item}}`` from the stored ``acc`` predictions and ``answers``.
+
+    ValueError when a stored prediction vector's length differs from its domain's answers, or when the rebuilt
+    correctness does not reproduce a stored per-domain ``acc`` exactly (the answers would then not be the run's).
+    """
+    stored = summary_table(metrics)
+    found: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
+    for domain, truth in answers.items():
+        for key, predictions in prediction_vectors(metrics, "pred", [domain]).items():
+            if predictions.shape != truth.shape:
+                raise ValueError(f"{key} has {predictions.size} {domain} predictions, the rebuilt items {truth.size}")
+            correct = (predictions == truth).astype(float)
+            row = stored[(stored["model"] == key[0]) & (stored["seed"] == key[1]) & (stored["k"] == key[2])]
+            if row.empty or abs(float(row[f"acc:{domain}"].iloc[0]) - correct.mean()) > 1e-9:
+                raise ValueError(f"rebuilt answers do not reproduce the stored {domain} acc of {key}")
+            found.setdefault(key, {})[domain] = correct
+    return found
 
 
 def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -32,7 +32,8 @@ from lopkit.moe.common import TIMINGS_FILE, k_low  # noqa: E402
 from lopkit.report.html import render_page  # noqa: E402
 
 __all__ = ["MoEReport", "MoETables", "agreement_summary", "build_moe_report", "domain_agreement_table",
-           "learned_domains", "learning_curves", "report_tables", "seed_control_table", "seed_stats", "target_table",
+           "learned_domains", "learning_curves", "paired_difference", "paired_difference_table",
+           "report_tables", "seed_control_table", "seed_stats", "target_table",
            "with_learned_accuracy"]
 
 REPORT_FILE = "moe_report.html"
@@ -42,6 +43,12 @@ TIME_BUDGET_HOURS = 3.0
 KEEP_RATIO_TARGET = 0.97
 SHARP_DROP_TARGET = 0.10
 MATCH_POINTS = 0.01
+#: A paired difference counts as separating two models when |difference| >= this many standard errors.
+SEPARATED_Z = 2.0
+#: Models each compared with phds_anchor at every k in the paired table (beside the targets' oracle pairs).
+PAIRED_OTHERS = ("phds", "naive", "phds_anchor_eps0", "phds_anchor_shared_norms", "pretrained")
+#: Report tables whose index carries no information (written without it as CSV and Markdown).
+UNINDEXED_TABLES = ("targets", "agreement", "stage_seconds", "learned_domains", "paired_differences")
 DIAGNOSTIC_METRICS = ("expert_load_entropy", "dormant_expert_fraction", "duplicate_expert_fraction_weight",
                       "duplicate_expert_fraction_output", "max_expert_load", "router_weight_norm")
 
@@ -233,6 +240,55 @@ def seed_control_table(metrics: pd.DataFrame, domains: list[str] | None, ks: lis
         return pd.DataFrame()
     table = pairs.groupby(["model", "k"])["A"].mean().unstack("k")
     return table.reindex(_model_order(list(table.index))).round(4)
+
+
+def paired_difference(correct: Mapping[tuple[str, int, int], Mapping[str, np.ndarray]], a: tuple[str, int],
+                      b: tuple[str, int], domains: list[str]) -> dict[str, Any] | None:
+    """``acc_learned(a) - acc_learned(b)`` on the same test items (``a``, ``b`` = (model, k)), over the seeds that
+    evaluated both, with two standard errors (None when no seed has both).
+
+    With ``c[s, i]`` the per-item difference of correctness on seed ``s`` (1, 0 or -1) and ``D`` domains:
+    ``diff = mean_s mean_d mean_i c``; ``se_items`` is the item-sampling error of that mean, from the per-item
+    differences averaged over seeds (``sqrt(sum_d var_i(mean_s c) / n_d) / D``); ``se_seeds`` is the seed-to-seed
+    error of the per-seed differences (NaN for one seed). ``se = sqrt(se_items^2 + se_seeds^2)`` counts their shared
+    part twice, so it errs on the large side; ``z = diff / se``.
+    """
+    seeds = sorted(s for (model, s, k) in correct if (model, k) == tuple(a) and (b[0], s, b[1]) in correct)
+    domains = [d for d in domains if seeds and all(d in correct[(m, s, k)] for s in seeds for m, k in (a, b))]
+    if not seeds or not domains:
+        return None
+    diffs = {d: np.stack([correct[(a[0], s, a[1])][d] - correct[(b[0], s, b[1])][d] for s in seeds])
+             for d in domains}  # seeds x items
+    per_seed = np.mean([diffs[d].mean(axis=1) for d in domains], axis=0)
+    item_var = sum(diffs[d].mean(axis=0).var(ddof=1) / diffs[d].shape[1] for d in domains) / len(domains) ** 2
+    se_items = math.sqrt(item_var)
+    se_seeds = float(per_seed.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else float("nan")
+    se = math.sqrt(se_items ** 2 + (se_seeds ** 2 if se_seeds == se_seeds else 0.0))
+    diff = float(per_seed.mean())
+    return {"diff": diff, "se_items": se_items, "se_seeds": se_seeds, "se": se,
+            "z": diff / se if se > 0 else float("nan"), "seeds": len(seeds)}
+
+
+def paired_difference_table(correct: Mapping[tuple[str, int, int], Mapping[str, np.ndarray]], domains: list[str],
+                            k_pre: int) -> pd.DataFrame:
+    """phds_anchor against each oracle of the targets and against :data:`PAIRED_OTHERS` at every k, as paired
+    differences on the learned domains' test items (points; verdict at ``|z| >= SEPARATED_Z``)."""
+    low = k_low(k_pre)
+    pairs = [((PHDS_LABEL, k), (f"oracle{k}", k)) for k in range(low, k_pre + 1)]
+    pairs.append(((PHDS_LABEL, low), (f"oracle{k_pre}", low)))
+    pairs += [((PHDS_LABEL, k), (other, k)) for other in PAIRED_OTHERS for k in range(1, k_pre + 1)]
+    rows = []
+    for a, b in pairs:
+        found = paired_difference(correct, a, b, domains)
+        if found is None:
+            continue
+        z = found["z"]
+        verdict = ("not separated" if not abs(z) >= SEPARATED_Z else
+                   f"{a[0]}@{a[1]} better" if z > 0 else f"{b[0]}@{b[1]} better")
+        rows.append({"A": f"{a[0]}@{a[1]}", "B": f"{b[0]}@{b[1]}", "diff_points": 100 * found["diff"],
+                     "se_items_points": 100 * found["se_items"], "se_seeds_points": 100 * found["se_seeds"],
+                     "z": z, "verdict": verdict, "seeds": found["seeds"]})
+    return pd.DataFrame(rows).round(4)
 
 
 def items_per_domain(metrics: pd.DataFrame) -> dict[str, int]:
@@ -494,6 +550,24 @@ class MoETables:
     named: list[tuple[str, str, pd.DataFrame]]
 
 
+def _paired_table(runs: pd.DataFrame, metrics: pd.DataFrame, domains: list[str], k_pre: int
+                  ) -> tuple[pd.DataFrame, str]:
+    """The paired-difference table and a note on where the answers came from (empty table with the reason when
+    the items cannot be rebuilt or no domain is learned)."""
+    from lopkit.moe.evaluate import item_correctness, rebuild_test_answers
+
+    if not domains or not k_pre:
+        return pd.DataFrame(), "no learned domain"
+    answers, note = rebuild_test_answers(runs)
+    if answers is None:
+        return pd.DataFrame(), note
+    try:
+        correct = item_correctness(metrics, answers)
+    except ValueError as err:
+        return pd.DataFrame(), f"not computed: {err}"
+    return paired_difference_table(correct, domains, k_pre), note + "; they reproduce every stored per-domain acc"
+
+
 def report_tables(runs: pd.DataFrame, metrics: pd.DataFrame, timings: Mapping[str, float]) -> MoETables:
     """The summary, learned domains, targets (on learned domains only) and every named table of the report."""
     from lopkit.moe.evaluate import model_agreement_matrices, summary_table
@@ -517,11 +591,15 @@ def report_tables(runs: pd.DataFrame, metrics: pd.DataFrame, timings: Mapping[st
                                  "note": "targets are computed on learned domains only"}])
     low = k_low(k_pre) if k_pre else 0
     domains = sorted(items_per_domain(metrics))
+    paired, paired_note = _paired_table(runs, metrics, learned_names, k_pre)
     named = [
         ("learned_domains", f"Learned domains: reference acc > chance + {LEARNED_Z:g} s.e. (n = items x seeds); "
                             "the others are excluded from the targets", learned.round(4)),
         ("targets", "Issue-6 targets on the learned domains only (accuracy = mean acc over learned domains; "
                     "agreement over their items; tolerance 1 point or 1 seed s.e.)", targets),
+        ("paired_differences", f"Paired differences on the same test items of the learned domains: acc_learned(A) - "
+                               f"acc_learned(B) in points, seed mean; separated when |z| >= {SEPARATED_Z:g} with "
+                               f"se = sqrt(se_items^2 + se_seeds^2) ({paired_note})", paired),
         ("accuracy_learned", "Accuracy over the learned domains by model and declared k", _pivot(summary, "acc_learned")),
         ("accuracy", "Accuracy (acc) over all domains pooled (chance-level domains included)", _pivot(summary, "acc")),
         ("accuracy_by_domain", "Accuracy (acc) per domain, by model and k", _domain_table(summary)),
@@ -595,8 +673,7 @@ def build_moe_report(out_dir: str | Path, output: str | Path | None = None) -> M
     named_tables = computed.named
     for csv_name, _caption, table in named_tables:
         if not table.empty:
-            table.to_csv(figures / f"{csv_name}.csv",
-                         index=csv_name not in ("targets", "agreement", "stage_seconds", "learned_domains"))
+            table.to_csv(figures / f"{csv_name}.csv", index=csv_name not in UNINDEXED_TABLES)
     tables = [(caption, table) for _name, caption, table in named_tables]
     if not summary.empty:
         summary.to_csv(figures / "summary_by_model_seed_k.csv", index=False)
