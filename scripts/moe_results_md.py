@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from lopkit.moe.common import TIMINGS_FILE
-from lopkit.moe.report import UNINDEXED_TABLES, accuracy_vs_k_figure, report_tables
-from lopkit.runner.store import ResultStore, store_path
+from lopkit.moe.report import UNINDEXED_TABLES, accuracy_vs_k_figure, load_stores, report_tables
 
 from _blocks import check_target, replace_block
 
@@ -44,18 +41,12 @@ def _markdown(table: pd.DataFrame, index: bool = True) -> str:
 
 
 def load(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
-    """Runs, metrics and stage timings of every folder, concatenated (timings keyed ``folder/stage``)."""
-    runs, metrics, timings = [], [], {}
-    for folder in folders:
-        if not store_path(folder).exists():
-            raise SystemExit(f"error: no results store in {folder}; run 'lopkit moe run --out {folder}' first")
-        with ResultStore(folder) as store:
-            runs.append(store.runs())
-            metrics.append(store.metrics())
-        path = folder / TIMINGS_FILE
-        if path.exists():
-            timings.update({f"{folder.name}/{k}": float(v) for k, v in json.loads(path.read_text()).items()})
-    return pd.concat(runs, ignore_index=True), pd.concat(metrics, ignore_index=True), timings
+    """Runs, metrics and stage timings of every folder (``lopkit.moe.report.load_stores``); exit with one line
+    for a folder without a store."""
+    try:
+        return load_stores(folders)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def write_figure(folders: list[Path], path: Path) -> Path | None:

@@ -417,3 +417,32 @@ def test_rebuilt_test_answers_reproduce_the_stored_accuracy(smoke, tmp_path):
         changed = store.metrics(benchmark="moe_eval")
     with pytest.raises(ValueError, match="do not reproduce the stored"):
         E.item_correctness(changed, answers)
+
+
+def test_report_merges_the_stores_of_several_folders(smoke, tmp_path, capsys):
+    """`lopkit moe report A B -o F`: one report over one store per seed; several folders without -o is one error line."""
+    import shutil
+    import sqlite3
+
+    from lopkit.moe.cli import main
+
+    result, _ = smoke
+    other = tmp_path / "seed1"
+    shutil.copytree(result.out_dir, other)
+    with sqlite3.connect(other / "results.sqlite") as conn:  # the copy stands for a second seed's store
+        conn.execute("UPDATE runs SET seed = 1")
+    runs, metrics, timings = R.load_stores([result.out_dir, other])
+    assert sorted(runs["seed"].unique()) == [0, 1] and len(runs) == 2 * len(R.load_stores([other])[0])
+    assert timings and all(key.split("/")[0] in (Path(result.out_dir).name, "seed1") for key in timings)
+    merged = tmp_path / "merged" / "report.html"
+    assert main(["report", str(result.out_dir), str(other), "-o", str(merged)]) == 0
+    html = merged.read_text()
+    assert "Results stores:" in html and str(other) in html and "Agreement control" in html
+    control = pd.read_csv(merged.parent / "moe_figures" / "agreement_seed_control.csv", index_col=0)
+    assert (control.to_numpy() == 1.0).all()  # the two "seeds" are copies: they agree on every item
+    capsys.readouterr()
+    assert main(["report", str(result.out_dir), str(other)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output" in err[0]
+    assert main(["report", str(tmp_path / "missing")]) != 0
+    assert "no results store" in capsys.readouterr().err

@@ -112,12 +112,12 @@ def _print_targets(out_dir: Path) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    """Rebuild the HTML report of an experiment folder."""
+    """Rebuild the HTML report of an experiment folder, or one merged report of several (one per seed)."""
     from lopkit.moe.report import build_moe_report
 
     try:
-        result = build_moe_report(args.experiment_dir, args.output)
-    except FileNotFoundError as err:
+        result = build_moe_report(args.experiment_dirs, args.output)
+    except (FileNotFoundError, ConfigError) as err:
         return _error(str(err))
     print(f"wrote {result.html_path} and {len(result.png_paths)} PNGs")
     if not result.targets.empty:
@@ -297,10 +297,14 @@ def register(subparsers: Any) -> None:
     for name, text in helps.items():
         stage = sub.add_parser(name, help=text, description=text)
         _add_stage_options(stage, variants=name != "pretrain")
-    report = sub.add_parser("report", help="rebuild the HTML report of an experiment folder",
-                            description="Write OUT/moe_report.html (self-contained) and PNGs/CSVs in OUT/moe_figures.")
-    report.add_argument("experiment_dir", type=Path, help="folder holding results.sqlite")
-    report.add_argument("-o", "--output", default=None, help="HTML file (default: EXPERIMENT_DIR/moe_report.html)")
+    report = sub.add_parser("report", help="rebuild the HTML report of an experiment folder (or merge several)",
+                            description="Write OUT/moe_report.html (self-contained) and PNGs/CSVs in OUT/moe_figures. "
+                                        "Several folders (e.g. one store per seed, run as parallel processes) are "
+                                        "merged into one report written to --output.")
+    report.add_argument("experiment_dirs", type=Path, nargs="+", metavar="EXPERIMENT_DIR",
+                        help="folder(s) holding results.sqlite")
+    report.add_argument("-o", "--output", default=None,
+                        help="HTML file (default: EXPERIMENT_DIR/moe_report.html; required for several folders)")
     report.set_defaults(func=_report)
     dial = sub.add_parser("dial", help="set top-k at inference on an MoE model and tabulate quality and cost per k",
                           description="Dial k on a Hugging Face MoE checkpoint folder (OLMoE, Qwen2-MoE, Mixtral or "

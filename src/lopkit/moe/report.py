@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -32,7 +32,7 @@ from lopkit.moe.common import TIMINGS_FILE, k_low  # noqa: E402
 from lopkit.report.html import render_page  # noqa: E402
 
 __all__ = ["MoEReport", "MoETables", "agreement_summary", "build_moe_report", "domain_agreement_table",
-           "learned_domains", "learning_curves", "paired_difference", "paired_difference_table",
+           "learned_domains", "learning_curves", "load_stores", "paired_difference", "paired_difference_table",
            "report_tables", "seed_control_table", "seed_stats", "target_table",
            "with_learned_accuracy"]
 
@@ -636,23 +636,43 @@ def accuracy_vs_k_figure(tables: MoETables, path: str | Path) -> Path | None:
     return _plot_vs_k(tables.summary, "acc_learned", title, Path(path))
 
 
-def build_moe_report(out_dir: str | Path, output: str | Path | None = None) -> MoEReport:
-    """Write the MoE-PHDS HTML report, PNGs and CSV tables for the experiment folder ``out_dir``."""
+def load_stores(folders: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """Runs, metrics and stage timings of one or several experiment folders, concatenated (e.g. one store per seed
+    run as parallel processes). Timings are keyed ``folder/stage`` when there are several folders.
+    FileNotFoundError (one line, naming the command to run) for a folder without a results store."""
     from lopkit.runner.store import ResultStore, store_path
 
-    out = Path(out_dir)
-    if not store_path(out).exists():
-        raise FileNotFoundError(f"no results store at {store_path(out)}; run 'lopkit moe run --out {out}' first")
-    store = ResultStore(out)
-    try:
-        runs, metrics = store.runs(), store.metrics()
-    finally:
-        store.close()
-    html_path = Path(output) if output else out / REPORT_FILE
+    runs, metrics, timings = [], [], {}
+    for folder in map(Path, folders):
+        if not store_path(folder).exists():
+            raise FileNotFoundError(f"no results store at {store_path(folder)}; run 'lopkit moe run --out {folder}' "
+                                    "first")
+        with ResultStore(folder) as store:
+            runs.append(store.runs())
+            metrics.append(store.metrics())
+        path = folder / TIMINGS_FILE
+        if path.exists():
+            prefix = f"{folder.name}/" if len(folders) > 1 else ""
+            timings.update({f"{prefix}{k}": float(v) for k, v in json.loads(path.read_text()).items()})
+    if not runs:
+        raise FileNotFoundError("no experiment folder given")
+    return pd.concat(runs, ignore_index=True), pd.concat(metrics, ignore_index=True), timings
+
+
+def build_moe_report(out_dir: str | Path | Sequence[str | Path], output: str | Path | None = None) -> MoEReport:
+    """Write the MoE-PHDS HTML report, PNGs and CSV tables for the experiment folder ``out_dir`` (or, merged, for
+    several folders, e.g. one per seed; ``output`` is then required)."""
+    from lopkit.configs import ConfigError
+    from lopkit.runner.store import store_path
+
+    folders = [Path(out_dir)] if isinstance(out_dir, (str, Path)) else [Path(f) for f in out_dir]
+    if len(folders) > 1 and output is None:
+        raise ConfigError(f"{len(folders)} experiment folders are merged into one report: give its HTML file "
+                          "(-o/--output FILE)")
+    runs, metrics, timings = load_stores(folders)
+    html_path = Path(output) if output else folders[0] / REPORT_FILE
     figures = html_path.parent / FIGURE_DIR
     figures.mkdir(parents=True, exist_ok=True)
-    timings_path = out / TIMINGS_FILE
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     computed = report_tables(runs, metrics, timings)
     summary, matrices, k_pre, preset = computed.summary, computed.matrices, computed.k_pre, computed.preset
 
@@ -688,7 +708,8 @@ def build_moe_report(out_dir: str | Path, output: str | Path | None = None) -> M
         "Tokens/s are wall-clock measurements on a shared CPU and are noisy; the FLOP proxy is exact.",
     ]
     page = render_page(f"MoE-PHDS reproduction ({preset or 'mixed presets'})",
-                       f"Results store: {store_path(out)}. {len(runs)} runs.", sections, tables, notes)
+                       f"Results store{'s' if len(folders) > 1 else ''}: {', '.join(str(store_path(f)) for f in folders)}. "
+                       f"{len(runs)} runs.", sections, tables, notes)
     html_path.write_text(page, encoding="utf-8")
     pngs = [p for _title, paths in sections for p in paths]
     return MoEReport(html_path, pngs, summary, computed.targets)
