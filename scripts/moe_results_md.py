@@ -49,16 +49,15 @@ def load(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, flo
         raise SystemExit(f"error: {err}") from None
 
 
-def write_figure(folders: list[Path], path: Path) -> Path | None:
-    """The merged stores' accuracy-vs-k PNG at ``path`` (None when no evaluation is stored yet)."""
+def markdown(folders: list[Path], figure: Path | None = None) -> str:
+    """Every table of the report that has data, as Markdown sections (the runs' status first); with ``figure``,
+    also the accuracy-vs-k PNG at that path, from the same tables."""
     runs, metrics, timings = load(folders)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return accuracy_vs_k_figure(report_tables(runs, metrics, timings), path)
-
-
-def markdown(folders: list[Path]) -> str:
-    """Every table of the report that has data, as Markdown sections (the runs' status first)."""
-    runs, metrics, timings = load(folders)
+    computed = report_tables(runs, metrics, timings)
+    if figure is not None:
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        written = accuracy_vs_k_figure(computed, figure)
+        print(f"figure: {written}" if written else "figure: not written (no evaluation stored yet)", file=sys.stderr)
     status = runs[["benchmark", "method", "seed", "status", "step", "total_steps"]] if "total_steps" in runs else \
         runs[["benchmark", "method", "seed", "status", "step"]]
     parts = [f"Stores: {', '.join(str(f) for f in folders)}\n"]
@@ -69,7 +68,6 @@ def markdown(folders: list[Path]) -> str:
                      "the tables below are partial.\n")
     parts += ["#### Runs\n",
              _markdown(status.sort_values(["seed", "benchmark", "method"]), index=False) + "\n"]
-    computed = report_tables(runs, metrics, timings)
     for name, caption, table in computed.named:
         if table is None or table.empty:
             continue
@@ -98,10 +96,7 @@ def main(argv: list[str]) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    text = markdown(args.folders)
-    if args.figure is not None:
-        written = write_figure(args.folders, args.figure)
-        print(f"figure: {written}" if written else "figure: not written (no evaluation stored yet)", file=sys.stderr)
+    text = markdown(args.folders, args.figure)
     if args.write is None:
         print(text)
         return 0

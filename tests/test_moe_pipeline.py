@@ -308,10 +308,10 @@ def test_results_block_of_an_unfinished_experiment_judges_no_target(smoke, tmp_p
     import moe_results_md
 
     result, _ = smoke
-    finished = moe_results_md.markdown([Path(result.out_dir)])
+    figure = tmp_path / "figs" / "acc.png"
+    finished = moe_results_md.markdown([Path(result.out_dir)], figure=figure)
     assert "Not judged yet" not in finished and "| status |" in finished
-    figure = moe_results_md.write_figure([Path(result.out_dir)], tmp_path / "figs" / "acc.png")
-    assert figure is not None and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     copy = tmp_path / "partial"
     shutil.copytree(result.out_dir, copy)
     with sqlite3.connect(copy / "results.sqlite") as conn:

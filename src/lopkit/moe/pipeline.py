@@ -123,7 +123,6 @@ class _Timings:
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / TIMINGS_FILE
-        self.values = self._read()
 
     def _read(self) -> dict[str, float]:
         """The file's entries ({} when it is missing or unreadable)."""
@@ -139,10 +138,10 @@ class _Timings:
         running stages of one experiment in parallel keep each other's entries."""
         with open(self.path.with_suffix(".lock"), "a") as lock:
             _lock_exclusive(lock)
-            self.values = self._read()
-            self.values[key] = self.values.get(key, 0.0) + float(seconds)
+            values = self._read()
+            values[key] = values.get(key, 0.0) + float(seconds)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
+            tmp.write_text(json.dumps(values, indent=1, sort_keys=True))
             os.replace(tmp, self.path)
 
 
